@@ -1,0 +1,331 @@
+"""`ditforge`: each verb parses its arguments, calls one function, and turns user errors into one
+`error: ...` line with exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train latent diffusion transformers on Ray + DeepSpeed.")
+services_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, MLflow server and Ray head.")
+app.add_typer(services_app, name="services")
+out = Console()
+err = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", help="override a spec field: --set train.steps=100 (repeatable)")
+ClusterOpt = typer.Option(None, "--cluster", "-c", help="cluster YAML (default: embedded)")
+
+
+def user_errors(fn):
+    """Known user errors → one line on stderr and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .cluster.launch import SubmitError
+        from .data.shards import DataError
+        from .services import ServiceError
+        from .spec import SpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, DataError, SubmitError, ServiceError) as e:
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------ validate
+
+
+@app.command()
+@user_errors
+def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML files")):
+    """Check job and cluster specs; print one line per problem."""
+    from .spec import SpecError, load_any
+
+    bad = 0
+    for f in files:
+        try:
+            spec = load_any(f)
+            out.print(f"ok: {f} ({type(spec).__name__})", highlight=False)
+        except SpecError as e:
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            bad += 1
+    if bad:
+        raise typer.Exit(2)
+
+
+# -------------------------------------------------------------------------------- submit
+
+
+def _load(job: Path, cluster: Optional[Path], sets: Optional[List[str]]):
+    from .spec import load_cluster, load_job
+
+    return load_job(job, sets), load_cluster(cluster)
+
+
+@app.command()
+@user_errors
+def submit(
+    job: Path = typer.Argument(..., help="job spec YAML"),
+    cluster: Optional[Path] = ClusterOpt,
+    sets: Optional[List[str]] = SetOpt,
+    resume: Optional[str] = typer.Option(None, help="continue run RUN from its latest complete checkpoint"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+):
+    """Submit a training job through the Ray Jobs API and print its job id."""
+    from .cluster.launch import submit as do_submit
+
+    spec, cl = _load(job, cluster, sets)
+    rec = do_submit(spec, cl, resume=resume, source=str(job))
+    out.print(rec["job_id"], highlight=False)
+    err.print(f"run {rec['run_name']}  mlflow {_run_link(rec)}", highlight=False)
+    if wait:
+        state = follow(rec)
+        if state != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+def _run_link(rec: dict) -> str:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        exp_id = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).info.experiment_id
+        return f"{rec['tracking_uri']}/#/experiments/{exp_id}/runs/{rec['mlflow_run_id']}"
+    except Exception:
+        return rec["tracking_uri"]
+
+
+def follow(rec: dict) -> str:
+    """A progress bar fed by the run's `train/step` metric until the Ray job ends."""
+    from mlflow.tracking import MlflowClient
+
+    from .cluster.launch import jobs_client
+
+    client, mlf = jobs_client(rec["dashboard"]), MlflowClient(rec["tracking_uri"])
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=err) as bar:
+        task = bar.add_task(rec["run_name"], total=rec["steps"], info="starting")
+        while True:
+            state = str(client.get_job_status(rec["job_id"]).value)
+            try:
+                m = mlf.get_run(rec["mlflow_run_id"]).data.metrics
+            except Exception:
+                m = {}
+            if "train/step" in m:
+                info = f"loss {m.get('train/loss', float('nan')):.4f}  {m.get('train/samples_per_s', 0):.0f} samples/s"
+                bar.update(task, completed=int(m["train/step"]), info=info)
+            if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(1.0)
+    if state != "SUCCEEDED":
+        logs = client.get_job_logs(rec["job_id"]).strip().splitlines()
+        err.print("\n".join(logs[-25:]), markup=False, highlight=False)
+        err.print(f"job {rec['job_id']} {state}: {_job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
+                  markup=False, highlight=False)
+    return state
+
+
+def _job_error(rec: dict) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags.get("ditforge.error")
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------------- status / logs / stop
+
+
+def _find(job_id: str) -> dict:
+    from .cluster.launch import SubmitError, record
+
+    rec = record(job_id)
+    if rec is None:
+        raise SubmitError(f"job '{job_id}': not submitted from here (see `ditforge status` for known jobs)")
+    return rec
+
+
+@app.command()
+@user_errors
+def status(job: Optional[str] = typer.Argument(None, help="job id (default: all jobs)")):
+    """Jobs with their state, step, loss, samples/s and MLflow link."""
+    from mlflow.tracking import MlflowClient
+
+    from .cluster.launch import all_records, jobs_client
+
+    recs = [_find(job)] if job else all_records()
+    table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
+    for rec in recs:
+        try:
+            state = str(jobs_client(rec["dashboard"]).get_job_status(rec["job_id"]).value)
+        except Exception:
+            state = "UNKNOWN (cluster unreachable)"
+        try:
+            m = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.metrics
+        except Exception:
+            m = {}
+        step = f"{int(m['train/step'])}/{rec['steps']}" if "train/step" in m else "-"
+        table.add_row(rec["job_id"], state, step, f"{m['train/loss']:.4f}" if "train/loss" in m else "-",
+                      f"{m['train/samples_per_s']:.1f}" if "train/samples_per_s" in m else "-",
+                      _run_link(rec), (_job_error(rec) or "") if state == "FAILED" else "")
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
+    """Print a job's driver and worker logs."""
+    from .cluster.launch import jobs_client
+
+    rec = _find(job)
+    client = jobs_client(rec["dashboard"])
+    if not follow_:
+        sys.stdout.write(client.get_job_logs(job))
+        return
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+@app.command()
+@user_errors
+def stop(job: str = typer.Argument(..., help="job id")):
+    """Stop a running job."""
+    from .cluster.launch import jobs_client
+
+    rec = _find(job)
+    client = jobs_client(rec["dashboard"])
+    client.stop_job(job)
+    for _ in range(60):
+        state = str(client.get_job_status(job).value)
+        if state in ("STOPPED", "SUCCEEDED", "FAILED"):
+            break
+        time.sleep(0.5)
+    out.print(f"{job}: {state}", highlight=False)
+
+
+@app.command()
+@user_errors
+def ui():
+    """Print the MLflow UI address of the embedded tracking server (starting it if needed)."""
+    from . import services
+
+    ep = services.up(ray=False)
+    out.print(ep.mlflow, highlight=False)
+
+
+# ------------------------------------------------------------------------------- services
+
+
+@services_app.command("up")
+@user_errors
+def services_up(cluster: Optional[Path] = ClusterOpt):
+    """Start (or reuse) the S3 server, MLflow and the Ray head, all on 127.0.0.1."""
+    from . import services
+    from .spec import load_cluster
+
+    with err.status("starting services (S3, MLflow, Ray)..."):
+        ep = services.up(load_cluster(cluster))
+    for k, v in ep.to_dict().items():
+        out.print(f"{k:14s} {v}", highlight=False)
+
+
+@services_app.command("down")
+@user_errors
+def services_down():
+    """Stop the embedded services (their data stays under .ditforge/)."""
+    from . import services
+
+    stopped = services.down()
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
+
+
+@services_app.command("status")
+@user_errors
+def services_status():
+    from . import services
+
+    table = Table("service", "url", "pid", "up")
+    for s in services.status():
+        table.add_row(s["service"], s["url"], str(s["pid"] or "-"), "yes" if s["up"] else "no")
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------------- demo
+
+
+@app.command()
+@user_errors
+def demo(
+    job: Path = typer.Option(Path("jobs/demo-image.yaml"), help="job spec to run"),
+    sets: Optional[List[str]] = SetOpt,
+    images: int = typer.Option(2048, help="how many shapes images to generate"),
+    as_json: bool = typer.Option(False, "--json", help="end with one JSON line of results"),
+):
+    """The whole pipeline on the embedded default: data → shards → latents → training → samples."""
+    from mlflow.tracking import MlflowClient
+
+    from . import services, storage
+    from .cluster.launch import submit as do_submit
+    from .data.encode import encode_dataset
+    from .data.ingest import ingest_shapes
+    from .models.vae import build_vae
+    from .spec import ClusterSpec, load_job
+
+    t0 = time.time()
+    spec = load_job(job, sets)
+    with err.status("starting services (S3, MLflow, Ray)..."):
+        ep = services.up(ClusterSpec())
+    err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
+    pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
+    ingest_shapes(pixels, limit=images, resolution=32)
+    err.print(f"data: {images} shapes images → {pixels}", highlight=False)
+    encode_dataset(pixels, spec.data.train, build_vae(spec.vae))
+    err.print(f"latents ({spec.vae.kind} VAE) → {spec.data.train}", highlight=False)
+    rec = do_submit(spec, ClusterSpec(), source=str(job))
+    err.print(f"job {rec['job_id']}  run {rec['run_name']}", highlight=False)
+    state = follow(rec)
+    if state != "SUCCEEDED":
+        raise typer.Exit(1)
+    client = MlflowClient(rec["tracking_uri"])
+    hist = sorted(client.get_metric_history(rec["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
+    run = client.get_run(rec["mlflow_run_id"])
+    result = {
+        "mlflow_run_id": rec["mlflow_run_id"], "tracking_uri": rec["tracking_uri"], "mlflow_url": _run_link(rec),
+        "checkpoint_uri": rec["run_uri"], "steps": hist[-1].step if hist else 0,
+        "initial_loss": hist[0].value if hist else None, "final_loss": hist[-1].value if hist else None,
+        "samples": f"{run.info.artifact_uri}/samples/samples.png", "seconds": round(time.time() - t0, 1),
+    }
+    out.print(f"\n[bold green]demo finished[/] in {result['seconds']:.0f}s: loss {result['initial_loss']:.3f} → "
+              f"{result['final_loss']:.3f} over {result['steps']} steps")
+    out.print(f"  MLflow run:  {result['mlflow_url']}", highlight=False)
+    out.print(f"  samples:     {result['samples']}", highlight=False)
+    out.print(f"  checkpoints: {result['checkpoint_uri']}", highlight=False)
+    if as_json:
+        print(json.dumps(result))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

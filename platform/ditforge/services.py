@@ -1,0 +1,296 @@
+"""The embedded services: a SeaweedFS S3 server, an MLflow tracking server and a Ray head.
+
+All bind to 127.0.0.1, keep their state under `$DITFORGE_HOME` (`.ditforge/`) so a restart loses
+nothing, and are reused when already up. Each runs in its own session with a pid file, so
+`ditforge services down` can stop it and its children cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import storage
+from .spec import ClusterSpec
+
+BUCKET = "ditforge"
+S3_PORT = 8333
+
+
+class ServiceError(Exception):
+    """A service did not come up; the message names it and its log file."""
+
+
+@dataclass
+class Endpoints:
+    s3: str
+    mlflow: str
+    ray_dashboard: str
+    ray_gcs: str
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _dirs() -> dict[str, Path]:
+    h = storage.home()
+    d = {"home": h, "run": h / "run", "logs": h / "logs", "s3": h / "s3", "mlflow": h / "mlflow"}
+    for p in d.values():
+        p.mkdir(parents=True, exist_ok=True)
+    os.chmod(d["s3"], 0o700)  # holds the S3 keys
+    return d
+
+
+def endpoints(cluster: ClusterSpec | None = None) -> Endpoints:
+    ports = (cluster or ClusterSpec()).ports
+    saved = storage.home() / "run" / "ports.json"
+    if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
+        p = json.loads(saved.read_text())
+        mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
+    else:
+        mlflow, dash, gcs = ports.mlflow, ports.ray_dashboard, ports.ray_gcs
+    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://127.0.0.1:{mlflow}",
+                     ray_dashboard=f"http://127.0.0.1:{dash}", ray_gcs=f"127.0.0.1:{gcs}")
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError as e:
+        return e.code < 500  # S3 answers 403 to an anonymous GET: it is up
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return False
+
+
+def _pid(name: str) -> int | None:
+    f = storage.home() / "run" / f"{name}.pid"
+    if not f.exists():
+        return None
+    try:
+        pid = int(f.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _spawn(name: str, argv: list[str], env: dict) -> int:
+    d = _dirs()
+    log = open(d["logs"] / f"{name}.log", "ab")
+    # own session: survives the CLI process, and `down` can signal the whole group
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            cwd=d["home"], start_new_session=True)
+    (d["run"] / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(name: str, ready, timeout: float, pid: int | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        if pid is not None and not _alive(pid):
+            break
+        time.sleep(0.5)
+    log = storage.home() / "logs" / f"{name}.log"
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    raise ServiceError(f"{name} did not become ready in {timeout:.0f}s (log: {log}{': ' + tail[0] if tail else ''})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_group(name: str, timeout: float = 30.0) -> bool:
+    pid = _pid(name)
+    pidfile = storage.home() / "run" / f"{name}.pid"
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.2)
+    if _alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.2)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name  # the venv's console scripts, first
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"'{name}' not found: install ditforge into this environment (make install)")
+    return found
+
+
+def _base_env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DITFORGE_HOME"] = str(storage.home())
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        env.pop(k, None)  # services get exactly the embedded keys below, not whatever the shell had
+    return env
+
+
+# ------------------------------------------------------------------------------------- S3
+
+
+def s3_credentials() -> dict:
+    """The embedded server's keys, generated on first start into a file only the user can read."""
+    d = _dirs()
+    path = d["s3"] / "credentials.json"
+    if not path.exists():
+        creds = {"access_key_id": "DF" + secrets.token_hex(9).upper(), "secret_access_key": secrets.token_urlsafe(30),
+                 "endpoint_url": f"http://127.0.0.1:{S3_PORT}"}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(creds, f)
+    return json.loads(path.read_text())
+
+
+def _s3_ready() -> bool:
+    if not _http_ok(f"http://127.0.0.1:{S3_PORT}/"):
+        return False
+    try:
+        fs, _ = storage.filesystem(f"s3://{BUCKET}")
+        fs.ls(BUCKET)
+        return True
+    except Exception:
+        return False
+
+
+def start_s3() -> str:
+    url = f"http://127.0.0.1:{S3_PORT}"
+    creds = s3_credentials()
+    if _pid("s3") and _s3_ready():
+        return url
+    _stop_group("s3")
+    d = _dirs()
+    env = _base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
+    data = d["s3"] / "data"
+    data.mkdir(exist_ok=True)
+    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                        f"-s3.port={S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
+    _wait("s3", _s3_ready, 90, pid)
+    return url
+
+
+# --------------------------------------------------------------------------------- MLflow
+
+
+def start_mlflow(port: int) -> str:
+    url = f"http://127.0.0.1:{port}"
+    if _pid("mlflow") and _http_ok(f"{url}/health"):
+        return url
+    _stop_group("mlflow")
+    if _http_ok(f"{url}/health"):
+        raise ServiceError(f"port {port} already serves an MLflow that is not ours: stop it or set ports.mlflow")
+    d = _dirs()
+    creds = s3_credentials()
+    env = _base_env() | {
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+        "MLFLOW_S3_ENDPOINT_URL": creds["endpoint_url"],
+    }
+    pid = _spawn("mlflow", [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                            "--backend-store-uri", f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
+                            "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"], env)
+    _wait("mlflow", lambda: _http_ok(f"{url}/health"), 120, pid)
+    return url
+
+
+# ------------------------------------------------------------------------------------ Ray
+
+
+def _ray_ready(dash: str) -> bool:
+    return _http_ok(f"{dash}/api/version")
+
+
+def start_ray(cluster: ClusterSpec) -> str:
+    ep = endpoints(cluster)
+    if _ray_ready(ep.ray_dashboard):
+        return ep.ray_dashboard
+    env = _base_env()
+    argv = [_bin("ray"), "start", "--head", f"--port={cluster.ports.ray_gcs}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.ports.ray_dashboard}",
+            f"--num-cpus={cluster.cpus}", "--num-gpus=0", "--disable-usage-stats"]
+    log = _dirs()["logs"] / "ray.log"
+    with open(log, "ab") as f:
+        rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=storage.home())
+    if rc != 0:
+        raise ServiceError(f"ray start failed with exit code {rc} (log: {log})")
+    _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 90)
+    (storage.home() / "run" / "ray.started").write_text("1")
+    return ep.ray_dashboard
+
+
+def stop_ray() -> bool:
+    marker = storage.home() / "run" / "ray.started"
+    if not marker.exists():
+        return False
+    subprocess.call([_bin("ray"), "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker.unlink(missing_ok=True)
+    return True
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+def up(cluster: ClusterSpec | None = None, *, ray: bool = True) -> Endpoints:
+    cluster = cluster or ClusterSpec()
+    _dirs()
+    (storage.home() / "run" / "ports.json").write_text(json.dumps(cluster.ports.model_dump()))
+    start_s3()
+    start_mlflow(cluster.ports.mlflow)
+    if ray:
+        start_ray(cluster)
+    return endpoints(cluster)
+
+
+def down() -> list[str]:
+    stopped = []
+    if stop_ray():
+        stopped.append("ray")
+    for name in ("mlflow", "s3"):
+        if _stop_group(name):
+            stopped.append(name)
+    return stopped
+
+
+def status() -> list[dict]:
+    ep = endpoints()
+    return [
+        {"service": "s3", "url": ep.s3, "pid": _pid("s3"), "up": _http_ok(ep.s3 + "/")},
+        {"service": "mlflow", "url": ep.mlflow, "pid": _pid("mlflow"), "up": _http_ok(ep.mlflow + "/health")},
+        {"service": "ray", "url": ep.ray_dashboard, "pid": None, "up": _ray_ready(ep.ray_dashboard)},
+    ]

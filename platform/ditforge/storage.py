@@ -1,0 +1,139 @@
+"""The narrow storage seam: fsspec filesystems from URIs, with credentials from the environment.
+
+Paths stay `str` because `pathlib.Path` mangles `s3://`. S3 credentials come, in order, from the
+`AWS_*` environment variables, from the file named by `DITFORGE_S3_CREDENTIALS`, or from the
+embedded SeaweedFS server's key file under `$DITFORGE_HOME` — never from a spec, so they never
+reach MLflow params or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import fsspec
+
+
+def home() -> Path:
+    """Where the embedded services keep their state (`.ditforge/` in the working directory)."""
+    return Path(os.environ.get("DITFORGE_HOME") or Path.cwd() / ".ditforge").resolve()
+
+
+def credentials_file() -> Path:
+    return Path(os.environ.get("DITFORGE_S3_CREDENTIALS") or home() / "s3" / "credentials.json")
+
+
+def s3_options() -> dict:
+    """s3fs keyword arguments: endpoint and keys, never logged."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    else:
+        path = credentials_file()
+        if not path.exists():
+            return {}
+        creds = json.loads(path.read_text())
+        opts = {"key": creds["access_key_id"], "secret": creds["secret_access_key"]}
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or creds.get("endpoint_url")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint, "region_name": env.get("AWS_REGION", "us-east-1")}
+    # Listings must be fresh: another rank may have just written the file we look for.
+    opts["use_listings_cache"] = False
+    opts["skip_instance_cache"] = True
+    return opts
+
+
+def absolute(uri: str) -> str:
+    """Make `file://relative/path` absolute, so that workers with another cwd find it."""
+    if uri.startswith("file://"):
+        return "file://" + str(Path(uri[len("file://"):]).expanduser().resolve())
+    return uri.rstrip("/")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    if scheme == "s3":
+        opts = s3_options()
+    else:
+        opts = {}
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def retry(fn, *args, attempts: int = 5, base_delay: float = 0.5, **kwargs):
+    """Object stores blip: retry with exponential backoff, then re-raise the last error."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, TimeoutError, ConnectionError):
+            if i == attempts - 1:
+                raise
+            time.sleep(base_delay * 2**i)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return retry(fs.cat_file, path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        # Local files: write next to the target, then rename, so readers never see half a file.
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        Path(tmp).write_bytes(data)
+        os.replace(tmp, path)
+        return
+    retry(fs.pipe_file, path, data)  # an S3 PUT is atomic: the object appears whole or not at all
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return retry(fs.exists, path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under `uri`; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        entries = retry(fs.ls, path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if retry(fs.exists, path):
+        retry(fs.rm, path, recursive=True)
+
+
+def put_file(local: str | Path, uri: str) -> None:
+    fs, path = filesystem(uri)
+    if "file" in fs.protocol:
+        write_bytes(uri, Path(local).read_bytes())
+        return
+    retry(fs.put_file, str(local), path)
+
+
+def get_file(uri: str, local: str | Path) -> None:
+    fs, path = filesystem(uri)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    retry(fs.get_file, path, str(local))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
