@@ -240,27 +240,16 @@ def start_ray(cluster: ClusterSpec) -> str:
     ep = endpoints(cluster)
     if _ray_ready(ep.ray_dashboard):
         return ep.ray_dashboard
-    env = _base_env()
-    argv = [_bin("ray"), "start", "--head", f"--port={cluster.ports.ray_gcs}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.ports.ray_dashboard}",
-            f"--num-cpus={cluster.cpus}", "--num-gpus=0", "--disable-usage-stats"]
-    log = _dirs()["logs"] / "ray.log"
-    with open(log, "ab") as f:
-        rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=storage.home())
-    if rc != 0:
-        raise ServiceError(f"ray start failed with exit code {rc} (log: {log})")
-    _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 90)
-    (storage.home() / "run" / "ray.started").write_text("1")
+    _stop_group("ray")
+    # --block keeps `ray start` in the foreground as the parent of the head's processes, so
+    # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
+    argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
+            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
+            "--disable-usage-stats"]
+    pid = _spawn("ray", argv, _base_env())
+    _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 120, pid)
     return ep.ray_dashboard
-
-
-def stop_ray() -> bool:
-    marker = storage.home() / "run" / "ray.started"
-    if not marker.exists():
-        return False
-    subprocess.call([_bin("ray"), "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker.unlink(missing_ok=True)
-    return True
 
 
 # ------------------------------------------------------------------------------ lifecycle
@@ -279,9 +268,7 @@ def up(cluster: ClusterSpec | None = None, *, ray: bool = True) -> Endpoints:
 
 def down() -> list[str]:
     stopped = []
-    if stop_ray():
-        stopped.append("ray")
-    for name in ("mlflow", "s3"):
+    for name in ("ray", "mlflow", "s3"):
         if _stop_group(name):
             stopped.append(name)
     return stopped
@@ -292,5 +279,5 @@ def status() -> list[dict]:
     return [
         {"service": "s3", "url": ep.s3, "pid": _pid("s3"), "up": _http_ok(ep.s3 + "/")},
         {"service": "mlflow", "url": ep.mlflow, "pid": _pid("mlflow"), "up": _http_ok(ep.mlflow + "/health")},
-        {"service": "ray", "url": ep.ray_dashboard, "pid": None, "up": _ray_ready(ep.ray_dashboard)},
+        {"service": "ray", "url": ep.ray_dashboard, "pid": _pid("ray"), "up": _ray_ready(ep.ray_dashboard)},
     ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -98,7 +97,9 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         job_id = client.submit_job(
             entrypoint="python -m ditforge.train.driver job.json",
             submission_id=f"ditforge-{run_name}-{secrets.token_hex(3)}",
-            runtime_env={"working_dir": wd, "env_vars": env},
+            # py_modules ships this checkout's ditforge, so the cluster runs the code that submitted
+            # (on a remote cluster, the rest of the stack comes from its image).
+            runtime_env={"working_dir": wd, "py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": env},
             metadata={"ditforge.run": run_name, "ditforge.mlflow_run_id": mlflow_run_id},
         )
     rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
@@ -108,6 +109,3 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     (records_dir() / f"{job_id}.json").write_text(json.dumps(rec, indent=2))
     return rec
 
-
-def python_exe() -> str:
-    return sys.executable
