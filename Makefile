@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench down clean
+
+install: $(STAMP)
+
+# DS_BUILD_OPS=0: DeepSpeed builds no CUDA ops at install time (they JIT-compile when used).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/ditforge demo
+
+test: install
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+down:
+	-$(BIN)/ditforge services down
+
+clean: down
+	rm -rf .ditforge
