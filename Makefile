@@ -11,7 +11,6 @@ install: $(STAMP)
 # DS_BUILD_OPS=0: DeepSpeed builds no CUDA ops at install time (they JIT-compile when used).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
