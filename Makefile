@@ -23,6 +23,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: install
+	$(BIN)/ditforge bench --json bench.json
+
 down:
 	-$(BIN)/ditforge services down
 

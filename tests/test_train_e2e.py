@@ -33,7 +33,9 @@ def submit(latents: str, *sets: str, resume: str | None = None) -> dict:
     """Submit with --wait; return the job record written by submit."""
     args = ["submit", JOB, "--wait", "--set", f"data.train={latents}/latents", "--set",
             f"checkpoint.uri={latents}/runs", "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests",
-            "--set", "sample.per_class=2", "--set", "sample.steps=4"]
+            "--set", "sample.per_class=2", "--set", "sample.steps=4", "--set", "tracking.system_metrics=true"]
+    if not any(x.startswith("train.resume=") for x in sets):
+        args += ["--set", "train.resume=never"]  # tests choose their resume explicitly
     for s in sets:
         args += ["--set", s]
     if resume:
@@ -71,7 +73,10 @@ def test_zero2_run_logs_to_one_mlflow_run_and_checkpoints_to_s3(zero2_run):
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(16, 21)) / 5
     assert last < 0.9 * first, loss
     arts = {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "samples")}
-    assert "samples/samples.png" in arts
+    assert "samples/step_00000020.png" in arts
+    for key in ("checkpoint/upload_s", "checkpoint/MBps", "checkpoint/stall_s"):
+        assert [m.step for m in client.get_metric_history(rec["mlflow_run_id"], key)] == [10, 20], key
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "spec")} >= {"spec/job.resolved.yaml"}
     # checkpoints: complete (manifest last, every listed file present with its size) on S3
     assert complete_steps(rec["run_uri"]) == [10, 20]
@@ -84,28 +89,65 @@ def test_zero2_run_logs_to_one_mlflow_run_and_checkpoints_to_s3(zero2_run):
     assert {m["rank"] for m in manifest["files"].values()} == {0, 1}  # each rank uploaded its own shard
 
 
-def test_resume_continues_exactly(latents, zero2_run):
-    """Stop at step 10, resume to 20: steps 11..20 match the uninterrupted run (optimizer, LR
-    schedule, data position and randomness all restored)."""
-    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10")
+def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, zero2_run):
+    """A run stopped at step 10 with a half-written step 15 folder: `resume: auto` finds the run,
+    skips the incomplete folder, and steps 11..20 match the uninterrupted run exactly (optimizer,
+    LR schedule, data position and randomness all restored)."""
+    runs = f"checkpoint.uri={latents}/runs-auto"  # only this test's runs are candidates for `auto`
+    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs)
     assert complete_steps(short["run_uri"]) == [10]
-    resumed = submit(latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10",
-                     resume=short["run_name"])
-    assert resumed["mlflow_run_id"] == short["mlflow_run_id"]  # the same MLflow run continues
+    storage.write_bytes(storage.join(short["run_uri"], "step_00000015", "mp_rank_00_model_states.pt"), b"partial")
+    resumed = submit(latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs)
+    assert resumed["run_name"] == short["run_name"]
+    client = MlflowClient(resumed["tracking_uri"])
+    child = client.get_run(resumed["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == short["mlflow_run_id"]  # nested under the first attempt
+    assert child.data.tags["ditforge.resumed_from"].endswith("step_00000010")
     full, part = losses(zero2_run), losses(resumed)
-    assert sorted(part) == list(range(1, 21))
-    for step in range(1, 21):
+    assert sorted(part) == list(range(11, 21))
+    for step in range(11, 21):
         assert part[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (step, part[step], full[step])
+    # the incomplete folder is gone now that newer checkpoints are complete
     assert complete_steps(resumed["run_uri"]) == [10, 20]
+    assert "step_00000015" not in storage.listdir(resumed["run_uri"])
 
 
-def test_zero3_two_workers(latents):
+def test_registered_model_samples_and_exports(zero2_run, tmp_path):
+    client = MlflowClient(zero2_run["tracking_uri"])
+    model_uri = client.get_run(zero2_run["mlflow_run_id"]).data.tags["ditforge.model"]
+    name, version = model_uri.split("/")[1:]
+    mv = client.get_model_version(name, version)
+    assert mv.tags["checkpoint_uri"].endswith("step_00000020") and mv.run_id == zero2_run["mlflow_run_id"]
+    png = tmp_path / "grid.png"
+    r = run_cli("sample", "--model", model_uri, "--out", str(png), "--per-class", "3", "--steps", "3")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(png).size == (3 * 66 + 2, 10 * 66 + 2)  # 10 classes x 3, 32px upscaled 2x, 2px gaps
+    r = run_cli("export", zero2_run["run_uri"], "--out", f"file://{tmp_path}/exp")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / "exp" / "raw.safetensors"))
+    assert "blocks.0.qkv.weight" in raw and json.loads((tmp_path / "exp" / "model.json").read_text())["step"] == 20
+
+
+def test_zero3_two_workers(latents, tmp_path):
     rec = submit(latents, "train.steps=6", "train.warmup=1", "checkpoint.every_steps=3", "deepspeed.zero_stage=3")
     assert complete_steps(rec["run_uri"]) == [3, 6]
     manifest = json.loads(storage.read_bytes(storage.join(rec["run_uri"], "step_00000006", MANIFEST)))
     # ZeRO-3 partitions parameters: every rank writes its own model-state shard
     assert sum("model_states" in f for f in manifest["files"]) == 2
     assert len(losses(rec)) == 6
+    # consolidation from ZeRO-3 shards gives the full weights
+    from ditforge.train.export import export
+
+    out = f"file://{tmp_path}/z3"
+    export(rec["run_uri"], out)
+    from safetensors.torch import load_file
+
+    raw = load_file(f"{tmp_path}/z3/raw.safetensors")
+    assert raw["blocks.0.qkv.weight"].shape == (384, 128)
 
 
 def test_resume_of_unknown_run_is_one_line(latents):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train latent diffusion transformers on Ray + DeepSpeed.")
 services_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, MLflow server and Ray head.")
 app.add_typer(services_app, name="services")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
+logging.getLogger("ray").setLevel(logging.WARNING)  # the Jobs SDK's "uploading package" chatter
 
 SetOpt = typer.Option(None, "--set", help="override a spec field: --set train.steps=100 (repeatable)")
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="cluster YAML (default: embedded)")
@@ -232,6 +234,116 @@ def ui():
     out.print(ep.mlflow, highlight=False)
 
 
+# ---------------------------------------------------------------------------- export / sample
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    src: str = typer.Argument(..., help="a run (s3://.../runs/RUN), a step folder, or a run name with --runs"),
+    dest: str = typer.Option(..., "--out", help="URI of the folder to write (file://, s3://)"),
+    runs: Optional[str] = typer.Option(None, help="checkpoint.uri to look RUN up in, when SRC is a bare run name"),
+):
+    """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint."""
+    from . import storage
+    from .cluster.launch import SubmitError
+    from .train.export import export
+
+    if "://" not in src:
+        if not runs:
+            raise SubmitError(f"{src}: give a checkpoint URI, or a run name together with --runs URI")
+        src = storage.join(runs, src)
+    try:
+        cfg = export(storage.absolute(src), storage.absolute(dest))
+    except FileNotFoundError as e:
+        raise SubmitError(str(e)) from None
+    out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}", highlight=False)
+
+
+@app.command()
+@user_errors
+def sample(
+    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, runs:/ID/model, or an export folder URI"),
+    png: Path = typer.Option(Path("samples.png"), "--out", help="PNG to write"),
+    per_class: Optional[int] = typer.Option(None, help="samples per class (grid columns)"),
+    steps: Optional[int] = typer.Option(None, help="Euler steps"),
+    cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    seed: Optional[int] = typer.Option(None),
+    weights: str = typer.Option("ema", help="ema or raw"),
+):
+    """Generate a class-conditional sample grid from a registered or exported model."""
+    import tempfile
+
+    from . import services, storage
+    from .cluster.launch import SubmitError
+    from .spec import SampleSpec, VAESpec
+    from .train.export import FILES, load_model
+    from .train.sampling import sample_grid
+
+    local = Path(tempfile.mkdtemp(prefix="ditforge-model-"))
+    if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        tracking_uri = services.endpoints().mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)  # models:/ resolves through the registry, not a local file
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(local), tracking_uri=tracking_uri)
+        except Exception as e:
+            raise SubmitError(f"--model {model}: cannot fetch from MLflow at {tracking_uri} ({str(e).splitlines()[0]})") from None
+        found = list(local.rglob("model.json"))
+        if not found:
+            raise SubmitError(f"--model {model}: no model.json in it (not a ditforge export)")
+        local = found[0].parent
+    else:
+        src = storage.absolute(model)
+        for f in FILES:
+            if storage.exists(storage.join(src, f)):
+                storage.get_file(storage.join(src, f), local / f)
+        if not (local / "model.json").exists():
+            raise SubmitError(f"--model {model}: no model.json there (not a ditforge export)")
+    net, cfg = load_model(local, weights)
+    s = SampleSpec(**cfg["sample"])
+    s = s.model_copy(update={k: v for k, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
+                                                     seed=seed).items() if v is not None})
+    sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png))
+    out.print(f"{png}: {net.cfg.num_classes} classes x {s.per_class} samples ({cfg['weights']} weights, "
+              f"{s.steps} Euler steps, cfg {s.cfg_scale})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+@app.command()
+@user_errors
+def bench(
+    json_path: Path = typer.Option(Path("bench.json"), "--json", help="where to write the JSON results"),
+    quick: bool = typer.Option(False, "--quick", help="small sizes, few repeats (CI smoke run)"),
+    section: Optional[List[str]] = typer.Option(None, "--section", help="run only these sections"),
+):
+    """Measure throughput, overhead, memory and checkpoint stalls; write JSON and print a table."""
+    from .bench.run import SECTIONS, run_all, write
+
+    unknown = set(section or []) - set(SECTIONS)
+    if unknown:
+        from .spec import SpecError
+
+        raise SpecError("--section", ",".join(sorted(unknown)), f"unknown section (known: {', '.join(SECTIONS)})")
+    result = run_all(quick, section)
+    write(result, str(json_path))
+    for c in result["configs"]:
+        table = Table(title=f"{c['section']}: {c['name']}", show_header=False)
+        for k, v in c.items():
+            if k not in ("section", "name"):
+                table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        out.print(table)
+    for name, e in result["errors"].items():
+        err.print(f"bench section {name} failed: {e}", markup=False)
+    out.print(f"wrote {json_path}", highlight=False)
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------- services
 
 
@@ -312,13 +424,15 @@ def demo(
         "mlflow_run_id": rec["mlflow_run_id"], "tracking_uri": rec["tracking_uri"], "mlflow_url": _run_link(rec),
         "checkpoint_uri": rec["run_uri"], "steps": hist[-1].step if hist else 0,
         "initial_loss": hist[0].value if hist else None, "final_loss": hist[-1].value if hist else None,
-        "samples": f"{run.info.artifact_uri}/samples/samples.png", "seconds": round(time.time() - t0, 1),
+        "samples": f"{run.info.artifact_uri}/samples/step_{spec.train.steps:08d}.png",
+        "model": run.data.tags.get("ditforge.model"), "seconds": round(time.time() - t0, 1),
     }
     out.print(f"\n[bold green]demo finished[/] in {result['seconds']:.0f}s: loss {result['initial_loss']:.3f} → "
               f"{result['final_loss']:.3f} over {result['steps']} steps")
     out.print(f"  MLflow run:  {result['mlflow_url']}", highlight=False)
     out.print(f"  samples:     {result['samples']}", highlight=False)
     out.print(f"  checkpoints: {result['checkpoint_uri']}", highlight=False)
+    out.print(f"  model:       {result['model']}  (try: ditforge sample --model {result['model']})", highlight=False)
     if as_json:
         print(json.dumps(result))
 

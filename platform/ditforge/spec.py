@@ -83,6 +83,15 @@ class TrainSpec(Strict):
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: continue this job's newest unfinished run if there is one; never: always a fresh run;
+    # or a checkpoint URI (a run folder or one step_XXXXXXXX folder) to start a new run from.
+    resume: str = "auto"
+    max_failures: int = Field(0, ge=0, description="worker-group restarts (Ray Train FailureConfig)")
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str) -> str:
+        return v if v in ("auto", "never") else _check_uri(v)
 
 
 class DeepSpeedSpec(BaseModel):
@@ -101,6 +110,8 @@ class CheckpointSpec(Strict):
     uri: str = "s3://ditforge/runs"
     every_steps: int = Field(100, gt=0)
     keep_last: int = Field(3, ge=1)
+    keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple (0 = off)")
+    upload_timeout_s: float = Field(600, gt=0, description="a save not complete by then is marked failed")
 
     _uri = field_validator("uri")(_check_uri)
 
@@ -109,6 +120,9 @@ class TrackingSpec(Strict):
     experiment: str = "ditforge"
     uri: str | None = Field(None, description="MLflow tracking URI; default: the embedded server")
     log_every: int = Field(10, gt=0)
+    sample_every: int = Field(0, ge=0, description="sample grid every N steps (0 = only at the end)")
+    system_metrics: bool = True
+    register_model: bool = True
 
 
 class SampleSpec(Strict):

@@ -115,6 +115,13 @@ def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if retry(fs.exists, path):
         retry(fs.rm, path, recursive=True)
+    if "s3" in fs.protocol:
+        # SeaweedFS (like other filer-backed stores) keeps the emptied folder as a "dir/" entry,
+        # which would still list as a step folder.
+        try:
+            fs.rm_file(path.rstrip("/") + "/")
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def put_file(local: str | Path, uri: str) -> None:

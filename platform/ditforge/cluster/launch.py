@@ -67,9 +67,33 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def _latest_unfinished(spec: JobSpec) -> str | None:
+    """`resume: auto`: the newest run of this job whose newest complete checkpoint is short of
+    `train.steps` (a run that was killed or preempted), or None."""
+    from ..train.checkpoint import complete_steps
+
+    runs = [n for n in storage.listdir(spec.checkpoint.uri) if n.startswith(f"{spec.name}-")]
+    for name in sorted(runs, reverse=True):  # names carry a timestamp: newest first
+        steps = complete_steps(storage.join(spec.checkpoint.uri, name))
+        if steps and steps[-1] < spec.train.steps:
+            return name
+    return None
+
+
 def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, source: str | None = None) -> dict:
+    """Submit one training job. `resume` (a run name, from `--resume`) wins over `train.resume`."""
+    from ..train import checkpoint
+
     spec = resolve_paths(spec)
     target = connect(cluster, spec)
+    resume_from = None
+    if resume is None and spec.train.resume == "auto":
+        resume = _latest_unfinished(spec)
+    elif resume is None and spec.train.resume != "never":
+        try:
+            resume_from = checkpoint.resolve(storage.absolute(spec.train.resume))
+        except FileNotFoundError as e:
+            raise SubmitError(f"train.resume: {e}") from None
     if resume:
         run_name = resume
         run_uri = storage.join(spec.checkpoint.uri, run_name)
@@ -77,15 +101,20 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
             run_info = json.loads(storage.read_bytes(storage.join(run_uri, "run.json")))
         except FileNotFoundError:
             raise SubmitError(f"--resume {resume}: no run named '{resume}' under {spec.checkpoint.uri}") from None
-        mlflow_run_id = run_info["mlflow_run_id"]
+        steps = checkpoint.complete_steps(run_uri)
+        mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
+                                            parent_run_id=run_info["mlflow_run_id"],
+                                            resumed_from=checkpoint.join_step(run_uri, steps[-1]) if steps else "")
     else:
         run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         run_uri = storage.join(spec.checkpoint.uri, run_name)
-        mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source)
+        mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
+                                            parent_run_id=None, resumed_from=resume_from)
         storage.write_bytes(storage.join(run_uri, "run.json"),
                             json.dumps({"run_name": run_name, "mlflow_run_id": mlflow_run_id, "job": spec.name}).encode())
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
-           "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume": bool(resume)}
+           "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": resume_from,
+           "spec_digest": spec.digest()}
     client = jobs_client(target.dashboard)
     with tempfile.TemporaryDirectory() as wd:
         (Path(wd) / "job.json").write_text(json.dumps(job, indent=2))

@@ -1,8 +1,11 @@
 """Checkpoints on any fsspec URI: `<checkpoint.uri>/<run>/step_XXXXXXXX/`.
 
-Every rank saves its DeepSpeed shard to local disk and uploads its own files (no shared file
-system needed across nodes); rank 0 then writes `manifest.json` with every file's size and
-checksum. The manifest is written last: a step folder without one is incomplete and never loaded.
+Saving is asynchronous. The training loop waits only for DeepSpeed to write this rank's shard to
+local disk; a background thread then uploads it (with retries) and writes a per-rank marker
+`_ranks/rank_N.json` listing the files and checksums. Rank 0's thread waits for every rank's
+marker and writes `manifest.json` last. A step folder without a manifest is incomplete: never
+loaded, and removed once a newer checkpoint is complete. No collective op runs in the background
+(gloo collectives from two threads would interleave), so ranks coordinate through storage.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from .. import storage
 
@@ -32,52 +40,189 @@ def complete_steps(run_uri: str) -> list[int]:
     return sorted(steps)
 
 
-def save(engine, run_uri: str, step: int, client_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the step folder's URI."""
-    rank = dist.get_rank()
-    tag = step_tag(step)
-    dest = storage.join(run_uri, tag)
-    local_root = Path(tempfile.mkdtemp(prefix=f"ditforge-ckpt-r{rank}-"))
-    try:
-        engine.save_checkpoint(str(local_root), tag=tag, client_state=client_state)
-        files = {}
-        for f in sorted((local_root / tag).rglob("*")):
-            if f.is_file():
-                rel = f.relative_to(local_root / tag).as_posix()
-                storage.put_file(f, storage.join(dest, rel))
-                files[rel] = {"bytes": f.stat().st_size, "sha256": storage.sha256_file(f), "rank": rank}
-    finally:
-        shutil.rmtree(local_root, ignore_errors=True)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, files)  # also the barrier: every rank's upload is done here
-    if rank == 0:
-        manifest = {"step": step, "tag": tag, "world_size": dist.get_world_size(), "files": {}}
-        for part in gathered:
-            manifest["files"].update(part)
+def all_steps(run_uri: str) -> list[int]:
+    return sorted(int(n[5:]) for n in storage.listdir(run_uri) if n.startswith("step_") and n[5:].isdigit())
+
+
+def resolve(uri: str) -> str:
+    """A run folder → its newest complete step folder; a step folder → itself, if complete."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith("step_"):
+        if not storage.exists(storage.join(uri, MANIFEST)):
+            raise FileNotFoundError(f"{uri}: incomplete checkpoint (no {MANIFEST})")
+        return uri
+    steps = complete_steps(uri)
+    if not steps:
+        raise FileNotFoundError(f"{uri}: no complete checkpoint")
+    return storage.join(uri, step_tag(steps[-1]))
+
+
+@dataclass
+class UploadStats:
+    step: int
+    bytes: int = 0
+    upload_s: float = 0.0
+    ok: bool = False
+    error: str | None = None
+    complete: bool = False  # rank 0: the manifest is written
+
+
+@dataclass
+class Checkpointer:
+    run_uri: str
+    rank: int
+    world: int
+    keep_last: int = 3
+    keep_every: int = 0
+    manifest_timeout_s: float = 600.0
+    on_done: object = None  # callback(UploadStats), called from the upload thread
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _own_done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _peers_done: threading.Event = field(default_factory=threading.Event, repr=False)
+    history: list = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------- saving
+
+    def save(self, engine, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> float:
+        """Collective (DeepSpeed's save is). Returns the seconds the training loop was stalled.
+
+        `files`: extra small files (name → bytes) this rank adds, e.g. the resolved spec.
+        `tensors`: extra tensor dicts this rank adds as safetensors, e.g. EMA weights, RNG state.
+        """
+        t0 = time.perf_counter()
+        self.wait()  # at most one upload in flight
+        tag = step_tag(step)
+        self._own_done, self._peers_done = threading.Event(), threading.Event()
+        local_root = Path(tempfile.mkdtemp(prefix=f"ditforge-ckpt-r{self.rank}-"))
+        engine.save_checkpoint(str(local_root), tag=tag, client_state=client_state, save_latest=False)
+        folder = local_root / tag
+        for name, data in (files or {}).items():
+            (folder / name).write_bytes(data)
+        for name, tdict in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(folder / name))
+        stall = time.perf_counter() - t0
+        self._thread = threading.Thread(target=self._upload, args=(step, local_root), daemon=True,
+                                        name=f"ckpt-upload-{step}")
+        self._thread.start()
+        return stall
+
+    def wait(self) -> None:
+        """Collective: finish the upload in flight on every rank.
+
+        Each rank first waits for its own files; the barrier then proves every rank's upload has
+        ended (well or not), so rank 0 can stop waiting for markers that will never come.
+        """
+        if self._thread is not None:
+            self._own_done.wait()
+        if self.world > 1:
+            dist.barrier()
+        if self._thread is not None:
+            self._peers_done.set()
+            self._thread.join()
+            self._thread = None
+
+    def _upload(self, step: int, local_root: Path) -> None:
+        tag = step_tag(step)
+        dest = storage.join(self.run_uri, tag)
+        stats = UploadStats(step)
+        t0 = time.perf_counter()
+        try:
+            files = {}
+            for f in sorted((local_root / tag).rglob("*")):
+                if f.is_file():
+                    rel = f.relative_to(local_root / tag).as_posix()
+                    storage.put_file(f, storage.join(dest, rel))
+                    files[rel] = {"bytes": f.stat().st_size, "sha256": storage.sha256_file(f), "rank": self.rank}
+                    stats.bytes += f.stat().st_size
+            storage.write_bytes(storage.join(dest, "_ranks", f"rank_{self.rank}.json"), json.dumps(files).encode())
+            stats.upload_s = time.perf_counter() - t0
+            stats.ok = True
+            self._own_done.set()
+            if self.rank == 0:
+                self._write_manifest(step, dest)
+                stats.complete = True
+                self._retention()
+        except Exception as e:  # the store was down through all retries: this checkpoint failed
+            stats.error = f"{type(e).__name__}: {e}"
+            stats.upload_s = time.perf_counter() - t0
+            print(f"[rank {self.rank}] checkpoint {dest} FAILED ({stats.error}); training continues, "
+                  "the next save tries again", flush=True)
+        finally:
+            self._own_done.set()
+            shutil.rmtree(local_root, ignore_errors=True)
+        self.history.append(stats)
+        if self.on_done is not None:
+            self.on_done(stats)
+
+    def _write_manifest(self, step: int, dest: str) -> None:
+        self._final_look = False
+        deadline = time.time() + self.manifest_timeout_s
+        parts: dict[int, dict] = {}
+        while len(parts) < self.world:
+            for r in range(self.world):
+                if r not in parts:
+                    try:
+                        parts[r] = json.loads(storage.read_bytes(storage.join(dest, "_ranks", f"rank_{r}.json")))
+                    except FileNotFoundError:
+                        pass
+            if len(parts) < self.world:
+                missing = sorted(set(range(self.world)) - set(parts))
+                if self._peers_done.is_set() and self._final_look:
+                    raise RuntimeError(f"ranks {missing} could not upload their shards")
+                if self._peers_done.is_set():
+                    self._final_look = True  # every rank is done: one more look, then give up
+                    continue
+                if time.time() > deadline:
+                    raise TimeoutError(f"ranks {missing} did not finish uploading in {self.manifest_timeout_s:.0f}s")
+                time.sleep(0.3)
+        manifest = {"step": step, "tag": step_tag(step), "world_size": self.world, "created": time.time(), "files": {}}
+        for r in range(self.world):
+            manifest["files"].update(parts[r])
         storage.write_bytes(storage.join(dest, MANIFEST), json.dumps(manifest, indent=2).encode())
-        # Retention: drop older complete checkpoints only now that a newer one is complete.
-        for old in complete_steps(run_uri)[:-keep_last]:
-            storage.remove(storage.join(run_uri, step_tag(old)))
-    dist.barrier()
-    return dest
+
+    def _retention(self) -> None:
+        """Only after a newer checkpoint is complete: drop old complete ones and stale partial ones."""
+        done = complete_steps(self.run_uri)
+        keep = set(done[-self.keep_last:])
+        if self.keep_every:
+            keep |= {s for s in done if s % self.keep_every == 0}
+        newest = done[-1]
+        for s in all_steps(self.run_uri):
+            if s not in keep and s < newest:
+                storage.remove(storage.join(self.run_uri, step_tag(s)))
 
 
-def load(engine, run_uri: str, step: int) -> dict:
-    """Collective. Downloads the step folder (checked against its manifest) and loads it into the
-    engine; returns the client state saved with it."""
-    tag = step_tag(step)
-    src = storage.join(run_uri, tag)
-    manifest = json.loads(storage.read_bytes(storage.join(src, MANIFEST)))
+# ------------------------------------------------------------------------------------ loading
+
+
+def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
+    """Fetch a complete step folder, verifying every file against the manifest."""
+    manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
+    folder = local_root / manifest["tag"]
+    for rel, meta in manifest["files"].items():
+        local = folder / rel
+        storage.get_file(storage.join(step_uri, rel), local)
+        if storage.sha256_file(local) != meta["sha256"]:
+            raise RuntimeError(f"{step_uri}/{rel}: checksum does not match the checkpoint manifest")
+    return folder, manifest
+
+
+def load(engine, step_uri: str) -> tuple[dict, Path]:
+    """Collective. Loads a complete step folder into the engine; returns (client state, local
+    folder with the extra files — the caller deletes it)."""
     local_root = Path(tempfile.mkdtemp(prefix="ditforge-resume-"))
-    try:
-        for rel, meta in manifest["files"].items():
-            local = local_root / tag / rel
-            storage.get_file(storage.join(src, rel), local)
-            if storage.sha256_file(local) != meta["sha256"]:
-                raise RuntimeError(f"{src}/{rel}: checksum does not match the checkpoint manifest")
-        path, client_state = engine.load_checkpoint(str(local_root), tag=tag)
-        if path is None:
-            raise RuntimeError(f"{src}: DeepSpeed could not load this checkpoint")
-    finally:
-        shutil.rmtree(local_root, ignore_errors=True)
-    return client_state
+    folder, manifest = download(step_uri, local_root)
+    path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
+    if path is None:
+        raise RuntimeError(f"{step_uri}: DeepSpeed could not load this checkpoint")
+    return client_state, folder
+
+
+def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
+    f = folder / name
+    return load_file(str(f)) if f.exists() else None
+
+
+def join_step(run_uri: str, step: int) -> str:
+    return storage.join(run_uri, step_tag(step))

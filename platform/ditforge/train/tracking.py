@@ -1,27 +1,127 @@
-"""A narrow tracking interface: `log(metrics, step)`, `artifact(path)`, `close()`; rank 0 only."""
+"""A narrow tracking interface: `log(metrics, step)`, `artifact(path)`, `close()`; rank 0 only.
+
+MLflow calls never block the training step: `log` appends to a buffer that a background thread
+flushes. If the server is away, the buffer keeps everything (in order, with the original step and
+timestamp) and the thread retries with backoff, so the series has no gap once it returns.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import threading
 import time
+from collections import deque
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+
+# Our thread does the retrying; MLflow's own retry loop would hold the lock for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 1.0, system_metrics: bool = True):
+        self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
+        self._pending: deque = deque()  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flush_every = flush_every_s
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mlflow-flush")
+        self._thread.start()
+        self._system = None
+        if system_metrics:
+            self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1,
+                                                tracking_uri=self.tracking_uri)
+            self._system.start()
+        except Exception as e:  # psutil missing or similar: metrics still work without it
+            print(f"system metrics off: {e}", flush=True)
+
+    # ------------------------------------------------------------------------- interface
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        with self._lock:
+            self._pending.append(("metrics", [Metric(k, float(v), ts, step) for k, v in metrics.items()]))
 
     def params(self, params: dict) -> None:
-        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+        if params:
+            with self._lock:
+                self._pending.append(("params", [Param(k, str(v)[:6000]) for k, v in params.items()]))
 
     def artifact(self, path: str, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, folder)
+        keep = os.path.join(tempfile.mkdtemp(prefix="ditforge-art-"), os.path.basename(path))
+        shutil.copy(path, keep)  # the caller may delete its file before the upload happens
+        with self._lock:
+            self._pending.append(("artifact", keep, folder))
+
+    def close(self, timeout: float = 120.0) -> bool:
+        """Flush everything; True if nothing is left behind."""
+        if self._system is not None:
+            try:
+                self._system.finish()
+            except Exception:
+                pass
+        deadline = time.time() + timeout
+        while self._pending and time.time() < deadline:
+            self._flush()
+            if self._pending:
+                time.sleep(1.0)
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._pending:
+            print(f"MLflow unreachable: {len(self._pending)} tracking records not delivered", flush=True)
+        return not self._pending
+
+    # ----------------------------------------------------------------------- background
+
+    def _run(self) -> None:
+        backoff = self._flush_every
+        while not self._stop.wait(backoff):
+            ok = self._flush()
+            backoff = self._flush_every if ok else min(30.0, backoff * 2)
+
+    def _flush(self) -> bool:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+                item = self._pending[0]
+                # merge consecutive metric records into one request (MLflow takes up to 1000)
+                batch, n = [], 0
+                if item[0] == "metrics":
+                    for it in self._pending:
+                        if it[0] != "metrics" or len(batch) + len(it[1]) > 1000:
+                            break
+                        batch += it[1]
+                        n += 1
+            try:
+                if item[0] == "metrics":
+                    self.client.log_batch(self.run_id, metrics=batch)
+                elif item[0] == "params":
+                    self.client.log_batch(self.run_id, params=item[1])
+                else:
+                    self.client.log_artifact(self.run_id, item[1], item[2])
+                    shutil.rmtree(os.path.dirname(item[1]), ignore_errors=True)
+            except Exception as e:
+                self.failures += 1
+                if self.failures == 1 or self.failures % 10 == 0:
+                    print(f"MLflow unreachable ({type(e).__name__}); buffering {len(self._pending)} records",
+                          flush=True)
+                return False
+            with self._lock:
+                for _ in range(max(n, 1)):
+                    self._pending.popleft()
 
 
 class NullTracker:
@@ -36,6 +136,9 @@ class NullTracker:
     def artifact(self, path, folder=None):
         pass
 
+    def close(self, timeout: float = 0) -> bool:
+        return True
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -48,25 +151,30 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None) -> str:
-    """One MLflow run per job, created before submission so its id and link exist at once."""
-    import tempfile
-    from pathlib import Path
-
+def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, *,
+               parent_run_id: str | None = None, resumed_from: str | None = None) -> str:
+    """One MLflow run per job, created before submission so its id and link exist at once. A
+    resumed run is a child of the run it continues (nested in the UI)."""
     import yaml
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags={"ditforge.job": spec.name,
-                                                              "ditforge.spec_digest": spec.digest()})
+    tags = {"ditforge.job": spec.name, "ditforge.run": run_name, "ditforge.spec_digest": spec.digest()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # the UI nests the resumed run under its parent
+    if resumed_from:
+        tags["ditforge.resumed_from"] = resumed_from
+    run = client.create_run(exp_id, run_name=run_name if not parent_run_id else f"{run_name}-resume",
+                            tags=tags)
     run_id = run.info.run_id
     params = flatten(spec.model_dump(mode="json"))
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
-        resolved = Path(d) / "job.resolved.yaml"
-        resolved.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-        client.log_artifact(run_id, str(resolved), "spec")
+        resolved = os.path.join(d, "job.resolved.yaml")
+        with open(resolved, "w") as f:
+            yaml.safe_dump(spec.model_dump(mode="json"), f, sort_keys=False)
+        client.log_artifact(run_id, resolved, "spec")
         if source_yaml:
             client.log_artifact(run_id, source_yaml, "spec")
     return run_id

@@ -2,29 +2,31 @@
 
 Randomness is derived, not carried: the noise, t and label dropout of step s on rank r come from a
 generator seeded with (seed, s, r). A resumed run therefore draws exactly what an uninterrupted
-run would have, with no RNG state to save beyond the step counter.
+run would have; the global torch RNG is saved per rank anyway for anything outside the step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import tempfile
 import time
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-from PIL import Image
+import yaml
 
 from ..data.loader import LatentLoader, Position
 from ..models.attention import backend_in_use
 from ..models.dit import DiT, DiTConfig, param_count
-from ..models.vae import build_vae
-from ..objectives.flow import RectifiedFlow, euler_sample
+from ..objectives.flow import RectifiedFlow
 from ..spec import JobSpec
 from . import checkpoint
 from .engine import build_engine, precision
+from .sampling import sample_grid
 from .tracking import NullTracker, Tracker
 
 
@@ -39,30 +41,49 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(spec.resources.cpus_per_worker)
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
 
-    # --- build: data, model, engine, objective, tracking --------------------------------------
+    # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
     loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
     C, h, w = loader.latent_shape
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    model = DiT(DiTConfig(in_channels=C, size=spec.model.size, patch=spec.model.patch,
-                          num_classes=spec.model.num_classes, attention=spec.model.attention,
-                          grad_checkpointing=spec.model.grad_checkpointing))
+    dit_cfg = DiTConfig(in_channels=C, size=spec.model.size, patch=spec.model.patch,
+                        num_classes=spec.model.num_classes, attention=spec.model.attention,
+                        grad_checkpointing=spec.model.grad_checkpointing)
+    model = DiT(dit_cfg)
     engine = build_engine(model, spec)
     objective = RectifiedFlow(spec.objective.t_sampling, spec.objective.cfg_dropout,
                               model.null_class if spec.model.num_classes else None)
-    tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    tracker = (Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
+               if rank == 0 else NullTracker())
     run_uri = config["run_uri"]
+    ckpt = checkpoint.Checkpointer(run_uri, rank, world, spec.checkpoint.keep_last, spec.checkpoint.keep_every,
+                                   spec.checkpoint.upload_timeout_s, on_done=lambda s: _log_upload(tracker, s))
 
-    # --- resume: step, optimizer, scheduler and data position come back together ---------------
+    # --- resume: this run's own newest checkpoint (a restart), else where the submitter said ----
     start = 0
-    done = checkpoint.complete_steps(run_uri) if config.get("resume") else []
-    if done:
-        state = checkpoint.load(engine, run_uri, done[-1])
+    own = checkpoint.complete_steps(run_uri)
+    source = checkpoint.join_step(run_uri, own[-1]) if own else config.get("resume_from")
+    if source:
+        state, folder = checkpoint.load(engine, source)
         start = state["step"]
         loader.position = Position(**state["data"])
-        print(f"[rank {rank}] resumed from {run_uri}/{checkpoint.step_tag(start)} (data position {state['data']})")
+        rng = checkpoint.read_tensors(folder, f"rng_rank{rank}.safetensors")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
     tracker.params({"model.params": param_count(model), "model.latent_shape": [C, h, w], "world_size": world,
                     "attention.backend": backend_in_use(spec.model.attention, device),
-                    "precision": precision(spec)} if start == 0 else {})
+                    "precision": precision(spec), "resumed_from_step": start})
+    model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": [C, h, w],
+                             "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
+                             "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
+
+    def save(step: int) -> None:
+        files = {"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(), "model.json": model_json} \
+            if rank == 0 else {}
+        stall = ckpt.save(engine, step, {"step": step, "data": loader.position.to_dict()}, files=files,
+                          tensors={f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}})
+        tracker.log({"checkpoint/stall_s": stall}, step)
 
     # --- train ------------------------------------------------------------------------------
     batches = iter(loader)
@@ -93,52 +114,36 @@ def train_loop(config: dict) -> None:
             t_last, steps_since = time.perf_counter(), 0
 
         if step % spec.checkpoint.every_steps == 0 or step == spec.train.steps:
-            t0 = time.perf_counter()
-            client_state = {"step": step, "data": loader.position.to_dict(), "spec": spec.model_dump(mode="json")}
-            dest = checkpoint.save(engine, run_uri, step, client_state, spec.checkpoint.keep_last)
-            tracker.log({"checkpoint/save_s": time.perf_counter() - t0}, step)
-            if rank == 0:
-                print(f"checkpoint {dest}", flush=True)
-            t_last = time.perf_counter()  # don't count the save as step time
+            save(step)
+            t_last = time.perf_counter()  # the stall is logged on its own, not as step time
+        if spec.tracking.sample_every and step % spec.tracking.sample_every == 0 and step != spec.train.steps:
+            _sample(engine, spec, (C, h, w), device, tracker, rank, step)
+            t_last = time.perf_counter()
 
-    # --- samples: a fixed-seed class-conditional grid from the trained weights ------------------
-    _sample_grid(engine, spec, (C, h, w), device, tracker, rank)
+    # --- end: samples from the trained weights, wait for the last upload, flush tracking --------
+    _sample(engine, spec, (C, h, w), device, tracker, rank, spec.train.steps)
+    ckpt.wait()
+    tracker.close()
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo workers sometimes abort at exit
 
 
-def _sample_grid(engine, spec: JobSpec, latent_shape, device, tracker, rank: int) -> None:
+def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
+    if stats.ok:
+        tracker.log({"checkpoint/upload_s": stats.upload_s, "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
+                     "checkpoint/MB": stats.bytes / 1e6}, stats.step)
+    else:
+        tracker.log({"checkpoint/failed": 1.0}, stats.step)
+
+
+def _sample(engine, spec: JobSpec, latent_shape, device, tracker, rank: int, step: int) -> None:
     import deepspeed
 
-    model = engine.module
     # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if rank != 0:
-            return
-        model.eval()
-        n_cls = max(spec.model.num_classes, 1)
-        cols = spec.sample.per_class
-        y = torch.arange(n_cls, device=device).repeat_interleave(cols) if spec.model.num_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision(spec) == "bf16"):
-            z = euler_sample(model, (n_cls * cols, *latent_shape), y, steps=spec.sample.steps,
-                             cfg_scale=spec.sample.cfg_scale, null_class=model.null_class if y is not None else None,
-                             seed=spec.sample.seed, device=device)
-        pixels = build_vae(spec.vae).decode(z.float().cpu())  # (N, 3, H, W) in [-1, 1]
-        path = save_grid(pixels, rows=n_cls, cols=cols, out=os.path.join(tempfile.mkdtemp(), "samples.png"))
-        tracker.artifact(path, "samples")
-        print(f"samples logged: {path}", flush=True)
-        model.train()
-
-
-def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int = 2, pad: int = 2) -> str:
-    """(N, 3, H, W) in [-1, 1] → one PNG, one row per class."""
-    imgs = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    H, W = imgs.shape[1] * upscale, imgs.shape[2] * upscale
-    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(imgs[: rows * cols]):
-        r, c = divmod(i, cols)
-        big = img.repeat(upscale, 0).repeat(upscale, 1)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = big
-    Image.fromarray(grid).save(out)
-    return out
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        if rank == 0:
+            out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
+            sample_grid(engine.module, latent_shape, spec.sample, spec.vae, out, device, precision(spec) == "bf16")
+            tracker.artifact(out, "samples")
+            print(f"samples at step {step} → MLflow samples/{os.path.basename(out)}", flush=True)
