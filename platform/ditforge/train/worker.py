@@ -41,7 +41,8 @@ def train_loop(config: dict) -> None:
 
     # --- build: data, model, engine, objective, tracking --------------------------------------
     loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
-    C, h, w = loader.latent_shape
+    latent_shape = loader.latent_shape  # (C, h, w) or (C, T, h, w): the most common bucket's
+    C = latent_shape[0]
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     model = DiT(DiTConfig(in_channels=C, size=spec.model.size, patch=spec.model.patch,
                           num_classes=spec.model.num_classes, attention=spec.model.attention,
@@ -60,7 +61,7 @@ def train_loop(config: dict) -> None:
         start = state["step"]
         loader.position = Position(**state["data"])
         print(f"[rank {rank}] resumed from {run_uri}/{checkpoint.step_tag(start)} (data position {state['data']})")
-    tracker.params({"model.params": param_count(model), "model.latent_shape": [C, h, w], "world_size": world,
+    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
                     "attention.backend": backend_in_use(spec.model.attention, device),
                     "precision": precision(spec)} if start == 0 else {})
 
@@ -102,7 +103,7 @@ def train_loop(config: dict) -> None:
             t_last = time.perf_counter()  # don't count the save as step time
 
     # --- samples: a fixed-seed class-conditional grid from the trained weights ------------------
-    _sample_grid(engine, spec, (C, h, w), device, tracker, rank)
+    _sample_grid(engine, spec, latent_shape, device, tracker, rank)
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo workers sometimes abort at exit
