@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ def ray_session(num_cpus: int | None = None):
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env}, configure_logging=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar says enough
     try:
         yield
     finally:
