@@ -169,7 +169,9 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
                                                            "micro_batch": micro_batch},
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
                                     num_gpus=1 if n_gpu else 0, num_cpus=1 if not n_gpu else None,
-                                    max_restarts=0)  # a lost actor fails the run; the re-run resumes
+                                    # a lost actor fails the run (the re-run resumes) instead of
+                                    # restarting from constructor args that may be gone
+                                    ray_remote_args_fn=lambda: {"max_restarts": 0})
                 t0, n_new = time.perf_counter(), 0
                 for row in ds.iter_rows():
                     rec = json.loads(row["record"])

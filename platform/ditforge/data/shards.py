@@ -44,7 +44,8 @@ def write_shard(uri: str, name: str, samples: Iterable[dict], **extra) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / name
         n = 0
-        with wds.TarWriter(str(local)) as sink:
+        # mtime fixed: the same samples always make the same bytes (and checksum), run after run.
+        with wds.TarWriter(str(local), mtime=0.0) as sink:
             for s in samples:
                 sink.write(s)
                 n += 1
