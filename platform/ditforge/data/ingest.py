@@ -178,11 +178,9 @@ def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
 
 
 def _webdataset_samples(tar_uri: str, s: Settings, skipped: list[dict]):
-    import io
-
     name = tar_uri.rsplit("/", 1)[-1]
     try:
-        samples = list(shards.iter_tar(io.BytesIO(storage.read_bytes(tar_uri)), name))
+        samples = list(shards.iter_tar(storage.read_bytes(tar_uri), name))
     except (shards.DataError, OSError) as e:
         skipped.append({"item": name, "reason": f"unreadable shard ({str(e)[:100]})"})
         return

@@ -24,13 +24,17 @@ import queue
 import random
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .. import storage
 from . import shards
+
+PREFETCH = 2  # shards read ahead of the one being consumed
 
 
 @dataclass
@@ -112,6 +116,7 @@ class LatentLoader:
             skip = 0
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
+        fs = storage.filesystem(self.uri)  # one per epoch: setting up an S3 client costs ~0.1 s
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -123,15 +128,22 @@ class LatentLoader:
             return False
 
         def reader():
+            # Fetch up to PREFETCH shards at once (object-store latency overlaps), parse in order.
+            pool = ThreadPoolExecutor(PREFETCH)
             try:
-                for entry, sk in todo:
-                    samples = shards.read_shard(self.uri, entry)
+                futures = [pool.submit(shards.read_shard, self.uri, entry, fs) for entry, _ in todo[:PREFETCH]]
+                for i, (entry, sk) in enumerate(todo):
+                    samples = futures[i].result()
+                    if i + PREFETCH < len(todo):
+                        futures.append(pool.submit(shards.read_shard, self.uri, todo[i + PREFETCH][0], fs))
                     samples.sort(key=lambda s: s["__key__"])  # tar order is the writer's business
                     self._order(epoch, entry).shuffle(samples)
                     if not put((samples, sk)):
                         return
             except Exception as e:  # surface the error in the training thread
                 put(e)
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
             put(None)
 
         thread = threading.Thread(target=reader, daemon=True)
