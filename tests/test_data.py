@@ -188,8 +188,10 @@ def test_encode_videos_gives_channel_time_latents(tmp_path):
     assert x.shape == (3, 12, 4, 16, 16) and set(y.tolist()) <= set(range(8))
 
 
-def test_cli_errors_are_one_line(cli, tmp_path):
+def test_bad_arguments_are_one_line_errors(cli, tmp_path):
     r = cli("data", "ingest", str(tmp_path / "nowhere"), "--out", f"file://{tmp_path}/o")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
-    r = cli("data", "encode", f"file://{tmp_path}/o", "--vae", "identity,downsample=3x", "--out", f"file://{tmp_path}/l")
-    assert r.returncode == 2 and "--vae: downsample" in r.stderr
+    with pytest.raises(shards.DataError, match="--vae: downsample"):
+        parse_vae("identity,downsample=3x")
+    with pytest.raises(shards.DataError, match="--fit"):
+        ingest.ingest("shapes", f"file://{tmp_path}/o", limit=4, fit="stretch")

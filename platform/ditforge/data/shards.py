@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 
 from .. import storage
 
@@ -36,18 +35,27 @@ def shard_name(i: int) -> str:
 
 
 def write_shard(uri: str, name: str, samples: Iterable[dict], **extra) -> dict:
-    """Write samples (dicts with `__key__` and extension → bytes/str/np.ndarray) as one tar shard.
+    """Write samples (dicts with `__key__` and extension → bytes/str) as one webdataset tar shard.
 
-    Returns its manifest entry. The upload is a single PUT (or rename), so a reader sees the whole
-    shard or none of it.
+    Returns its manifest entry (plus `extra` fields). The upload is a single PUT (or rename), so a
+    reader sees the whole shard or none of it.
     """
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / name
         n = 0
-        # mtime fixed: the same samples always make the same bytes (and checksum), run after run.
-        with wds.TarWriter(str(local), mtime=0.0) as sink:
+        # GNU format: plain 512-byte headers for short names (webdataset's TarWriter adds a 1 KB pax
+        # header per member), long names still possible. mtime 0: the same samples always make
+        # the same bytes and checksum, run after run. (Plain tarfile also keeps torch, which
+        # `import webdataset` pulls in, out of every ingest worker.)
+        with tarfile.open(local, "w", format=tarfile.GNU_FORMAT) as tar:
             for s in samples:
-                sink.write(s)
+                key = s["__key__"]
+                for ext in sorted(k for k in s if k != "__key__"):
+                    v = s[ext]
+                    data = v.encode() if isinstance(v, str) else bytes(v)
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o444
+                    tar.addfile(info, io.BytesIO(data))
                 n += 1
         entry = {"name": name, "samples": n, "bytes": local.stat().st_size, "sha256": storage.sha256_file(local),
                  **extra}
