@@ -52,11 +52,13 @@ def bench_ingest(quick: bool, tmp: str) -> list[dict]:
     s = ingest.Settings(src, resolution=32, shard_size=n)
     units, _, _, _ = ingest.plan(s)
     out = f"file://{tmp}/ingested"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rec = ingest.ingest_unit(out, 0, units[0], s, "bench")
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert sum(e["samples"] for e in rec["shards"]) == n
-    rows = [_row("data.ingest", "images_per_s_per_core", n / dt, "images/s/core", images=n,
+    # Per CPU-second as well as per wall-second: on a shared machine the wall clock also counts
+    # other people's work; the CPU time is what this work costs one core.
+    rows = [_row("data.ingest", "images_per_s_per_core", n / dt, "images/s/core", images=n, per_cpu_s=round(n / cpu, 1),
                  input="64x64 JPEG", output="32x32 PNG in tar shards", where="one process, no Ray")]
     if not quick:
         from .data.parallel import cpus, ray_session
@@ -90,13 +92,13 @@ def _stream(uri: str, where: str) -> list[dict]:
     n_batches = loader.batches_per_epoch(0)
     nbytes = sum(e["bytes"] for e in loader.manifest["shards"])
     it = iter(loader)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_batches):
         x, y, _ = next(it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = n_batches * BATCH
     return [_row("data.stream", f"samples_per_s_{where}", samples / dt, "samples/s/worker", samples=samples,
-                 batch=BATCH, latent_shape=list(LATENT_SHAPE)),
+                 per_cpu_s=round(samples / cpu, 1), batch=BATCH, latent_shape=list(LATENT_SHAPE)),
             _row("data.stream", f"mb_per_s_{where}", nbytes / dt / 1e6, "MB/s/worker")]
 
 
@@ -144,13 +146,14 @@ def bench_consumption(quick: bool) -> list[dict]:
         for _ in range(2):
             step()  # warm-up: allocator, first-call overheads
         steps = 5 if quick else 20
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step()
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(threads)
     return [_row("train.consume", "samples_per_s", steps * BATCH / dt, "samples/s/worker", model="DiT-T/2",
+                 per_cpu_s=round(steps * BATCH / cpu, 1),
                  batch=BATCH, threads=1, note="plain torch; the demo logs ~160 samples/s for 2 DeepSpeed workers")]
 
 
@@ -160,10 +163,11 @@ def run(quick: bool) -> list[dict]:
         rows = bench_ingest(quick, tmp) + bench_stream(quick, tmp) + bench_consumption(quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    consume = next(r["value"] for r in rows if r["bench"] == "train.consume")
+    consume = next(r for r in rows if r["bench"] == "train.consume")
     for r in rows:
         if r["bench"] == "data.stream" and r["metric"].startswith("samples_per_s") and r["value"] == r["value"]:
-            r["x_training_consumption"] = round(r["value"] / consume, 1)  # target: ≥ 20
+            r["x_training_consumption"] = round(r["value"] / consume["value"], 1)  # target: ≥ 20
+            r["x_training_consumption_per_cpu_s"] = round(r["per_cpu_s"] / consume["per_cpu_s"], 1)
     return rows
 
 
