@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +165,21 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
                 # GPU actors when the cluster has GPUs (one each), else one CPU each.
                 size = min(len(todo), n_gpu or max(1, int(ray.cluster_resources().get("CPU", 1))))
                 ds = ray.data.from_items([{"entry": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
-                ds = ds.map_batches(ShardEncoder, batch_size=1,
-                                    fn_constructor_kwargs={"src": src, "out": out, "vae": vae,
-                                                           "device": "cuda" if n_gpu else "cpu",
-                                                           "micro_batch": micro_batch},
-                                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-                                    num_gpus=1 if n_gpu else 0, num_cpus=1 if not n_gpu else None,
-                                    # a lost actor fails the run (the re-run resumes) instead of
-                                    # restarting from constructor args that may be gone
-                                    ray_remote_args_fn=lambda: {"max_restarts": 0})
+                with warnings.catch_warnings():
+                    # ray_remote_args_fn is the only way to pass max_restarts; it still works in
+                    # the pinned Ray, which warns about a future removal.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    ds = ds.map_batches(ShardEncoder, batch_size=1,
+                                        fn_constructor_kwargs={"src": src, "out": out, "vae": vae,
+                                                               "device": "cuda" if n_gpu else "cpu",
+                                                               "micro_batch": micro_batch},
+                                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+                                        num_gpus=1 if n_gpu else 0, num_cpus=1 if not n_gpu else None,
+                                        # a lost actor fails the run (the re-run resumes) instead of
+                                        # restarting from constructor args that may be gone
+                                        ray_remote_args_fn=lambda: {"max_restarts": 0})
+                # Ours is the progress bar; Ray Data would also warn that its own are off.
+                logging.getLogger("ray.data").setLevel(logging.ERROR)
                 t0, n_new = time.perf_counter(), 0
                 for row in ds.iter_rows():
                     rec = json.loads(row["record"])
