@@ -142,6 +142,7 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
         old = shards.read_manifest(out)
         if old.get("source_sha256") == source_sha and old.get("vae") == identity:
             return old
+        storage.remove(storage.join(out, shards.MANIFEST))  # another data set is being written here now
     except shards.DataError:
         pass
     jobs = [{"entry": e, "digest": f"{e['sha256']}/{identity}/{ENCODE_VERSION}"} for e in src_manifest["shards"]]

@@ -251,6 +251,7 @@ def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", fr
         old = shards.read_manifest(out)
         if old.get("plan_digest") == plan_digest:
             return old  # this exact ingest already finished
+        storage.remove(storage.join(out, shards.MANIFEST))  # another data set is being written here now
     except shards.DataError:
         pass
 
