@@ -1,9 +1,9 @@
 """The narrow storage seam: fsspec filesystems from URIs, with credentials from the environment.
 
 Paths stay `str` because `pathlib.Path` mangles `s3://`. S3 credentials come, in order, from the
-`AWS_*` environment variables, from the file named by `DITFORGE_S3_CREDENTIALS`, or from the
-embedded SeaweedFS server's key file under `$DITFORGE_HOME` — never from a spec, so they never
-reach MLflow params or logs.
+named AWS profile in `DITFORGE_S3_PROFILE`, from the `AWS_*` environment variables, from the file
+named by `DITFORGE_S3_CREDENTIALS`, or from the embedded SeaweedFS server's key file under
+`$DITFORGE_HOME` — never from a spec, so they never reach MLflow params or logs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ def credentials_file() -> Path:
 def s3_options() -> dict:
     """s3fs keyword arguments: endpoint and keys, never logged."""
     env = os.environ
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+    profile = env.get("DITFORGE_S3_PROFILE")
+    if profile:
+        # A named profile from ~/.aws/{credentials,config}: botocore reads keys and region there.
+        opts = {"profile": profile}
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     else:
@@ -73,6 +78,8 @@ def retry(fn, *args, attempts: int = 5, base_delay: float = 0.5, **kwargs):
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise  # answers, not blips: retrying them only delays the caller by seconds
         except (OSError, TimeoutError, ConnectionError):
             if i == attempts - 1:
                 raise

@@ -72,3 +72,34 @@ def shape_image(index: int, resolution: int = 32, seed: int = 0) -> tuple[Image.
     where = ("left" if cx < S / 3 else "right" if cx > 2 * S / 3 else "centre")
     caption = f"a {colour} {CLASSES[cls]} on the {where}"
     return img, cls, caption
+
+
+# `moving-shapes`: one shape sliding across the frame in one of 8 directions; the class is the
+# direction, so a video model can only get it right by looking at motion, not at one frame.
+DIRECTIONS = ["right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right"]
+
+
+def moving_shapes_video(index: int, resolution: int = 32, frames: int = 8, seed: int = 0) -> tuple[np.ndarray, int, str]:
+    """→ (frames (T, H, W, 3) uint8, class id = direction index, caption), a pure function of
+    (seed, index)."""
+    rng = np.random.default_rng([seed, 1, index])
+    cls = int(index % len(DIRECTIONS))  # balanced classes
+    shape = CLASSES[int(rng.integers(len(CLASSES)))]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    bg = tuple(int(v) for v in rng.integers(0, 60, size=3))
+    S, k = resolution, 4
+    r = float(rng.uniform(0.14, 0.22) * S)
+    angle = cls * math.pi / 4
+    dx, dy = math.cos(angle), -math.sin(angle)  # image y grows downwards
+    # Travel a straight line through the centre region, from -d/2 to +d/2 along the direction.
+    travel = S - 2 * r - 2
+    cx0 = S / 2 - dx * travel / 2 + float(rng.uniform(-1, 1))
+    cy0 = S / 2 - dy * travel / 2 + float(rng.uniform(-1, 1))
+    out = np.empty((frames, S, S, 3), dtype=np.uint8)
+    for t in range(frames):
+        a = t / max(frames - 1, 1)
+        img = Image.new("RGB", (S * k, S * k), bg)
+        draw_shape(ImageDraw.Draw(img), shape, (cx0 + dx * travel * a) * k, (cy0 + dy * travel * a) * k, r * k,
+                   COLOURS[colour])
+        out[t] = np.asarray(img.resize((S, S), Image.Resampling.LANCZOS))
+    return out, cls, f"a {colour} {shape} moving {DIRECTIONS[cls]}"

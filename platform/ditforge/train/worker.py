@@ -43,7 +43,8 @@ def train_loop(config: dict) -> None:
 
     # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
     loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
-    C, h, w = loader.latent_shape
+    latent_shape = loader.latent_shape  # (C, h, w) or (C, T, h, w): the most common bucket's
+    C = latent_shape[0]
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     dit_cfg = DiTConfig(in_channels=C, size=spec.model.size, patch=spec.model.patch,
                         num_classes=spec.model.num_classes, attention=spec.model.attention,
@@ -71,10 +72,10 @@ def train_loop(config: dict) -> None:
             torch.set_rng_state(rng["torch"])
         shutil.rmtree(folder.parent, ignore_errors=True)
         print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
-    tracker.params({"model.params": param_count(model), "model.latent_shape": [C, h, w], "world_size": world,
+    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
                     "attention.backend": backend_in_use(spec.model.attention, device),
                     "precision": precision(spec), "resumed_from_step": start})
-    model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": [C, h, w],
+    model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
 
@@ -117,11 +118,11 @@ def train_loop(config: dict) -> None:
             save(step)
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
         if spec.tracking.sample_every and step % spec.tracking.sample_every == 0 and step != spec.train.steps:
-            _sample(engine, spec, (C, h, w), device, tracker, rank, step)
+            _sample(engine, spec, tuple(latent_shape), device, tracker, rank, step)
             t_last = time.perf_counter()
 
     # --- end: samples from the trained weights, wait for the last upload, flush tracking --------
-    _sample(engine, spec, (C, h, w), device, tracker, rank, spec.train.steps)
+    _sample(engine, spec, tuple(latent_shape), device, tracker, rank, spec.train.steps)
     ckpt.wait()
     tracker.close()
     dist.barrier()

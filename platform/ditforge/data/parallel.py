@@ -1,0 +1,69 @@
+"""Where ingest and encode run their Ray tasks.
+
+- Already inside Ray (a Ray job, a test fixture): use it.
+- `RAY_ADDRESS` set: attach to that cluster, shipping this checkout's package to its workers.
+- Otherwise: a private Ray in this process, with this machine's CPUs (and GPUs), shut down when
+  the command ends. Data preparation then never waits behind training jobs holding the embedded
+  head's CPU slots, and never changes that head's state. (If that Ray cannot start, the embedded
+  head is used when it is up.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+from .. import services
+
+# Env the workers need to reach storage the same way the driver does. S3 keys are not shipped
+# (runtime_env is visible in the dashboard): a remote cluster gets them from its own environment.
+_PASS_ENV = ("DITFORGE_HOME", "DITFORGE_S3_CREDENTIALS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+             "AWS_PROFILE", "DITFORGE_S3_PROFILE")
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None):
+    if ray.is_initialized():
+        yield
+        return
+    # `ray.init` would otherwise switch on token auth and write ~/.ray/auth_token, which other
+    # Ray clients on this machine would then pick up.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        _attach(address, env)
+    else:
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env}, configure_logging=False)
+        except Exception:
+            # A private Ray must register within a fixed 30 s, which an overloaded machine can
+            # miss; the embedded head, when it is up, has long started.
+            ray.shutdown()
+            head = next((s for s in services.status() if s["service"] == "ray" and s["up"]), None)
+            if head is None:
+                raise
+            _attach(services.endpoints().ray_gcs, env)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar says enough
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _attach(address: str, env: dict) -> None:
+    pkg = str(Path(__file__).resolve().parents[1])  # this checkout's package, not the cluster's
+    ray.init(address=address, runtime_env={"py_modules": [pkg], "env_vars": env}, log_to_driver=False)
+
+
+def cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,122 @@
+"""The worker-side latent stream: disjoint, deterministic, bucket-pure, exactly resumable."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ditforge.data import shards
+from ditforge.data.loader import LatentLoader, Position
+
+
+def make_latents(uri: str, sizes: list[int], shapes: list[tuple[int, ...]] | None = None) -> dict:
+    """A latent data set with shards of `sizes` samples; shard i has latent shape shapes[i % len]."""
+    shapes = shapes or [(4, 2, 2)]
+    entries, k = [], 0
+    for i, n in enumerate(sizes):
+        shape = shapes[i % len(shapes)]
+        samples = []
+        for _ in range(n):
+            samples.append({"__key__": f"{k:06d}", "latent.npy": shards.npy_bytes(np.full(shape, k, np.float32)),
+                            "cls": str(k % 10), "txt": ""})
+            k += 1
+        entries.append(shards.write_shard(uri, f"shard-{i:06d}.tar", samples, bucket="x".join(map(str, shape)),
+                                          shape=list(shape)))
+    shards.write_manifest(uri, {"kind": "latents", "latent_shape": list(shapes[0]), "shards": entries})
+    return shards.read_manifest(uri)
+
+
+def take(loader: LatentLoader, n: int) -> list[list[str]]:
+    return [keys for _, _, keys in itertools.islice(iter(loader), n)]
+
+
+@pytest.fixture
+def data(tmp_path):
+    uri = f"file://{tmp_path}/lat"
+    make_latents(uri, [13, 9, 16, 7, 11, 20, 8], shapes=[(4, 2, 2), (4, 2, 3)])
+    return uri
+
+
+def test_ranks_are_disjoint_deterministic_and_equal_length(data):
+    world, bs = 3, 4
+    loaders = [LatentLoader(data, bs, r, world, seed=7) for r in range(world)]
+    n = loaders[0].batches_per_epoch(0)
+    assert n > 0 and all(ld.batches_per_epoch(0) == n for ld in loaders)
+    per_rank = [take(ld, n) for ld in loaders]
+    flat = [k for keys in per_rank for b in keys for k in b]
+    assert len(flat) == len(set(flat)) == world * n * bs  # disjoint, no duplicates
+    # Deterministic: fresh loaders give the same keys; another seed or epoch gives another order.
+    assert per_rank == [take(LatentLoader(data, bs, r, world, seed=7), n) for r in range(world)]
+    assert take(LatentLoader(data, bs, 0, world, seed=8), n) != per_rank[0]
+    n1 = loaders[0].batches_per_epoch(1)  # epochs re-deal shards, so their lengths may differ
+    epoch1 = take(loaders[0], n1)  # a fresh iterator continues at the position: epoch 1
+    assert loaders[0].position == Position(1, n1, world, bs) and epoch1 != per_rank[0]
+
+
+def test_resume_yields_exactly_the_uninterrupted_batches(data):
+    bs, world = 3, 2
+    n = LatentLoader(data, bs, 1, world, seed=0).batches_per_epoch(0)
+    straight = take(LatentLoader(data, bs, 1, world, seed=0), 2 * n + 3)
+    for stop in (1, 4, n - 1, n, n + 2):  # mid-shard, shard edges, epoch boundary, second epoch
+        first = LatentLoader(data, bs, 1, world, seed=0)
+        head = take(first, stop)
+        saved = first.position.to_dict()  # what the checkpoint holds
+        resumed = LatentLoader(data, bs, 1, world, seed=0)
+        resumed.position = Position(**saved)
+        assert head + take(resumed, 2 * n + 3 - stop) == straight, f"resume after {stop} batches"
+
+
+def test_world_size_change_on_resume(data, capsys):
+    bs = 2
+    two = LatentLoader(data, bs, 0, 2, seed=3)
+    n2 = two.batches_per_epoch(0)
+    take(two, n2 // 2)  # half of epoch 0 at world 2
+    one = LatentLoader(data, bs, 0, 1, seed=3)
+    one.position = Position(**two.position.to_dict())
+    n1 = one.batches_per_epoch(0)
+    assert one.position.epoch == 0 and one.position.batch == (n2 // 2) * n1 // n2  # same fraction of the epoch
+    assert one.position.world == 1 and "world=2" in capsys.readouterr().out
+    rest = take(one, n1 - one.position.batch)
+    assert len(rest) == n1 - (n2 // 2) * n1 // n2 and one.position.epoch == 0
+    # From the next epoch on: exactly a fresh world-1 run.
+    fresh = LatentLoader(data, bs, 0, 1, seed=3)
+    fresh.position = Position(1, 0)
+    assert take(one, n1) == take(fresh, n1)
+
+
+def test_batches_never_mix_buckets(data):
+    loader = LatentLoader(data, 3, 0, 1, seed=0)
+    shapes = set()
+    for x, y, keys in itertools.islice(iter(loader), 2 * loader.batches_per_epoch(0)):
+        # every sample of a batch carries its key as value: all from shards of one shape
+        assert x.shape[0] == len(keys) == y.shape[0] == 3
+        assert [int(v) for v in x.flatten(1)[:, 0]] == [int(k) for k in keys]
+        shapes.add(tuple(x.shape[1:]))
+    assert shapes == {(4, 2, 2), (4, 2, 3)}
+    assert loader.latent_shape == (4, 2, 2)
+
+
+def test_tampered_shard_is_reported_by_name(data, tmp_path):
+    victim = shards.read_manifest(data)["shards"][2]["name"]
+    path = tmp_path / "lat" / victim
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one changed byte in the middle of the shard
+    path.write_bytes(bytes(raw))
+    assert shards.verify(data) == [victim]
+    loader = LatentLoader(data, 2, 0, 1, seed=0)
+    with pytest.raises(shards.DataError, match=victim):
+        for _ in loader:
+            pass
+
+
+def test_refuses_unusable_sets(tmp_path):
+    with pytest.raises(shards.DataError, match="no manifest.json"):
+        LatentLoader(f"file://{tmp_path}/nothing", 2, 0, 1, 0)
+    uri = f"file://{tmp_path}/small"
+    make_latents(uri, [3, 3])
+    with pytest.raises(shards.DataError, match="cannot feed 3 workers"):
+        LatentLoader(uri, 2, 0, 3, 0)
+    with pytest.raises(shards.DataError, match="full batch of 4"):
+        LatentLoader(uri, 4, 0, 1, 0)
