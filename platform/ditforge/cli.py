@@ -288,19 +288,19 @@ def demo(
     from .data.encode import encode_dataset
     from .data.ingest import ingest_shapes
     from .models.vae import build_vae
-    from .spec import ClusterSpec, load_job
+    from .spec import EmbeddedCluster, load_job
 
     t0 = time.time()
     spec = load_job(job, sets)
     with err.status("starting services (S3, MLflow, Ray)..."):
-        ep = services.up(ClusterSpec())
+        ep = services.up(EmbeddedCluster())
     err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
     pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
     ingest_shapes(pixels, limit=images, resolution=32)
     err.print(f"data: {images} shapes images → {pixels}", highlight=False)
     encode_dataset(pixels, spec.data.train, build_vae(spec.vae))
     err.print(f"latents ({spec.vae.kind} VAE) → {spec.data.train}", highlight=False)
-    rec = do_submit(spec, ClusterSpec(), source=str(job))
+    rec = do_submit(spec, EmbeddedCluster(), source=str(job))
     err.print(f"job {rec['job_id']}  run {rec['run_name']}", highlight=False)
     state = follow(rec)
     if state != "SUCCEEDED":
