@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .. import storage
@@ -81,3 +82,16 @@ def load(engine, run_uri: str, step: int) -> dict:
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
     return client_state
+
+
+def stop_requested(run_uri: str, device: torch.device) -> bool:
+    """Collective: has `ditforge stop` left a STOP marker in the run folder? Rank 0 looks (one
+    object-store request) and tells the others, so every rank leaves the loop at the same step."""
+    flag = torch.zeros(1, device=device)  # on the device: NCCL broadcasts only GPU tensors
+    if dist.get_rank() == 0:
+        try:
+            flag[0] = float(storage.exists(storage.join(run_uri, "STOP")))
+        except OSError:
+            pass  # storage blip: look again at the next logging step
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

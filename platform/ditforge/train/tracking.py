@@ -23,6 +23,9 @@ class Tracker:
     def artifact(self, path: str, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, folder)
 
+    def tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
 
 class NullTracker:
     """What ranks other than 0 get: one MLflow run per job, not one per worker."""
@@ -34,6 +37,9 @@ class NullTracker:
         pass
 
     def artifact(self, path, folder=None):
+        pass
+
+    def tags(self, tags):
         pass
 
 

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import numpy as np
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -63,12 +64,17 @@ def train_loop(config: dict) -> None:
     tracker.params({"model.params": param_count(model), "model.latent_shape": [C, h, w], "world_size": world,
                     "attention.backend": backend_in_use(spec.model.attention, device),
                     "precision": precision(spec)} if start == 0 else {})
+    # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
+    node_ids: list = [None] * world
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    tracker.tags({f"ditforge.node_id.rank{r}": n for r, n in enumerate(node_ids)})
 
     # --- train ------------------------------------------------------------------------------
     batches = iter(loader)
     engine.train()
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
+    stopping = False
     for step in range(start + 1, spec.train.steps + 1):
         x, y, _keys = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -91,8 +97,9 @@ def train_loop(config: dict) -> None:
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
             loss_sum.zero_()
             t_last, steps_since = time.perf_counter(), 0
+            stopping = checkpoint.stop_requested(run_uri, device)  # `ditforge stop`: leave after this step
 
-        if step % spec.checkpoint.every_steps == 0 or step == spec.train.steps:
+        if step % spec.checkpoint.every_steps == 0 or step == spec.train.steps or (stopping and spec.checkpoint.on_stop):
             t0 = time.perf_counter()
             client_state = {"step": step, "data": loader.position.to_dict(), "spec": spec.model_dump(mode="json")}
             dest = checkpoint.save(engine, run_uri, step, client_state, spec.checkpoint.keep_last)
@@ -100,9 +107,14 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 print(f"checkpoint {dest}", flush=True)
             t_last = time.perf_counter()  # don't count the save as step time
+        if stopping:
+            if rank == 0:
+                print(f"stop requested: leaving at step {step}", flush=True)
+            break
 
     # --- samples: a fixed-seed class-conditional grid from the trained weights ------------------
-    _sample_grid(engine, spec, (C, h, w), device, tracker, rank)
+    if not stopping:
+        _sample_grid(engine, spec, (C, h, w), device, tracker, rank)
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo workers sometimes abort at exit
