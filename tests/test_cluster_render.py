@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
+from ditforge import storage
 from ditforge.cluster.render import RenderError, ray_schema, ray_up_config, render, validate_ray_up
 from ditforge.spec import SpecError, build_cluster, load_cluster, load_job
 
@@ -129,7 +130,7 @@ def test_kubernetes_manifests(tmp_path, monkeypatch):
     text = "".join(f.read_text() for f in files)
     assert all(d["kind"] != "Secret" for d in docs)
     assert "sentinel-secret-value" not in text and "AKIA-SENTINEL-KEY" not in text
-    from ditforge import storage
+
 
     if storage.credentials_file().exists():
         secret = json.loads(storage.credentials_file().read_text())["secret_access_key"]

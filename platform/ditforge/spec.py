@@ -225,16 +225,17 @@ class AddressCluster(ClusterSpec):
     """An existing Ray cluster, reached through its Jobs API."""
 
     kind: Literal["address"] = "address"
-    address: str = Field(description="dashboard http(s)://head:8265, or ray://head:10001")
+    address: str | None = Field(None, description="dashboard http(s)://head:8265, or ray://head:10001")
     token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
     tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
 
-    @field_validator("address")
-    @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://", "ray://")):
-            raise ValueError(f"'{v}' must start with http://, https:// or ray://")
-        return v.rstrip("/")
+    @model_validator(mode="after")
+    def _address(self) -> "AddressCluster":
+        if not self.address:
+            raise ValueError("address: required when kind is 'address' (e.g. http://head:8265)")
+        if not self.address.startswith(("http://", "https://", "ray://")):
+            raise ValueError(f"address: '{self.address}' must start with http://, https:// or ray://")
+        return self
 
 
 # Ray's accelerator type names (what `resources.accelerator_type` asks for) → GCP accelerator names.
