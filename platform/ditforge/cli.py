@@ -223,7 +223,7 @@ def stop(job: str = typer.Argument(..., help="job id"),
     state, forced = do_stop(rec, grace)
     if _stopped_on_request(rec):
         state = "STOPPED (final checkpoint saved)" if rec.get("checkpoint_on_stop") else "STOPPED"
-    out.print(f"{job}: {state}{' (stopped by Ray)' if forced else ''}", highlight=False)
+    out.print(f"{job}: {state}{' (stopped by Ray)' if forced else ''}", highlight=False, soft_wrap=True)
 
 
 def _stopped_on_request(rec: dict) -> bool:
