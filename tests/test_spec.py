@@ -60,7 +60,7 @@ BAD = [
      "top level must be a mapping of keys, got list"),
     ("", "file is empty"),
     ("kind: embedded\ncpus: 0\n", "cpus: input should be greater than 0"),
-    ("kind: moon\n", "kind: 'moon' is not allowed; input should be 'embedded' or 'address'"),
+    ("kind: moon\n", "kind: 'moon' is not allowed; expected one of embedded, local, address, aws, gcp, kubernetes"),
     ("kind: address\n", "address: required when kind is 'address' (e.g. http://head:8265)"),
     ("kind: embedded\nports: {mlflow: 70000}\n", "ports.mlflow: input should be less than 65536"),
 ]

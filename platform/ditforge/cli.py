@@ -19,6 +19,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train latent diffusion transformers on Ray + DeepSpeed.")
 services_app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, MLflow server and Ray head.")
 app.add_typer(services_app, name="services")
+cluster_app = typer.Typer(no_args_is_help=True, help="Start, stop and render clusters described by a cluster YAML.")
+app.add_typer(cluster_app, name="cluster")
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 logging.getLogger("ray").setLevel(logging.WARNING)  # the Jobs SDK's "uploading package" chatter
@@ -33,13 +35,14 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .cluster.launch import SubmitError
+        from .cluster.render import RenderError
         from .data.shards import DataError
         from .services import ServiceError
         from .spec import SpecError
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError) as e:
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError) as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
@@ -112,9 +115,9 @@ def follow(rec: dict) -> str:
     """A progress bar fed by the run's `train/step` metric until the Ray job ends."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import jobs_client
+    from .cluster.launch import client_for
 
-    client, mlf = jobs_client(rec["dashboard"]), MlflowClient(rec["tracking_uri"])
+    client, mlf = client_for(rec), MlflowClient(rec["tracking_uri"])
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=err) as bar:
@@ -166,15 +169,17 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     """Jobs with their state, step, loss, samples/s and MLflow link."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import all_records, jobs_client
+    from .cluster.launch import all_records, client_for
 
     recs = [_find(job)] if job else all_records()
     table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
     for rec in recs:
         try:
-            state = str(jobs_client(rec["dashboard"]).get_job_status(rec["job_id"]).value)
+            state = str(client_for(rec).get_job_status(rec["job_id"]).value)
         except Exception:
             state = "UNKNOWN (cluster unreachable)"
+        if state == "SUCCEEDED" and _stopped_on_request(rec):
+            state = "STOPPED"
         try:
             m = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.metrics
         except Exception:
@@ -190,10 +195,10 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 @user_errors
 def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
     """Print a job's driver and worker logs."""
-    from .cluster.launch import jobs_client
+    from .cluster.launch import client_for
 
     rec = _find(job)
-    client = jobs_client(rec["dashboard"])
+    client = client_for(rec)
     if not follow_:
         sys.stdout.write(client.get_job_logs(job))
         return
@@ -209,19 +214,28 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 
 @app.command()
 @user_errors
-def stop(job: str = typer.Argument(..., help="job id")):
-    """Stop a running job."""
-    from .cluster.launch import jobs_client
+def stop(job: str = typer.Argument(..., help="job id"),
+         grace: float = typer.Option(120.0, help="seconds to wait for the final checkpoint before Ray stops the job")):
+    """Stop a running job; with `checkpoint.on_stop: true` it saves a final checkpoint first."""
+    from .cluster.launch import stop as do_stop
 
     rec = _find(job)
-    client = jobs_client(rec["dashboard"])
-    client.stop_job(job)
-    for _ in range(60):
-        state = str(client.get_job_status(job).value)
-        if state in ("STOPPED", "SUCCEEDED", "FAILED"):
-            break
-        time.sleep(0.5)
-    out.print(f"{job}: {state}", highlight=False)
+    if rec.get("checkpoint_on_stop"):
+        err.print(f"asking {job} to save a final checkpoint and stop (up to {grace:.0f}s)...", highlight=False)
+    state, forced = do_stop(rec, grace)
+    if _stopped_on_request(rec):
+        state = "STOPPED (final checkpoint saved)" if rec.get("checkpoint_on_stop") else "STOPPED"
+    out.print(f"{job}: {state}{' (stopped by Ray)' if forced else ''}", highlight=False, soft_wrap=True)
+
+
+def _stopped_on_request(rec: dict) -> bool:
+    """The worker left early for `ditforge stop` (Ray reports that as SUCCEEDED)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags.get("ditforge.stopped") == "true"
+    except Exception:
+        return False
 
 
 @app.command()
@@ -352,10 +366,14 @@ def bench(
 def services_up(cluster: Optional[Path] = ClusterOpt):
     """Start (or reuse) the S3 server, MLflow and the Ray head, all on 127.0.0.1."""
     from . import services
-    from .spec import load_cluster
+    from .spec import SpecError, load_cluster
 
+    spec = load_cluster(cluster)
+    if spec.kind != "embedded":
+        raise SpecError(str(cluster), "kind", f"services up starts the embedded cluster; for kind {spec.kind} "
+                                              f"use `ditforge cluster up {cluster}`")
     with err.status("starting services (S3, MLflow, Ray)..."):
-        ep = services.up(load_cluster(cluster))
+        ep = services.up(spec)
     for k, v in ep.to_dict().items():
         out.print(f"{k:14s} {v}", highlight=False)
 
@@ -444,6 +462,111 @@ def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding 
     out.print(f"ok: {uri} ({len(shards.read_manifest(uri)['shards'])} shards)", highlight=False)
 
 
+# -------------------------------------------------------------------------------- cluster
+
+
+def _cluster_files(spec, out_dir: Path, job: Optional[Path]) -> None:
+    from .cluster.render import render
+    from .spec import load_job
+
+    files, command = render(spec, out_dir, load_job(job) if job else None)
+    for f in files:
+        err.print(f"wrote {f}", highlight=False)
+    out.print(command, highlight=False, soft_wrap=True)
+
+
+@cluster_app.command("up")
+@user_errors
+def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
+               out_dir: Path = typer.Option(Path("build/cluster"), "--out", help="where rendered files go (aws, gcp, kubernetes)"),
+               job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
+    """Start a cluster that runs here (embedded, local); for aws / gcp / kubernetes write the
+    rendered files and print the command that starts it."""
+    from . import services
+    from .cluster import local
+    from .spec import load_cluster
+
+    spec = load_cluster(cluster)
+    if spec.kind == "embedded":
+        with err.status("starting services (S3, MLflow, Ray)..."):
+            ep = services.up(spec)
+        out.print(ep.ray_dashboard, highlight=False)
+    elif spec.kind == "local":
+        with err.status(f"starting local cluster '{spec.name}' (head + {spec.nodes} raylets)..."):
+            dash = local.up(spec)
+        out.print(dash, highlight=False)
+    elif spec.kind == "address":
+        from .cluster.launch import connect, jobs_client
+
+        t = connect(spec)
+        jobs_client(t.dashboard, t.token_env).list_jobs()  # reachable, and the token (if any) is accepted
+        out.print(t.dashboard, highlight=False)
+    else:
+        _cluster_files(spec, out_dir, job)
+
+
+@cluster_app.command("down")
+@user_errors
+def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
+                 out_dir: Path = typer.Option(Path("build/cluster"), "--out")):
+    """Stop a cluster started here (local: its head, raylets and jobs; embedded: the services)."""
+    from . import services
+    from .cluster import local
+    from .spec import SpecError, load_cluster
+
+    spec = load_cluster(cluster)
+    if spec.kind == "local":
+        stopped = local.down(spec)
+    elif spec.kind == "embedded":
+        stopped = services.down()
+    elif spec.kind == "address":
+        raise SpecError(str(cluster), "kind", "an address cluster is not ours to stop")
+    else:
+        cfg = next(iter(sorted(out_dir.glob(f"{spec.name}.*.yaml"))), None)
+        out.print(f"ray down -y {cfg}" if spec.kind in ("aws", "gcp") and cfg else
+                  f"kubectl delete -f {cfg}" if cfg else f"render first: ditforge cluster render {cluster} --out {out_dir}",
+                  highlight=False)
+        return
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
+
+
+@cluster_app.command("status")
+@user_errors
+def cluster_status(cluster: Path = typer.Argument(..., help="cluster YAML")):
+    """The cluster's nodes: pid, alive in Ray, node id and resources."""
+    from . import services
+    from .cluster import local
+    from .spec import SpecError, load_cluster
+
+    spec = load_cluster(cluster)
+    if spec.kind == "embedded":
+        return services_status()
+    if spec.kind != "local":
+        raise SpecError(str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`")
+    table = Table("node", "pid", "alive", "node id", "resources")
+    rows = local.status(spec)
+    for r in rows:
+        table.add_row(r["node"], str(r["pid"] or "-"), "yes" if r["alive"] else "no", (r["node_id"] or "-")[:12],
+                      ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())))
+    out.print(table)
+    if not all(r["alive"] for r in rows):
+        raise typer.Exit(1)
+
+
+@cluster_app.command("render")
+@user_errors
+def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes)"),
+                   out_dir: Path = typer.Option(..., "--out", help="output folder"),
+                   job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
+    """Write the Ray cluster-launcher YAML (aws, gcp) or KubeRay manifests (kubernetes)."""
+    from .spec import SpecError, load_cluster
+
+    spec = load_cluster(cluster)
+    if spec.kind not in ("aws", "gcp", "kubernetes"):
+        raise SpecError(str(cluster), "kind", f"{spec.kind} clusters run here: nothing to render (use `ditforge cluster up`)")
+    _cluster_files(spec, out_dir, job)
+
+
 # ----------------------------------------------------------------------------------- demo
 
 
@@ -464,17 +587,21 @@ def demo(
     from .data.ingest import ingest_shapes
     from .spec import ClusterSpec, load_job
 
+
+    from .models.vae import build_vae
+    from .spec import EmbeddedCluster, load_job
+
     t0 = time.time()
     spec = load_job(job, sets)
     with err.status("starting services (S3, MLflow, Ray)..."):
-        ep = services.up(ClusterSpec())
+        ep = services.up(EmbeddedCluster())
     err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
     pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
     ingest_shapes(pixels, limit=images, resolution=32)
     err.print(f"data: {images} shapes images → {pixels}", highlight=False)
     encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
     err.print(f"latents ({spec.vae.kind} VAE) → {spec.data.train}", highlight=False)
-    rec = do_submit(spec, ClusterSpec(), source=str(job))
+    rec = do_submit(spec, EmbeddedCluster(), source=str(job))
     err.print(f"job {rec['job_id']}  run {rec['run_name']}", highlight=False)
     state = follow(rec)
     if state != "SUCCEEDED":

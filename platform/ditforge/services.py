@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
-from .spec import ClusterSpec
+from .spec import EmbeddedCluster
 
 BUCKET = "ditforge"
 S3_PORT = 8333
@@ -51,8 +51,8 @@ def _dirs() -> dict[str, Path]:
     return d
 
 
-def endpoints(cluster: ClusterSpec | None = None) -> Endpoints:
-    ports = (cluster or ClusterSpec()).ports
+def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
+    ports = (cluster or EmbeddedCluster()).ports
     saved = storage.home() / "run" / "ports.json"
     if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
         p = json.loads(saved.read_text())
@@ -236,7 +236,7 @@ def _ray_ready(dash: str) -> bool:
     return _http_ok(f"{dash}/api/version")
 
 
-def start_ray(cluster: ClusterSpec) -> str:
+def start_ray(cluster: EmbeddedCluster) -> str:
     ep = endpoints(cluster)
     if _ray_ready(ep.ray_dashboard):
         return ep.ray_dashboard
@@ -255,8 +255,8 @@ def start_ray(cluster: ClusterSpec) -> str:
 # ------------------------------------------------------------------------------ lifecycle
 
 
-def up(cluster: ClusterSpec | None = None, *, ray: bool = True) -> Endpoints:
-    cluster = cluster or ClusterSpec()
+def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints:
+    cluster = cluster or EmbeddedCluster()
     _dirs()
     (storage.home() / "run" / "ports.json").write_text(json.dumps(cluster.ports.model_dump()))
     start_s3()

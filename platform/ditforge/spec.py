@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +106,26 @@ class ResourcesSpec(Strict):
     workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, gt=0)
+    # Ray Train ScalingConfig: one placement-group bundle per worker.
+    gpus_per_worker: int = Field(1, ge=1, description="used when use_gpu is true")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="PACK fills a node before the next; SPREAD puts workers on different nodes")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A100, H100, L4")
+
+    @model_validator(mode="after")
+    def _gpu(self) -> "ResourcesSpec":
+        if self.accelerator_type and not self.use_gpu:
+            raise ValueError(f"accelerator_type: {self.accelerator_type} needs use_gpu: true")
+        return self
+
+    def per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources (the bundle Ray Train reserves for it)."""
+        res: dict[str, float] = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        if self.accelerator_type:
+            res[f"accelerator_type:{self.accelerator_type}"] = 0.001  # how Ray Train asks for a type
+        return res
 
 
 class CheckpointSpec(Strict):
@@ -112,6 +134,7 @@ class CheckpointSpec(Strict):
     keep_last: int = Field(3, ge=1)
     keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple (0 = off)")
     upload_timeout_s: float = Field(600, gt=0, description="a save not complete by then is marked failed")
+    on_stop: bool = Field(False, description="`ditforge stop` lets the job save a final checkpoint before it ends")
 
     _uri = field_validator("uri")(_check_uri)
 
@@ -167,20 +190,187 @@ class ServicePorts(Strict):
 
 
 class ClusterSpec(Strict):
-    kind: Literal["embedded", "address"] = "embedded"
-    # embedded: Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1.
+    """Base of every cluster kind; `load_cluster` picks the subclass from `kind`."""
+
+    kind: str
+    name: str = Field("ditforge", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
+                      description="lower-case letters, digits and '-': it names cloud and Kubernetes objects")
+
+
+class EmbeddedCluster(ClusterSpec):
+    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1.
+    kind: Literal["embedded"] = "embedded"
     cpus: int = Field(4, gt=0, description="logical CPUs the embedded Ray head offers")
     ports: ServicePorts = ServicePorts()
-    # address: an existing Ray cluster's dashboard (http://host:8265), where the Jobs API lives.
-    address: str | None = None
+
+
+class LocalPorts(Strict):
+    # Away from the embedded head's 6379 / 8265 / 10001, so both can run on one machine.
+    gcs: int = Field(6390, gt=0, lt=65536)
+    dashboard: int = Field(8275, gt=0, lt=65536)
+    client: int = Field(10011, gt=0, lt=65536)
+    nodes_from: int = Field(21000, ge=1024, lt=60000, description="node i (0 = head) uses ports nodes_from+100*i … +99")
+
+
+class LocalCluster(ClusterSpec):
+    """A simulated multi-node cluster: one head and `nodes` worker raylets on 127.0.0.1."""
+
+    kind: Literal["local"] = "local"
+    name: str = Field("local", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+    nodes: int = Field(2, ge=1, le=8, description="worker raylets besides the head")
+    cpus_per_node: int = Field(1, gt=0)
+    head_cpus: int = Field(0, ge=0, description="0: the head runs only the job driver, never a training worker")
+    object_store_mb: int = Field(256, ge=80, description="per raylet; Ray's default (30% of RAM each) is too much x N")
+    ports: LocalPorts = LocalPorts()
 
     @model_validator(mode="after")
-    def _address(self) -> "ClusterSpec":
-        if self.kind == "address" and not self.address:
+    def _ports(self) -> "LocalCluster":
+        last = self.ports.nodes_from + 100 * (self.nodes + 1)
+        if last >= 65536:
+            raise ValueError(f"ports.nodes_from: {self.ports.nodes_from} leaves no room for {self.nodes + 1} nodes x 100 ports")
+        for name in ("gcs", "dashboard", "client"):
+            if self.ports.nodes_from <= getattr(self.ports, name) < last:
+                raise ValueError(f"ports.{name}: {getattr(self.ports, name)} falls inside the node port range "
+                                 f"{self.ports.nodes_from}-{last - 1}")
+        return self
+
+
+class AddressCluster(ClusterSpec):
+    """An existing Ray cluster, reached through its Jobs API."""
+
+    kind: Literal["address"] = "address"
+    address: str | None = Field(None, description="dashboard http(s)://head:8265, or ray://head:10001")
+    token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
+    tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
+
+    @model_validator(mode="after")
+    def _address(self) -> "AddressCluster":
+        if not self.address:
             raise ValueError("address: required when kind is 'address' (e.g. http://head:8265)")
-        if self.address and not self.address.startswith(("http://", "https://", "ray://")):
+        if not self.address.startswith(("http://", "https://", "ray://")):
             raise ValueError(f"address: '{self.address}' must start with http://, https:// or ray://")
         return self
+
+
+# Ray's accelerator type names (what `resources.accelerator_type` asks for) → GCP accelerator names.
+GCP_ACCELERATORS = {"T4": "nvidia-tesla-t4", "L4": "nvidia-l4", "V100": "nvidia-tesla-v100", "P100": "nvidia-tesla-p100",
+                    "A100": "nvidia-tesla-a100", "A100-80G": "nvidia-a100-80gb", "H100": "nvidia-h100-80gb",
+                    "H200": "nvidia-h200-141gb"}
+
+
+class HeadGroup(Strict):
+    instance_type: str = Field(description="AWS instance type or GCP machine type")
+    cpus: int | None = Field(None, gt=0, description="CPUs Ray advertises (GCP needs it; AWS detects it)")
+    gpus: int = Field(0, ge=0)
+    gpu_type: str | None = Field(None, description="Ray accelerator type: A100, H100, L4, …")
+    disk_gb: int = Field(200, ge=20)
+
+
+class WorkerGroup(HeadGroup):
+    name: str = Field("workers", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(2, ge=0)
+    spot: bool = Field(False, description="AWS spot / GCP preemptible instances")
+
+    @model_validator(mode="after")
+    def _range(self) -> "WorkerGroup":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers: {self.min_workers} is larger than max_workers ({self.max_workers})")
+        return self
+
+
+class CloudCluster(ClusterSpec):
+    """Head and worker node groups, rendered to a Ray cluster-launcher YAML for `ray up`."""
+
+    region: str
+    image: str = Field("rayproject/ray:2.60.0-py311-gpu", description="Docker image every node runs Ray in")
+    setup_commands: list[str] = Field(default_factory=list, description="run on every node after the image starts")
+    idle_timeout_minutes: int = Field(5, ge=1)
+    ssh_user: str = "ubuntu"
+    head: HeadGroup
+    workers: list[WorkerGroup] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "CloudCluster":
+        names = [w.name for w in self.workers]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"workers: group name '{sorted(dup)[0]}' is used twice")
+        return self
+
+
+class AWSCluster(CloudCluster):
+    kind: Literal["aws"] = "aws"
+    region: str = "us-west-2"
+    availability_zone: str | None = None
+    ami: str | None = Field(None, description="AMI id; default: Ray's deep-learning AMI for the region")
+    iam_instance_profile: str | None = Field(None, description="worker S3 access by IAM role, never by keys")
+
+
+class GCPCluster(CloudCluster):
+    kind: Literal["gcp"] = "gcp"
+    region: str = "us-central1"
+    availability_zone: str = "us-central1-a"
+    project_id: str
+    source_image: str = "projects/deeplearning-platform-release/global/images/family/common-cu124"
+    service_account: str | None = Field(None, description="e-mail of the service account nodes run as (GCS access)")
+
+    @model_validator(mode="after")
+    def _gcp(self) -> "GCPCluster":
+        groups = [("head", self.head)] + [(f"workers.{i}", w) for i, w in enumerate(self.workers)]
+        for where, g in groups:
+            if g.cpus is None:
+                raise ValueError(f"{where}.cpus: required on GCP (Ray cannot detect a machine type's CPUs there)")
+            if g.gpus and g.gpu_type not in GCP_ACCELERATORS:
+                raise ValueError(f"{where}.gpu_type: {g.gpu_type!r} is not one of {', '.join(GCP_ACCELERATORS)}")
+        return self
+
+
+class KubeGroup(Strict):
+    cpus: int = Field(gt=0)
+    memory_gb: int = Field(gt=0)
+    gpus: int = Field(0, ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. {cloud.google.com/gke-accelerator: nvidia-l4}")
+
+
+class KubeWorkerGroup(KubeGroup):
+    name: str = Field("workers", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+    replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "KubeWorkerGroup":
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"replicas: {self.replicas} must lie in min_replicas..max_replicas "
+                             f"({self.min_replicas}..{self.max_replicas})")
+        return self
+
+
+class KubeStorage(Strict):
+    # Credentials are named, never given: the Secret is created out of band (kubectl create secret …).
+    secret: str | None = Field(None, description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (not a secret), e.g. http://minio.storage:9000")
+    volume_claim: str | None = Field(None, description="a shared PersistentVolumeClaim mounted on every pod")
+    mount_path: str = "/data"
+
+
+class KubernetesCluster(ClusterSpec):
+    """Rendered to KubeRay RayCluster / RayJob manifests for `kubectl apply`."""
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    namespace: str = "default"
+    image: str = Field(description="a Ray 2.60 image with ditforge installed (pip install .)")
+    head: KubeGroup
+    workers: list[KubeWorkerGroup] = Field(min_length=1)
+    storage: KubeStorage = KubeStorage()
+    tracking_uri: str | None = Field(None, description="MLflow server the pods can reach")
+
+
+CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {
+    "embedded": EmbeddedCluster, "local": LocalCluster, "address": AddressCluster,
+    "aws": AWSCluster, "gcp": GCPCluster, "kubernetes": KubernetesCluster,
+}
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -199,9 +389,9 @@ def _reword(err: dict, data: Any, model: type[BaseModel]) -> tuple[str, str]:
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
         # model-level validators name their own field as "field.path: reason"
-        if not loc and ": " in msg:
+        if ": " in msg and re.fullmatch(r"[A-Za-z_][\w.]*", msg.split(": ", 1)[0]):
             field, reason = msg.split(": ", 1)
-            return field, reason
+            return ".".join([*loc, field]), reason
     if kind == "literal_error":
         got = err.get("input")
         return ".".join(loc), f"{got!r} is not allowed; {msg[0].lower()}{msg[1:]}"
@@ -213,8 +403,12 @@ def _reword(err: dict, data: Any, model: type[BaseModel]) -> tuple[str, str]:
 
 def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
+        if isinstance(part, int):  # an item of a list of models: its fields are the model's
+            continue
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
+        if typing.get_origin(ann) is list:
+            ann = typing.get_args(ann)[0]
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -289,15 +483,24 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return build(JobSpec, data, str(path))  # type: ignore[return-value]
 
 
+def build_cluster(data: dict, name: str) -> ClusterSpec:
+    """The `kind` key picks the model, so errors name fields of that kind only."""
+    kind = data.get("kind", "embedded")
+    if kind not in CLUSTER_KINDS:
+        raise SpecError(name, "kind", f"{kind!r} is not allowed; expected one of {', '.join(CLUSTER_KINDS)}")
+    return build(CLUSTER_KINDS[kind], data, name)  # type: ignore[return-value]
+
+
 def load_cluster(path: str | Path | None, overrides: list[str] | None = None) -> ClusterSpec:
     if path is None:
-        return ClusterSpec.model_validate(parse_set(overrides))
+        return build_cluster(parse_set(overrides), "--set")
     data = _merge(read_yaml(path), parse_set(overrides))
-    return build(ClusterSpec, data, str(path))  # type: ignore[return-value]
+    return build_cluster(data, str(path))
 
 
 def load_any(path: str | Path) -> BaseModel:
     """For `ditforge validate`: a file with a `kind` key and no `data` is a cluster spec."""
     data = read_yaml(path)
-    is_cluster = "kind" in data and "data" not in data
-    return build(ClusterSpec if is_cluster else JobSpec, data, str(path))
+    if "kind" in data and "data" not in data:
+        return build_cluster(data, str(path))
+    return build(JobSpec, data, str(path))

@@ -9,11 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 import yaml
 
 from .. import services, storage
-from ..spec import ClusterSpec, JobSpec
+from ..spec import AddressCluster, ClusterSpec, EmbeddedCluster, JobSpec, LocalCluster
 from ..train import tracking
+from . import capacity
+
+STOP_MARKER = "STOP"  # written into the run folder by `ditforge stop`; rank 0 looks for it
 
 
 class SubmitError(Exception):
@@ -24,24 +29,53 @@ class SubmitError(Exception):
 class Target:
     dashboard: str  # Ray Jobs API address
     tracking_uri: str
+    token_env: str | None = None  # the variable holding the dashboard's bearer token, if any
 
 
 def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
-    """Make sure the cluster (and, embedded, its services) is up; return where to talk to."""
-    if cluster.kind == "embedded":
+    """Make sure the cluster (and, on this machine, its services) is up; return where to talk to."""
+    own = spec.tracking.uri if spec and spec.tracking.uri else None
+    if isinstance(cluster, EmbeddedCluster):
         ep = services.up(cluster)
-        return Target(ep.ray_dashboard, (spec.tracking.uri if spec and spec.tracking.uri else ep.mlflow))
-    tracking_uri = spec.tracking.uri if spec and spec.tracking.uri else services.endpoints().mlflow
-    return Target(cluster.address.replace("ray://", "http://").replace(":10001", ":8265"), tracking_uri)
+        return Target(ep.ray_dashboard, own or ep.mlflow)
+    if isinstance(cluster, LocalCluster):
+        from . import local
+
+        dashboard = local.up(cluster)  # started on demand, like the embedded head
+        return Target(dashboard, own or services.endpoints().mlflow)
+    if isinstance(cluster, AddressCluster):
+        dashboard = cluster.address.replace("ray://", "http://").replace(":10001", ":8265")
+        if cluster.token_env and not os.environ.get(cluster.token_env):
+            raise SubmitError(f"cluster '{cluster.name}': token_env names ${cluster.token_env}, which is not set")
+        return Target(dashboard, own or cluster.tracking_uri or services.endpoints().mlflow, cluster.token_env)
+    raise SubmitError(f"cluster kind '{cluster.kind}' is started with its own tool: run `ditforge cluster up` for the "
+                      f"command, then submit with a `kind: address` cluster pointing at its dashboard")
 
 
-def jobs_client(dashboard: str):
+def jobs_client(dashboard: str, token_env: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
+    headers = None
+    if token_env and os.environ.get(token_env):
+        headers = {"Authorization": f"Bearer {os.environ[token_env]}"}  # read here, never stored
     try:
-        return JobSubmissionClient(dashboard)
+        return JobSubmissionClient(dashboard, headers=headers)
     except Exception as e:
         raise SubmitError(f"cannot reach the Ray Jobs API at {dashboard}: {str(e).splitlines()[0]}") from None
+
+
+def client_for(rec: dict):
+    return jobs_client(rec["dashboard"], rec.get("token_env"))
+
+
+def check_capacity(spec: JobSpec, cluster: ClusterSpec, target: Target) -> None:
+    """Fail before submitting when the job cannot fit a cluster of known, fixed size; on other
+    clusters the driver checks again against what it finds (see train/driver.py)."""
+    if not isinstance(cluster, (EmbeddedCluster, LocalCluster)):
+        return
+    missing = capacity.shortfall(spec.resources, capacity.nodes_from_dashboard(target.dashboard))
+    if missing:
+        raise SubmitError(f"{spec.name}: resources: {missing} (cluster '{cluster.name}', kind {cluster.kind})")
 
 
 def records_dir() -> Path:
@@ -80,12 +114,24 @@ def _latest_unfinished(spec: JobSpec) -> str | None:
     return None
 
 
+def new_run(spec: JobSpec, tracking_uri: str, source: str | None = None,
+            resumed_from: str | None = None) -> tuple[str, str, str]:
+    """Name a run, open its MLflow run and write its run.json; returns (name, run URI, MLflow run id)."""
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_uri = storage.join(spec.checkpoint.uri, run_name)
+    mlflow_run_id = tracking.create_run(tracking_uri, spec, run_name, source, resumed_from=resumed_from)
+    storage.write_bytes(storage.join(run_uri, "run.json"),
+                        json.dumps({"run_name": run_name, "mlflow_run_id": mlflow_run_id, "job": spec.name}).encode())
+    return run_name, run_uri, mlflow_run_id
+
+
 def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, source: str | None = None) -> dict:
     """Submit one training job. `resume` (a run name, from `--resume`) wins over `train.resume`."""
     from ..train import checkpoint
 
     spec = resolve_paths(spec)
     target = connect(cluster, spec)
+    check_capacity(spec, cluster, target)
     resume_from = None
     if resume is None and spec.train.resume == "auto":
         resume = _latest_unfinished(spec)
@@ -105,17 +151,13 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
                                             parent_run_id=run_info["mlflow_run_id"],
                                             resumed_from=checkpoint.join_step(run_uri, steps[-1]) if steps else "")
+        storage.remove(storage.join(run_uri, STOP_MARKER))  # the stop that ended it is done
     else:
-        run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        run_uri = storage.join(spec.checkpoint.uri, run_name)
-        mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
-                                            parent_run_id=None, resumed_from=resume_from)
-        storage.write_bytes(storage.join(run_uri, "run.json"),
-                            json.dumps({"run_name": run_name, "mlflow_run_id": mlflow_run_id, "job": spec.name}).encode())
+        run_name, run_uri, mlflow_run_id = new_run(spec, target.tracking_uri, source, resumed_from)
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
            "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": resume_from,
            "spec_digest": spec.digest()}
-    client = jobs_client(target.dashboard)
+    client = jobs_client(target.dashboard, target.token_env)
     with tempfile.TemporaryDirectory() as wd:
         (Path(wd) / "job.json").write_text(json.dumps(job, indent=2))
         (Path(wd) / "job.yaml").write_text(yaml.safe_dump(job["spec"], sort_keys=False))
@@ -133,8 +175,40 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         )
     rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
            "tracking_uri": target.tracking_uri, "dashboard": target.dashboard, "cluster": cluster.kind,
+           "cluster_name": cluster.name, "token_env": target.token_env, "checkpoint_on_stop": spec.checkpoint.on_stop,
            "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
            "experiment": spec.tracking.experiment}
     (records_dir() / f"{job_id}.json").write_text(json.dumps(rec, indent=2))
     return rec
 
+
+
+TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+def _wait_terminal(client, job_id: str, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while True:
+        state = str(client.get_job_status(job_id).value)
+        if state in TERMINAL or time.time() > deadline:
+            return state
+        time.sleep(1.0)
+
+
+def stop(rec: dict, grace_s: float = 120.0) -> tuple[str, bool]:
+    """Stop a job; returns its final state and whether Ray had to kill it.
+
+    With `checkpoint.on_stop` the job is asked first (a STOP marker in its run folder, which rank 0
+    checks on logging steps), so it saves a final checkpoint and exits on its own; after `grace_s`
+    Ray's stop_job ends it regardless."""
+    client = client_for(rec)
+    state = str(client.get_job_status(rec["job_id"]).value)
+    if state in TERMINAL:
+        return state, False
+    if rec.get("checkpoint_on_stop"):
+        storage.write_bytes(storage.join(rec["run_uri"], STOP_MARKER), json.dumps({"requested_at": time.time()}).encode())
+        state = _wait_terminal(client, rec["job_id"], grace_s)
+        if state in TERMINAL:
+            return state, False
+    client.stop_job(rec["job_id"])
+    return _wait_terminal(client, rec["job_id"], 60), True

@@ -226,3 +226,16 @@ def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
 
 def join_step(run_uri: str, step: int) -> str:
     return storage.join(run_uri, step_tag(step))
+
+
+def stop_requested(run_uri: str, device: torch.device) -> bool:
+    """Collective: has `ditforge stop` left a STOP marker in the run folder? Rank 0 looks (one
+    object-store request) and tells the others, so every rank leaves the loop at the same step."""
+    flag = torch.zeros(1, device=device)  # on the device: NCCL broadcasts only GPU tensors
+    if dist.get_rank() == 0:
+        try:
+            flag[0] = float(storage.exists(storage.join(run_uri, "STOP")))
+        except OSError:
+            pass  # storage blip: look again at the next logging step
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())

@@ -7,7 +7,6 @@ job file (resolved spec, run name, MLflow run id) travels in the job's working_d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -18,28 +17,59 @@ from mlflow.tracking import MlflowClient
 def scaling_config(spec):
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=spec.resources.workers, use_gpu=spec.resources.use_gpu,
-                         resources_per_worker={"CPU": spec.resources.cpus_per_worker})
+    res = spec.resources
+    per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
+    return ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker,
+                         placement_strategy=res.placement, accelerator_type=res.accelerator_type)
+
+
+def read_job(path: str) -> dict:
+    """job.json from `ditforge submit`, or a bare job spec (YAML or JSON, e.g. mounted into a
+    KubeRay RayJob), for which the run is named and its MLflow run opened here instead."""
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f)  # YAML is a superset of JSON
+    if "run_name" in data:
+        return data
+    from ..cluster.launch import new_run, resolve_paths
+    from ..spec import JobSpec
+
+    spec = resolve_paths(JobSpec.model_validate(data))
+    tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise SystemExit("ditforge: a bare job spec needs tracking.uri or $MLFLOW_TRACKING_URI")
+    run_name, run_uri, run_id = new_run(spec, tracking_uri, path)
+    return {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri, "resume": False}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ditforge-driver")
     p.add_argument("job", help="job.json written by `ditforge submit`")
     args = p.parse_args(argv)
-    with open(args.job) as f:
-        job = json.load(f)
+    job = read_job(args.job)
 
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .. import storage
+    from ..cluster import capacity
+    from ..cluster.launch import STOP_MARKER
     from ..spec import JobSpec
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
     client = MlflowClient(job["tracking_uri"])
     ray.init()
+    # A fixed-size cluster never grows: an impossible placement group would wait forever there.
+    missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
+    if missing:
+        print(f"ditforge: resources: {missing}", file=sys.stderr, flush=True)
+        client.set_tag(job["mlflow_run_id"], "ditforge.error", f"resources: {missing}"[:500])
+        client.set_terminated(job["mlflow_run_id"], "FAILED")
+        return 1
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
         train_loop_config=job,
@@ -57,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else repr(e))[:500])
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
+    if storage.exists(storage.join(job["run_uri"], STOP_MARKER)):  # left early for `ditforge stop`
+        client.set_tag(job["mlflow_run_id"], "ditforge.stopped", "true")
+        client.set_terminated(job["mlflow_run_id"], "KILLED")
+        print(f"ditforge: run {job['run_name']} stopped on request", flush=True)
+        return 0
     if spec.tracking.register_model:
         finalize(job, client)
     client.set_terminated(job["mlflow_run_id"], "FINISHED")

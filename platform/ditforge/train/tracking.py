@@ -110,6 +110,8 @@ class Tracker:
                     self.client.log_batch(self.run_id, metrics=batch)
                 elif item[0] == "params":
                     self.client.log_batch(self.run_id, params=item[1])
+                elif item[0] == "tags":
+                    self.client.log_batch(self.run_id, tags=item[1])
                 else:
                     self.client.log_artifact(self.run_id, item[1], item[2])
                     shutil.rmtree(os.path.dirname(item[1]), ignore_errors=True)
@@ -122,6 +124,11 @@ class Tracker:
             with self._lock:
                 for _ in range(max(n, 1)):
                     self._pending.popleft()
+
+    def tags(self, tags: dict) -> None:
+        if tags:
+            with self._lock:
+                self._pending.append(("tags", [mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
 
 
 class NullTracker:
@@ -138,6 +145,9 @@ class NullTracker:
 
     def close(self, timeout: float = 0) -> bool:
         return True
+
+    def tags(self, tags):
+        pass
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

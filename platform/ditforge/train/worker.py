@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -86,11 +87,17 @@ def train_loop(config: dict) -> None:
                           tensors={f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}})
         tracker.log({"checkpoint/stall_s": stall}, step)
 
+    # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
+    node_ids: list = [None] * world
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    tracker.tags({f"ditforge.node_id.rank{r}": n for r, n in enumerate(node_ids)})
+
     # --- train ------------------------------------------------------------------------------
     batches = iter(loader)
     engine.train()
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
+    stopping = False
     for step in range(start + 1, spec.train.steps + 1):
         x, y, _keys = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -113,16 +120,23 @@ def train_loop(config: dict) -> None:
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
             loss_sum.zero_()
             t_last, steps_since = time.perf_counter(), 0
+            stopping = checkpoint.stop_requested(run_uri, device)  # `ditforge stop`: leave after this step
 
-        if step % spec.checkpoint.every_steps == 0 or step == spec.train.steps:
+        if (step % spec.checkpoint.every_steps == 0 or step == spec.train.steps
+                or (stopping and spec.checkpoint.on_stop)):
             save(step)
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
+        if stopping:
+            if rank == 0:
+                print(f"stop requested: leaving at step {step}", flush=True)
+            break
         if spec.tracking.sample_every and step % spec.tracking.sample_every == 0 and step != spec.train.steps:
             _sample(engine, spec, tuple(latent_shape), device, tracker, rank, step)
             t_last = time.perf_counter()
 
     # --- end: samples from the trained weights, wait for the last upload, flush tracking --------
-    _sample(engine, spec, tuple(latent_shape), device, tracker, rank, spec.train.steps)
+    if not stopping:
+        _sample(engine, spec, tuple(latent_shape), device, tracker, rank, spec.train.steps)
     ckpt.wait()
     tracker.close()
     dist.barrier()
