@@ -24,16 +24,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import storage
-from .data import ingest, shards
-from .data.loader import LatentLoader
+from .. import storage
+from ..data import ingest, shards
+from ..data.loader import LatentLoader
+from .common import device_name
 
 LATENT_SHAPE = (12, 16, 16)  # the demo: 32x32 RGB through the identity VAE (2x2 space-to-depth)
 BATCH = 32
 
 
 def _row(bench: str, metric: str, value: float, unit: str, **ctx) -> dict:
-    return {"bench": bench, "metric": metric, "value": round(float(value), 2), "unit": unit, **ctx}
+    return {"name": f"{bench}-{metric}", "device": device_name(), "bench": bench, "metric": metric, "value": round(float(value), 2), "unit": unit, **ctx}
 
 
 def _jpeg_folder(root: str, n: int) -> None:
