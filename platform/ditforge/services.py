@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,8 @@ def start_s3() -> str:
     creds = s3_credentials()
     if _pid("s3") and _s3_ready():
         return url
+    if _s3_ready() and _adopt("s3", f"-dir={storage.home() / 's3' / 'data'}"):
+        return url
     _stop_group("s3")
     d = _dirs()
     env = _base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
@@ -212,6 +215,8 @@ def start_s3() -> str:
 def start_mlflow(port: int) -> str:
     url = f"http://127.0.0.1:{port}"
     if _pid("mlflow") and _http_ok(f"{url}/health"):
+        return url
+    if _http_ok(f"{url}/health") and _adopt("mlflow", str(storage.home() / "mlflow" / "mlflow.db")):
         return url
     _stop_group("mlflow")
     if _http_ok(f"{url}/health"):
@@ -255,7 +260,43 @@ def start_ray(cluster: EmbeddedCluster) -> str:
 # ------------------------------------------------------------------------------ lifecycle
 
 
+def _adopt(name: str, marker: str) -> int | None:
+    """A server of ours that lost its pid file (e.g. two `up`s raced): find it by its command line,
+    which names this home's state folder, and take it back under management."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            leader = int(proc.name) == os.getpgid(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if marker in cmd and leader:
+            (storage.home() / "run" / f"{name}.pid").write_text(proc.name)
+            return int(proc.name)
+    return None
+
+
+@contextmanager
+def _lock():
+    """Serialise `up`/`down` across processes: two CLIs starting the same server would fight."""
+    import fcntl
+
+    f = open(_dirs()["run"] / "services.lock", "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints:
+    with _lock():
+        return _up(cluster, ray=ray)
+
+
+def _up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints:
     cluster = cluster or EmbeddedCluster()
     _dirs()
     (storage.home() / "run" / "ports.json").write_text(json.dumps(cluster.ports.model_dump()))
@@ -267,6 +308,11 @@ def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints
 
 
 def down() -> list[str]:
+    with _lock():
+        return _down()
+
+
+def _down() -> list[str]:
     stopped = []
     for name in ("ray", "mlflow", "s3"):
         if _stop_group(name):
