@@ -585,10 +585,6 @@ def demo(
     from .cluster.launch import submit as do_submit
     from .data.encode import encode_dataset
     from .data.ingest import ingest_shapes
-    from .spec import ClusterSpec, load_job
-
-
-    from .models.vae import build_vae
     from .spec import EmbeddedCluster, load_job
 
     t0 = time.time()

@@ -60,7 +60,6 @@ def run(quick: bool = False) -> list[dict]:
             stalls, uploads, sizes = [], [], []
             for i in range(2 if quick else 3):
                 stalls.append(ck.save(engine, i + 1, {"step": i + 1}))
-                t_loop = time.perf_counter()
                 while ck._thread is not None and ck._thread.is_alive():
                     step()  # training goes on while the upload runs
                 ck.wait()

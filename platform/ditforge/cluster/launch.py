@@ -153,7 +153,7 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
                                             resumed_from=checkpoint.join_step(run_uri, steps[-1]) if steps else "")
         storage.remove(storage.join(run_uri, STOP_MARKER))  # the stop that ended it is done
     else:
-        run_name, run_uri, mlflow_run_id = new_run(spec, target.tracking_uri, source, resumed_from)
+        run_name, run_uri, mlflow_run_id = new_run(spec, target.tracking_uri, source, resume_from)
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
            "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": resume_from,
            "spec_digest": spec.digest()}
