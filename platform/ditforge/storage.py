@@ -73,16 +73,34 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _transient() -> tuple[type[BaseException], ...]:
+    errors: tuple = (OSError, TimeoutError, ConnectionError)
+    try:  # botocore's connection errors are not OSErrors (EndpointConnectionError, ReadTimeout...)
+        from botocore.exceptions import BotoCoreError
+
+        errors += (BotoCoreError,)
+    except ImportError:
+        pass
+    return errors
+
+
+class StorageUnavailable(OSError):
+    """The store did not answer through all retries."""
+
+
 def retry(fn, *args, attempts: int = 5, base_delay: float = 0.5, **kwargs):
-    """Object stores blip: retry with exponential backoff, then re-raise the last error."""
+    """Object stores blip: retry with exponential backoff, then raise StorageUnavailable (an
+    OSError, so callers need to know only one kind of failure)."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise  # answers, not blips: retrying them only delays the caller by seconds
-        except (OSError, TimeoutError, ConnectionError):
+        except _transient() as e:
             if i == attempts - 1:
-                raise
+                if isinstance(e, OSError):
+                    raise
+                raise StorageUnavailable(f"{type(e).__name__}: {e}") from e
             time.sleep(base_delay * 2**i)
 
 
@@ -103,9 +121,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     retry(fs.pipe_file, path, data)  # an S3 PUT is atomic: the object appears whole or not at all
 
 
-def exists(uri: str) -> bool:
+def exists(uri: str, attempts: int = 5) -> bool:
     fs, path = filesystem(uri)
-    return retry(fs.exists, path)
+    return retry(fs.exists, path, attempts=attempts)
 
 
 def listdir(uri: str) -> list[str]:

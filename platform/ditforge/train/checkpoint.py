@@ -234,7 +234,8 @@ def stop_requested(run_uri: str, device: torch.device) -> bool:
     flag = torch.zeros(1, device=device)  # on the device: NCCL broadcasts only GPU tensors
     if dist.get_rank() == 0:
         try:
-            flag[0] = float(storage.exists(storage.join(run_uri, "STOP")))
+            # one attempt: during a storage outage this must not hold up every logging step
+            flag[0] = float(storage.exists(storage.join(run_uri, "STOP"), attempts=1))
         except OSError:
             pass  # storage blip: look again at the next logging step
     dist.broadcast(flag, src=0)
