@@ -59,14 +59,21 @@ def absolute(uri: str) -> str:
     return uri.rstrip("/")
 
 
+_FS: dict = {}
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    if scheme == "s3":
-        opts = s3_options()
-    else:
-        opts = {}
-    fs, path = fsspec.core.url_to_fs(uri, **opts)
-    return fs, path
+    opts = s3_options() if scheme == "s3" else {}
+    # One client per process and settings: building an S3 client costs ~0.1 s, more than a small
+    # PUT. Keyed by pid so a forked child never shares its parent's event loop.
+    key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=str))
+    fs = _FS.get(key)
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(uri, **opts)
+        _FS[key] = fs
+        return fs, path
+    return fs, fs._strip_protocol(uri)
 
 
 def join(uri: str, *parts: str) -> str:

@@ -34,6 +34,7 @@ def run(quick: bool = False) -> list[dict]:
     size = "T" if quick else "S"
     spec = _spec(size)
     results = []
+    torch.set_num_threads(1)  # as a worker with cpus_per_worker: 1; the upload thread gets the other core
     with single_process_group():
         torch.manual_seed(0)
         model = DiT(DiTConfig(in_channels=12, size=size, patch=2, num_classes=10))
