@@ -82,7 +82,11 @@ def test_ema_under_zero3_equals_ema_without_zero(tmp_path):
     res = torch.load(out, weights_only=True)
     ema0, ema3 = res[0], res[3]
     assert ema0.keys() == ema3.keys() and len(ema0) > 10
+    # ZeRO-3 reduces gradients in another order, so even the trained weights differ by ~1e-5 after
+    # Adam; the EMA must add nothing to that, and stay far closer than the EMA is to the weights.
     for n in ema0:
-        torch.testing.assert_close(ema3[n], ema0[n], atol=1e-5, rtol=1e-4, msg=n)
+        ema_gap = (ema3[n] - ema0[n]).abs().max().item()
+        raw_gap = (res["raw3"][n] - res["raw0"][n]).abs().max().item()
+        assert ema_gap <= raw_gap + 1e-6 and ema_gap < 1e-4, (n, ema_gap, raw_gap)
     moved = max((res["raw0"][n] - ema0[n]).abs().max().item() for n in ema0)
     assert moved > 1e-3

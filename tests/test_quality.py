@@ -40,7 +40,7 @@ def test_which_set():
 def test_demo_model_generates_its_classes_well_above_chance(capsys):
     """The demo's model, DiT-T/2 with the identity VAE, on 16px shapes ((12, 8, 8) latents, so it
     learns within ~1.5 CPU-minutes; the demo itself uses 32px), 600 steps of 64 in-process; EMA
-    weights sampled with Euler + CFG 4. Measured: accuracy 0.50 (chance 0.10), FD 5.5."""
+    weights sampled with Euler + CFG 4. Measured: accuracy 0.50-0.58 (chance 0.10), FD 4.8-5.5."""
     from ditforge.models.dit import DiT, DiTConfig
     from ditforge.models.vae import IdentityVAE
     from ditforge.objectives.flow import RectifiedFlow

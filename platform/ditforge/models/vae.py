@@ -10,7 +10,8 @@
 - `DiffusersVAE`: an `AutoencoderKL` saved with `save_pretrained` in a local folder (needs the
   `diffusers` extra); videos go through it frame by frame.
 
-All wrappers take pixels (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1] and return normalised latents
+All wrappers take pixels (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1] (`temporal = True`: give them
+whole clips; image autoencoders run frame by frame inside) and return normalised latents
 (z - shift) · scale, (B, C, h, w) or (B, C, t, h, w); `decode` inverts. `identity` names the
 weights, so a latent set records which autoencoder made it.
 """
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 
 
 class IdentityVAE:
+    temporal = True  # takes whole clips (data/encode.py asks)
     def __init__(self, downsample: int = 2, scale: float = 1.0, shift: float = 0.0):
         self.f, self.scale, self.shift = downsample, scale, shift
-        self.temporal = 1
+        self.temporal_downsample = 1
 
     @property
     def identity(self) -> str:
@@ -168,9 +170,11 @@ def vae_loss(model, x: torch.Tensor, kl_weight: float, gen=None) -> tuple[torch.
 class OwnVAE:
     """A trained `KLAutoencoder` with its measured latent scale and shift."""
 
+    temporal = True
+
     def __init__(self, net: KLAutoencoder, scale: float = 1.0, shift: float = 0.0, name: str = "own"):
         self.net, self.scale, self.shift, self.name = net.eval(), scale, shift, name
-        self.f, self.temporal = net.config["downsample"], net.config["temporal_downsample"]
+        self.f, self.temporal_downsample = net.config["downsample"], net.config["temporal_downsample"]
 
     @property
     def identity(self) -> str:
@@ -179,7 +183,7 @@ class OwnVAE:
     def latent_shape(self, channels: int, h: int, w: int, frames: int = 1) -> tuple[int, ...]:
         C = self.net.config["latent_channels"]
         if self.net.config["video"]:
-            return (C, frames // self.temporal, h // self.f, w // self.f)
+            return (C, frames // self.temporal_downsample, h // self.f, w // self.f)
         return (C, h // self.f, w // self.f) if frames == 1 else (C, frames, h // self.f, w // self.f)
 
     def _net_input(self, pixels: torch.Tensor):
@@ -231,6 +235,8 @@ def load_own_vae(uri: str) -> OwnVAE:
 class DiffusersVAE:
     """A diffusers `AutoencoderKL` from a local folder (`save_pretrained` layout); no download."""
 
+    temporal = True
+
     def __init__(self, path: str):
         try:
             from diffusers import AutoencoderKL
@@ -242,7 +248,7 @@ class DiffusersVAE:
         self.scale = float(cfg.scaling_factor)
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
         self.f = 2 ** (len(cfg.block_out_channels) - 1)
-        self.temporal = 1
+        self.temporal_downsample = 1
         self.path = path
 
     @property

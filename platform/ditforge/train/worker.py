@@ -240,7 +240,7 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
     from . import quality
 
     vae = build_vae(spec.vae)
-    frames = latent_shape[1] * vae.temporal if len(latent_shape) == 4 else 1
+    frames = latent_shape[1] * vae.temporal_downsample if len(latent_shape) == 4 else 1
     name = quality.which_set(loader.manifest.get("classes"), frames)
     if not spec.eval.quality or name is None or not spec.model.num_classes:
         return
