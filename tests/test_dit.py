@@ -174,3 +174,17 @@ def test_caption_changes_the_output_once_cross_attention_is_trained():
     n = model(x, t, text=tokenize_bytes(["a red circle"], 64), drop=torch.tensor([True]))
     assert not torch.allclose(a, b) and not torch.allclose(a, n)
     assert torch.allclose(n, model(x, t, text=None))  # dropped caption == no caption
+
+
+def test_walking_skeleton_checkpoints_still_load():
+    """The skeleton's DiT had a Conv2d patch embedding and qkv/proj directly on each block."""
+    torch.manual_seed(0)
+    new = DiT(DiTConfig(in_channels=4))
+    old = {}
+    for k, v in new.state_dict().items():
+        k = k.replace(".attn.qkv.", ".qkv.").replace(".attn.proj.", ".proj.")
+        old[k] = v.view(128, 4, 2, 2) if k == "patch_embed.weight" else v
+    fresh = DiT(DiTConfig(in_channels=4))
+    fresh.load_state_dict(old)
+    for k, v in new.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k

@@ -203,8 +203,8 @@ class EvalSpec(Strict):
     # sets scores class-conditional samples (accuracy, Fréchet distance in its feature space).
     quality: bool = Field(True, description="at the end of the run, when the data is a generated set")
     every_steps: int = Field(0, ge=0, description="also every N steps; 0 = end only")
-    per_class: int = Field(32, gt=0, description="samples per class")
-    steps: int = Field(25, gt=0, description="sampler steps")
+    per_class: int = Field(16, gt=0, description="samples per class")
+    steps: int = Field(10, gt=0, description="sampler steps")
 
 
 class JobSpec(Strict):

@@ -81,6 +81,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "math") -> torch.Tensor:
     """q (B, H, Nq, Dh), k/v (B, H, Nk, Dh) → (B, H, Nq, Dh). `backend` is a resolved name."""
+    backend = LEGACY.get(backend, backend)  # configs saved by the skeleton may say "sdpa"
     if backend == "flash_attn":
         from flash_attn import flash_attn_func
 

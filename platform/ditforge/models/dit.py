@@ -279,6 +279,18 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attention, factorised, cross) for _ in range(cfg.depth))
         self.final = FinalLayer(D, pt * p * p * C)
         self._init_weights()
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
+
+    def _upgrade_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints of the walking-skeleton DiT load too: its Conv2d patch embedding becomes the
+        equivalent linear map, and its blocks' `qkv` / `proj` moved into `attn`."""
+        w = state_dict.get(prefix + "patch_embed.weight")
+        if w is not None and w.dim() == 4:  # (D, C, p, p) → (D, C·p·p), the same feature order
+            state_dict[prefix + "patch_embed.weight"] = w.reshape(w.shape[0], -1)
+        for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
+            parts = key[len(prefix):].split(".")  # blocks, i, qkv|proj, weight|bias
+            if len(parts) == 4 and parts[2] in ("qkv", "proj"):
+                state_dict[prefix + ".".join([parts[0], parts[1], "attn", parts[2], parts[3]])] = state_dict.pop(key)
 
     def _init_weights(self):
         for m in self.modules():
