@@ -34,7 +34,18 @@ class EMA:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.partitioned = any(hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params.values())
-        self.shadow = {n: _local(params[n]).detach().float().clone() for n in self.names}  # fp32 averages
+        self.shadow = {n: self._initial(params[n]) for n in self.names}  # fp32 averages
+
+    @staticmethod
+    def _initial(p: nn.Parameter) -> torch.Tensor:
+        # A ZeRO-3 persistent parameter is whole on every rank, but only once a forward has fetched
+        # it: right after deepspeed.initialize its data may still be empty, so gather it (collective).
+        if hasattr(p, "ds_tensor") and getattr(p, "ds_persist", False) and p.data.numel() != p.ds_numel:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                return p.data.detach().float().clone()
+        return _local(p).detach().float().clone()
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())
@@ -61,7 +72,11 @@ class EMA:
         finally:
             with torch.no_grad():
                 for n, p in params.items():
-                    _local(p).copy_(backup[n])
+                    local = _local(p)
+                    # A ZeRO-3 persistent weight released meanwhile (by a GatheredParameters exit)
+                    # comes back from its partition, which the swap never touched: nothing to undo.
+                    if local.numel() == backup[n].numel():
+                        local.copy_(backup[n])
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank calls it): full EMA weights, e.g. for export."""
