@@ -12,19 +12,22 @@ short run's average is not dominated by its random initial weights.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 
+def _partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+
+
 def _local(p: nn.Parameter) -> torch.Tensor:
     """The part of a parameter this rank owns: its ZeRO-3 partition, or the whole tensor. ZeRO-3
     keeps small parameters (under `stage3_param_persistence_threshold`) whole on every rank
     (`ds_persist`); those are averaged whole, like without ZeRO-3."""
-    if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
-        return p.ds_tensor
-    return p.data
+    return p.ds_tensor if _partitioned(p) else p.data
 
 
 class EMA:
@@ -60,29 +63,44 @@ class EMA:
             self.shadow[n].lerp_(_local(p).float(), 1 - d)
 
     @contextmanager
-    def swapped_in(self, model: nn.Module):
-        """Within the block the model's (local) weights are the EMA ones; restored on exit."""
+    def swapped_in(self, model: nn.Module, gather: bool = False):
+        """Within the block the model's weights are the EMA ones; restored on exit. gather=True
+        (collective) also gathers ZeRO-3 weights, so every rank sees the full EMA weights."""
+        import deepspeed
+
         params = self._params(model)
-        backup = {n: _local(p).detach().clone() for n, p in params.items()}
+        parts = {n: p for n, p in params.items() if _partitioned(p)}
+        # Partitioned weights: write the averaged slices into the partitions, then gather.
+        backup = {n: p.ds_tensor.detach().clone() for n, p in parts.items()}
+        with torch.no_grad():
+            for n, p in parts.items():
+                p.ds_tensor.copy_(self.shadow[n])
+        zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
+        gathered = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+                    if gather and zero3 else contextlib.nullcontext())
         try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    _local(p).copy_(self.shadow[n])
-            yield model
+            with gathered:
+                # Whole weights (no ZeRO-3, or ZeRO-3 persistent ones, fetched by the gather): swap
+                # in place, and put the raw values back before the gather releases them.
+                whole = {n: p for n, p in params.items() if n not in parts and p.data.numel() == self.shadow[n].numel()}
+                raw = {n: p.data.detach().clone() for n, p in whole.items()}
+                with torch.no_grad():
+                    for n, p in whole.items():
+                        p.data.copy_(self.shadow[n])
+                try:
+                    yield model
+                finally:
+                    with torch.no_grad():
+                        for n, p in whole.items():
+                            p.data.copy_(raw[n])
         finally:
             with torch.no_grad():
-                for n, p in params.items():
-                    local = _local(p)
-                    # A ZeRO-3 persistent weight released meanwhile (by a GatheredParameters exit)
-                    # comes back from its partition, which the swap never touched: nothing to undo.
-                    if local.numel() == backup[n].numel():
-                        local.copy_(backup[n])
+                for n, p in parts.items():
+                    p.ds_tensor.copy_(backup[n])
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank calls it): full EMA weights, e.g. for export."""
-        import deepspeed
-
-        with self.swapped_in(model), deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with self.swapped_in(model, gather=True):
             return {n: p.detach().float().clone() for n, p in self._params(model).items()}
 
     @torch.no_grad()

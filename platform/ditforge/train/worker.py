@@ -219,10 +219,10 @@ def _sampling_weights(engine, ema):
     import deepspeed
 
     model = engine.module
-    with ema.swapped_in(model) if ema else contextlib.nullcontext():
-        # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield model
+    # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
+    with (ema.swapped_in(model, gather=True) if ema
+          else deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)):
+        yield model
 
 
 def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, step: int) -> None:
