@@ -129,7 +129,7 @@ def test_registered_model_samples_and_exports(zero2_run, tmp_path):
     from safetensors.torch import load_file
 
     raw = load_file(str(tmp_path / "exp" / "raw.safetensors"))
-    assert "blocks.0.qkv.weight" in raw and json.loads((tmp_path / "exp" / "model.json").read_text())["step"] == 20
+    assert "blocks.0.attn.qkv.weight" in raw and json.loads((tmp_path / "exp" / "model.json").read_text())["step"] == 20
 
 
 def test_zero3_two_workers(latents, tmp_path):
@@ -147,7 +147,7 @@ def test_zero3_two_workers(latents, tmp_path):
     from safetensors.torch import load_file
 
     raw = load_file(f"{tmp_path}/z3/raw.safetensors")
-    assert raw["blocks.0.qkv.weight"].shape == (384, 128)
+    assert raw["blocks.0.attn.qkv.weight"].shape == (384, 128)
 
 
 def test_resume_of_unknown_run_is_one_line(latents):

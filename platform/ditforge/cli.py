@@ -320,9 +320,13 @@ def sample(
     s = SampleSpec(**cfg["sample"])
     s = s.model_copy(update={k: v for k, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
                                                      seed=seed).items() if v is not None})
-    sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png))
+    from .objectives import build_objective
+    from .spec import ObjectiveSpec
+
+    objective = build_objective(ObjectiveSpec(**cfg.get("objective", {})))  # older exports: rectified flow
+    sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
     out.print(f"{png}: {net.cfg.num_classes} classes x {s.per_class} samples ({cfg['weights']} weights, "
-              f"{s.steps} Euler steps, cfg {s.cfg_scale})", highlight=False)
+              f"{s.steps} {s.sampler} steps, cfg {s.cfg_scale})", highlight=False)
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -565,6 +569,30 @@ def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, 
     if spec.kind not in ("aws", "gcp", "kubernetes"):
         raise SpecError(str(cluster), "kind", f"{spec.kind} clusters run here: nothing to render (use `ditforge cluster up`)")
     _cluster_files(spec, out_dir, job)
+
+# ----------------------------------------------------------------------------- model-info
+
+
+@app.command("model-info")
+@user_errors
+def model_info(
+    job: Path = typer.Argument(..., help="job spec YAML"),
+    sets: Optional[List[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Parameters, forward GFLOPs per sample (counted), latent shape and token count of a job's model."""
+    from .models.info import model_info as info
+    from .spec import load_job
+
+    res = info(load_job(job, sets))
+    if as_json:
+        print(json.dumps(res))
+        return
+    table = Table("", str(job))
+    for k, v in res.items():
+        if v is not None:
+            table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    out.print(table)
 
 
 # ----------------------------------------------------------------------------------- demo

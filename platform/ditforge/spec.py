@@ -50,31 +50,70 @@ class DataSpec(Strict):
     train: str = Field(description="URI of the latent shards (a folder holding manifest.json)")
     batch_size: int = Field(32, gt=0, description="micro-batch per worker")
     shuffle_buffer: int = Field(0, ge=0, description="0: shuffle whole shards in memory")
+    # Pixel size of the samples; model-info and the quality metric use them before any data is read.
+    resolution: int = Field(32, gt=0, description="pixel height = width")
+    frames: int = Field(1, gt=0, description="1 = images; > 1 = video clips of this many frames")
 
     _uri = field_validator("train")(_check_uri)
 
 
 class VAESpec(Strict):
     # `identity` turns pixels into latents by pixel-unshuffle (space-to-depth): no weights, but the
-    # same encode/decode seam that a real autoencoder plugs into.
-    kind: Literal["identity"] = "identity"
-    downsample: int = Field(2, ge=1, le=8)
+    # same encode/decode seam that a real autoencoder plugs into. `own`: the project's KL
+    # autoencoder (models/vae.py), trained by a `task: vae` job into `path`. `diffusers`: an
+    # AutoencoderKL saved with save_pretrained in a local folder.
+    kind: Literal["identity", "own", "diffusers"] = "identity"
+    path: str | None = Field(None, description="own: URI of the trained weights; diffusers: local folder")
+    downsample: int = Field(2, ge=1, le=16, description="spatial factor (identity, own)")
+    temporal_downsample: Literal[1, 2, 4] = Field(1, description="own video autoencoder: frames per latent frame")
+    latent_channels: int = Field(4, gt=0, description="own autoencoder")
+    base_channels: int = Field(32, gt=0, description="own autoencoder width")
+    kl_weight: float = Field(1e-6, ge=0, description="own autoencoder training: KL term weight")
     scale: float = Field(1.0, gt=0, description="latent = (z - shift) * scale; stored with the model")
     shift: float = 0.0
+
+    @model_validator(mode="after")
+    def _path(self) -> "VAESpec":
+        if self.kind in ("own", "diffusers") and not self.path:
+            raise ValueError(f"path: required for vae.kind '{self.kind}'")
+        return self
 
 
 class ModelSpec(Strict):
     size: Literal["T", "S", "B", "L", "XL"] = "T"
     patch: Literal[1, 2, 4, 8] = 2
+    patch_t: Literal[1, 2, 4] = Field(1, description="temporal patch size for videos")
     num_classes: int = Field(10, ge=0, description="0 = unconditional")
-    attention: Literal["auto", "sdpa", "math"] = "auto"
-    grad_checkpointing: bool = False
+    # `sdpa` is the skeleton's name for `auto`; see models/attention.py for what each kernel needs.
+    attention: Literal["auto", "flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "math", "sdpa"] = "auto"
+    grad_checkpointing: bool = Field(False, description="activation checkpointing per block")
+    video_attention: Literal["full", "factorised"] = Field("full", description="full 3D, or spatial then temporal")
+    pos_embed: Literal["sincos", "rope"] = "sincos"
+    text: Literal["none", "own", "transformers"] = Field(
+        "none", description="caption conditioning: own = small trainable encoder; transformers = frozen local model")
+    text_encoder: str | None = Field(None, description="text: transformers: local folder of the encoder")
+    text_len: int = Field(64, gt=0, description="caption length in tokens")
+    mixer_depth: int = Field(0, ge=0, description="unmasked patch-mixer blocks before the masked backbone")
+
+    @model_validator(mode="after")
+    def _text(self) -> "ModelSpec":
+        if self.text == "transformers" and not self.text_encoder:
+            raise ValueError("text_encoder: required when model.text is 'transformers' (a local folder)")
+        return self
 
 
 class ObjectiveSpec(Strict):
-    kind: Literal["rectified_flow"] = "rectified_flow"
-    t_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
-    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of dropping the class label")
+    kind: Literal["rectified_flow", "ddpm"] = "rectified_flow"
+    t_sampling: Literal["uniform", "logit_normal", "mode"] = Field("logit_normal", description="rectified flow")
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    prediction: Literal["eps", "v"] = Field("eps", description="ddpm")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="ddpm")
+    timesteps: int = Field(1000, gt=1, description="ddpm")
+    weighting: Literal["none", "min_snr"] = "none"
+    snr_gamma: float = Field(5.0, gt=0)
+    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of dropping the class label / caption")
 
 
 class TrainSpec(Strict):
@@ -89,6 +128,9 @@ class TrainSpec(Strict):
     # or a checkpoint URI (a run folder or one step_XXXXXXXX folder) to start a new run from.
     resume: str = "auto"
     max_failures: int = Field(0, ge=0, description="worker-group restarts (Ray Train FailureConfig)")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA")
+    mask_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of patch tokens dropped (MicroDiT)")
+    unmask_last: float = Field(0.1, ge=0, le=1, description="final fraction of steps trained unmasked")
 
     @field_validator("resume")
     @classmethod
@@ -150,13 +192,24 @@ class TrackingSpec(Strict):
 
 class SampleSpec(Strict):
     per_class: int = Field(8, gt=0, description="grid columns; one row per class")
-    steps: int = Field(25, gt=0, description="Euler steps")
+    sampler: Literal["auto", "euler", "heun", "ddim", "ddpm"] = Field("auto", description="auto: euler / ddim")
+    steps: int = Field(25, gt=0, description="sampler steps")
     cfg_scale: float = Field(2.0, ge=0)
     seed: int = 0
 
 
+class EvalSpec(Strict):
+    # Generated-set quality: a classifier the project trains on the generated shapes / moving-shapes
+    # sets scores class-conditional samples (accuracy, Fréchet distance in its feature space).
+    quality: bool = Field(True, description="at the end of the run, when the data is a generated set")
+    every_steps: int = Field(0, ge=0, description="also every N steps; 0 = end only")
+    per_class: int = Field(16, gt=0, description="samples per class")
+    steps: int = Field(10, gt=0, description="sampler steps")
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    task: Literal["dit", "vae"] = Field("dit", description="vae: train the own autoencoder into vae.path")
     data: DataSpec
     vae: VAESpec = VAESpec()
     model: ModelSpec = ModelSpec()
@@ -167,9 +220,20 @@ class JobSpec(Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     tracking: TrackingSpec = TrackingSpec()
     sample: SampleSpec = SampleSpec()
+    eval: EvalSpec = EvalSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        gpu_only = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
+        if self.model.attention in gpu_only and not self.resources.use_gpu:
+            raise ValueError(f"model.attention: {self.model.attention} needs resources.use_gpu: true "
+                             "(on CPU use auto, sdpa_flash or math)")
+        sampler_ok = {"rectified_flow": ("auto", "euler", "heun"), "ddpm": ("auto", "ddim", "ddpm")}
+        if self.sample.sampler not in sampler_ok[self.objective.kind]:
+            raise ValueError(f"sample.sampler: {self.sample.sampler} does not fit objective.kind "
+                             f"{self.objective.kind} (use {' or '.join(sampler_ok[self.objective.kind][1:])})")
+        if self.task == "vae" and self.vae.kind != "own":
+            raise ValueError("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
             raise ValueError("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:

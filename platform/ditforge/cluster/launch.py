@@ -98,6 +98,8 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     spec = spec.model_copy(deep=True)
     spec.data.train = storage.absolute(spec.data.train)
     spec.checkpoint.uri = storage.absolute(spec.checkpoint.uri)
+    if spec.vae.kind == "own" and spec.vae.path:
+        spec.vae.path = storage.absolute(spec.vae.path)
     return spec
 
 

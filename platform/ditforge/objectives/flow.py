@@ -1,55 +1,62 @@
 """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024).
 
 x_t = (1 - t)·x0 + t·ε  moves data (t=0) to noise (t=1) on a straight line; the model predicts
-the velocity v = ε - x0 and sampling integrates dx/dt = v from t=1 back to t=0.
+the velocity v = ε - x0 and sampling integrates dx/dt = v from t=1 back to t=0 (samplers.py).
+
+t sampling (SD3 §3.1): `uniform`; `logit_normal` (t = sigmoid(m + s·n), more weight on the middle
+of the path where the velocity is hardest); `mode` (SD3 eq. 20, heavy middle with fat tails).
+Loss weighting: `none`, or `min_snr` (Hang et al. 2023) moved onto the velocity loss: the x0
+error is t·(v error), so w = min(SNR, γ)·t² with SNR = ((1 - t)/t)².
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
+
+from .common import as_cond, call_model, cfg_drop, weighted_mse
 
 
 class RectifiedFlow:
-    def __init__(self, t_sampling: str = "logit_normal", cfg_dropout: float = 0.1, null_class: int | None = None):
-        self.t_sampling, self.cfg_dropout, self.null_class = t_sampling, cfg_dropout, null_class
+    kind = "rectified_flow"
+
+    def __init__(self, t_sampling: str = "logit_normal", cfg_dropout: float = 0.1, null_class: int | None = None, *,
+                 logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none", snr_gamma: float = 5.0):
+        # null_class: unused (the model swaps in its own null class); kept for the skeleton's callers.
+        self.t_sampling, self.cfg_dropout = t_sampling, cfg_dropout
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.weighting, self.snr_gamma = weighting, snr_gamma
 
     def sample_t(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
         if self.t_sampling == "logit_normal":
-            # SD3 §3.1: more weight on the middle of the path, where the velocity is hardest.
-            return torch.sigmoid(torch.randn(n, generator=gen)).to(device)
-        return torch.rand(n, generator=gen).to(device)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen))
+        elif self.t_sampling == "mode":
+            u = torch.rand(n, generator=gen)
+            t = 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+        else:
+            t = torch.rand(n, generator=gen)
+        return t.clamp(0, 1).to(device)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
-        """x0 (B, C, H, W) latents, y (B,) classes. `gen` makes every random draw reproducible."""
+    def weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        if self.weighting == "none":
+            return None
+        t = t.clamp(1e-4, 1 - 1e-4)
+        snr = ((1 - t) / t) ** 2
+        return snr.clamp(max=self.snr_gamma) * t**2
+
+    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0) -> torch.Tensor:
+        cond = as_cond(cond)
+        """x0 (B, C, [T,] H, W) latents; cond {"y": (B,), "text": ...}. `gen` makes every draw reproducible."""
         B = x0.shape[0]
         t = self.sample_t(B, gen, x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-        if y is not None and self.null_class is not None and self.cfg_dropout > 0:
-            # Classifier-free guidance needs the model to also learn p(x) with the null class.
-            drop = torch.rand(B, generator=gen).to(x0.device) < self.cfg_dropout
-            y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        tt = t.view(B, 1, 1, 1).to(x0.dtype)
+        drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
+        tt = t.view(B, *[1] * (x0.dim() - 1)).to(x0.dtype)
         xt = (1 - tt) * x0 + tt * noise
-        v = model(xt, t, y)
-        return F.mse_loss(v.float(), (noise - x0).float())
+        v, keep = call_model(model, xt, t, cond, drop, mask_ratio, gen)
+        return weighted_mse(v, noise - x0, self.weight(t), keep)
 
-
-@torch.no_grad()
-def euler_sample(model, shape, y: torch.Tensor | None, *, steps: int, cfg_scale: float, null_class: int | None,
-                 seed: int, device) -> torch.Tensor:
-    """Integrate from pure noise (t=1) to data (t=0) with `steps` Euler steps and CFG."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen).to(device)
-    ts = torch.linspace(1.0, 0.0, steps + 1)
-    guided = y is not None and null_class is not None and cfg_scale != 1.0
-    for i in range(steps):
-        t, t_next = ts[i].item(), ts[i + 1].item()
-        tb = torch.full((shape[0],), t, device=device)
-        if guided:
-            v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), torch.cat([y, torch.full_like(y, null_class)])).chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
-        else:
-            v = model(x, tb, y)
-        x = x + (t_next - t) * v.float()
-    return x
+    def velocity(self, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+        return out  # the network predicts the velocity directly

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..cluster import capacity
     from ..cluster.launch import STOP_MARKER
     from ..spec import JobSpec
+    from .vae_trainer import train_vae_loop
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
     trainer = TorchTrainer(
-        train_loop_per_worker=train_loop,
+        train_loop_per_worker=train_vae_loop if spec.task == "vae" else train_loop,
         train_loop_config=job,
         scaling_config=scaling_config(spec),
         torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo"),

@@ -7,25 +7,41 @@ import torch
 from PIL import Image
 
 from ..models.vae import build_vae
-from ..objectives.flow import euler_sample
+from ..objectives.flow import RectifiedFlow
+from ..objectives.samplers import sample
+
+
+@torch.no_grad()
+def generate(model, objective, latent_shape, y: torch.Tensor | None, sample_spec, device=torch.device("cpu"),
+             bf16: bool = False) -> torch.Tensor:
+    """Latents (N, *latent_shape) for classes `y` (None: `per_class` unconditional samples) with the
+    spec's sampler, steps, CFG scale and seed; captions, if the model takes them, are the null one."""
+    was_training = model.training
+    model.eval()
+    n = len(y) if y is not None else sample_spec.per_class
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        z = sample(objective or RectifiedFlow(), model, (n, *latent_shape), {"y": y}, sampler=sample_spec.sampler,
+                   steps=sample_spec.steps, cfg_scale=sample_spec.cfg_scale, seed=sample_spec.seed, device=device)
+    model.train(was_training)
+    return z.float()
 
 
 @torch.no_grad()
 def sample_grid(model, latent_shape, sample_spec, vae_spec, out: str, device=torch.device("cpu"),
-                bf16: bool = False) -> str:
-    """Generate `per_class` samples for each class with CFG, decode, write one PNG to `out`."""
-    was_training = model.training
-    model.eval()
+                bf16: bool = False, objective=None) -> list[str]:
+    """Generate `per_class` samples for each class with CFG, decode, write one PNG to `out` (videos:
+    every clip's frames side by side, plus an animated GIF beside it). Returns the files written."""
     n_cls = max(model.cfg.num_classes, 1)
     cols = sample_spec.per_class
     y = torch.arange(n_cls, device=device).repeat_interleave(cols) if model.cfg.num_classes else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        z = euler_sample(model, (n_cls * cols, *latent_shape), y, steps=sample_spec.steps,
-                         cfg_scale=sample_spec.cfg_scale, null_class=model.null_class if y is not None else None,
-                         seed=sample_spec.seed, device=device)
-    pixels = build_vae(vae_spec).decode(z.float().cpu())  # (N, 3, H, W) in [-1, 1]
-    model.train(was_training)
-    return save_grid(pixels, rows=n_cls, cols=cols, out=out)
+    z = generate(model, objective, latent_shape, y, sample_spec, device, bf16)
+    pixels = build_vae(vae_spec).decode(z.cpu())  # (N, 3, [T,] H, W) in [-1, 1]
+    if pixels.dim() == 4:
+        return [save_grid(pixels, rows=n_cls, cols=cols, out=out)]
+    gif = out.rsplit(".", 1)[0] + ".gif"
+    frames = [Image.open(save_grid(pixels[:, :, t], n_cls, cols, f"{out}.{t}.png")) for t in range(pixels.shape[2])]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=150, loop=0)
+    return [save_grid(torch.cat(pixels.unbind(2), dim=3), rows=n_cls, cols=cols, out=out), gif]
 
 
 def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int = 2, pad: int = 2) -> str:

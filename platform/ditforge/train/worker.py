@@ -7,6 +7,7 @@ run would have; the global torch RNG is saved per rank anyway for anything outsi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,13 +22,16 @@ import torch.distributed as dist
 import yaml
 
 from ..data.loader import LatentLoader, Position
-from ..models.attention import backend_in_use
-from ..models.dit import DiT, DiTConfig, param_count
-from ..objectives.flow import RectifiedFlow
+from ..data.shards import DataError
+from ..models import attention
+from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
+from ..models.vae import build_vae
+from ..objectives import build_objective
 from ..spec import JobSpec
 from . import checkpoint
+from .ema import EMA
 from .engine import build_engine, precision
-from .sampling import sample_grid
+from .sampling import generate, sample_grid
 from .tracking import NullTracker, Tracker
 
 
@@ -44,16 +48,20 @@ def train_loop(config: dict) -> None:
 
     # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
     loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
-    latent_shape = loader.latent_shape  # (C, h, w) or (C, T, h, w): the most common bucket's
+    latent_shape = tuple(loader.latent_shape)  # (C, h, w) or (C, T, h, w): the most common bucket's
     C = latent_shape[0]
+    dtype = torch.bfloat16 if precision(spec) == "bf16" else torch.float32
+    text_encoder = _text_encoder(spec, device, dtype)  # frozen, outside DeepSpeed (see models/text.py)
+    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0)
+    # Resolve the attention kernel once, here, so the name logged is the kernel that runs.
+    dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    dit_cfg = DiTConfig(in_channels=C, size=spec.model.size, patch=spec.model.patch,
-                        num_classes=spec.model.num_classes, attention=spec.model.attention,
-                        grad_checkpointing=spec.model.grad_checkpointing)
     model = DiT(dit_cfg)
     engine = build_engine(model, spec)
-    objective = RectifiedFlow(spec.objective.t_sampling, spec.objective.cfg_dropout,
-                              model.null_class if spec.model.num_classes else None)
+    ema = EMA(engine.module, spec.train.ema_decay) if spec.train.ema_decay > 0 else None
+    objective = build_objective(spec.objective)
+    # Forward FLOPs per sample, counted once per mask ratio: FLOP/s shows what masking saves.
+    fwd_flops = {r: forward_flops(dit_cfg, latent_shape, r) for r in {0.0, spec.train.mask_ratio}}
     tracker = (Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
                if rank == 0 else NullTracker())
     run_uri = config["run_uri"]
@@ -71,20 +79,30 @@ def train_loop(config: dict) -> None:
         rng = checkpoint.read_tensors(folder, f"rng_rank{rank}.safetensors")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
+        ema_full = checkpoint.read_tensors(folder, "ema.safetensors")
+        if ema and ema_full is not None:  # full weights: each rank takes its own ZeRO-3 slice
+            ema.load_full_state_dict(engine.module, ema_full, state.get("ema_updates", state["step"]))
         shutil.rmtree(folder.parent, ignore_errors=True)
         print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
     tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
-                    "attention.backend": backend_in_use(spec.model.attention, device),
+                    "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
+                    "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
                     "precision": precision(spec), "resumed_from_step": start})
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
+                             "objective": spec.objective.model_dump(mode="json"),
                              "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
 
     def save(step: int) -> None:
         files = {"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(), "model.json": model_json} \
             if rank == 0 else {}
-        stall = ckpt.save(engine, step, {"step": step, "data": loader.position.to_dict()}, files=files,
-                          tensors={f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}})
+        tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
+        if ema:  # full EMA weights, written once by rank 0 (gathered under ZeRO-3: all ranks take part)
+            full = ema.full_state_dict(engine.module)
+            if rank == 0:
+                tensors["ema.safetensors"] = full
+        stall = ckpt.save(engine, step, {"step": step, "data": loader.position.to_dict(),
+                                         "ema_updates": ema.num_updates if ema else 0}, files=files, tensors=tensors)
         tracker.log({"checkpoint/stall_s": stall}, step)
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
@@ -97,15 +115,21 @@ def train_loop(config: dict) -> None:
     engine.train()
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
+    flops_since = 0.0
     stopping = False
     for step in range(start + 1, spec.train.steps + 1):
-        x, y, _keys = next(batches)
+        x, y, _keys, *rest = next(batches)  # captions, when the loader yields them
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = objective.loss(engine, x, y if spec.model.num_classes else None, step_generator(spec.train.seed, step, rank))
+        cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
+        ratio = mask_ratio_at(spec, step)
+        loss = objective.loss(engine, x, cond, step_generator(spec.train.seed, step, rank), mask_ratio=ratio)
         engine.backward(loss)
         engine.step()
+        if ema:
+            ema.update(engine.module)
         loss_sum += loss.detach()  # no host sync here: .item() only on logging steps
         steps_since += 1
+        flops_since += 3 * fwd_flops[ratio] * x.shape[0]  # forward + backward ≈ 3 forwards
 
         if step % spec.tracking.log_every == 0 or step == spec.train.steps:
             dist.all_reduce(loss_sum)  # mean over ranks and steps since the last log
@@ -113,13 +137,14 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - t_last
             metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step,
                        "train/step_s": elapsed / steps_since,
-                       "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed}
+                       "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed,
+                       "train/mask_ratio": ratio, "train/tflops_per_s": flops_since * world / elapsed / 1e12}
             tracker.log(metrics, step)
             if rank == 0:
                 print(f"step {step}/{spec.train.steps} loss {mean_loss:.4f} "
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
             loss_sum.zero_()
-            t_last, steps_since = time.perf_counter(), 0
+            t_last, steps_since, flops_since = time.perf_counter(), 0, 0.0
             stopping = checkpoint.stop_requested(run_uri, device)  # `ditforge stop`: leave after this step
 
         if (step % spec.checkpoint.every_steps == 0 or step == spec.train.steps
@@ -131,12 +156,16 @@ def train_loop(config: dict) -> None:
                 print(f"stop requested: leaving at step {step}", flush=True)
             break
         if spec.tracking.sample_every and step % spec.tracking.sample_every == 0 and step != spec.train.steps:
-            _sample(engine, spec, tuple(latent_shape), device, tracker, rank, step)
+            _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, step)
+            t_last = time.perf_counter()
+        if spec.eval.every_steps and step % spec.eval.every_steps == 0 and step != spec.train.steps:
+            _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, step)
             t_last = time.perf_counter()
 
-    # --- end: samples from the trained weights, wait for the last upload, flush tracking --------
+    # --- end: samples and quality from the EMA weights, wait for the last upload, flush ----------
     if not stopping:
-        _sample(engine, spec, tuple(latent_shape), device, tracker, rank, spec.train.steps)
+        _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, spec.train.steps)
+        _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, spec.train.steps)
     ckpt.wait()
     tracker.close()
     dist.barrier()
@@ -152,13 +181,80 @@ def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
         tracker.log({"checkpoint/failed": 1.0}, stats.step)
 
 
-def _sample(engine, spec: JobSpec, latent_shape, device, tracker, rank: int, step: int) -> None:
+def mask_ratio_at(spec: JobSpec, step: int) -> float:
+    """MicroDiT's schedule: mask for most of training, then fine-tune unmasked for the final
+    `train.unmask_last` fraction of the steps, so the model meets full token sets before sampling."""
+    if spec.train.mask_ratio == 0 or step > spec.train.steps * (1 - spec.train.unmask_last):
+        return 0.0
+    return spec.train.mask_ratio
+
+
+def _tokens(cfg, latent_shape) -> int:
+    T = latent_shape[1] // cfg.patch_t if len(latent_shape) == 4 else 1
+    return T * (latent_shape[-2] // cfg.patch) * (latent_shape[-1] // cfg.patch)
+
+
+def _text_encoder(spec: JobSpec, device, dtype):
+    if spec.model.text != "transformers":
+        return None
+    from ..models.text import TextEncoder
+
+    return TextEncoder(spec.model.text_encoder, spec.model.text_len, device, dtype)
+
+
+def _conditioning(spec: JobSpec, y, captions, text_encoder, device) -> dict:
+    """A batch's conditioning for the model: class ids and/or caption tokens / embeddings."""
+    cond = {"y": y if spec.model.num_classes else None}
+    if spec.model.text != "none":
+        if captions is None:
+            raise DataError(f"{spec.data.train}: model.text is {spec.model.text!r} but the loader yields no captions")
+        cond["text"] = (tokenize_bytes(list(captions), spec.model.text_len).to(device) if text_encoder is None
+                        else text_encoder.encode(list(captions)))
+    return cond
+
+
+@contextlib.contextmanager
+def _sampling_weights(engine, ema):
+    """Full EMA weights (raw ones without EMA) on every rank, for sampling; collective."""
     import deepspeed
 
+    model = engine.module
     # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+    with (ema.swapped_in(model, gather=True) if ema
+          else deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)):
+        yield model
+
+
+def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, step: int) -> None:
+    with _sampling_weights(engine, ema) as model:
         if rank == 0:
             out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
-            sample_grid(engine.module, latent_shape, spec.sample, spec.vae, out, device, precision(spec) == "bf16")
-            tracker.artifact(out, "samples")
+            for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, precision(spec) == "bf16",
+                                    objective=objective):
+                tracker.artifact(path, "samples")
             print(f"samples at step {step} → MLflow samples/{os.path.basename(out)}", flush=True)
+
+
+def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, step: int):
+    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow."""
+    from . import quality
+
+    vae = build_vae(spec.vae)
+    frames = latent_shape[1] * vae.temporal_downsample if len(latent_shape) == 4 else 1
+    name = quality.which_set(loader.manifest.get("classes"), frames)
+    if not spec.eval.quality or name is None or not spec.model.num_classes:
+        return
+    with _sampling_weights(engine, ema) as model:
+        if rank != 0:
+            return
+        t0 = time.perf_counter()
+        res = latent_shape[-1] * vae.f  # the pixel resolution the latents decode to
+        classifier = quality.train_classifier(name, res, frames)
+        y = torch.arange(spec.model.num_classes, device=device).repeat_interleave(spec.eval.per_class)
+        z = generate(model, objective, latent_shape, y, spec.sample.model_copy(update={"steps": spec.eval.steps,
+                     "seed": spec.sample.seed + 1}), device, precision(spec) == "bf16")
+        metrics = quality.score(classifier, vae.decode(z.cpu()), y.cpu(), name, res, frames)
+        metrics["quality/seconds"] = time.perf_counter() - t0
+        tracker.log(metrics, step)
+        print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
+              f"FD {metrics['quality/fd']:.3f}", flush=True)

@@ -1,0 +1,74 @@
+"""DDPM (Ho et al. 2020) with ε- or v-prediction (Salimans & Ho 2022), linear (Ho) or cosine
+(Nichol & Dhariwal 2021) noise schedules.
+
+x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·ε for a discrete step t ∈ [0, steps); the network sees t/steps in [0, 1),
+the same time input rectified flow uses, so one DiT serves both. Loss weighting: `none`, or
+`min_snr` (Hang et al. 2023): w = min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import as_cond, call_model, cfg_drop, weighted_mse
+
+
+def alphas_cumprod(schedule: str, steps: int) -> torch.Tensor:
+    """ᾱ_t for t = 0..steps-1, float64."""
+    if schedule == "linear":
+        scale = 1000 / steps  # keeps the schedule's ends when steps != 1000 (improved DDPM)
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+    elif schedule == "cosine":
+        s = 0.008
+        f = lambda u: math.cos((u / steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(steps)], dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class DDPM:
+    kind = "ddpm"
+
+    def __init__(self, prediction: str = "eps", schedule: str = "linear", steps: int = 1000, cfg_dropout: float = 0.1,
+                 *, weighting: str = "none", snr_gamma: float = 5.0):
+        self.prediction, self.schedule, self.steps, self.cfg_dropout = prediction, schedule, steps, cfg_dropout
+        self.weighting, self.snr_gamma = weighting, snr_gamma
+        self.ab = alphas_cumprod(schedule, steps)  # (steps,) float64
+
+    def _coef(self, idx: torch.Tensor, ndim: int, device, dtype):
+        ab = self.ab[idx.cpu()].to(device)
+        shape = (-1, *[1] * (ndim - 1))
+        return ab.sqrt().view(shape).to(dtype), (1 - ab).sqrt().view(shape).to(dtype)
+
+    def weight(self, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.weighting == "none":
+            return None
+        ab = self.ab[idx.cpu()]
+        snr = ab / (1 - ab)
+        w = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        return w.float().to(idx.device)
+
+    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0) -> torch.Tensor:
+        cond = as_cond(cond)
+        B = x0.shape[0]
+        idx = torch.randint(0, self.steps, (B,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
+        a, s = self._coef(idx, x0.dim(), x0.device, x0.dtype)
+        xt = a * x0 + s * noise
+        out, keep = call_model(model, xt, (idx.float() / self.steps).to(x0.device), cond, drop, mask_ratio, gen)
+        target = noise if self.prediction == "eps" else a * noise - s * x0
+        return weighted_mse(out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None, keep)
+
+    def x0_eps(self, out: torch.Tensor, xt: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network output at step idx → (x0, ε) estimates."""
+        ab = float(self.ab[idx])
+        a, s = ab**0.5, (1 - ab) ** 0.5
+        if self.prediction == "eps":
+            eps = out
+            return (xt - s * eps) / a, eps
+        x0 = a * xt - s * out  # v = a·ε - s·x0  ⇒  x0 = a·x_t - s·v, ε = s·x_t + a·v
+        return x0, s * xt + a * out

@@ -1,0 +1,74 @@
+"""Samplers: Euler and Heun for rectified flow; DDIM (η = 0) and DDPM ancestral for diffusion;
+classifier-free guidance; all noise drawn from one generator seeded by `seed`, so a fixed seed
+gives the same samples.
+
+`cond` is the model's conditioning ({"y": (B,), "text": ...}); the unconditional branch is the
+same batch with `drop` set, so the model swaps in its own null class and null caption.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLERS = {"rectified_flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
+
+
+def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float) -> torch.Tensor:
+    """out_u + s·(out_c - out_u), both branches in one batch of 2B; plain conditional if s == 1."""
+    cond = {k: v for k, v in cond.items() if v is not None}
+    if not cond or cfg_scale == 1.0:
+        return model(x, t, **cond)
+    B = x.shape[0]
+    both = {k: torch.cat([v, v]) for k, v in cond.items()}
+    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
+    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), **both, drop=drop).float().chunk(2)
+    return out_u + cfg_scale * (out_c - out_u)
+
+
+@torch.no_grad()
+def sample(objective, model, shape: tuple, cond: dict, *, sampler: str = "auto", steps: int = 25,
+           cfg_scale: float = 1.0, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Noise → latents of `shape` (B, C, [T,] H, W)."""
+    kinds = SAMPLERS[objective.kind]
+    sampler = kinds[0] if sampler == "auto" else sampler
+    if sampler not in kinds:
+        raise ValueError(f"sample.sampler: {sampler!r} does not fit {objective.kind} (use {' or '.join(kinds)})")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(device)
+    if objective.kind == "rectified_flow":
+        return _flow(model, x, cond, steps, cfg_scale, heun=sampler == "heun", device=device)
+    return _diffusion(objective, model, x, cond, steps, cfg_scale, ancestral=sampler == "ddpm", gen=gen, device=device)
+
+
+def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device):
+    ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    B = x.shape[0]
+    v_at = lambda x, t: guided(model, x, torch.full((B,), t, device=device), cond, cfg_scale).float()  # noqa: E731
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        d = v_at(x, t)
+        x_euler = x + (t_next - t) * d
+        if heun and t_next > 0:  # Heun's 2nd-order correction (EDM); the last step stays Euler
+            x = x + (t_next - t) * 0.5 * (d + v_at(x_euler, t_next))
+        else:
+            x = x_euler
+    return x
+
+
+def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device):
+    # An evenly spaced subsequence of the training steps, from the noisiest down to 0.
+    idxs = torch.linspace(obj.steps - 1, 0, steps).round().long().unique_consecutive().tolist()
+    B = x.shape[0]
+    for i, idx in enumerate(idxs):
+        out = guided(model, x, torch.full((B,), idx / obj.steps, device=device), cond, cfg_scale)
+        x0, eps = obj.x0_eps(out, x, idx)
+        ab = float(obj.ab[idx])
+        ab_prev = float(obj.ab[idxs[i + 1]]) if i + 1 < len(idxs) else 1.0
+        if not ancestral:  # DDIM, η = 0: deterministic
+            x = ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps
+            continue
+        # DDPM posterior q(x_prev | x_t, x0) for the (possibly strided) step.
+        beta = 1 - ab / ab_prev
+        mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
+        var = beta * (1 - ab_prev) / (1 - ab)
+        x = mean if i + 1 == len(idxs) else mean + var**0.5 * torch.randn(x.shape, generator=gen).to(device)
+    return x

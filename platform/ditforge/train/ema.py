@@ -1,0 +1,136 @@
+"""Exponential moving average of the weights, which sampling and export use.
+
+Under ZeRO-3 a rank holds only a slice of every weight (`param.ds_tensor`), so each rank averages
+its own slice: no gather per step, memory divided by the world size like the weights themselves.
+`swapped_in()` writes the averages into those slices, and a `GatheredParameters` context opened
+inside it then sees full EMA weights on every rank. Without ZeRO-3 (stages 0-2) every rank holds
+full weights and keeps a full, identical average.
+
+The decay warms up as min(decay, (1 + n)/(10 + n)) after n updates (as in timm / TF's EMA), so a
+short run's average is not dominated by its random initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+def _partitioned(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    """The part of a parameter this rank owns: its ZeRO-3 partition, or the whole tensor. ZeRO-3
+    keeps small parameters (under `stage3_param_persistence_threshold`) whole on every rank
+    (`ds_persist`); those are averaged whole, like without ZeRO-3."""
+    return p.ds_tensor if _partitioned(p) else p.data
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.num_updates = 0
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.partitioned = any(hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params.values())
+        self.shadow = {n: self._initial(params[n]) for n in self.names}  # fp32 averages
+
+    @staticmethod
+    def _initial(p: nn.Parameter) -> torch.Tensor:
+        # A ZeRO-3 persistent parameter is whole on every rank, but only once a forward has fetched
+        # it: right after deepspeed.initialize its data may still be empty, so gather it (collective).
+        if hasattr(p, "ds_tensor") and getattr(p, "ds_persist", False) and p.data.numel() != p.ds_numel:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                return p.data.detach().float().clone()
+        return _local(p).detach().float().clone()
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        return {n: params[n] for n in self.names}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """After each optimizer step. `model` is the engine's module (not the engine)."""
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for n, p in self._params(model).items():
+            self.shadow[n].lerp_(_local(p).float(), 1 - d)
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module, gather: bool = False):
+        """Within the block the model's weights are the EMA ones; restored on exit. gather=True
+        (collective) also gathers ZeRO-3 weights, so every rank sees the full EMA weights."""
+        import deepspeed
+
+        params = self._params(model)
+        parts = {n: p for n, p in params.items() if _partitioned(p)}
+        # Partitioned weights: write the averaged slices into the partitions, then gather.
+        backup = {n: p.ds_tensor.detach().clone() for n, p in parts.items()}
+        with torch.no_grad():
+            for n, p in parts.items():
+                p.ds_tensor.copy_(self.shadow[n])
+        zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
+        gathered = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+                    if gather and zero3 else contextlib.nullcontext())
+        try:
+            with gathered:
+                # Whole weights (no ZeRO-3, or ZeRO-3 persistent ones, fetched by the gather): swap
+                # in place, and put the raw values back before the gather releases them.
+                whole = {n: p for n, p in params.items() if n not in parts and p.data.numel() == self.shadow[n].numel()}
+                raw = {n: p.data.detach().clone() for n, p in whole.items()}
+                with torch.no_grad():
+                    for n, p in whole.items():
+                        p.data.copy_(self.shadow[n])
+                try:
+                    yield model
+                finally:
+                    with torch.no_grad():
+                        for n, p in whole.items():
+                            p.data.copy_(raw[n])
+        finally:
+            with torch.no_grad():
+                for n, p in parts.items():
+                    p.ds_tensor.copy_(backup[n])
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective under ZeRO-3 (every rank calls it): full EMA weights, e.g. for export."""
+        with self.swapped_in(model, gather=True):
+            return {n: p.detach().float().clone() for n, p in self._params(model).items()}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, model: nn.Module, full: dict[str, torch.Tensor], num_updates: int) -> None:
+        """Resume from full EMA weights (what checkpoints store, as `ema.safetensors`): each rank
+        keeps its own ZeRO-3 slice, cut the way ZeRO-3 cuts the weight (flattened, equal padded
+        parts in rank order), so a resume may use another world size."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for n, p in self._params(model).items():
+            t = full[n].float()
+            if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
+                part = self.shadow[n].numel()
+                flat = t.flatten()[rank * part:(rank + 1) * part]
+                t = torch.cat([flat, flat.new_zeros(part - flat.numel())])
+            self.shadow[n].copy_(t.view_as(self.shadow[n]))
+        self.num_updates = num_updates
+
+    # Resume state of this rank (under ZeRO-3: its slices).
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
+                "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["partitioned"] != self.partitioned:
+            raise RuntimeError("EMA state was saved with a different ZeRO stage (partitioned vs full)")
+        for n, t in state["shadow"].items():
+            if t.shape != self.shadow[n].shape:
+                raise RuntimeError(f"EMA state for {n}: shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)} "
+                                   "(saved at another world size under ZeRO-3?)")
+            self.shadow[n].copy_(t)
+        self.decay, self.num_updates = state["decay"], state["num_updates"]

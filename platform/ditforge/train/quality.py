@@ -1,0 +1,151 @@
+"""Sample quality with no download: a small classifier the project trains on its own generated sets.
+
+For `shapes` (images; class = shape) and `moving-shapes` (videos; class = direction of motion) a
+small CNN (2D, or 3D for clips) is trained on freshly generated samples, then scores the class-
+conditional samples of a run:
+
+- `quality/class_accuracy`: how often the classifier assigns a sample the class it was generated
+  for (chance = 1 / classes);
+- `quality/fd`: the Fréchet distance (FID's formula, Heusel et al. 2017) between the classifier's
+  penultimate features of generated and of real samples. Only comparable between runs scored
+  with the same classifier and sample count.
+
+The classifier is a pure function of (set, resolution, frames, seed), trained in seconds on CPU,
+and cached under $DITFORGE_HOME/cache/quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data import synthetic
+
+VERSION = 1
+CLASSIFIER_SEED, REFERENCE_SEED = 7_001, 7_002  # neither is a training set's seed (0)
+
+
+def which_set(classes: list[str] | None, frames: int) -> str | None:
+    """The generated set a latent manifest's class list names, if any."""
+    if frames == 1 and list(classes or []) == synthetic.CLASSES:
+        return "shapes"
+    if frames > 1 and list(classes or []) == getattr(synthetic, "DIRECTIONS", None):
+        return "moving-shapes"
+    return None
+
+
+def real_pixels(name: str, indices, resolution: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ pixels (N, 3, [T,] H, W) in [-1, 1], classes (N,)."""
+    xs, ys = [], []
+    for i in indices:
+        if name == "shapes":
+            img, cls, _ = synthetic.shape_image(int(i), resolution, seed)
+            arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
+        else:
+            clip, cls, _ = synthetic.moving_shapes_video(int(i), resolution, frames, seed)
+            arr = clip.astype(np.float32).transpose(3, 0, 1, 2)  # (3, T, H, W)
+        xs.append(arr)
+        ys.append(cls)
+    return torch.from_numpy(np.stack(xs)) / 127.5 - 1, torch.tensor(ys)
+
+
+class Classifier(nn.Module):
+    def __init__(self, num_classes: int, video: bool, width: int = 16):
+        super().__init__()
+        Conv = nn.Conv3d if video else nn.Conv2d
+        Norm = nn.BatchNorm3d if video else nn.BatchNorm2d  # normalisation: 0.4 → 0.99 accuracy here
+        s = (1, 2, 2) if video else 2  # keep time until the last layer: motion is the class
+        w = width
+        self.body = nn.Sequential(  # small on purpose: it trains in seconds on a shared 2-core CPU
+            # Images keep full resolution in the first layer (shape detail is the class); clips
+            # halve it at once (motion is the class, and there are T times more pixels).
+            Conv(3, w, 3, stride=s if video else 1, padding=1), Norm(w), nn.SiLU(),
+            Conv(w, 2 * w, 3, stride=s, padding=1), Norm(2 * w), nn.SiLU(),
+            Conv(2 * w, 4 * w, 3, stride=s, padding=1), Norm(4 * w), nn.SiLU(),
+            Conv(4 * w, 4 * w, 3, stride=2, padding=1), Norm(4 * w), nn.SiLU(),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, [T,] H, W) → (B, 4·width) pooled features."""
+        return self.body(x).flatten(2).mean(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("DITFORGE_HOME")
+    return Path(home) / "cache" / "quality" if home else Path.home() / ".cache" / "ditforge" / "quality"
+
+
+def train_classifier(name: str, resolution: int, frames: int = 1, *, n: int | None = None, epochs: int = 6,
+                     cache: bool = True, log=print) -> Classifier:
+    video = name == "moving-shapes"
+    classes = synthetic.DIRECTIONS if video else synthetic.CLASSES
+    n = n or (1200 if video else 2000)
+    key = hashlib.sha256(repr((VERSION, name, resolution, frames, n, epochs)).encode()).hexdigest()[:12]
+    path = _cache_dir() / f"{name}-{resolution}px-{frames}f-{key}.pt"
+    model = Classifier(len(classes), video)
+    if cache and path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    torch.manual_seed(CLASSIFIER_SEED)
+    x, y = real_pixels(name, range(n), resolution, frames, CLASSIFIER_SEED)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    bs = 128
+    steps = epochs * (n // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(n)
+        for b in range(n // bs):
+            idx = perm[b * bs: (b + 1) * bs]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    xv, yv = real_pixels(name, range(n, n + 400), resolution, frames, CLASSIFIER_SEED)
+    with torch.no_grad():
+        acc = (model(xv).argmax(1) == yv).float().mean().item()
+    log(f"quality classifier for {name} {resolution}px: held-out accuracy {acc:.3f}")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)  # atomic: concurrent workers never read half a file
+    return model
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2(Σa^½ Σb Σa^½)^½), in float64 via symmetric eigendecompositions."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(ca)
+    sqrt_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cb @ sqrt_a).clamp_min(0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + ca.trace() + cb.trace() - 2 * cross)
+
+
+@torch.no_grad()
+def score(classifier: Classifier, pixels: torch.Tensor, labels: torch.Tensor, name: str, resolution: int,
+          frames: int = 1) -> dict[str, float]:
+    """pixels (N, 3, [T,] H, W) in [-1, 1] generated for `labels` → accuracy and FD vs N real samples."""
+    feats, preds = [], []
+    for chunk in pixels.split(128):
+        f = classifier.features(chunk.float())
+        feats.append(f)
+        preds.append(classifier.head(f).argmax(1))
+    real, _ = real_pixels(name, range(len(pixels)), resolution, frames, REFERENCE_SEED)
+    real_feats = torch.cat([classifier.features(c) for c in real.split(128)])
+    return {"quality/class_accuracy": (torch.cat(preds) == labels.cpu()).float().mean().item(),
+            "quality/fd": frechet_distance(torch.cat(feats), real_feats)}
