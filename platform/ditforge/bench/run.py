@@ -7,7 +7,7 @@ import json
 import platform
 import time
 
-SECTIONS = ["data", "checkpoint"]  # each a module in this package with run(quick) -> list[dict]
+SECTIONS = ["train", "data", "checkpoint"]  # each a module in this package with run(quick) -> list[dict]
 
 
 def run_all(quick: bool, sections: list[str] | None = None) -> dict:
