@@ -10,13 +10,7 @@ from ditforge.spec import SpecError, load_job
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads per test run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU_BACKENDS = ["math", "sdpa_flash", "auto"]
 

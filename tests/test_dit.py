@@ -27,13 +27,7 @@ from ditforge.models.dit import SIZES, DiT, DiTConfig, forward_flops, param_coun
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads per test run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def param_formula(size: str, C: int, p: int, K: int, pt: int = 1) -> int:

@@ -14,13 +14,7 @@ from ditforge.spec import ObjectiveSpec
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads per test run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 OBJECTIVES = [
     dict(kind="rectified_flow", t_sampling="uniform"),

@@ -9,12 +9,7 @@ from ditforge.models.vae import DiffusersVAE, IdentityVAE, KLAutoencoder, build_
 from ditforge.spec import VAESpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shapes(n: int, res: int = 16) -> torch.Tensor:
