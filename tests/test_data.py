@@ -175,8 +175,10 @@ def test_encode_round_trip_and_resume_on_s3(s3_prefix):
     assert m2["shards"] == m["shards"] and shards.read_part(latents, m["shards"][0]["name"]) == before
 
     # The stream reads the S3 set like a local one.
-    x, y, keys = next(iter(LatentLoader(latents, 8, 0, 2, seed=0)))
+    x, y, keys, captions = next(iter(LatentLoader(latents, 8, 0, 2, seed=0)))
     assert x.shape == (8, 12, 16, 16) and len(set(keys)) == 8
+    # captions travel with their samples (the shapes set captions every image)
+    assert len(captions) == 8 and all(c.startswith("a ") for c in captions)
 
 
 def test_encode_videos_gives_channel_time_latents(tmp_path):
@@ -184,7 +186,7 @@ def test_encode_videos_gives_channel_time_latents(tmp_path):
     ingest.ingest("moving-shapes", mv, limit=6, frames=4, progress=False)
     m = encode_dataset(mv, lat, parse_vae("identity"), progress=False)
     assert m["latent_shape"] == [12, 4, 16, 16]
-    x, y, _ = next(iter(LatentLoader(lat, 3, 0, 1, seed=0)))
+    x, y, _, _ = next(iter(LatentLoader(lat, 3, 0, 1, seed=0)))
     assert x.shape == (3, 12, 4, 16, 16) and set(y.tolist()) <= set(range(8))
 
 

@@ -29,7 +29,7 @@ def make_latents(uri: str, sizes: list[int], shapes: list[tuple[int, ...]] | Non
 
 
 def take(loader: LatentLoader, n: int) -> list[list[str]]:
-    return [keys for _, _, keys in itertools.islice(iter(loader), n)]
+    return [keys for _, _, keys, _ in itertools.islice(iter(loader), n)]
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_world_size_change_on_resume(data, capsys):
 def test_batches_never_mix_buckets(data):
     loader = LatentLoader(data, 3, 0, 1, seed=0)
     shapes = set()
-    for x, y, keys in itertools.islice(iter(loader), 2 * loader.batches_per_epoch(0)):
+    for x, y, keys, _captions in itertools.islice(iter(loader), 2 * loader.batches_per_epoch(0)):
         # every sample of a batch carries its key as value: all from shards of one shape
         assert x.shape[0] == len(keys) == y.shape[0] == 3
         assert [int(v) for v in x.flatten(1)[:, 0]] == [int(k) for k in keys]

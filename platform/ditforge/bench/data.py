@@ -95,7 +95,7 @@ def _stream(uri: str, where: str) -> list[dict]:
     it = iter(loader)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n_batches):
-        x, y, _ = next(it)
+        x, y, _, _ = next(it)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = n_batches * BATCH
     return [_row("data.stream", f"samples_per_s_{where}", samples / dt, "samples/s/worker", samples=samples,

@@ -159,9 +159,10 @@ class LatentLoader:
         finally:
             stop.set()  # a consumer that stops early must not leave the reader blocked forever
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        """Yields (latents (B, *shape) float32, classes (B,) int64, keys) forever, epoch after epoch.
-        shape is (C, h, w) for images and (C, T, h, w) for videos, one bucket per batch."""
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
+        """Yields (latents (B, *shape) float32, classes (B,) int64, keys, captions) forever, epoch
+        after epoch. shape is (C, h, w) for images and (C, T, h, w) for videos, one bucket per
+        batch; a sample without a caption gets "" (the text encoder's unconditional input)."""
         while True:
             pos = self._position
             n = self.batches_per_epoch(pos.epoch)
@@ -171,6 +172,13 @@ class LatentLoader:
                 x = torch.from_numpy(np.stack([shards.npy_load(s["latent.npy"]) for s in batch]))
                 y = torch.tensor([int(s["cls"]) for s in batch], dtype=torch.long)
                 pos.batch += 1
-                yield x, y, [s["__key__"] for s in batch]
+                captions = [_text(s.get("txt")) for s in batch]
+                yield x, y, [s["__key__"] for s in batch], captions
             stream.close()
             self._position = Position(pos.epoch + 1, 0, self.world, self.batch_size)
+
+
+def _text(raw) -> str:
+    if raw is None:
+        return ""
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
