@@ -28,6 +28,7 @@ class Tracker:
         self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
         self._pending: deque = deque()  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._flush_every = flush_every_s
         self.failures = 0
@@ -92,6 +93,10 @@ class Tracker:
             backoff = self._flush_every if ok else min(30.0, backoff * 2)
 
     def _flush(self) -> bool:
+        with self._flush_lock:  # close() and the background thread may both flush
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
         while True:
             with self._lock:
                 if not self._pending:
