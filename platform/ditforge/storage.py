@@ -48,6 +48,10 @@ def s3_options() -> dict:
         opts["client_kwargs"] = {"endpoint_url": endpoint, "region_name": env.get("AWS_REGION", "us-east-1")}
     # Listings must be fresh: another rank may have just written the file we look for.
     opts["use_listings_cache"] = False
+    # One retry loop, ours (`retry` below): botocore's and s3fs's own loops nested inside it turned
+    # a 5-attempt retry into minutes of hanging on a store that is down.
+    opts["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 5,
+                             "read_timeout": 120}
     opts["skip_instance_cache"] = True
     return opts
 
@@ -71,6 +75,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs = _FS.get(key)
     if fs is None:
         fs, path = fsspec.core.url_to_fs(uri, **opts)
+        if scheme == "s3":
+            fs.retries = 1  # s3fs's own retry loop (see s3_options)
         _FS[key] = fs
         return fs, path
     return fs, fs._strip_protocol(uri)
@@ -95,7 +101,7 @@ class StorageUnavailable(OSError):
     """The store did not answer through all retries."""
 
 
-def retry(fn, *args, attempts: int = 5, base_delay: float = 0.5, **kwargs):
+def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
     """Object stores blip: retry with exponential backoff, then raise StorageUnavailable (an
     OSError, so callers need to know only one kind of failure)."""
     for i in range(attempts):
