@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         client.set_terminated(job["mlflow_run_id"], "KILLED")
         print(f"ditforge: run {job['run_name']} stopped on request", flush=True)
         return 0
-    if spec.tracking.register_model:
+    if spec.tracking.register_model and spec.task == "dit":  # a VAE job's result is its vae.path
         finalize(job, client)
     client.set_terminated(job["mlflow_run_id"], "FINISHED")
     print(f"ditforge: run {job['run_name']} finished", flush=True)
