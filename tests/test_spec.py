@@ -130,5 +130,18 @@ def test_deepspeed_section_passes_extra_keys_through(tmp_path: Path):
           communication_data_type: fp32
     """))
     cfg = deepspeed_config(load_job(f))
-    assert cfg["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000  # the raw DeepSpeed key wins
+    assert zero["allgather_bucket_size"] == 50_000_000  # bucket_mb: 200 MB of fp32 gradients (CPU)
     assert cfg["communication_data_type"] == "fp32"
+
+
+def test_bucket_size_follows_the_spec_and_the_gradient_dtype(tmp_path: Path):
+    from ditforge.train.engine import deepspeed_config
+
+    f = tmp_path / "job.yaml"
+    f.write_text(GOOD_JOB + "deepspeed: {zero_stage: 2, bucket_mb: 50}\n")
+    cpu = deepspeed_config(load_job(f))["zero_optimization"]
+    assert cpu["reduce_bucket_size"] == 12_500_000 and cpu["overlap_comm"] is False
+    gpu = deepspeed_config(load_job(f, ["resources.use_gpu=true"]))["zero_optimization"]
+    assert gpu["reduce_bucket_size"] == 25_000_000 and gpu["overlap_comm"] is False  # bf16 gradients

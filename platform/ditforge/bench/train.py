@@ -1,68 +1,79 @@
-"""Training-step throughput, MFU and per-rank memory: ditforge's DeepSpeed step vs a plain loop.
+"""Training-step throughput, MFU and per-rank memory: ditforge's step vs a plain PyTorch loop.
 
-CPU configuration (always): DiT-S/2 on 4x32x32 latents, 2 ranks (gloo), rectified-flow loss.
-  - `ditforge`: the worker's engine (`train/engine.build_engine`, ZeRO-2, torch AdamW);
-  - `baseline`: the same model and batch in a plain PyTorch loop (DDP + AdamW), the loop people
-    write by hand. Both run in the same two processes, timed in alternating blocks (A B A B) so
-    machine noise hits both alike; ratio = ditforge / baseline samples/s.
-  - memory: for ZeRO 0/1/2/3, each rank's parameter + gradient + optimizer-state bytes (counted
-    from the tensors the engine holds) and the process RSS.
-GPU configuration (when CUDA is present): DiT-B/2 and DiT-XL/2 at 4x32x32, bf16, same comparison
-on one GPU, peak from a table of known devices and from a large bf16 matmul measured here.
+Both loops run in the same processes, timed in alternating blocks (A B A B ...) so machine noise
+hits both alike; ratio_to_baseline = ditforge samples/s / baseline samples/s.
 
-FLOPs per step = 3 x forward FLOPs (counted by `models.dit.forward_flops` with torch's
-FlopCounterMode: every matmul, conv and attention product, 2 FLOPs per multiply-add) x batch.
-MFU = achieved FLOP/s per device / the device's peak.
+  - `ditforge`: the worker's own pieces: the model built from a JobSpec, `train.engine.build_engine`
+    (DeepSpeed, torch.compile per `model.compile`), `train.step.train_step` (objective loss,
+    backward, step, EMA), noise drawn on the device.
+  - `baseline`: the loop people write by hand: the same DiT and objective, fp32 weights with bf16
+    autocast on GPU, DDP when there are several ranks, torch AdamW (fused on GPU), an EMA with
+    `torch._foreach_lerp_`. Eager, no DeepSpeed.
+
+CPU configuration (always): DiT-S/2 on 4x32x32 latents, 2 ranks (gloo), ZeRO-2; per-rank memory
+for ZeRO 0/1/2/3 counted from the tensors the engine holds (parameters, gradients, optimizer
+state), plus the process RSS.
+GPU configuration (CUDA present, one GPU, bf16): DiT-B/2 and DiT-XL/2 at 4x32x32 latents
+(256x256 pixels), the largest batch that fits (probed), activation checkpointing off/on, compile
+off/on; ZeRO 0/1/2 step time and peak memory; each attention kernel's forward+backward at the
+XL/2 shapes; a torch.profiler table of the top kernels and the host syncs per step.
+
+FLOPs per step = 3 x forward FLOPs x batch: forward FLOPs are counted by
+`models.dit.forward_flops` (torch's FlopCounterMode: every matmul and attention product, 2 FLOPs
+per multiply-add), backward = 2x forward. Activation checkpointing recomputes the forward, which
+is not counted (model FLOPs, as in the PaLM MFU definition). MFU = achieved FLOP/s / peak, with
+the peak from a table of known devices and, reported beside it, a large bf16 matmul measured in
+the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..models.dit import DiT, DiTConfig, forward_flops
+from ..models import attention
+from ..models.dit import DiT, dit_config, forward_flops
+from ..objectives import build_objective
 from ..spec import JobSpec
 from .common import device_name, free_port
 
-# Dense bf16 peaks (TFLOP/s) of known devices.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
+# Dense bf16 peaks (TFLOP/s, without sparsity) of known devices.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+LATENT = (4, 32, 32)  # 256x256 images through an f8 VAE
 
 
-def _known_peak() -> float | None:
+def known_peak() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(0)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """A large matmul's FLOP/s here (per device; on CPU per rank's threads)."""
-    n = 4096 if device.type == "cuda" else 1024
+def measured_peak_tflops(device: torch.device) -> float:
+    """A large matmul's FLOP/s here (bf16 on GPU; fp32 on CPU, per rank's threads)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
     reps = 20 if device.type == "cuda" else 3
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(3):
+        a @ b
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def _flow_loss(model, x, y, gen):
-    t = torch.rand(x.shape[0], generator=gen).to(x.device)
-    noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-    tt = t.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-    v = model((1 - tt) * x + tt * noise, t, y)
-    return torch.nn.functional.mse_loss(v.float(), (noise - x).float())
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _rss() -> int:
@@ -71,197 +82,459 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _state_bytes(*objs) -> int:
-    """Bytes of distinct tensor storages reachable from modules / optimizers (dedup by pointer)."""
-    seen, total = set(), 0
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
-    def add(t):
+
+def _peak(device: torch.device, before: int) -> int:
+    """GPU: the peak allocated by this loop alone (what earlier, not yet freed models hold is
+    taken off); CPU: the process RSS."""
+    return torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else _rss()
+
+
+def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
+    return JobSpec.model_validate({
+        "name": "bench", "data": {"train": "file:///unused", "batch_size": v["batch"]},
+        "model": {"size": v["size"], "patch": 2, "num_classes": 1000, "grad_checkpointing": v["ckpt"],
+                  "compile": v["compile"]},
+        "deepspeed": {"zero_stage": v["zero"], "overlap_comm": v.get("overlap_comm", False)},
+        "resources": {"workers": world, "use_gpu": use_gpu},
+        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9999}})
+
+
+# ------------------------------------------------------------------------------ the two loops
+
+
+class Loops:
+    """The ditforge step and the baseline step for one variant, on one rank."""
+
+    def __init__(self, v: dict, rank: int, world: int, device: torch.device):
+        from ..train.ema import EMA
+        from ..train.engine import build_engine
+        from ..train.step import step_generator, train_step
+
+        use_gpu = device.type == "cuda"
+        spec = _spec(v, world, use_gpu)
+        cfg = dit_config(spec.model, LATENT[0])
+        dtype = torch.bfloat16 if use_gpu else torch.float32
+        cfg.attention = attention.resolve(spec.model.attention, device, dtype, cfg.hidden // cfg.heads)
+        self.cfg, self.backend = cfg, cfg.attention
+        objective = build_objective(spec.objective)
+        B = v["batch"]
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(B, *LATENT, generator=g).to(device)
+        cond = {"y": torch.randint(0, 1000, (B,), generator=g).to(device)}
+        self.step_no = 0
+
+        torch.manual_seed(0)
+        with device:  # initialised where it trains: an XL model takes seconds to initialise on a CPU
+            model = DiT(cfg)
+        engine = build_engine(model, spec)
+        ema = EMA(engine.module, spec.train.ema_decay)
+        xd = x.to(dtype)
+        self.engine, self.ema = engine, ema
+
+        def ditforge_step():
+            self.step_no += 1
+            train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema)
+
+        self.ditforge = ditforge_step
+        self.baseline = None
+        self._args = (objective, x, cond, rank, world, device)
+
+    def add_baseline(self) -> None:
+        """Built after the ditforge loop's memory was measured, so that figure is its own."""
+        objective, x, cond, rank, world, device = self._args
+        use_gpu = device.type == "cuda"
+        cfg = self.cfg
+        from ..train.step import step_generator
+
+        torch.manual_seed(0)
+        with device:  # the plain loop's attention is SDPA's flash kernel (the math kernel on CPU)
+            model = DiT(dataclasses.replace(cfg, attention="sdpa_flash" if use_gpu else "math"))
+        net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
+               if world > 1 else model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_gpu or None)
+        shadow = [p.detach().clone().float() for p in model.parameters()]
+        params = list(model.parameters())
+
+        def baseline_step():
+            self.step_no += 1
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_gpu):
+                loss = objective.loss(net, x, cond, step_generator(0, self.step_no, rank, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(shadow, [p.detach().float() for p in params], 1 - 0.9999)
+
+        self.baseline = baseline_step
+
+
+def _timed(step, n: int, device: torch.device, world: int) -> float:
+    _sync(device)
+    if world > 1:
+        dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    if world > 1:
+        dist.barrier()
+    return (time.perf_counter() - t0) / n
+
+
+def _side_by_side(loops: Loops, v: dict, device, world: int) -> dict:
+    for _ in range(v["warmup"]):  # compiles, autotunes, allocates
+        loops.baseline()
+        loops.ditforge()
+    times: dict[str, list[float]] = {"baseline": [], "ditforge": []}
+    for _ in range(v["rounds"]):
+        times["baseline"].append(_timed(loops.baseline, v["steps"], device, world))
+        times["ditforge"].append(_timed(loops.ditforge, v["steps"], device, world))
+    return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
+
+
+def _state_bytes(engine) -> int:
+    """Bytes this rank holds for parameters, gradients and optimizer state (distinct storages).
+
+    The model's parameters (under ZeRO-3 only this rank's `ds_tensor` slice: the full `param.data`
+    is freed outside forward/backward), and every tensor the optimizer wrapper keeps: DeepSpeed's
+    flat fp32 partitions and gradient buffers, and the inner torch optimizer's state."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
         nonlocal total
-        if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        if isinstance(t, torch.Tensor) and t.numel():
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
 
-    def walk(o, depth=0):
-        if depth > 4:
+    def walk(o, depth: int = 0) -> None:
+        if depth > 3:
             return
         if isinstance(o, torch.Tensor):
             add(o)
         elif isinstance(o, dict):
-            for v in o.values():
-                walk(v, depth + 1)
+            for x in o.values():
+                walk(x, depth + 1)
         elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v, depth + 1)
-
-    for o in objs:
-        if isinstance(o, torch.nn.Module):
-            for p in o.parameters():
-                add(p.data)
-                add(getattr(p, "ds_tensor", None))  # ZeRO-3 keeps this rank's slice here
-                add(p.grad)
+            for x in o:
+                walk(x, depth + 1)
         elif isinstance(o, torch.optim.Optimizer):
-            walk(o.state)
-            for g in o.param_groups:
-                for p in g["params"]:
-                    add(p.data)
-                    add(p.grad)
-        else:  # a DeepSpeed ZeRO optimizer: its flat fp32 partitions and the inner torch optimizer
-            for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "averaged_gradients",
-                         "bit16_groups_flat"):
-                walk(getattr(o, name, None))
-            inner = getattr(o, "optimizer", None)
-            if isinstance(inner, torch.optim.Optimizer):
-                walk(inner.state)
-                for g in inner.param_groups:
-                    for p in g["params"]:
-                        add(p.data)
-                        add(p.grad)
+            walk(o.state, depth + 1)
+            walk([g["params"] for g in o.param_groups], depth + 1)
+
+    for p in engine.module.parameters():
+        add(getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p.data)
+        add(p.grad)
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):  # ZeRO-0: the client optimizer itself
+        walk(opt)
+    else:
+        for name, val in vars(opt).items():
+            if name in ("module", "_global_grad_norm") or name.startswith("_DeepSpeedZeroOptimizer__"):
+                continue
+            walk(val)
     return total
 
 
-def _spec(cfg: dict, zero: int) -> JobSpec:
-    return JobSpec.model_validate({
-        "name": "bench", "data": {"train": "file:///unused", "batch_size": cfg["batch"]},
-        "model": {"size": cfg["size"], "patch": 2}, "deepspeed": {"zero_stage": zero},
-        "resources": {"workers": cfg["world"], "use_gpu": cfg["device"] == "cuda"},
-        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 0.0}})
+# ------------------------------------------------------------------------------ GPU extras
+
+
+def largest_batch(v: dict, device: torch.device, cap: int) -> int:
+    """Two probe steps of the ditforge loop (eager: compiled graphs use less, so this is safe)
+    give memory per sample; the largest multiple of 16 within 80% of the device, both loops' states
+    resident, capped (bigger batches stop raising throughput long before memory runs out)."""
+    peaks = {}
+    for b in (8, 16):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        loops = Loops(dict(v, batch=b, compile="off", ckpt=False), 0, 1, device)
+        loops.add_baseline()
+        loops.ditforge()
+        loops.baseline()
+        _sync(device)
+        peaks[b] = torch.cuda.max_memory_allocated(device)
+        del loops
+    per = (peaks[16] - peaks[8]) / 8
+    fixed = peaks[8] - 8 * per
+    total = torch.cuda.get_device_properties(device).total_memory
+    fit = int((0.8 * total - fixed) / max(per, 1))
+    return max(16, min(cap, fit // 16 * 16))
+
+
+def attention_kernels(device: torch.device, B: int = 64, N: int = 256, H: int = 16, Dh: int = 72) -> dict:
+    """Forward+backward time of each attention kernel at DiT-XL/2 256x256 shapes (bf16)."""
+    out = {}
+    q, k, vv = (torch.randn(B, H, N, Dh, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, N, Dh, device=device, dtype=torch.bfloat16)
+    for name in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "math"):
+        try:
+            attention.resolve(name, device, torch.bfloat16, Dh)
+        except ValueError as e:
+            out[name] = {"ms": None, "error": str(e)}
+            continue
+
+        def fb():
+            attention.attention(q, k, vv, name).backward(g)
+
+        for _ in range(3):
+            fb()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fb()
+        _sync(device)
+        out[name] = {"ms": round((time.perf_counter() - t0) / 20 * 1e3, 3)}
+    return out
+
+
+def profile_step(loops: Loops, device: torch.device, steps: int = 3) -> dict:
+    """Top kernels by GPU time, and the host syncs per step (each stalls the CPU until the GPU
+    catches up, so the next kernels cannot be queued ahead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            loops.ditforge()
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in kernels) or 1
+    top = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:12]
+    syncs = {e.key: e.count / steps for e in events
+             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")}
+    return {"top_kernels": [{"name": e.key[:90], "share": round(e.device_time_total / total, 4),
+                             "ms_per_step": round(e.device_time_total / steps / 1e3, 3)} for e in top],
+            "host_syncs_per_step": syncs}
+
+
+def sync_sources(loops: Loops, device: torch.device) -> list[str]:
+    """Where the step's host syncs come from: torch's sync debug mode warns at each synchronising
+    call, and the warning names the Python line that made it."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loops.ditforge()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    where = {f"{'/'.join(w.filename.split('/')[-3:])}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)}
+    return sorted(where)
+
+
+# ------------------------------------------------------------------------------ one process per rank
 
 
 def _worker(rank: int, cfg: dict, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(cfg["world"]), LOCAL_RANK=str(rank))
-    use_gpu = cfg["device"] == "cuda"
+    world, use_gpu = cfg["world"], cfg["device"] == "cuda"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cuda", rank) if use_gpu else torch.device("cpu")
-    dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=cfg["world"])
-    from ..train.engine import build_engine
-
-    C, H, W = cfg["latent"]
-    dcfg = DiTConfig(in_channels=C, size=cfg["size"], patch=2, num_classes=1000)
-    x = torch.randn(cfg["batch"], C, H, W, device=device)
-    y = torch.randint(0, 1000, (cfg["batch"],), device=device)
-    gen = torch.Generator().manual_seed(rank)
-    bf16 = use_gpu
-
-    def make(kind: str, zero: int = 2):
-        torch.manual_seed(0)
-        model = DiT(dcfg).to(device)
-        if kind == "baseline":
-            ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if use_gpu else None)
-            opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, fused=use_gpu or None)
-
-            def step():
-                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                    loss = _flow_loss(ddp, x, y, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return step, (model, opt)
-        engine = build_engine(model, _spec(cfg, zero))
-
-        def step():
-            loss = _flow_loss(engine, x.to(torch.bfloat16) if bf16 else x, y, gen)
-            engine.backward(loss)
-            engine.step()
-        return step, (engine.module, engine.optimizer)
-
-    def timed(step, n):
-        if use_gpu:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        if use_gpu:
-            torch.cuda.synchronize()
-        dist.barrier()
-        return (time.perf_counter() - t0) / n
-
-    out: dict = {"rank": rank}
-    # --- throughput: ditforge ZeRO-2 vs baseline, alternating blocks ---------------------------
-    base_step, _ = make("baseline")
-    ds_step, _ = make("ditforge", 2)
-    for s in (base_step, ds_step):
-        for _ in range(cfg["warmup"]):
-            s()
-    times = {"baseline": [], "ditforge": []}
-    for _ in range(cfg["rounds"]):
-        times["baseline"].append(timed(base_step, cfg["steps"]))
-        times["ditforge"].append(timed(ds_step, cfg["steps"]))
-    out["step_s"] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    del base_step, ds_step
-    gc.collect()
-    # --- memory per ZeRO stage (each built alone, after a step so optimizer state exists) -----
-    out["mem"] = {}
-    for zero in cfg["zero_stages"]:
-        gc.collect()
-        if use_gpu:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        rss0 = _rss()
-        step, objs = make("ditforge", zero)
-        step()
-        out["mem"][zero] = {"state_bytes": _state_bytes(*objs), "rss_bytes": _rss(),
-                            "rss_delta_bytes": _rss() - rss0,
-                            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if use_gpu else None}
-        del step, objs
-    out["peak_tflops"] = measured_peak_tflops(device, torch.bfloat16 if use_gpu else torch.float32)
-    queue.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    if use_gpu:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world)
+    put = (lambda kind, row: queue.put((rank, kind, row)))  # noqa: E731
+    try:
+        put("peak", measured_peak_tflops(device))
+        batch = cfg.get("batch")
+        if batch == "auto":  # one probe per model: every variant (and the ZeRO rows) use that batch
+            batch = largest_batch(cfg["variants"][0], device, cfg["cap"])
+        # Memory per rank (and the step time) per ZeRO stage, eager, before any compiled variant
+        # (dynamo's caches keep earlier models alive, which would inflate these peaks).
+        for z in cfg.get("zero_stages", []):
+            gc.collect()
+            if use_gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            v = dict(cfg["zero_variant"], **z, batch=batch)
+            row = dict(z)
+            try:
+                before = _allocated(device)
+                loops = Loops(v, rank, world, device)
+                for _ in range(v["warmup"]):
+                    loops.ditforge()
+                row["step_s"] = min(_timed(loops.ditforge, v["steps"], device, world) for _ in range(v["rounds"]))
+                row["state_bytes"] = _state_bytes(loops.engine)
+                row["peak_mem_bytes"] = _peak(device, before)
+                del loops
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            put("zero", row)
+        for v in cfg["variants"]:
+            v = dict(v, batch=batch)
+            row = {"variant": v}
+            try:
+                gc.collect()
+                if use_gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                before = _allocated(device)
+                loops = Loops(v, rank, world, device)
+                loops.ditforge()  # the first step compiles and allocates: memory is at its peak after it
+                loops.ditforge()
+                _sync(device)
+                row["peak_mem_bytes"] = _peak(device, before)
+                loops.add_baseline()
+                row["step_s"] = _side_by_side(loops, v, device, world)
+                row["attention_backend"] = loops.backend
+                row["variant"] = v
+                if use_gpu and v.get("profile"):
+                    try:
+                        row["profile"] = profile_step(loops, device)
+                        row["profile"]["sync_sources"] = sync_sources(loops, device)
+                    except Exception as e:  # the profile is an extra: keep the timings without it
+                        row["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                del loops
+            except Exception as e:  # one variant's failure (OOM, compile) must not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            put("variant", row)
+        if use_gpu and rank == 0 and cfg.get("attention"):
+            put("attention", attention_kernels(device))
+    finally:
+        put("done", None)
+        dist.destroy_process_group()
 
 
-def run_config(cfg: dict) -> dict:
+def run_config(cfg: dict, on_row=None) -> dict:
+    """Run one configuration in `world` fresh processes; `on_row(result)` after each message so a
+    caller can write partial results (a GPU run may be cut short)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, cfg, port, queue)) for r in range(cfg["world"])]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=1800) for _ in procs]
+    result: dict = {"variants": [], "zero": {}, "attention": None, "peak": None}
+    done = 0
+    while done < len(procs):
+        try:
+            rank, kind, row = queue.get(timeout=30)
+        except Exception:  # queue.Empty: check that the workers are still alive
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        if kind == "done":
+            done += 1
+        elif rank != 0:
+            continue  # rank 0 speaks for the configuration (ranks are timed in lock-step)
+        elif kind == "peak":
+            result["peak"] = row
+        elif kind == "variant":
+            result["variants"].append(row)
+        elif kind == "zero":
+            result["zero"][f"zero{row['zero']}" + ("_overlap_comm" if row.get("overlap_comm") else "")] = row
+        elif kind == "attention":
+            result["attention"] = row
+        if on_row:
+            on_row(result)
     for p in procs:
-        p.join(timeout=120)
-    return sorted(results, key=lambda r: r["rank"])[0] | {"ranks": results}
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    return result
 
 
-def run(quick: bool = False) -> list[dict]:
+def plan(quick: bool) -> list[dict]:
+    """GPU: one batch per model (the largest that fits without activation checkpointing), so the
+    variants differ only in checkpointing and compile, dynamo compiles each model's block once, and
+    no second shape switches it to dynamic-shape kernels. XL first: it is the headline figure."""
     configs = []
     if torch.cuda.is_available():
-        for size, batch in (("B", 256), ("XL", 128)):
-            configs.append(dict(name=f"gpu-dit-{size.lower()}2-256", device="cuda", size=size, batch=batch, world=1,
-                                latent=(4, 32, 32), threads=8, warmup=5, steps=10, rounds=3, zero_stages=[0, 1, 2]))
+        t = dict(zero=2, warmup=2, steps=3, rounds=3)
+        for size, cap in (("XL", 256), ("B", 512)):
+            variants = [dict(t, size=size, ckpt=ckpt, compile=comp, profile=(comp == "blocks" and not ckpt),
+                             name=f"gpu-dit-{size.lower()}2-256-{'ckpt' if ckpt else 'nockpt'}-{comp}")
+                        for ckpt in (False, True) for comp in ("off", "blocks")]
+            configs.append(dict(device="cuda", world=1, threads=8, variants=variants, batch="auto", cap=cap,
+                                attention=size == "XL",
+                                zero_stages=([{"zero": 0}, {"zero": 1}, {"zero": 2}, {"zero": 2, "overlap_comm": True}]
+                                             if size == "XL" else []),
+                                zero_variant=dict(t, size=size, ckpt=False, compile="off", rounds=2)))
     size = "T" if quick else "S"
-    configs.append(dict(name=f"cpu-dit-{size.lower()}2-32x32-2workers-zero2", device="cpu", size=size,
-                        batch=4 if not quick else 2, world=2, latent=(4, 32, 32) if not quick else (4, 16, 16),
-                        threads=1, warmup=1, steps=2 if quick else 3, rounds=2 if quick else 3,
-                        zero_stages=[0, 1, 2, 3]))
+    v = dict(size=size, ckpt=False, compile="off", zero=2, warmup=1, steps=2 if quick else 3, rounds=2 if quick else 5,
+             name=f"cpu-dit-{size.lower()}2-32x32-2workers-zero2")
+    configs.append(dict(device="cpu", world=2, threads=1, variants=[v], batch=2 if quick else 8,
+                        zero_stages=[{"zero": z} for z in (0, 1, 2, 3)], zero_variant=dict(v, warmup=1, steps=1, rounds=1)))
+    return configs
+
+
+def rows_of(cfg: dict, r: dict) -> list[dict]:
+    """One JSON row per variant, with the derived figures."""
     rows = []
-    for cfg in configs:
-        r = run_config(cfg)
-        world, batch = cfg["world"], cfg["batch"]
-        flops_step = 3 * forward_flops(DiTConfig(in_channels=cfg["latent"][0], size=cfg["size"], patch=2,
-                                                 num_classes=1000), cfg["latent"]) * batch * world
-        ds_s, base_s = r["step_s"]["ditforge"], r["step_s"]["baseline"]
-        tflops_dev = flops_step / ds_s / world / 1e12
-        known = _known_peak() if cfg["device"] == "cuda" else None
-        peak = known or r["peak_tflops"]
-        mem = {f"zero{z}": m for z, m in r["mem"].items()}
-        zero_ratio = (mem["zero3"]["state_bytes"] / mem["zero0"]["state_bytes"]
-                      if "zero3" in mem and "zero0" in mem else None)
-        rows.append({
-            "name": cfg["name"], "device": device_name(), "model": f"DiT-{cfg['size']}/2",
-            "latent": list(cfg["latent"]), "workers": world, "batch_per_worker": batch, "zero_stage": 2,
-            "samples_per_s": round(batch * world / ds_s, 2), "step_s": round(ds_s, 4),
-            "tflops": round(tflops_dev, 4), "flops_per_step": flops_step,
-            "mfu": round(tflops_dev / peak, 4) if known else None,
-            "mfu_vs_measured_matmul": round(tflops_dev / r["peak_tflops"], 4),
-            "peak_tflops_table": known, "peak_tflops_measured_matmul": round(r["peak_tflops"], 4),
-            "baseline_samples_per_s": round(batch * world / base_s, 2), "baseline_step_s": round(base_s, 4),
+    world = cfg["world"]
+    known = known_peak() if cfg["device"] == "cuda" else None
+    measured = r["peak"]
+    for vr in r["variants"]:
+        v = vr["variant"]
+        row = {"name": v["name"], "device": device_name(), "torch": torch.__version__, "model": f"DiT-{v['size']}/2",
+               "latent": list(LATENT),
+               "workers": world, "batch_per_worker": v["batch"], "zero_stage": v["zero"],
+               "activation_checkpointing": v["ckpt"], "compile": v["compile"]}
+        if "error" in vr:
+            rows.append(row | {"error": vr["error"]})
+            continue
+        dcfg = dit_config(_spec(v, world, cfg["device"] == "cuda").model, LATENT[0])
+        flops_step = 3 * forward_flops(dcfg, LATENT) * v["batch"]  # per rank
+        ds_s, base_s = vr["step_s"]["ditforge"], vr["step_s"]["baseline"]
+        tflops = flops_step / ds_s / 1e12
+        row |= {
+            "samples_per_s": round(v["batch"] * world / ds_s, 2), "step_s": round(ds_s, 4),
+            "tflops": round(tflops, 3), "flops_per_sample_step": flops_step // v["batch"],
+            "mfu": round(tflops / known, 4) if known else None,
+            "mfu_vs_measured_matmul": round(tflops / measured, 4) if measured else None,
+            "peak_tflops_table": known, "peak_tflops_measured_matmul": round(measured, 2) if measured else None,
+            "baseline_samples_per_s": round(v["batch"] * world / base_s, 2), "baseline_step_s": round(base_s, 4),
+            "baseline_tflops": round(flops_step / base_s / 1e12, 3),
             "ratio_to_baseline": round(base_s / ds_s, 3),
-            "peak_mem_bytes": max(m["cuda_peak_bytes"] or m["rss_bytes"] for m in mem.values()),
-            "memory_per_rank": mem, "zero3_over_zero0_state": round(zero_ratio, 3) if zero_ratio else None,
-            "attention_backend": "sdpa (auto)",
-            "targets": {"ratio_to_baseline": ">= 0.9 on CPU, >= 1.15 on GPU", "zero3_over_zero0_state": "~0.5",
-                        "mfu": ">= 0.5 (GPU, DiT-XL/2)"},
-        })
+            "peak_mem_bytes": vr["peak_mem_bytes"], "attention_backend": vr["attention_backend"],
+        }
+        if "profile" in vr:
+            row["profile"] = vr["profile"]
+        rows.append(row)
+    if r["zero"] and rows:
+        z = r["zero"]
+        rows[-1]["zero_stages"] = z
+        if "zero0" in z and "zero3" in z and "state_bytes" in z["zero0"] and "state_bytes" in z["zero3"]:
+            rows[-1]["zero3_over_zero0_state"] = round(z["zero3"]["state_bytes"] / z["zero0"]["state_bytes"], 3)
+    if r["attention"] and rows:
+        rows[-1]["attention_kernels_xl2_fwd_bwd"] = r["attention"]
     return rows
+
+
+def run(quick: bool = False, on_rows=None, gpu_only: bool = False) -> list[dict]:
+    out: list[dict] = []
+    for cfg in plan(quick):
+        if gpu_only and cfg["device"] != "cuda":
+            continue
+        partial = (lambda r, cfg=cfg: on_rows(out + rows_of(cfg, r))) if on_rows else None
+        out += rows_of(cfg, run_config(cfg, partial))
+    return out
+
+
+if __name__ == "__main__":  # the GPU machine: `python -m ditforge.bench.train OUT.json` (needs torch + deepspeed)
+    import json
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "bench-train.json"
+
+    def write(rows):
+        with open(path, "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": rows}, f, indent=2)
+
+    write(run(quick="--quick" in sys.argv, on_rows=write, gpu_only="--gpu-only" in sys.argv))
+    print(open(path).read())

@@ -379,7 +379,7 @@ class DiT(nn.Module):
         if mask_ratio > 0:
             # Tube masking: the same spatial positions are dropped in every frame. (B, S_keep)
             n_keep = max(1, int(round(S * (1 - mask_ratio))))
-            noise = torch.rand(B, S, generator=gen).to(x.device) if gen is not None else torch.rand(B, S, device=x.device)
+            noise = torch.rand(B, S, generator=gen, device=gen.device).to(x.device) if gen is not None else torch.rand(B, S, device=x.device)
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
             idx = keep[:, None, :, None].expand(B, gt, n_keep, D)
             h = h.view(B, gt, S, D).gather(2, idx).reshape(B, gt * n_keep, D)

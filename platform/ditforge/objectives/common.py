@@ -15,7 +15,7 @@ def cfg_drop(cond: dict, cfg_dropout: float, B: int, gen: torch.Generator, devic
     in its null class / null caption where True. None when there is nothing to drop."""
     if not any(v is not None for v in cond.values()) or cfg_dropout <= 0:
         return None
-    return (torch.rand(B, generator=gen) < cfg_dropout).to(device)
+    return (torch.rand(B, generator=gen, device=gen.device) < cfg_dropout).to(device)
 
 
 def call_model(model, xt: torch.Tensor, t: torch.Tensor, cond: dict, drop, mask_ratio: float, gen):

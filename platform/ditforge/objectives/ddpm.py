@@ -39,14 +39,14 @@ class DDPM:
         self.ab = alphas_cumprod(schedule, steps)  # (steps,) float64
 
     def _coef(self, idx: torch.Tensor, ndim: int, device, dtype):
-        ab = self.ab[idx.cpu()].to(device)
+        ab = self.ab.to(idx.device)[idx].to(device)  # index where idx lives: no device→host copy
         shape = (-1, *[1] * (ndim - 1))
         return ab.sqrt().view(shape).to(dtype), (1 - ab).sqrt().view(shape).to(dtype)
 
     def weight(self, idx: torch.Tensor) -> torch.Tensor | None:
         if self.weighting == "none":
             return None
-        ab = self.ab[idx.cpu()]
+        ab = self.ab.to(idx.device)[idx]
         snr = ab / (1 - ab)
         w = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return w.float().to(idx.device)
@@ -54,8 +54,8 @@ class DDPM:
     def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0) -> torch.Tensor:
         cond = as_cond(cond)
         B = x0.shape[0]
-        idx = torch.randint(0, self.steps, (B,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        idx = torch.randint(0, self.steps, (B,), generator=gen, device=gen.device)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)
         drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
         a, s = self._coef(idx, x0.dim(), x0.device, x0.dtype)
         xt = a * x0 + s * noise

@@ -31,12 +31,12 @@ class RectifiedFlow:
 
     def sample_t(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
         if self.t_sampling == "logit_normal":
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen))
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen, device=gen.device))
         elif self.t_sampling == "mode":
-            u = torch.rand(n, generator=gen)
+            u = torch.rand(n, generator=gen, device=gen.device)
             t = 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
         else:
-            t = torch.rand(n, generator=gen)
+            t = torch.rand(n, generator=gen, device=gen.device)
         return t.clamp(0, 1).to(device)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -51,7 +51,7 @@ class RectifiedFlow:
         """x0 (B, C, [T,] H, W) latents; cond {"y": (B,), "text": ...}. `gen` makes every draw reproducible."""
         B = x0.shape[0]
         t = self.sample_t(B, gen, x0.device)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)
         drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
         tt = t.view(B, *[1] * (x0.dim() - 1)).to(x0.dtype)
         xt = (1 - tt) * x0 + tt * noise

@@ -17,7 +17,12 @@ def precision(spec: JobSpec) -> str:
 
 def deepspeed_config(spec: JobSpec) -> dict:
     extra = dict(spec.deepspeed.model_extra or {})
-    zero = {"stage": spec.deepspeed.zero_stage, **extra.pop("zero_optimization", {})}
+    # DeepSpeed counts bucket sizes in elements; the gradients it reduces are in the training dtype.
+    bucket = int(spec.deepspeed.bucket_mb * 1e6 / (2 if precision(spec) == "bf16" else 4))
+    zero = {"stage": spec.deepspeed.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+            "overlap_comm": spec.deepspeed.overlap_comm, "contiguous_gradients": True, **extra.pop("zero_optimization", {})}
+    if spec.deepspeed.zero_stage == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", bucket)
     cfg = {
         "train_micro_batch_size_per_gpu": spec.data.batch_size,
         "gradient_accumulation_steps": 1,
@@ -35,8 +40,27 @@ def deepspeed_config(spec: JobSpec) -> dict:
     return cfg
 
 
+def compile_mode(spec: JobSpec) -> str:
+    if spec.model.compile != "auto":
+        return spec.model.compile
+    return "blocks" if spec.resources.use_gpu else "off"
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> None:
+    """torch.compile in place. `blocks` compiles each transformer block on its own: the blocks share
+    one code object, so dynamo compiles once and every block reuses it (torchtitan's regional
+    compile), and DeepSpeed's hooks around the blocks stay outside the graphs."""
+    if mode == "full":
+        model.compile()
+    elif mode == "blocks":
+        for blk in [*model.mixer, *model.blocks]:
+            blk.compile()
+
+
 def build_engine(model: torch.nn.Module, spec: JobSpec):
     import deepspeed
+
+    compile_model(model, compile_mode(spec))
 
     if not spec.resources.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

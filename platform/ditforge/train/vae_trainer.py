@@ -21,7 +21,7 @@ from ..models.vae import KLAutoencoder, save_own_vae, vae_loss
 from ..spec import JobSpec
 from .engine import build_engine
 from .tracking import NullTracker, Tracker
-from .worker import step_generator
+from .step import step_generator
 
 
 def _decode(sample: dict) -> np.ndarray:

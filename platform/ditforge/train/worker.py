@@ -22,6 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from ..data.loader import LatentLoader, Position
+from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
@@ -32,11 +33,8 @@ from . import checkpoint
 from .ema import EMA
 from .engine import build_engine, precision
 from .sampling import generate, sample_grid
+from .step import step_generator, train_step
 from .tracking import NullTracker, Tracker
-
-
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
 def train_loop(config: dict) -> None:
@@ -101,7 +99,7 @@ def train_loop(config: dict) -> None:
             full = ema.full_state_dict(engine.module)
             if rank == 0:
                 tensors["ema.safetensors"] = full
-        stall = ckpt.save(engine, step, {"step": step, "data": loader.position.to_dict(),
+        stall = ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
                                          "ema_updates": ema.num_updates if ema else 0}, files=files, tensors=tensors)
         tracker.log({"checkpoint/stall_s": stall}, step)
 
@@ -111,7 +109,7 @@ def train_loop(config: dict) -> None:
     tracker.tags({f"ditforge.node_id.rank{r}": n for r, n in enumerate(node_ids)})
 
     # --- train ------------------------------------------------------------------------------
-    batches = iter(loader)
+    batches = DevicePrefetcher(loader, device, dtype)  # (B, ...) latents already on the device, in `dtype`
     engine.train()
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
@@ -119,15 +117,11 @@ def train_loop(config: dict) -> None:
     stopping = False
     for step in range(start + 1, spec.train.steps + 1):
         x, y, _keys, *rest = next(batches)  # captions, when the loader yields them
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device), y.to(device)  # no-ops on the GPU path: the prefetcher copied them
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
         ratio = mask_ratio_at(spec, step)
-        loss = objective.loss(engine, x, cond, step_generator(spec.train.seed, step, rank), mask_ratio=ratio)
-        engine.backward(loss)
-        engine.step()
-        if ema:
-            ema.update(engine.module)
-        loss_sum += loss.detach()  # no host sync here: .item() only on logging steps
+        loss = train_step(engine, objective, x, cond, step_generator(spec.train.seed, step, rank, device), ratio, ema)
+        loss_sum += loss  # no host sync here: .item() only on logging steps
         steps_since += 1
         flops_since += 3 * fwd_flops[ratio] * x.shape[0]  # forward + backward ≈ 3 forwards
 

@@ -1,0 +1,88 @@
+"""The benchmark's CPU smoke run (numbers not asserted: CI machines are noisy) and the fast paths
+it measures: compiled blocks, device prefetch, device-side step noise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ditforge.data.prefetch import DevicePrefetcher
+from ditforge.models.dit import DiT, DiTConfig
+from ditforge.train.engine import compile_model
+from ditforge.train.step import step_generator
+
+from .conftest import run_cli
+
+KEYS = {"name", "device", "samples_per_s", "step_s", "tflops", "mfu", "baseline_samples_per_s", "ratio_to_baseline",
+        "peak_mem_bytes", "attention_backend"}
+
+
+def test_bench_train_quick_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--quick", "--section", "train", "--json", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    configs = json.loads(out.read_text())["configs"]
+    cpu = [c for c in configs if c["name"].startswith("cpu-")]
+    assert len(cpu) == 1, configs
+    c = cpu[0]
+    assert KEYS <= set(c), KEYS - set(c)
+    assert c["mfu"] is None  # no known peak for a CPU: only the measured-matmul ratio
+    assert c["samples_per_s"] > 0 and c["baseline_samples_per_s"] > 0 and c["ratio_to_baseline"] > 0
+    assert c["peak_tflops_measured_matmul"] > 0 and c["flops_per_sample_step"] > 0
+    # Per-rank state for every ZeRO stage, and the ratio the issue asks for.
+    assert set(c["zero_stages"]) == {"zero0", "zero1", "zero2", "zero3"}
+    assert all(z["state_bytes"] > 0 for z in c["zero_stages"].values())
+    assert c["zero3_over_zero0_state"] > 0
+
+
+def test_compiled_blocks_match_eager(one_thread):
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=4, size="T", num_classes=10)
+    eager = DiT(cfg)
+    compiled = DiT(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, "blocks")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    a = eager(x, t, y)
+    b = compiled(x, t, y)
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    b.square().mean().backward()  # the compiled backward runs too
+    assert compiled.blocks[0].attn.qkv.weight.grad is not None
+
+
+class _Loader:
+    """A loader's surface: batches, and a position that moves when a batch is read."""
+
+    def __init__(self, n: int):
+        from ditforge.data.loader import Position
+
+        self.position = Position(0, 0)
+        self.n = n
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.position.batch += 1
+            yield torch.full((2, 3), float(i)), torch.tensor([i, i]), [f"k{i}"], [""]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prefetcher_position_is_the_consumed_batch(device):
+    loader = _Loader(5)
+    it = DevicePrefetcher(loader, torch.device(device), torch.bfloat16)
+    for i in range(4):
+        x, y, keys, _ = next(it)
+        assert x.device.type == device and x.dtype == torch.bfloat16 and float(x[0, 0]) == i and keys == [f"k{i}"]
+        # The checkpoint records the position after the batch the step used, even when the loader
+        # has already been read one batch further (GPU path).
+        assert it.position.batch == i + 1
+    assert loader.position.batch == (5 if device == "cuda" else 4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_step_noise_is_drawn_on_the_device_and_repeats(device):
+    a = torch.randn(4, generator=step_generator(1, 7, 0, device), device=device)
+    b = torch.randn(4, generator=step_generator(1, 7, 0, device), device=device)
+    c = torch.randn(4, generator=step_generator(1, 8, 0, device), device=device)
+    assert a.device.type == device and torch.equal(a, b) and not torch.equal(a, c)
