@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -219,3 +221,38 @@ def test_max_bad_fraction_is_a_checked_spec_field(tmp_path):
     assert load_job(job, ["data.max_bad_fraction=0.25"]).data.max_bad_fraction == 0.25
     with pytest.raises(SpecError, match=r"job.yaml: data.max_bad_fraction: .*less than or equal to 1"):
         load_job(job, ["data.max_bad_fraction=1.5"])
+
+
+# ------------------------------------------------------------------------------- storage faults
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_stream_rides_out_an_s3_outage_or_fails_naming_the_shard(s3_prefix, capsys):
+    from ditforge import services, storage
+
+    make_latents(s3_prefix, [4] * 8)
+    bs, seed = 2, 5
+    n = LatentLoader(s3_prefix, bs, 0, 1, seed).batches_per_epoch(0)
+    straight = take(LatentLoader(s3_prefix, bs, 0, 1, seed), n)
+    loader = LatentLoader(s3_prefix, bs, 0, 1, seed, storage_timeout_s=120)
+    impatient = LatentLoader(s3_prefix, bs, 0, 1, seed, storage_timeout_s=2)  # manifests read while S3 is up
+    batches = iter(loader)
+    head = [next(batches)[2] for _ in range(2)]  # the first shard; the reader is a few shards ahead
+    services._stop_group("s3")
+    restart = threading.Timer(15, services.start_s3)  # a ~15 s outage
+    try:
+        restart.start()
+        t0 = time.monotonic()
+        with pytest.raises(storage.StorageUnavailable, match=r"shard-0000\d\d\.tar: the store did not answer .*"
+                                                             r"data.storage_timeout_s: 2"):
+            next(iter(impatient))
+        assert time.monotonic() - t0 < 12  # gave up after its 2 s, not after the outage
+        rest = [next(batches)[2] for _ in range(n - 2)]
+    finally:
+        restart.join()
+        services.start_s3()  # a no-op when the timer's start worked
+    assert head + rest == straight and loader.skipped_counts()[0] == 0  # nothing skipped, nothing repeated
+    out = capsys.readouterr().out
+    # the patient loader met the outage (it logs "the store is back" only after failed reads)
+    assert "failed (" in out and "retrying in" in out and "the store is back" in out
