@@ -41,6 +41,10 @@ def test_unknown_scheme_is_one_line_exit_2_wherever_a_uri_enters(tmp_path):
         (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "data.train=ftp2://x/lat"], "data.train"),
         (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "checkpoint.uri=ftp2://x/runs"],
          "checkpoint.uri"),
+        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "train.resume=ftp2://x/runs/r"],
+         "train.resume"),
+        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "vae.kind=own", "--set", "vae.path=ftp2://x/vae"],
+         "vae.path"),
     ]
     for argv, uri in calls:  # in-process (a subprocess per call costs seconds of imports)
         _one_line_error(CliRunner().invoke(app, argv), uri, "unknown URI scheme 'ftp2://'")

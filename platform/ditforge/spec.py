@@ -76,6 +76,11 @@ class VAESpec(Strict):
     scale: float = Field(1.0, gt=0, description="latent = (z - shift) * scale; stored with the model")
     shift: float = 0.0
 
+    @field_validator("path")
+    @classmethod
+    def _path_uri(cls, v: str | None) -> str | None:
+        return _check_uri(v) if v and "://" in v else v  # a plain folder stays allowed (diffusers)
+
     @model_validator(mode="after")
     def _path(self) -> "VAESpec":
         if self.kind in ("own", "diffusers") and not self.path:
