@@ -140,14 +140,18 @@ def _sample(k: int, latent: np.ndarray | None, cls: str | None = None) -> dict:
 
 @pytest.fixture
 def dirty(tmp_path):
-    """6 shards of 8: clean; 2 non-finite latents; a sample without `cls`; video latents with a
-    zero-frame clip; a truncated shard; a changed shard. 20 of 48 samples are bad."""
+    """6 shards of 8: a non-integer class and a misshapen latent; 2 non-finite latents; a sample
+    without `cls` and one with a garbled .npy; video latents with a zero-frame clip; a truncated
+    shard; a changed shard. 23 of 48 samples are bad."""
     uri, img, vid = f"file://{tmp_path}/dirty", (4, 2, 2), (4, 2, 2, 2)
     rows = [[_sample(8 * i + j, np.full(vid if i == 3 else img, 8 * i + j, np.float32)) for j in range(8)]
             for i in range(6)]
     rows[1][2]["latent.npy"] = shards.npy_bytes(np.full(img, np.nan, np.float32))
     rows[1][5]["latent.npy"] = shards.npy_bytes(np.full(img, np.inf, np.float32))
+    rows[0][1]["cls"] = "one"
+    rows[0][7]["latent.npy"] = shards.npy_bytes(np.zeros((4, 2, 3), np.float32))
     del rows[2][4]["cls"]
+    rows[2][6]["latent.npy"] = b"\x93NUMPY\x01\x00garbled"
     rows[3][6]["latent.npy"] = shards.npy_bytes(np.zeros((4, 0, 2, 2), np.float32))
     entries = [shards.write_shard(uri, f"shard-{i:06d}.tar", r, bucket="x".join(map(str, vid if i == 3 else img)),
                                   shape=list(vid if i == 3 else img)) for i, r in enumerate(rows)]
@@ -157,11 +161,12 @@ def dirty(tmp_path):
     raw = bytearray((tmp_path / "dirty" / "shard-000005.tar").read_bytes())
     raw[700] ^= 0xFF  # one byte changed after the manifest was written
     (tmp_path / "dirty" / "shard-000005.tar").write_bytes(bytes(raw))
-    bad_keys = {"000010", "000013", "000020", "000030"} | {f"{k:06d}" for k in range(32, 48)}
+    bad_keys = {"000001", "000007", "000010", "000013", "000020", "000022", "000030"} | {f"{k:06d}" for k in range(32, 48)}
     return uri, bad_keys
 
 
-EXPECTED = {"nonfinite_latent": 2, "missing_key": 1, "zero_frames": 1, "truncated_shard": 8, "checksum_mismatch": 8}
+EXPECTED = {"truncated_shard": 8, "checksum_mismatch": 8, "missing_key": 1, "unreadable_latent": 1, "nonfinite_latent": 2,
+            "zero_frames": 1, "wrong_shape": 1, "bad_class": 1}
 
 
 def test_bad_data_is_skipped_counted_and_keeps_ranks_in_step(dirty, capsys):
@@ -181,7 +186,7 @@ def test_bad_data_is_skipped_counted_and_keeps_ranks_in_step(dirty, capsys):
     assert not seen & bad_keys and seen == {f"{k:06d}" for k in range(48)} - bad_keys
     counts = [ld.skipped_counts() for ld in loaders]
     total = [sum(c) for c in zip(*counts)]  # what the worker's all-reduce gives
-    assert skipped_metrics(total) == {"data/skipped": 20.0, **{f"data/skipped/{r}": float(v) for r, v in EXPECTED.items()}}
+    assert skipped_metrics(total) == {"data/skipped": 23.0, **{f"data/skipped/{r}": float(v) for r, v in EXPECTED.items()}}
     out = capsys.readouterr().out
     assert "shard-000004.tar: truncated" in out and "shard-000005.tar: checksum does not match" in out
 
@@ -204,9 +209,9 @@ def test_bad_data_resume_is_exact_and_counts_once(dirty):
 
 
 def test_run_stops_past_max_bad_fraction(dirty):
-    uri, _ = dirty  # 20 of 48 bad (41.7 %) on one rank
-    ok = LatentLoader(uri, 2, 0, 1, seed=1, max_bad_fraction=0.42)
-    assert len(take(ok, ok.batches_per_epoch(0))) == 24 and ok.skipped_counts()[0] == 20
+    uri, _ = dirty  # 23 of 48 bad (47.9 %) on one rank
+    ok = LatentLoader(uri, 2, 0, 1, seed=1, max_bad_fraction=0.48)
+    assert len(take(ok, ok.batches_per_epoch(0))) == 24 and ok.skipped_counts()[0] == 23
     strict = LatentLoader(uri, 2, 0, 1, seed=1, max_bad_fraction=0.4)
     with pytest.raises(shards.DataError, match=r"rank 0 met \d+ bad samples of its 48 in epoch 0 .*max_bad_fraction 0.4"):
         take(strict, 24)

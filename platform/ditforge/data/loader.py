@@ -215,6 +215,8 @@ class LatentLoader:
                                  on_retry=log)
         except FileNotFoundError:
             raise shards.BadShard("missing_shard", f"{where}: listed in the manifest but missing") from None
+        except PermissionError as e:  # an answer, not an outage: the keys, not the data, need fixing
+            raise shards.DataError(f"{where}: access denied ({str(e)[:200]})") from None
         except OSError as e:  # StorageUnavailable included: the store never answered
             raise storage.StorageUnavailable(
                 f"{where}: the store did not answer for {time.monotonic() - t0:.0f} s "
@@ -319,7 +321,7 @@ def _check(s: dict, shape) -> str | None:
         return "missing_key"
     try:
         x = shards.npy_load(s["latent.npy"])
-    except (ValueError, EOFError, OSError):
+    except Exception:  # any failure to parse untrusted bytes is this sample's problem, not the run's
         return "unreadable_latent"
     if x.dtype.kind not in "fiu":
         return "unreadable_latent"
