@@ -149,6 +149,32 @@ def test_generated_sets_and_webdataset_source(tmp_path):
     assert keys["img1_3"]["cls"] == b"3" and keys["img1_3"]["txt"] == b"pic 3"
 
 
+def test_limit_takes_the_first_inputs_of_a_webdataset_and_a_folder(tmp_path, s3_prefix):
+    # Two tars on S3, each: 4 images then one sample without an image (an input that is skipped).
+    for t in range(2):
+        local = tmp_path / f"part-{t}.tar"
+        with wds.TarWriter(str(local)) as sink:
+            for i in range(4):
+                sink.write({"__key__": f"img{t}_{i}", "png": img_bytes(32, 32, "PNG", i), "cls": str(i)})
+            sink.write({"__key__": f"meta{t}", "json": b"{}"})
+        storage.put_file(local, f"{s3_prefix}/wd/part-{t}.tar")
+    got = {}
+    for limit in (3, 7, 100):
+        m = ingest.ingest(f"{s3_prefix}/wd", f"{s3_prefix}/out{limit}", limit=limit, shard_size=4, progress=False)
+        got[limit] = (sorted(s["__key__"] for s in samples_of(f"{s3_prefix}/out{limit}")), m["skipped_count"])
+    assert got[3] == (["img0_0", "img0_1", "img0_2"], 0)  # cut inside the first tar
+    assert got[7] == (["img0_0", "img0_1", "img0_2", "img0_3", "img1_0", "img1_1"], 1)  # 5 inputs + 2 of the 2nd
+    assert got[100] == ([f"img{t}_{i}" for t in range(2) for i in range(4)], 2)  # fewer inputs than the limit
+    # A folder: its first N files, in name order.
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"p{i}.png").write_bytes(img_bytes(32, 32, "PNG", i))
+    m = ingest.ingest(str(folder), f"file://{tmp_path}/pics-out", limit=2, progress=False)
+    assert m["total_samples"] == 2 and sorted(s["json"] for s in samples_of(f"file://{tmp_path}/pics-out")) == [
+        b'{"src": "p0.png"}', b'{"src": "p1.png"}']
+
+
 def test_encode_round_trip_and_resume_on_s3(s3_prefix):
     pixels, latents = f"{s3_prefix}/pixels", f"{s3_prefix}/latents"
     ingest.ingest_shapes(pixels, limit=40, shard_size=16, progress=False)

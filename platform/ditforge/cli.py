@@ -39,10 +39,11 @@ def user_errors(fn):
         from .data.shards import DataError
         from .services import ServiceError
         from .spec import SpecError
+        from .storage import URIError
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError) as e:
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError) as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
@@ -420,7 +421,7 @@ def data_ingest(
     fit: str = typer.Option("crop", help="crop: resize + centre-crop to a square; bucket: keep aspect ratio"),
     frames: int = typer.Option(8, help="videos: frames per clip (shorter clips go to F/2, F/4 buckets)"),
     stride: int = typer.Option(2, help="videos: take every STRIDE-th source frame"),
-    limit: Optional[int] = typer.Option(None, help="generated sets: how many; folders: the first N inputs"),
+    limit: Optional[int] = typer.Option(None, help="generated sets: how many; folders and webdatasets: the first N inputs"),
     seed: int = typer.Option(0, help="generated sets: the seed"),
 ):
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""

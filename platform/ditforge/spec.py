@@ -53,6 +53,10 @@ class DataSpec(Strict):
     # Pixel size of the samples; model-info and the quality metric use them before any data is read.
     resolution: int = Field(32, gt=0, description="pixel height = width")
     frames: int = Field(1, gt=0, description="1 = images; > 1 = video clips of this many frames")
+    # Bad data (a corrupt shard, a NaN latent...) is skipped and counted; past this fraction of a
+    # rank's samples in one epoch the run stops instead (data/loader.py).
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="bad samples a rank may skip per epoch, as a fraction")
+    storage_timeout_s: float = Field(300, gt=0, description="how long the loader retries a store that does not answer")
 
     _uri = field_validator("train")(_check_uri)
 
@@ -71,6 +75,11 @@ class VAESpec(Strict):
     kl_weight: float = Field(1e-6, ge=0, description="own autoencoder training: KL term weight")
     scale: float = Field(1.0, gt=0, description="latent = (z - shift) * scale; stored with the model")
     shift: float = 0.0
+
+    @field_validator("path")
+    @classmethod
+    def _path_uri(cls, v: str | None) -> str | None:
+        return _check_uri(v) if v and "://" in v else v  # a plain folder stays allowed (diffusers)
 
     @model_validator(mode="after")
     def _path(self) -> "VAESpec":

@@ -3,18 +3,28 @@
 Paths stay `str` because `pathlib.Path` mangles `s3://`. S3 credentials come, in order, from the
 named AWS profile in `DITFORGE_S3_PROFILE`, from the `AWS_*` environment variables, from the file
 named by `DITFORGE_S3_CREDENTIALS`, or from the embedded SeaweedFS server's key file under
-`$DITFORGE_HOME` — never from a spec, so they never reach MLflow params or logs.
+`$DITFORGE_HOME` — never from a spec, so they never reach MLflow params or logs. `gs://` needs
+the optional `gcsfs` (`pip install 'ditforge[gcs]'`); its credentials come from the token file
+named by `DITFORGE_GCS_TOKEN`, else `GOOGLE_APPLICATION_CREDENTIALS`, else gcsfs's own chain.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
 from pathlib import Path
 
 import fsspec
+
+SCHEMES = ("file", "s3", "gs")  # spec.URI_SCHEMES must say the same (tests check)
+
+
+class URIError(Exception):
+    """A URI this platform cannot open: unknown scheme, or its filesystem is not installed. The
+    CLI prints it as one line and exits 2."""
 
 
 def home() -> Path:
@@ -56,6 +66,36 @@ def s3_options() -> dict:
     return opts
 
 
+def gcs_options() -> dict:
+    """gcsfs keyword arguments, never logged. `token` is a service-account / authorized-user JSON
+    file, or one of gcsfs's words (`google_default`, `cloud`, `anon`); without one gcsfs tries
+    them in turn (and on a machine outside GCP waits for the metadata server first)."""
+    env = os.environ
+    opts: dict = {"skip_instance_cache": True}
+    token = env.get("DITFORGE_GCS_TOKEN") or env.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if token:
+        opts["token"] = token
+    if env.get("GOOGLE_CLOUD_PROJECT"):
+        opts["project"] = env["GOOGLE_CLOUD_PROJECT"]
+    return opts
+
+
+def scheme(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def check(uri: str) -> None:
+    """Raise URIError unless `uri` can be opened here (before anything is read or written)."""
+    sch = scheme(uri)
+    if sch not in SCHEMES:
+        raise URIError(f"{uri}: unknown URI scheme '{sch}://' (known: {', '.join(s + '://' for s in SCHEMES)})")
+    if sch == "gs":
+        try:
+            import gcsfs  # noqa: F401
+        except ImportError:
+            raise URIError(f"{uri}: gs:// needs gcsfs, which is not installed: pip install 'ditforge[gcs]'") from None
+
+
 def absolute(uri: str) -> str:
     """Make `file://relative/path` absolute, so that workers with another cwd find it."""
     if uri.startswith("file://"):
@@ -67,15 +107,16 @@ _FS: dict = {}
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-    opts = s3_options() if scheme == "s3" else {}
+    check(uri)
+    sch = scheme(uri)
+    opts = s3_options() if sch == "s3" else gcs_options() if sch == "gs" else {}
     # One client per process and settings: building an S3 client costs ~0.1 s, more than a small
     # PUT. Keyed by pid so a forked child never shares its parent's event loop.
-    key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=str))
+    key = (os.getpid(), sch, json.dumps(opts, sort_keys=True, default=str))
     fs = _FS.get(key)
     if fs is None:
         fs, path = fsspec.core.url_to_fs(uri, **opts)
-        if scheme == "s3":
+        if sch == "s3":
             fs.retries = 1  # s3fs's own retry loop (see s3_options)
         _FS[key] = fs
         return fs, path
@@ -101,20 +142,27 @@ class StorageUnavailable(OSError):
     """The store did not answer through all retries."""
 
 
-def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, **kwargs):
+def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, deadline_s: float | None = None,
+          on_retry=None, **kwargs):
     """Object stores blip: retry with exponential backoff, then raise StorageUnavailable (an
-    OSError, so callers need to know only one kind of failure)."""
-    for i in range(attempts):
+    OSError, so callers need to know only one kind of failure). `deadline_s`: keep trying for
+    that many seconds instead of `attempts` times (waits capped at 10 s, so a store that comes
+    back is noticed soon). `on_retry(error, wait_s)`: called before each wait, to log the fault."""
+    start = time.monotonic()
+    for i in itertools.count():
         try:
             return fn(*args, **kwargs)
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise  # answers, not blips: retrying them only delays the caller by seconds
         except _transient() as e:
-            if i == attempts - 1:
+            wait = min(base_delay * 2**i, 10.0)
+            if (i == attempts - 1 if deadline_s is None else time.monotonic() - start + wait > deadline_s):
                 if isinstance(e, OSError):
                     raise
                 raise StorageUnavailable(f"{type(e).__name__}: {e}") from e
-            time.sleep(base_delay * 2**i)
+            if on_retry is not None:
+                on_retry(e, wait)
+            time.sleep(wait)
 
 
 def read_bytes(uri: str) -> bytes:

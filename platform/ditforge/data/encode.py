@@ -132,6 +132,7 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
     from .parallel import gpus, ray_session
 
     src, out = storage.absolute(src), storage.absolute(out)
+    storage.check(out)  # a bad --out fails now, not after the source was read
     src_manifest = shards.read_manifest(src)
     if src_manifest.get("kind") != "pixels":
         raise shards.DataError(f"{src}: holds {src_manifest.get('kind')!r} shards; encode reads pixel shards "

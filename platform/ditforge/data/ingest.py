@@ -14,6 +14,7 @@ id, -1 when the source has none), `txt` (caption, may be empty), `json` (where i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -37,7 +38,7 @@ class Settings:
     frames: int = 8  # videos: at most F frames...
     stride: int = 2  # ...taken every `stride` source frames; shorter clips go to shorter duration buckets
     shard_size: int = 256
-    limit: int | None = None  # generated sets: how many; folders: the first N inputs
+    limit: int | None = None  # generated sets: how many; folders and webdatasets: the first N inputs
     seed: int = 0
 
     def check(self) -> None:
@@ -85,7 +86,7 @@ def plan(s: Settings) -> tuple[list[dict], list[dict], list[str], str]:
     if tars is not None:
         if not tars:
             raise shards.DataError(f"{s.source}: no .tar shards found")
-        return [{"kind": "webdataset", "tar": t} for t in tars], [], [], "webdataset"
+        return _webdataset_units(tars, s.limit), [], [], "webdataset"
     root = _root(s.source)
     fs, base = storage.filesystem(root)
     if not fs.isdir(base):
@@ -118,6 +119,32 @@ def plan(s: Settings) -> tuple[list[dict], list[dict], list[str], str]:
     units = [{"kind": "folder", "root": root, "items": items[a: a + s.shard_size]}
              for a in range(0, len(items), s.shard_size)]
     return units, skipped, classes, "folder"
+
+
+def _webdataset_units(tars: list[str], limit: int | None) -> list[dict]:
+    """One unit per tar; with a limit, the first `limit` samples in (tar, member) order: the tars
+    are counted one after another, and the last one used is cut with `take`."""
+    if not limit:
+        return [{"kind": "webdataset", "tar": t} for t in tars]
+    units, left = [], limit
+    for t in tars:
+        if left <= 0:
+            break
+        try:
+            n = storage.retry(_count_samples, t, left)
+        except (shards.DataError, OSError):
+            n = 1  # unreadable: the unit records it as one skipped input, as without a limit
+        units.append({"kind": "webdataset", "tar": t, **({"take": left} if n >= left else {})})
+        left -= n
+    return units
+
+
+def _count_samples(tar_uri: str, most: int) -> int:
+    """Samples in a tar, counting no further than `most` (streamed: a big tar is not downloaded
+    to take its first few samples)."""
+    fs, path = storage.filesystem(tar_uri)
+    with fs.open(path, "rb") as f:
+        return sum(1 for _ in itertools.islice(shards.iter_tar(f, tar_uri), most))
 
 
 def _digest(obj) -> str:
@@ -172,15 +199,24 @@ def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
                 continue
             yield _sample(it["key"], pixels, it["cls"], cap, {"src": it["rel"]})
     elif kind == "webdataset":
-        yield from _webdataset_samples(unit["tar"], s, skipped)
+        yield from _webdataset_samples(unit["tar"], s, skipped, unit.get("take"))
     else:
         raise ValueError(kind)
 
 
-def _webdataset_samples(tar_uri: str, s: Settings, skipped: list[dict]):
+def _webdataset_samples(tar_uri: str, s: Settings, skipped: list[dict], take: int | None = None):
     name = tar_uri.rsplit("/", 1)[-1]
     try:
-        samples = list(shards.iter_tar(storage.read_bytes(tar_uri), name))
+        if take is None:
+            samples = list(shards.iter_tar(storage.read_bytes(tar_uri), name))
+        else:  # --limit ends inside this tar: stream its first `take` samples only
+            fs, path = storage.filesystem(tar_uri)
+
+            def first() -> list[dict]:
+                with fs.open(path, "rb") as f:
+                    return list(itertools.islice(shards.iter_tar(f, name), take))
+
+            samples = storage.retry(first)
     except (shards.DataError, OSError) as e:
         skipped.append({"item": name, "reason": f"unreadable shard ({str(e)[:100]})"})
         return
@@ -244,6 +280,9 @@ def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", fr
     s = Settings(source, resolution, fit, frames, stride, shard_size, limit, seed)
     s.check()
     out = storage.absolute(out)
+    storage.check(out)  # a bad --out or source URI fails now, before anything is read or written
+    if "://" in source:
+        storage.check(source)
     units, listing_skipped, classes, kind = plan(s)
     digests = [_digest({"unit": u, "settings": asdict(s), "version": INGEST_VERSION}) for u in units]
     plan_digest = _digest(digests)
@@ -307,6 +346,8 @@ def _unit_inputs(unit: dict) -> int:
         return unit["range"][1] - unit["range"][0]
     if unit["kind"] == "folder":
         return len(unit["items"])
+    if "take" in unit:
+        return unit["take"]
     return 1  # a webdataset tar: its sample count is unknown until it is read
 
 

@@ -30,6 +30,15 @@ class DataError(Exception):
     """A data set problem a user can fix; the CLI prints it as one line."""
 
 
+class BadShard(DataError):
+    """One shard cannot be used (missing, truncated, changed, not a tar). `reason` is a short
+    name for metrics: missing_shard, truncated_shard, checksum_mismatch or unreadable_shard."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
 def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
 
@@ -114,10 +123,22 @@ def read_shard(uri: str, entry: dict, fs=None) -> list[dict]:
         else:
             data = storage.retry(fs[0].cat_file, f"{fs[1].rstrip('/')}/{entry['name']}")
     except FileNotFoundError:
-        raise DataError(f"{uri}/{entry['name']}: listed in the manifest but missing") from None
+        raise BadShard("missing_shard", f"{uri}/{entry['name']}: listed in the manifest but missing") from None
+    return parse_shard(uri, entry, data)
+
+
+def parse_shard(uri: str, entry: dict, data: bytes) -> list[dict]:
+    """A shard's bytes → its samples, after the checksum check; BadShard says what is wrong."""
+    where = f"{uri}/{entry['name']}"
+    if len(data) < entry["bytes"]:
+        raise BadShard("truncated_shard", f"{where}: truncated ({len(data)} of {entry['bytes']} bytes); "
+                       "checksum does not match the manifest")
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DataError(f"{uri}/{entry['name']}: checksum does not match the manifest (shard changed or corrupt)")
-    return list(iter_tar(data, entry["name"]))
+        raise BadShard("checksum_mismatch", f"{where}: checksum does not match the manifest (shard changed or corrupt)")
+    try:
+        return list(iter_tar(data, entry["name"]))
+    except DataError as e:  # written that way: the checksum matches a broken tar
+        raise BadShard("unreadable_shard", f"{where}: {e}") from None
 
 
 def verify(uri: str) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..data.loader import LatentLoader, Position
+from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
@@ -45,7 +45,8 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
 
     # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
-    loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
+    loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed,
+                          max_bad_fraction=spec.data.max_bad_fraction, storage_timeout_s=spec.data.storage_timeout_s)
     latent_shape = tuple(loader.latent_shape)  # (C, h, w) or (C, T, h, w): the most common bucket's
     C = latent_shape[0]
     dtype = torch.bfloat16 if precision(spec) == "bf16" else torch.float32
@@ -133,6 +134,9 @@ def train_loop(config: dict) -> None:
                        "train/step_s": elapsed / steps_since,
                        "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed,
                        "train/mask_ratio": ratio, "train/tflops_per_s": flops_since * world / elapsed / 1e12}
+            skipped = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
+            dist.all_reduce(skipped)  # bad samples skipped so far, summed over ranks
+            metrics.update(skipped_metrics(skipped.tolist()))
             tracker.log(metrics, step)
             if rank == 0:
                 print(f"step {step}/{spec.train.steps} loss {mean_loss:.4f} "
