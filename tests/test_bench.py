@@ -33,8 +33,11 @@ def test_bench_train_quick_writes_every_field(tmp_path):
     assert c["peak_tflops_measured_matmul"] > 0 and c["flops_per_sample_step"] > 0
     # Per-rank state for every ZeRO stage, and the ratio the issue asks for.
     assert set(c["zero_stages"]) == {"zero0", "zero1", "zero2", "zero3"}
-    assert all(z["state_bytes"] > 0 for z in c["zero_stages"].values())
-    assert c["zero3_over_zero0_state"] > 0
+    for z in c["zero_stages"].values():
+        assert z["state_bytes"]["params"] > 0 and z["state_bytes"]["optimizer"] > 0
+    # ZeRO-3 partitions parameters and optimizer state across the 2 ranks: less than ZeRO-0's.
+    # (Not half on CPU: in fp32 DeepSpeed keeps an fp32 master partition beside the parameter one.)
+    assert 0 < c["zero3_over_zero0_state"] < 1
 
 
 def test_compiled_blocks_match_eager(one_thread):

@@ -196,50 +196,51 @@ def _side_by_side(loops: Loops, v: dict, device, world: int) -> dict:
     return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
-def _state_bytes(engine) -> int:
-    """Bytes this rank holds for parameters, gradients and optimizer state (distinct storages).
+def state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds, by kind, counting each storage once.
 
-    The model's parameters (under ZeRO-3 only this rank's `ds_tensor` slice: the full `param.data`
-    is freed outside forward/backward), and every tensor the optimizer wrapper keeps: DeepSpeed's
-    flat fp32 partitions and gradient buffers, and the inner torch optimizer's state."""
+    params: the module's weights (under ZeRO-3 only this rank's `ds_tensor` slice: the full
+    `param.data` exists only inside forward/backward). grads: gradients kept between steps
+    (`p.grad`, DeepSpeed's gradient partitions). optimizer: everything else the optimizer holds:
+    fp32 master partitions and the inner torch optimizer's moments. DeepSpeed's communication
+    buckets (name-mangled private attributes) are left out: they are buffers, not state."""
     seen: set[int] = set()
-    total = 0
+    out = {"params": 0, "grads": 0, "optimizer": 0}
 
-    def add(t) -> None:
-        nonlocal total
+    def add(t, kind: str) -> None:
         if isinstance(t, torch.Tensor) and t.numel():
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
-                total += t.untyped_storage().nbytes()
+                out[kind] += t.untyped_storage().nbytes()
 
-    def walk(o, depth: int = 0) -> None:
+    def walk(o, kind: str, depth: int = 0) -> None:
         if depth > 3:
             return
         if isinstance(o, torch.Tensor):
-            add(o)
+            add(o, kind)
         elif isinstance(o, dict):
             for x in o.values():
-                walk(x, depth + 1)
+                walk(x, kind, depth + 1)
         elif isinstance(o, (list, tuple)):
             for x in o:
-                walk(x, depth + 1)
+                walk(x, kind, depth + 1)
         elif isinstance(o, torch.optim.Optimizer):
-            walk(o.state, depth + 1)
-            walk([g["params"] for g in o.param_groups], depth + 1)
+            walk(o.state, kind, depth + 1)
+            walk([g["params"] for g in o.param_groups], kind, depth + 1)
 
     for p in engine.module.parameters():
-        add(getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p.data)
-        add(p.grad)
+        add(getattr(p, "ds_tensor", None) if hasattr(p, "ds_tensor") else p.data, "params")
+        add(p.grad, "grads")
     opt = engine.optimizer
     if isinstance(opt, torch.optim.Optimizer):  # ZeRO-0: the client optimizer itself
-        walk(opt)
+        walk(opt, "optimizer")
     else:
         for name, val in vars(opt).items():
-            if name in ("module", "_global_grad_norm") or name.startswith("_DeepSpeedZeroOptimizer__"):
+            if name in ("module", "_global_grad_norm") or name.startswith("_DeepSpeedZeroOptimizer"):
                 continue
-            walk(val)
-    return total
+            walk(val, "grads" if "grad" in name else "optimizer")
+    return out
 
 
 # ------------------------------------------------------------------------------ GPU extras
@@ -367,7 +368,7 @@ def _worker(rank: int, cfg: dict, port: int, queue) -> None:
                 for _ in range(v["warmup"]):
                     loops.ditforge()
                 row["step_s"] = min(_timed(loops.ditforge, v["steps"], device, world) for _ in range(v["rounds"]))
-                row["state_bytes"] = _state_bytes(loops.engine)
+                row["state_bytes"] = state_bytes(loops.engine)
                 row["peak_mem_bytes"] = _peak(device, before)
                 del loops
             except Exception as e:
@@ -510,7 +511,9 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
         z = r["zero"]
         rows[-1]["zero_stages"] = z
         if "zero0" in z and "zero3" in z and "state_bytes" in z["zero0"] and "state_bytes" in z["zero3"]:
-            rows[-1]["zero3_over_zero0_state"] = round(z["zero3"]["state_bytes"] / z["zero0"]["state_bytes"], 3)
+            # Parameters + optimizer state per rank, the figure ZeRO-3 is meant to halve at 2 ranks.
+            po = {k: z[k]["state_bytes"]["params"] + z[k]["state_bytes"]["optimizer"] for k in ("zero0", "zero3")}
+            rows[-1]["zero3_over_zero0_state"] = round(po["zero3"] / po["zero0"], 3)
     if r["attention"] and rows:
         rows[-1]["attention_kernels_xl2_fwd_bwd"] = r["attention"]
     return rows
