@@ -55,12 +55,15 @@ class EMA:
         return {n: params[n] for n in self.names}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """After each optimizer step. `model` is the engine's module (not the engine)."""
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """After each optimizer step. `model` is the engine's module (not the engine). `keep`: a 0-d
+        device tensor, 0 for a skipped step (non-finite loss): the averages stay as they are, with
+        no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        w = 1 - d if keep is None else keep * (1 - d)
         for n, p in self._params(model).items():
-            self.shadow[n].lerp_(_local(p).float(), 1 - d)
+            self.shadow[n].lerp_(_local(p).float(), w)
 
     @contextmanager
     def swapped_in(self, model: nn.Module, gather: bool = False):
