@@ -4,18 +4,18 @@ last good weights and a clear message. `train.debug_nan_steps` makes the loss Na
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ditforge import storage
-from ditforge.data.encode import encode_dataset
-from ditforge.data.ingest import ingest_shapes
-from ditforge.models.vae import IdentityVAE
+from ditforge.data import shards
 from ditforge.train.checkpoint import complete_steps, join_step
 from ditforge.train.export import export
 
@@ -27,9 +27,16 @@ JOB = str(REPO / "jobs" / "demo-image.yaml")
 
 @pytest.fixture(scope="module")
 def latents(embedded):
+    """Random latents written straight to shards (the data path has its own tests): (12, 16, 16),
+    what the identity VAE makes of 32x32 images."""
     root = f"s3://ditforge/tests/nan-{uuid.uuid4().hex[:8]}"
-    ingest_shapes(f"{root}/pixels", limit=128, resolution=32, shard_size=64, progress=False)
-    encode_dataset(f"{root}/pixels", f"{root}/latents", IdentityVAE(2), progress=False)
+    rng, entries, shape = np.random.default_rng(0), [], (12, 16, 16)
+    for i in range(2):
+        samples = [{"__key__": f"{i}-{k:04d}", "latent.npy": shards.npy_bytes(rng.standard_normal(shape, np.float32)),
+                    "cls": str(k % 10), "txt": ""} for k in range(32)]
+        entries.append(shards.write_shard(f"{root}/latents", shards.shard_name(i), samples, bucket="12x16x16",
+                                          shape=list(shape)))
+    shards.write_manifest(f"{root}/latents", {"kind": "latents", "latent_shape": list(shape), "shards": entries})
     return root
 
 
@@ -49,6 +56,17 @@ def weights(run_uri: str, step: int, tmp_path) -> tuple[dict, dict]:
     out = tmp_path / f"w{step}"
     export(join_step(run_uri, step), f"file://{out}")
     return load_file(str(out / "raw.safetensors")), load_file(str(out / "ema.safetensors"))
+
+
+def optimizer_state(run_uri: str, step: int) -> dict:
+    """Every rank's AdamW moments and step count (ZeRO 1-2 files), flattened to name → tensor."""
+    folder, out = join_step(run_uri, step), {}
+    for f in sorted(x for x in storage.listdir(folder) if "optim_states" in x):
+        # DeepSpeed pickles its optimizer state; this test wrote the file itself moments ago
+        sd = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, f))), weights_only=False)
+        for i, st in sd["optimizer_state_dict"]["base_optimizer_state"]["state"].items():
+            out.update({f"{f}.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+    return out
 
 
 def same(a: dict, b: dict) -> bool:
@@ -72,6 +90,9 @@ def test_isolated_nan_steps_are_skipped_and_counted(latents, tmp_path):
     for before, after in ((3, 4), (5, 6)):  # good steps still train
         assert not same(w[before][0], w[after][0]) and not same(w[before][1], w[after][1]), (before, after)
     assert all(torch.isfinite(t).all() for t in w[6][0].values())
+    opt = {s: optimizer_state(rec["run_uri"], s) for s in (2, 3, 4)}
+    assert len(opt[2]) >= 6 and same(opt[2], opt[3])  # moments and step count untouched by the skipped step
+    assert not same(opt[3], opt[4])
 
 
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_weights(latents, tmp_path):
