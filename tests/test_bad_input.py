@@ -233,7 +233,6 @@ def test_zero3_on_a_tiny_model_is_a_warning_only(sandbox, capsys):
 # A few as real subprocesses: the console entry point, the exit code the shell sees, no services.
 SUBPROCESS = [
     (["validate", "{d}/j.yaml"], {"j.yaml": job(train={"stpes": 5})}, ["j.yaml", "did you mean 'steps'"]),
-    (["submit", "{d}/j.yaml", "--set", "train.steps=-3"], {"j.yaml": job()}, ["j.yaml", "train.steps"]),
     (["submit", "{d}/j.yaml"], {"j.yaml": job(resources={"use_gpu": True})}, ["resources.use_gpu", "no GPUs"]),
     (["data", "ingest", "shapes", "--out", "file://{d}/o", "--shard-size", "-5"], {}, ["--shard-size"]),
     (["cluster", "renderr", "x.yaml"], {}, ["ditforge cluster", "renderr"]),
