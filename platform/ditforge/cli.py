@@ -57,13 +57,15 @@ def user_errors(fn):
 @user_errors
 def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML files")):
     """Check job and cluster specs; print one line per problem."""
-    from .spec import SpecError, load_any
+    from .spec import JobSpec, SpecError, load_any, spec_warnings
 
     bad = 0
     for f in files:
         try:
             spec = load_any(f)
             out.print(f"ok: {f} ({type(spec).__name__})", highlight=False)
+            for w in spec_warnings(spec) if isinstance(spec, JobSpec) else []:
+                err.print(f"warning: {f}: {w}", markup=False, highlight=False, soft_wrap=True)
         except SpecError as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             bad += 1
@@ -92,7 +94,11 @@ def submit(
     """Submit a training job through the Ray Jobs API and print its job id."""
     from .cluster.launch import submit as do_submit
 
+    from .spec import spec_warnings
+
     spec, cl = _load(job, cluster, sets)
+    for w in spec_warnings(spec):
+        err.print(f"warning: {job}: {w}", markup=False, highlight=False, soft_wrap=True)
     rec = do_submit(spec, cl, resume=resume, source=str(job))
     out.print(rec["job_id"], highlight=False)
     err.print(f"run {rec['run_name']}  mlflow {_run_link(rec)}", highlight=False)
@@ -139,7 +145,7 @@ def follow(rec: dict) -> str:
         logs = client.get_job_logs(rec["job_id"]).strip().splitlines()
         err.print("\n".join(logs[-25:]), markup=False, highlight=False)
         err.print(f"job {rec['job_id']} {state}: {_job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     return state
 
 
@@ -291,7 +297,10 @@ def sample(
 
     from . import services, storage
     from .cluster.launch import SubmitError
-    from .spec import SampleSpec, VAESpec
+    from .spec import SampleSpec, SpecError, VAESpec
+
+    if weights not in ("ema", "raw"):
+        raise SpecError("--weights", weights, "expected ema or raw")
     from .train.export import FILES, load_model
     from .train.sampling import sample_grid
 
@@ -410,6 +419,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Ingest sources into shards, e
 app.add_typer(data_app, name="data")
 
 
+def _uri_option(name: str, value: str) -> None:
+    """A URI option with an unknown scheme fails here, before Ray or a store is touched."""
+    from .spec import URI_SCHEMES, SpecError
+
+    if "://" in value and value.split("://", 1)[0] not in URI_SCHEMES:
+        raise SpecError(name, "", f"unknown URI scheme '{value.split('://', 1)[0]}://' in {value} "
+                                  f"(known: {', '.join(s + '://' for s in URI_SCHEMES)})")
+
+
 @data_app.command("ingest")
 @user_errors
 def data_ingest(
@@ -427,6 +445,7 @@ def data_ingest(
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""
     from .data.ingest import ingest
 
+    _uri_option("--out", out_uri)
     m = ingest(source, out_uri, resolution=resolution, fit=fit, frames=frames, stride=stride,
                shard_size=shard_size, limit=limit, seed=seed)
     buckets = ", ".join(f"{b}: {v['samples']}" for b, v in m["buckets"].items())
@@ -448,6 +467,7 @@ def data_encode(
     """Encode pixel shards to latent shards with Ray Data (re-running resumes)."""
     from .data.encode import encode_dataset, parse_vae
 
+    _uri_option("--out", out_uri)
     m = encode_dataset(in_uri, out_uri, parse_vae(vae))
     out.print(f"{m['total_samples']} latents {tuple(m['latent_shape'])} ({m['vae']}), mean {m['latent_mean']:.4f} "
               f"std {m['latent_std']:.4f} → {out_uri}", highlight=False)
@@ -651,8 +671,30 @@ def demo(
         print(json.dumps(result))
 
 
-def main():
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Usage errors too (an unknown command or option, a bad option value, a missing argument)
+    are one `error:` line and exit 2, instead of click's usage block."""
+    try:  # typer >= 0.2x vendors its own click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
+    try:
+        code = app(args=argv, prog_name="ditforge", standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # bare `ditforge` or `ditforge data`: the help
+        e.show()
+        code = e.exit_code
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "ditforge"
+        err.print(f"error: {where}: {' '.join(e.format_message().split())}", markup=False, highlight=False,
+                  soft_wrap=True)
+        code = 2
+    except click.ClickException as e:
+        err.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except click.Abort:
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

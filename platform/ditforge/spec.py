@@ -85,6 +85,11 @@ class VAESpec(Strict):
     def _path(self) -> "VAESpec":
         if self.kind in ("own", "diffusers") and not self.path:
             raise ValueError(f"path: required for vae.kind '{self.kind}'")
+        if self.kind == "own":
+            try:
+                _check_uri(self.path)
+            except ValueError as e:
+                raise ValueError(f"path: {e}") from None
         return self
 
 
@@ -144,6 +149,10 @@ class TrainSpec(Strict):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA")
     mask_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of patch tokens dropped (MicroDiT)")
     unmask_last: float = Field(0.1, ge=0, le=1, description="final fraction of steps trained unmasked")
+    # A NaN/Inf loss skips its step (weights, optimizer and EMA unchanged); this many in a row stop
+    # the run with a checkpoint of the last good weights (train/nonfinite.py).
+    max_nonfinite_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
+    debug_nan_steps: list[int] = Field(default_factory=list, description="testing aid: the loss is NaN at these steps")
 
     @field_validator("resume")
     @classmethod
@@ -161,6 +170,15 @@ class DeepSpeedSpec(BaseModel):
     # Off by default: DeepSpeed's overlap path synchronises the whole device before each bucket
     # (measured: ~4 device syncs per step at DiT-XL/2), which stops the CPU queueing kernels ahead.
     overlap_comm: bool = Field(False, description="overlap gradient reduction with backward (DeepSpeed overlap_comm)")
+
+    @model_validator(mode="after")
+    def _typos(self) -> "DeepSpeedSpec":
+        # Pass-through keys are not checked, but one that is nearly `zero_stage` is a typo that
+        # would silently train with the default stage.
+        for key in self.model_extra or {}:
+            if difflib.get_close_matches(key, ["zero_stage"], n=1, cutoff=0.75):
+                raise ValueError(f"{key}: unknown key (did you mean 'zero_stage'?)")
+        return self
 
 
 class ResourcesSpec(Strict):
@@ -255,12 +273,25 @@ class JobSpec(Strict):
             raise ValueError("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
             raise ValueError("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
+        bad = [s for s in self.train.debug_nan_steps if not 1 <= s <= self.train.steps]
+        if bad:
+            raise ValueError(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
             raise ValueError(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
         return self
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def spec_warnings(spec: JobSpec) -> list[str]:
+    """Allowed, but probably not what was meant: one `field.path: reason` line each (printed as
+    `warning:`; the exit code stays 0)."""
+    out = []
+    if spec.deepspeed.zero_stage == 3 and spec.model.size in ("T", "S"):
+        out.append(f"deepspeed.zero_stage: 3 with model.size {spec.model.size}: too small to shard sensibly "
+                   "(gathering the weights every step costs more than the memory it saves); stage 2 fits it")
+    return out
 
 
 # ------------------------------------------------------------------------------------ cluster
@@ -528,6 +559,21 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: PyYAML would keep the
+    last one silently, so half of a duplicated `train:` section would vanish."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     name = str(path)
@@ -535,12 +581,14 @@ def read_yaml(path: str | Path) -> dict:
         raise SpecError(name, "", "no such file")
     if p.is_dir():
         raise SpecError(name, "", "is a directory, not a YAML file")
+    if not p.is_file():  # a FIFO or device would block or stream forever
+        raise SpecError(name, "", "cannot read: not a regular file")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(name, "", f"cannot read: {e.__class__.__name__}: {e}") from None
+        raise SpecError(name, "", f"cannot read: {e.__class__.__name__}: {' '.join(str(e).split())}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"

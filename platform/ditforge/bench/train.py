@@ -111,6 +111,7 @@ class Loops:
     def __init__(self, v: dict, rank: int, world: int, device: torch.device):
         from ..train.ema import EMA
         from ..train.engine import build_engine
+        from ..train.nonfinite import NonFiniteGuard
         from ..train.step import step_generator, train_step
 
         use_gpu = device.type == "cuda"
@@ -131,12 +132,14 @@ class Loops:
             model = DiT(cfg)
         engine = build_engine(model, spec)
         ema = EMA(engine.module, spec.train.ema_decay)
+        guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps)
         xd = x.to(dtype)
         self.engine, self.ema = engine, ema
 
         def ditforge_step():
             self.step_no += 1
-            train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema)
+            train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema, guard,
+                       self.step_no)
 
         self.ditforge = ditforge_step
         self.baseline = None

@@ -85,12 +85,13 @@ def records_dir() -> Path:
 
 
 def record(job_id: str) -> dict | None:
-    f = records_dir() / f"{job_id}.json"
+    f = storage.home() / "jobs" / f"{job_id}.json"  # a look-up creates nothing
     return json.loads(f.read_text()) if f.exists() else None
 
 
 def all_records() -> list[dict]:
-    return sorted((json.loads(f.read_text()) for f in records_dir().glob("*.json")), key=lambda r: r["submitted_at"])
+    return sorted((json.loads(f.read_text()) for f in (storage.home() / "jobs").glob("*.json")),
+                  key=lambda r: r["submitted_at"])
 
 
 def resolve_paths(spec: JobSpec) -> JobSpec:
@@ -132,6 +133,10 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     from ..train import checkpoint
 
     spec = resolve_paths(spec)
+    if spec.resources.use_gpu and isinstance(cluster, (EmbeddedCluster, LocalCluster)):
+        # Their Ray nodes start with --num-gpus=0: say so before starting anything.
+        raise SubmitError(f"{source or spec.name}: resources.use_gpu: true, but cluster '{cluster.name}' (kind "
+                          f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs")
     target = connect(cluster, spec)
     check_capacity(spec, cluster, target)
     resume_from = None

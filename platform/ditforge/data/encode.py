@@ -54,7 +54,8 @@ def parse_vae(text: str):
         return VAESpec.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise shards.DataError(f"--vae: {'.'.join(map(str, err['loc'])) or 'vae'}: {err['msg']}") from None
+        raise shards.DataError(f"--vae: {'.'.join(map(str, err['loc'])) or 'vae'}: {err['msg']} "
+                               f"(got {err.get('input')!r})") from None
 
 
 def _pixels(sample: dict) -> np.ndarray:

@@ -55,13 +55,20 @@ class EMA:
         return {n: params[n] for n in self.names}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """After each optimizer step. `model` is the engine's module (not the engine)."""
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """After each optimizer step. `model` is the engine's module (not the engine). `keep`: a 0-d
+        device tensor, 0 for a skipped step (non-finite loss): the averages stay as they are, with
+        no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         shadow, local = zip(*((self.shadow[n], _local(p)) for n, p in self._params(model).items()))
+        local = [t if t.dtype == torch.float32 else t.float() for t in local]
         # One multi-tensor kernel rather than one launch per parameter (hundreds at DiT-XL).
-        torch._foreach_lerp_(list(shadow), [t if t.dtype == torch.float32 else t.float() for t in local], 1 - d)
+        if keep is None:
+            torch._foreach_lerp_(list(shadow), local, 1 - d)
+        else:  # a device tensor weight: no host sync to learn whether the step was skipped
+            w = keep * (1 - d)
+            torch._foreach_lerp_(list(shadow), local, [w] * len(local))
 
     @contextmanager
     def swapped_in(self, model: nn.Module, gather: bool = False):

@@ -66,8 +66,10 @@ def build_engine(model: torch.nn.Module, spec: JobSpec):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Ray Train has already formed the process group (gloo on CPU); DeepSpeed adopts it.
     deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
+    # fused (CPU kernels too): it honours `found_inf`, which skips a non-finite step without a
+    # host sync (train/nonfinite.py).
     opt = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
-                            betas=(0.9, 0.999), fused=spec.resources.use_gpu or None)
+                            betas=(0.9, 0.999), fused=True)
     warmup = spec.train.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,

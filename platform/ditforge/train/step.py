@@ -15,12 +15,16 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
-def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema) -> torch.Tensor:
-    """One optimizer step; no host sync (the loss stays on the device). `ditforge bench` times
-    exactly this function against a plain PyTorch loop."""
+def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0):
+    """One optimizer step → (loss, good), both 0-d device tensors: no host sync. `guard`
+    (train/nonfinite.py) makes the optimizer and the EMA skip a step whose loss is NaN/Inf; `good`
+    is 0 for such a step. `ditforge bench` times exactly this function against a plain loop."""
     loss = objective.loss(engine, x, cond, gen, mask_ratio=mask_ratio)
+    good = None
+    if guard is not None:
+        loss, good = guard(loss, step)
     engine.backward(loss)
     engine.step()
     if ema:
-        ema.update(engine.module)
-    return loss.detach()
+        ema.update(engine.module, keep=good)
+    return loss.detach(), (torch.ones((), device=loss.device) if good is None else good)

@@ -32,6 +32,7 @@ from ..spec import JobSpec
 from . import checkpoint
 from .ema import EMA
 from .engine import build_engine, precision
+from .nonfinite import NonFiniteGuard, NonFiniteLoss
 from .sampling import generate, sample_grid
 from .step import step_generator, train_step
 from .tracking import NullTracker, Tracker
@@ -58,6 +59,7 @@ def train_loop(config: dict) -> None:
     model = DiT(dit_cfg)
     engine = build_engine(model, spec)
     ema = EMA(engine.module, spec.train.ema_decay) if spec.train.ema_decay > 0 else None
+    guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
     objective = build_objective(spec.objective)
     # Forward FLOPs per sample, counted once per mask ratio: FLOP/s shows what masking saves.
     fwd_flops = {r: forward_flops(dit_cfg, latent_shape, r) for r in {0.0, spec.train.mask_ratio}}
@@ -121,23 +123,26 @@ def train_loop(config: dict) -> None:
         x, y = x.to(device), y.to(device)  # no-ops on the GPU path: the prefetcher copied them
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
         ratio = mask_ratio_at(spec, step)
-        loss = train_step(engine, objective, x, cond, step_generator(spec.train.seed, step, rank, device), ratio, ema)
-        loss_sum += loss  # no host sync here: .item() only on logging steps
+        loss, good = train_step(engine, objective, x, cond, step_generator(spec.train.seed, step, rank, device), ratio,
+                                ema, guard, step)
+        loss_sum += torch.where(good > 0, loss, 0.0)  # no host sync here: .item() only on logging steps
         steps_since += 1
         flops_since += 3 * fwd_flops[ratio] * x.shape[0]  # forward + backward ≈ 3 forwards
 
         if step % spec.tracking.log_every == 0 or step == spec.train.steps:
-            dist.all_reduce(loss_sum)  # mean over ranks and steps since the last log
-            mean_loss = loss_sum.item() / (world * steps_since)
+            dist.all_reduce(loss_sum)  # mean over ranks and the good steps since the last log
+            skipped = guard.read()
+            mean_loss = loss_sum.item() / (world * (steps_since - skipped)) if steps_since > skipped else float("nan")
             elapsed = time.perf_counter() - t_last
             metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step,
+                       "train/skipped_nonfinite": guard.total,
                        "train/step_s": elapsed / steps_since,
                        "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed,
                        "train/mask_ratio": ratio, "train/tflops_per_s": flops_since * world / elapsed / 1e12}
             skipped = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
             dist.all_reduce(skipped)  # bad samples skipped so far, summed over ranks
             metrics.update(skipped_metrics(skipped.tolist()))
-            tracker.log(metrics, step)
+            tracker.log({k: v for k, v in metrics.items() if v == v}, step)  # no loss when all were skipped
             if rank == 0:
                 print(f"step {step}/{spec.train.steps} loss {mean_loss:.4f} "
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
@@ -146,9 +151,13 @@ def train_loop(config: dict) -> None:
             stopping = checkpoint.stop_requested(run_uri, device)  # `ditforge stop`: leave after this step
 
         if (step % spec.checkpoint.every_steps == 0 or step == spec.train.steps
-                or (stopping and spec.checkpoint.on_stop)):
+                or (stopping and spec.checkpoint.on_stop) or guard.exceeded()):
             save(step)
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
+        if guard.exceeded():  # the weights are still the last good step's: they were just saved
+            ckpt.wait()
+            tracker.close()
+            raise NonFiniteLoss(guard.message(step, checkpoint.join_step(run_uri, step)))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)
