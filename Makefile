@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench down clean
+.PHONY: install demo test test-fast fault bench down clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The fault-injection suite alone (killed workers and drivers, S3 and MLflow outages); `test` runs it too.
+fault: install
+	$(BIN)/python -m pytest -q -rs --durations=0 -m fault
 
 bench: install
 	$(BIN)/ditforge bench --json bench.json

@@ -1,12 +1,15 @@
 """Faults during a run: the S3 server and the MLflow server each go away for a while.
 
-Training must not stop: checkpoints attempted while S3 is down are marked failed and the next
-save succeeds; metrics logged while MLflow is down are buffered and delivered, with no gap in the
-step series.
+Training must not stop: checkpoints attempted while S3 is down are retried with backoff, then
+marked failed with a clear log line, and the next save succeeds; no incomplete checkpoint is ever
+what a resume picks; metrics logged while MLflow is down are buffered and delivered, with no gap in
+the step series.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 
@@ -18,11 +21,11 @@ from ditforge.cluster.launch import jobs_client
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
-from ditforge.train.checkpoint import complete_steps
+from ditforge.train.checkpoint import MANIFEST, all_steps, complete_steps, download, join_step, resolve
 
 from .conftest import REPO, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 def _wait_for_step(rec: dict, step: int, timeout: float = 300) -> None:
@@ -57,16 +60,35 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
                 "--set", "checkpoint.keep_last=50", "--set", "tracking.log_every=1", "--set", "train.resume=never",
                 "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "tracking.experiment=tests")
     assert r.returncode == 0, r.stderr
-    import json
-
     rec = json.loads((storage.home() / "jobs" / f"{r.stdout.strip().splitlines()[-1]}.json").read_text())
 
     _wait_for_step(rec, 10)
     # The object store goes away for longer than one save's retries (s3fs's own and ours, ~15 s),
     # so at least one save fails outright.
     services._stop_group("s3")
-    time.sleep(40)
+    t0 = time.time()
+    # What every storage call does meanwhile: retry with backoff (0.5 + 1 + 2 + 4 s between 5
+    # attempts), then fail with one error naming the cause, not hang.
+    with pytest.raises(OSError, match="Could not connect|Connect"):
+        storage.exists(f"s3://ditforge/tests/probe-{uuid.uuid4().hex[:8]}/x")  # never listed: no cached answer
+    assert time.time() - t0 >= 7.5
+    time.sleep(max(0.0, 40 - (time.time() - t0)))
+    # The moment S3 is back: a resume picks the newest COMPLETE checkpoint, whatever the outage
+    # left half-written, and every file of it matches the manifest.
+    run_uri = storage.join(runs, rec["run_name"])
     services.start_s3()
+    picked = resolve(run_uri)
+    assert storage.exists(storage.join(picked, MANIFEST))
+    download(picked, tmp_path / "picked")  # raises if any file's checksum is off
+    # Half-written folders the outage left: loading one by name is refused (judged below, once
+    # the failed saves are known; a save in flight now may still complete).
+    refused = {}
+    for s in set(all_steps(run_uri)) - set(complete_steps(run_uri)):
+        try:
+            resolve(join_step(run_uri, s))
+            refused[s] = False
+        except FileNotFoundError:
+            refused[s] = True
     mlflow_port = int(embedded.mlflow.rsplit(":", 1)[1])
     services._stop_group("mlflow")  # now the tracking server goes away
     time.sleep(12)
@@ -81,5 +103,8 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     done = complete_steps(storage.join(runs, rec["run_name"]))
     assert steps in done and not set(failed) & set(done)
     assert any(s > max(failed) for s in done)  # saves after the outage succeeded again
+    assert int(picked.rsplit("_", 1)[1]) not in failed
+    assert all(refused[s] for s in set(refused) & set(failed)), refused
     logs = jobs_client(rec["dashboard"]).get_job_logs(rec["job_id"])
-    assert "FAILED" in logs and "the next save tries again" in logs
+    # the fault is logged with its cause, once the save's retries are spent
+    assert re.search(r"checkpoint \S+ FAILED \(\w+: .+\); training continues, the next save tries again", logs)

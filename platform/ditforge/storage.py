@@ -199,15 +199,22 @@ def listdir(uri: str) -> list[str]:
 
 def remove(uri: str) -> None:
     fs, path = filesystem(uri)
+    s3 = "s3" in fs.protocol
+    folders = []
     if retry(fs.exists, path):
+        if s3:
+            found = retry(fs.find, path, withdirs=True, detail=True)
+            folders = [k for k, v in found.items() if v.get("type") == "directory"]
         retry(fs.rm, path, recursive=True)
-    if "s3" in fs.protocol:
-        # SeaweedFS (like other filer-backed stores) keeps the emptied folder as a "dir/" entry,
-        # which would still list as a step folder.
-        try:
-            fs.rm_file(path.rstrip("/") + "/")
-        except (FileNotFoundError, OSError):
-            pass
+    if s3:
+        # SeaweedFS (like other filer-backed stores) keeps each emptied folder, nested ones too
+        # (a step's `_ranks/`), as a "dir/" entry, which would still list as a step folder.
+        for d in sorted({*folders, path}, key=len, reverse=True):  # deepest first
+            try:
+                fs.rm_file(d.rstrip("/") + "/")
+            except (FileNotFoundError, OSError):
+                pass
+        fs.invalidate_cache(path)
 
 
 def put_file(local: str | Path, uri: str) -> None:

@@ -228,6 +228,34 @@ def join_step(run_uri: str, step: int) -> str:
     return storage.join(run_uri, step_tag(step))
 
 
+def discard_after(run_uri: str, step: int) -> list[int]:
+    """Rank 0, on (re)start, before any save: remove step folders newer than the one resumed
+    from. They are incomplete (left by a killed attempt), and a stale `_ranks/` marker in one
+    would let the manifest of the same step, saved again, be written before that rank's new
+    upload is done."""
+    stale = [s for s in all_steps(run_uri) if s > step]
+    for s in stale:
+        storage.remove(join_step(run_uri, s))
+    return stale
+
+
+PROCS = "_procs"
+
+
+def record_process(run_uri: str, name: str) -> None:
+    """`<run>/_procs/<name>.json`: this process's pid, host and Ray node, rewritten on every
+    (re)start. What operators (and the fault tests) read to find, signal or kill a run's driver
+    and workers without asking Ray."""
+    import os
+    import socket
+
+    import ray
+
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
+            "started": time.time()}
+    storage.write_bytes(storage.join(run_uri, PROCS, f"{name}.json"), json.dumps(info).encode())
+
+
 def stop_requested(run_uri: str, device: torch.device) -> bool:
     """Collective: has `ditforge stop` left a STOP marker in the run folder? Rank 0 looks (one
     object-store request) and tells the others, so every rank leaves the loop at the same step."""

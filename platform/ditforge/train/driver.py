@@ -58,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..cluster import capacity
     from ..cluster.launch import STOP_MARKER
     from ..spec import JobSpec
+    from .checkpoint import record_process
     from .vae_trainer import train_vae_loop
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
     client = MlflowClient(job["tracking_uri"])
     ray.init()
+    record_process(job["run_uri"], "driver")  # where `kill` finds this job's driver (see README)
     # A fixed-size cluster never grows: an impossible placement group would wait forever there.
     missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
     if missing:

@@ -121,6 +121,12 @@ class Tracker:
                     self.client.log_artifact(self.run_id, item[1], item[2])
                     shutil.rmtree(os.path.dirname(item[1]), ignore_errors=True)
             except Exception as e:
+                if _rejected(e):  # an answer, not an outage: retrying it would hold up every later record
+                    print(f"MLflow rejected a {item[0]} record, dropped: {str(e)[:300]}", flush=True)
+                    with self._lock:
+                        for _ in range(max(n, 1)):
+                            self._pending.popleft()
+                    continue
                 self.failures += 1
                 if self.failures == 1 or self.failures % 10 == 0:
                     print(f"MLflow unreachable ({type(e).__name__}); buffering {len(self._pending)} records",
@@ -134,6 +140,13 @@ class Tracker:
         if tags:
             with self._lock:
                 self._pending.append(("tags", [mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
+
+
+def _rejected(e: Exception) -> bool:
+    """The server answered and said no (e.g. a param logged again with another value)."""
+    from mlflow.exceptions import RestException
+
+    return isinstance(e, RestException) and e.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
 
 
 class NullTracker:

@@ -85,10 +85,16 @@ def train_loop(config: dict) -> None:
             ema.load_full_state_dict(engine.module, ema_full, state.get("ema_updates", state["step"]))
         shutil.rmtree(folder.parent, ignore_errors=True)
         print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
+    if rank == 0:  # before any save of this attempt (the all_gather below orders it)
+        checkpoint.discard_after(run_uri, start)
+    checkpoint.record_process(run_uri, f"rank_{rank}")
     tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
                     "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
                     "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
-                    "precision": precision(spec), "resumed_from_step": start})
+                    "precision": precision(spec)})
+    # A tag, not a param: a Ray Train restart logs it again into the same MLflow run, and MLflow
+    # refuses to change a param.
+    tracker.tags({"ditforge.resumed_from_step": start})
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
