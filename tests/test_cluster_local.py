@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
 
 import pytest
 import yaml

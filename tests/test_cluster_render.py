@@ -4,7 +4,6 @@ shipped in the installed ray package) and KubeRay manifests (no secret values in
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest

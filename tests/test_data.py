@@ -4,7 +4,6 @@ and on the embedded S3 server. One private Ray serves the whole module."""
 from __future__ import annotations
 
 import io
-import itertools
 import json
 
 import numpy as np

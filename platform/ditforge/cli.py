@@ -559,7 +559,6 @@ def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
 @user_errors
 def cluster_status(cluster: Path = typer.Argument(..., help="cluster YAML")):
     """The cluster's nodes: pid, alive in Ray, node id and resources."""
-    from . import services
     from .cluster import local
     from .spec import SpecError, load_cluster
 

@@ -18,7 +18,7 @@ from .. import services, storage
 from ..models.dit import DiT, DiTConfig
 from ..objectives.flow import RectifiedFlow
 from ..spec import JobSpec
-from ..train.checkpoint import Checkpointer, step_tag
+from ..train.checkpoint import Checkpointer
 from ..train.engine import build_engine
 from .common import device_name, single_process_group
 
