@@ -39,10 +39,11 @@ def user_errors(fn):
         from .data.shards import DataError
         from .services import ServiceError
         from .spec import SpecError
+        from .train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError) as e:
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError, UnsafeCheckpoint) as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -542,9 +543,50 @@ def build(model: type[BaseModel], data: dict, name: str) -> BaseModel:
         raise SpecError(name, field, reason) from None
 
 
+# ------------------------------------------------------------------------------ path roots
+
+ROOTS_ENV = "DITFORGE_ROOTS"
+# Job-spec fields that may name a local file or folder (file://PATH, or a bare path for the
+# folders handed to diffusers / transformers).
+LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder")
+
+
+# Where the shipped GPU jobs expect pretrained weights (a read-only mount on cluster nodes).
+MODELS_ROOT = "/models"
+
+
+def allowed_roots() -> list[Path]:
+    """Local folders a job spec may name: the working directory (the project), $DITFORGE_HOME,
+    /models, and each folder in $DITFORGE_ROOTS (os.pathsep-separated). The list is the
+    operator's, from the environment, never from the spec: a spec must not widen its own sandbox."""
+    home = os.environ.get("DITFORGE_HOME") or Path.cwd() / ".ditforge"
+    extra = [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(p).expanduser().resolve() for p in (Path.cwd(), home, MODELS_ROOT, *extra)]
+
+
+def check_roots(spec: "JobSpec", name: str) -> None:
+    """Every local path in the spec resolves (symlinks and `..` followed) inside an allowed root.
+
+    Runs where specs enter the platform (load_job, a bare spec given to the driver), not on every
+    model_validate: workers re-validate the resolved spec in another working directory."""
+    roots = allowed_roots()
+    for field in LOCAL_PATH_FIELDS:
+        node: Any = spec
+        for part in field.split("."):
+            node = getattr(node, part)
+        if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
+            continue
+        resolved = Path(node.removeprefix("file://")).expanduser().resolve()
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
+                                         f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it")
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     data = _merge(read_yaml(path), parse_set(overrides))
-    return build(JobSpec, data, str(path))  # type: ignore[return-value]
+    spec = build(JobSpec, data, str(path))
+    check_roots(spec, str(path))  # type: ignore[arg-type]
+    return spec  # type: ignore[return-value]
 
 
 def build_cluster(data: dict, name: str) -> ClusterSpec:
@@ -567,4 +609,6 @@ def load_any(path: str | Path) -> BaseModel:
     data = read_yaml(path)
     if "kind" in data and "data" not in data:
         return build_cluster(data, str(path))
-    return build(JobSpec, data, str(path))
+    spec = build(JobSpec, data, str(path))
+    check_roots(spec, str(path))  # type: ignore[arg-type]
+    return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import tempfile
 import time
@@ -143,6 +144,8 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         except FileNotFoundError as e:
             raise SubmitError(f"train.resume: {e}") from None
     if resume:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", resume) or ".." in resume:  # a name, not a path
+            raise SubmitError(f"--resume {resume}: a run name (letters, digits, '_', '.', '-'), not a path")
         run_name = resume
         run_uri = storage.join(spec.checkpoint.uri, run_name)
         try:

@@ -33,9 +33,11 @@ def read_job(path: str) -> dict:
     if "run_name" in data:
         return data
     from ..cluster.launch import new_run, resolve_paths
-    from ..spec import JobSpec
+    from ..spec import JobSpec, check_roots
 
-    spec = resolve_paths(JobSpec.model_validate(data))
+    spec = JobSpec.model_validate(data)
+    check_roots(spec, path)  # a bare spec enters the platform here, not through load_job
+    spec = resolve_paths(spec)
     tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise SystemExit("ditforge: a bare job spec needs tracking.uri or $MLFLOW_TRACKING_URI")
