@@ -44,7 +44,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SpecError, DataError, SubmitError, ServiceError, RenderError, UnsafeCheckpoint) as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            from .credentials import redact
+
+            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -65,7 +67,9 @@ def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML f
             spec = load_any(f)
             out.print(f"ok: {f} ({type(spec).__name__})", highlight=False)
         except SpecError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            from .credentials import redact
+
+            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
@@ -136,7 +140,9 @@ def follow(rec: dict) -> str:
                 break
             time.sleep(1.0)
     if state != "SUCCEEDED":
-        logs = client.get_job_logs(rec["job_id"]).strip().splitlines()
+        from .credentials import redact
+
+        logs = redact(client.get_job_logs(rec["job_id"])).strip().splitlines()
         err.print("\n".join(logs[-25:]), markup=False, highlight=False)
         err.print(f"job {rec['job_id']} {state}: {_job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
                   markup=False, highlight=False)
@@ -200,14 +206,16 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 
     rec = _find(job)
     client = client_for(rec)
+    from .credentials import redact
+
     if not follow_:
-        sys.stdout.write(client.get_job_logs(job))
+        sys.stdout.write(redact(client.get_job_logs(job)))
         return
     import asyncio
 
     async def tail():
         async for lines in client.tail_job_logs(job):
-            sys.stdout.write(lines)
+            sys.stdout.write(redact(lines))
             sys.stdout.flush()
 
     asyncio.run(tail())

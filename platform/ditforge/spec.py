@@ -44,6 +44,17 @@ def _check_uri(value: str) -> str:
     return value
 
 
+def _no_password(value: str | None) -> str | None:
+    """Specs are logged, saved with checkpoints and sent to MLflow: they must not hold secrets."""
+    from .credentials import has_userinfo_password
+
+    if value and has_userinfo_password(value):
+        # the value itself is not repeated: it holds the secret
+        raise ValueError("holds a password (scheme://user:PASSWORD@host): give credentials through the "
+                         "environment or a named file (see README, Security defaults), never in a spec")
+    return value
+
+
 # ---------------------------------------------------------------------------------------- job
 
 
@@ -190,6 +201,8 @@ class TrackingSpec(Strict):
     system_metrics: bool = True
     register_model: bool = True
 
+    _uri = field_validator("uri")(_no_password)
+
 
 class SampleSpec(Strict):
     per_class: int = Field(8, gt=0, description="grid columns; one row per class")
@@ -263,10 +276,28 @@ class ClusterSpec(Strict):
 
 
 class EmbeddedCluster(ClusterSpec):
-    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1.
+    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1 unless `host` says
+    # otherwise; then each must run with authentication (see services.require_auth).
     kind: Literal["embedded"] = "embedded"
     cpus: int = Field(4, gt=0, description="logical CPUs the embedded Ray head offers")
     ports: ServicePorts = ServicePorts()
+    host: str = Field("127.0.0.1", description="address the services bind: 127.0.0.1 (default, this machine "
+                                               "only) or 0.0.0.0 (every interface: needs credentials)")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"'{v}' is not an IP address (127.0.0.1 or 0.0.0.0)") from None
+        # Clients on this machine reach a wildcard bind through 127.0.0.1; a single other interface
+        # would need every client (and the S3 endpoint in the key file) to name it.
+        if not (ip.is_loopback or ip.is_unspecified):
+            raise ValueError(f"{v}: bind 127.0.0.1 (this machine) or 0.0.0.0 (every interface, with authentication)")
+        return v
 
 
 class LocalPorts(Strict):
@@ -307,6 +338,8 @@ class AddressCluster(ClusterSpec):
     address: str | None = Field(None, description="dashboard http(s)://head:8265, or ray://head:10001")
     token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
     tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
+
+    _no_secret = field_validator("address", "tracking_uri")(_no_password)
 
     @model_validator(mode="after")
     def _address(self) -> "AddressCluster":
@@ -430,6 +463,8 @@ class KubernetesCluster(ClusterSpec):
     workers: list[KubeWorkerGroup] = Field(min_length=1)
     storage: KubeStorage = KubeStorage()
     tracking_uri: str | None = Field(None, description="MLflow server the pods can reach")
+
+    _no_secret = field_validator("tracking_uri")(_no_password)
 
 
 CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {

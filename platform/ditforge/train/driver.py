@@ -13,6 +13,8 @@ import traceback
 
 from mlflow.tracking import MlflowClient
 
+from ..credentials import redact, use_mlflow_credentials
+
 
 def scaling_config(spec):
     from ray.train import ScalingConfig
@@ -64,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
+    use_mlflow_credentials()
     client = MlflowClient(job["tracking_uri"])
     ray.init()
     # A fixed-size cluster never grows: an impossible placement group would wait forever there.
     missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
     if missing:
         print(f"ditforge: resources: {missing}", file=sys.stderr, flush=True)
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", f"resources: {missing}"[:500])
+        client.set_tag(job["mlflow_run_id"], "ditforge.error", redact(f"resources: {missing}")[:500])
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
     trainer = TorchTrainer(
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
     except Exception as e:  # the worker's error, shown in `ditforge status` through this tag
-        traceback.print_exc()
-        msg = str(e).strip().splitlines()
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else repr(e))[:500])
+        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
+        msg = redact(str(e)).strip().splitlines()
+        client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else type(e).__name__)[:500])
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
     if storage.exists(storage.join(job["run_uri"], STOP_MARKER)):  # left early for `ditforge stop`
