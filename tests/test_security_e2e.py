@@ -27,14 +27,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def latents(embedded):
     root = f"s3://ditforge/tests/sec-{uuid.uuid4().hex[:8]}"
-    ingest_shapes(f"{root}/pixels", limit=128, resolution=32, shard_size=64, progress=False)
+    ingest_shapes(f"{root}/pixels", limit=64, resolution=32, shard_size=64, progress=False)
     encode_dataset(f"{root}/pixels", f"{root}/latents", IdentityVAE(2), progress=False)
     return root
 
 
 def _submit(job: Path, latents: str, *sets: str, env: dict | None = None):
     args = ["submit", str(job), "--wait", "--set", f"data.train={latents}/latents", "--set", f"checkpoint.uri={latents}/runs",
-            "--set", "train.steps=4", "--set", "train.warmup=1", "--set", "checkpoint.every_steps=2",
+            "--set", "train.steps=4", "--set", "train.warmup=1", "--set", "checkpoint.every_steps=4",
             "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests", "--set", "tracking.system_metrics=false",
             "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "eval.quality=false"]
     for s in sets:
