@@ -108,7 +108,8 @@ def test_embedded_services_listen_on_loopback_only(embedded):
     """Every socket the S3 server and MLflow listen on, and Ray's dashboard / Jobs API, is on 127.0.0.1.
 
     Ray's core gRPC servers (GCS 6379, raylet, object manager, workers) bind every interface
-    whatever --node-ip-address says (Ray hardcodes 0.0.0.0 / ::): see README, Security defaults."""
+    (Ray hardcodes 0.0.0.0 / ::), and `ray start` swaps --node-ip-address=127.0.0.1 for the
+    machine's IP: see README, Security defaults."""
     run = storage.home() / "run"
     for name in ("s3", "mlflow"):
         socks = _listening(int((run / f"{name}.pid").read_text()))

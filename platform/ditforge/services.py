@@ -81,6 +81,9 @@ def _client_auth(host: str) -> None:
     if not credentials.is_loopback(host):
         credentials.use_mlflow_credentials()
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        token = credentials.ray_token()
+        if token:  # the Jobs API client sends it as a bearer token (cluster.launch.jobs_client)
+            os.environ.setdefault("RAY_AUTH_TOKEN", token)
 
 
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
