@@ -7,7 +7,8 @@ Credentials are read from the environment or from a named file, never from a spe
             $DITFORGE_HOME/mlflow/credentials.json
   Ray       RAY_AUTH_TOKEN, or the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's own)
 
-`redact(text)` replaces every secret value this process knows of, and the password part of any
+`redact(text)` replaces every secret value this process knows of (variables named *SECRET*,
+*PASSWORD*, *TOKEN*, the S3 and MLflow credential files, the Ray token), and the password part of any
 `scheme://user:password@host` URL, with `***`. Everything that leaves the process as text (MLflow
 params and tags, saved specs, error lines) goes through it.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 
 MLFLOW_CREDENTIALS_ENV = "DITFORGE_MLFLOW_CREDENTIALS"
 MASK = "***"
-# Environment variables whose values are secrets whatever they hold.
-_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|PASSWD|CREDENTIAL)(?!_PATH|_FILE|_ENV)", re.I)
+# Environment variables whose values are secrets whatever they hold (…_PATH / …_FILE name files;
+# so do …_CREDENTIALS here, e.g. DITFORGE_S3_CREDENTIALS, GOOGLE_APPLICATION_CREDENTIALS).
+_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN)(?!_PATH|_FILE|_ENV)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@", re.I)
 
 

@@ -189,7 +189,7 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
     run_id = run.info.run_id
     dump = redact_obj(spec.model_dump(mode="json"))  # specs hold no secrets; this makes sure
     params = flatten(dump)
-    client.log_batch(run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()])
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
         resolved = os.path.join(d, "job.resolved.yaml")
         with open(resolved, "w") as f:
