@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def latents(embedded):
     root = f"s3://ditforge/tests/sec-{uuid.uuid4().hex[:8]}"
-    ingest_shapes(f"{root}/pixels", limit=64, resolution=32, shard_size=64, progress=False)
+    ingest_shapes(f"{root}/pixels", limit=64, resolution=32, shard_size=32, progress=False)
     encode_dataset(f"{root}/pixels", f"{root}/latents", IdentityVAE(2), progress=False)
     return root
 
