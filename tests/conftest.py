@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DITFORGE_HOME", str(REPO / ".ditforge"))
+# Tests put file:// data under pytest's tmp_path: allow the temp folder as a spec path root.
+os.environ.setdefault("DITFORGE_ROOTS", tempfile.gettempdir())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -40,11 +40,14 @@ def user_errors(fn):
         from .services import ServiceError
         from .spec import SpecError
         from .storage import URIError
+        from .train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError) as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint) as e:
+            from .credentials import redact
+
+            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -67,7 +70,9 @@ def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML f
             for w in spec_warnings(spec) if isinstance(spec, JobSpec) else []:
                 err.print(f"warning: {f}: {w}", markup=False, highlight=False, soft_wrap=True)
         except SpecError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            from .credentials import redact
+
+            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
             bad += 1
     if bad:
         raise typer.Exit(2)
@@ -142,7 +147,9 @@ def follow(rec: dict) -> str:
                 break
             time.sleep(1.0)
     if state != "SUCCEEDED":
-        logs = client.get_job_logs(rec["job_id"]).strip().splitlines()
+        from .credentials import redact
+
+        logs = redact(client.get_job_logs(rec["job_id"])).strip().splitlines()
         err.print("\n".join(logs[-25:]), markup=False, highlight=False)
         err.print(f"job {rec['job_id']} {state}: {_job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
                   markup=False, highlight=False, soft_wrap=True)
@@ -206,14 +213,16 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 
     rec = _find(job)
     client = client_for(rec)
+    from .credentials import redact
+
     if not follow_:
-        sys.stdout.write(client.get_job_logs(job))
+        sys.stdout.write(redact(client.get_job_logs(job)))
         return
     import asyncio
 
     async def tail():
         async for lines in client.tail_job_logs(job):
-            sys.stdout.write(lines)
+            sys.stdout.write(redact(lines))
             sys.stdout.flush()
 
     asyncio.run(tail())

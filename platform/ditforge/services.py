@@ -1,6 +1,8 @@
 """The embedded services: a SeaweedFS S3 server, an MLflow tracking server and a Ray head.
 
-All bind to 127.0.0.1, keep their state under `$DITFORGE_HOME` (`.ditforge/`) so a restart loses
+All bind to 127.0.0.1 unless the cluster spec's `host` says 0.0.0.0; then each runs with
+authentication (S3 keys, MLflow basic auth, Ray token auth) or does not start at all. They keep
+their state under `$DITFORGE_HOME` (`.ditforge/`) so a restart loses
 nothing, and are reused when already up. Each runs in its own session with a pid file, so
 `ditforge services down` can stop it and its children cleanly.
 """
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import storage
+from . import credentials, storage
 from .spec import EmbeddedCluster
 
 BUCKET = "ditforge"
@@ -52,12 +54,45 @@ def _dirs() -> dict[str, Path]:
     return d
 
 
+def require_auth(host: str) -> dict:
+    """What a service bound beyond loopback needs, checked before anything starts: MLflow basic-auth
+    credentials and a Ray token (S3 always has its keys). Returns the MLflow credentials, or {}."""
+    if credentials.is_loopback(host):
+        return {}
+    try:
+        mlf = credentials.mlflow_credentials()
+    except ValueError as e:
+        raise ServiceError(f"host {host}: {e}") from None
+    missing = []
+    if not mlf:
+        missing.append("MLflow credentials (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a JSON "
+                       f"file named by ${credentials.MLFLOW_CREDENTIALS_ENV})")
+    if not credentials.ray_token():
+        missing.append("a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: `ray get-auth-token --generate`)")
+    if missing:
+        raise ServiceError(f"host {host}: refusing to serve beyond this machine without authentication; "
+                           f"missing {' and '.join(missing)}")
+    return {"username": mlf[0], "password": mlf[1]}
+
+
+def _client_auth(host: str) -> None:
+    """This process talks to services started with authentication: MLflow clients read their
+    credentials from the environment, Ray's from RAY_AUTH_MODE plus its token."""
+    if not credentials.is_loopback(host):
+        credentials.use_mlflow_credentials()
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        token = credentials.ray_token()
+        if token:  # the Jobs API client sends it as a bearer token (cluster.launch.jobs_client)
+            os.environ.setdefault("RAY_AUTH_TOKEN", token)
+
+
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
     ports = (cluster or EmbeddedCluster()).ports
     saved = storage.home() / "run" / "ports.json"
     if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
         p = json.loads(saved.read_text())
         mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
+        _client_auth(p.get("host", "127.0.0.1"))
     else:
         mlflow, dash, gcs = ports.mlflow, ports.ray_dashboard, ports.ray_gcs
     return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://127.0.0.1:{mlflow}",
@@ -191,8 +226,8 @@ def _s3_ready() -> bool:
         return False
 
 
-def start_s3() -> str:
-    url = f"http://127.0.0.1:{S3_PORT}"
+def start_s3(host: str = "127.0.0.1") -> str:
+    url = f"http://127.0.0.1:{S3_PORT}"  # a 0.0.0.0 bind answers on loopback too
     creds = s3_credentials()
     if _pid("s3") and _s3_ready():
         return url
@@ -203,7 +238,7 @@ def start_s3() -> str:
     env = _base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
     data = d["s3"] / "data"
     data.mkdir(exist_ok=True)
-    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", f"-ip.bind={host}",
                         f"-s3.port={S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
     _wait("s3", _s3_ready, 90, pid)
     return url
@@ -212,7 +247,29 @@ def start_s3() -> str:
 # --------------------------------------------------------------------------------- MLflow
 
 
-def start_mlflow(port: int) -> str:
+def _secret_file(path: Path) -> str:
+    """A random secret generated once into a file only the user can read (stable across restarts)."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _mlflow_auth_config(d: dict, username: str) -> Path:
+    """The basic-auth app's config: users in their own SQLite file, nobody may read or write
+    without logging in. The admin password is not in it: it reaches the server as
+    MLFLOW_AUTH_ADMIN_PASSWORD, only in its environment."""
+    ini = d["mlflow"] / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                   f"database_uri = sqlite:///{d['mlflow'] / 'basic_auth.db'}\n"
+                   f"admin_username = {username}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return ini
+
+
+def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -> str:
+    """`auth`: {"username", "password"} turns on MLflow's basic-auth app (required beyond loopback)."""
     url = f"http://127.0.0.1:{port}"
     if _pid("mlflow") and _http_ok(f"{url}/health"):
         return url
@@ -227,9 +284,15 @@ def start_mlflow(port: int) -> str:
         "AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
         "MLFLOW_S3_ENDPOINT_URL": creds["endpoint_url"],
     }
-    pid = _spawn("mlflow", [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                            "--backend-store-uri", f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
-                            "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"], env)
+    argv = [_bin("mlflow"), "server", "--host", host, "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
+            "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
+    if auth:
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(d, auth["username"])),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(d["mlflow"] / "flask_secret_key"),  # CSRF
+                "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"]}
+        argv += ["--app-name", "basic-auth"]
+    pid = _spawn("mlflow", argv, env)
     _wait("mlflow", lambda: _http_ok(f"{url}/health"), 120, pid)
     return url
 
@@ -249,10 +312,13 @@ def start_ray(cluster: EmbeddedCluster) -> str:
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so
     # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
     argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
-            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1", f"--dashboard-host={cluster.host}",
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
             "--disable-usage-stats"]
-    pid = _spawn("ray", argv, _base_env())
+    env = _base_env()
+    if not credentials.is_loopback(cluster.host):
+        env["RAY_AUTH_MODE"] = "token"  # the token itself: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+    pid = _spawn("ray", argv, env)
     _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 120, pid)
     return ep.ray_dashboard
 
@@ -292,16 +358,23 @@ def _lock():
 
 
 def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints:
-    with _lock():
-        return _up(cluster, ray=ray)
-
-
-def _up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints:
     cluster = cluster or EmbeddedCluster()
+    auth = require_auth(cluster.host)  # before anything starts or is written
+    with _lock():
+        return _up(cluster, auth, ray=ray)
+
+
+def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
     _dirs()
-    (storage.home() / "run" / "ports.json").write_text(json.dumps(cluster.ports.model_dump()))
-    start_s3()
-    start_mlflow(cluster.ports.mlflow)
+    saved = storage.home() / "run" / "ports.json"
+    was = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else cluster.host
+    if was != cluster.host and any(_pid(n) for n in ("s3", "mlflow", "ray")):
+        raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
+                           "stop them first (`ditforge services down`)")
+    saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
+    _client_auth(cluster.host)
+    start_s3(cluster.host)
+    start_mlflow(cluster.ports.mlflow, cluster.host, auth or None)
     if ray:
         start_ray(cluster)
     return endpoints(cluster)

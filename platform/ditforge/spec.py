@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -40,6 +41,17 @@ def _check_uri(value: str) -> str:
         raise ValueError(f"'{value}' is not a URI: write file://PATH, s3://BUCKET/PATH or gs://BUCKET/PATH")
     if scheme not in URI_SCHEMES:
         raise ValueError(f"unknown URI scheme '{scheme}://' (known: {', '.join(s + '://' for s in URI_SCHEMES)})")
+    return value
+
+
+def _no_password(value: str | None) -> str | None:
+    """Specs are logged, saved with checkpoints and sent to MLflow: they must not hold secrets."""
+    from .credentials import has_userinfo_password
+
+    if value and has_userinfo_password(value):
+        # the value itself is not repeated: it holds the secret
+        raise ValueError("holds a password (scheme://user:PASSWORD@host): give credentials through the "
+                         "environment or a named file (see README, Security defaults), never in a spec")
     return value
 
 
@@ -226,6 +238,8 @@ class TrackingSpec(Strict):
     system_metrics: bool = True
     register_model: bool = True
 
+    _uri = field_validator("uri")(_no_password)
+
 
 class SampleSpec(Strict):
     per_class: int = Field(8, gt=0, description="grid columns; one row per class")
@@ -312,10 +326,28 @@ class ClusterSpec(Strict):
 
 
 class EmbeddedCluster(ClusterSpec):
-    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1.
+    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1 unless `host` says
+    # otherwise; then each must run with authentication (see services.require_auth).
     kind: Literal["embedded"] = "embedded"
     cpus: int = Field(4, gt=0, description="logical CPUs the embedded Ray head offers")
     ports: ServicePorts = ServicePorts()
+    host: str = Field("127.0.0.1", description="address the services bind: 127.0.0.1 (default, this machine "
+                                               "only) or 0.0.0.0 (every interface: needs credentials)")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"'{v}' is not an IP address (127.0.0.1 or 0.0.0.0)") from None
+        # Clients on this machine reach a wildcard bind through 127.0.0.1; a single other interface
+        # would need every client (and the S3 endpoint in the key file) to name it.
+        if not (ip.is_loopback or ip.is_unspecified):
+            raise ValueError(f"{v}: bind 127.0.0.1 (this machine) or 0.0.0.0 (every interface, with authentication)")
+        return v
 
 
 class LocalPorts(Strict):
@@ -356,6 +388,8 @@ class AddressCluster(ClusterSpec):
     address: str | None = Field(None, description="dashboard http(s)://head:8265, or ray://head:10001")
     token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
     tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
+
+    _no_secret = field_validator("address", "tracking_uri")(_no_password)
 
     @model_validator(mode="after")
     def _address(self) -> "AddressCluster":
@@ -479,6 +513,8 @@ class KubernetesCluster(ClusterSpec):
     workers: list[KubeWorkerGroup] = Field(min_length=1)
     storage: KubeStorage = KubeStorage()
     tracking_uri: str | None = Field(None, description="MLflow server the pods can reach")
+
+    _no_secret = field_validator("tracking_uri")(_no_password)
 
 
 CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {
@@ -609,9 +645,50 @@ def build(model: type[BaseModel], data: dict, name: str) -> BaseModel:
         raise SpecError(name, field, reason) from None
 
 
+# ------------------------------------------------------------------------------ path roots
+
+ROOTS_ENV = "DITFORGE_ROOTS"
+# Job-spec fields that may name a local file or folder (file://PATH, or a bare path for the
+# folders handed to diffusers / transformers).
+LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder")
+
+
+# Where the shipped GPU jobs expect pretrained weights (a read-only mount on cluster nodes).
+MODELS_ROOT = "/models"
+
+
+def allowed_roots() -> list[Path]:
+    """Local folders a job spec may name: the working directory (the project), $DITFORGE_HOME,
+    /models, and each folder in $DITFORGE_ROOTS (os.pathsep-separated). The list is the
+    operator's, from the environment, never from the spec: a spec must not widen its own sandbox."""
+    home = os.environ.get("DITFORGE_HOME") or Path.cwd() / ".ditforge"
+    extra = [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(p).expanduser().resolve() for p in (Path.cwd(), home, MODELS_ROOT, *extra)]
+
+
+def check_roots(spec: "JobSpec", name: str) -> None:
+    """Every local path in the spec resolves (symlinks and `..` followed) inside an allowed root.
+
+    Runs where specs enter the platform (load_job, a bare spec given to the driver), not on every
+    model_validate: workers re-validate the resolved spec in another working directory."""
+    roots = allowed_roots()
+    for field in LOCAL_PATH_FIELDS:
+        node: Any = spec
+        for part in field.split("."):
+            node = getattr(node, part)
+        if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
+            continue
+        resolved = Path(node.removeprefix("file://")).expanduser().resolve()
+        if not any(resolved.is_relative_to(r) for r in roots):
+            raise SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
+                                         f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it")
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     data = _merge(read_yaml(path), parse_set(overrides))
-    return build(JobSpec, data, str(path))  # type: ignore[return-value]
+    spec = build(JobSpec, data, str(path))
+    check_roots(spec, str(path))  # type: ignore[arg-type]
+    return spec  # type: ignore[return-value]
 
 
 def build_cluster(data: dict, name: str) -> ClusterSpec:
@@ -634,4 +711,6 @@ def load_any(path: str | Path) -> BaseModel:
     data = read_yaml(path)
     if "kind" in data and "data" not in data:
         return build_cluster(data, str(path))
-    return build(JobSpec, data, str(path))
+    spec = build(JobSpec, data, str(path))
+    check_roots(spec, str(path))  # type: ignore[arg-type]
+    return spec

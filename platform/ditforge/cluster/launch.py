@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import tempfile
 import time
@@ -13,7 +14,7 @@ import os
 
 import yaml
 
-from .. import services, storage
+from .. import credentials, services, storage
 from ..spec import AddressCluster, ClusterSpec, EmbeddedCluster, JobSpec, LocalCluster
 from ..train import tracking
 from . import capacity
@@ -37,7 +38,9 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
     own = spec.tracking.uri if spec and spec.tracking.uri else None
     if isinstance(cluster, EmbeddedCluster):
         ep = services.up(cluster)
-        return Target(ep.ray_dashboard, own or ep.mlflow)
+        # beyond loopback the head runs with token auth: the Jobs API wants Ray's token
+        token_env = None if credentials.is_loopback(cluster.host) else "RAY_AUTH_TOKEN"
+        return Target(ep.ray_dashboard, own or ep.mlflow, token_env)
     if isinstance(cluster, LocalCluster):
         from . import local
 
@@ -56,8 +59,11 @@ def jobs_client(dashboard: str, token_env: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     headers = None
-    if token_env and os.environ.get(token_env):
-        headers = {"Authorization": f"Bearer {os.environ[token_env]}"}  # read here, never stored
+    token = os.environ.get(token_env) if token_env else None
+    if token_env == "RAY_AUTH_TOKEN" and not token:
+        token = credentials.ray_token()  # Ray's own token file (an embedded head beyond loopback)
+    if token:
+        headers = {"Authorization": f"Bearer {token}"}  # read here, never stored
     try:
         return JobSubmissionClient(dashboard, headers=headers)
     except Exception as e:
@@ -148,6 +154,8 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         except FileNotFoundError as e:
             raise SubmitError(f"train.resume: {e}") from None
     if resume:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", resume) or ".." in resume:  # a name, not a path
+            raise SubmitError(f"--resume {resume}: a run name (letters, digits, '_', '.', '-'), not a path")
         run_name = resume
         run_uri = storage.join(spec.checkpoint.uri, run_name)
         try:

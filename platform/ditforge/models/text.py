@@ -17,7 +17,7 @@ class TextEncoder:
 
         path = path.removeprefix("file://")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # never a pickle
         # Encoder-decoder checkpoints (T5): only the encoder reads captions.
         self.model = (model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model)
         self.model = self.model.to(device, dtype).eval().requires_grad_(False)

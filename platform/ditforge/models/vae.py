@@ -243,7 +243,8 @@ class DiffusersVAE:
         except ImportError:
             raise ImportError("vae.kind: diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'") from None
         path = path.removeprefix("file://")
-        self.net = AutoencoderKL.from_pretrained(path, local_files_only=True).eval()
+        # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
+        self.net = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
         cfg = self.net.config
         self.scale = float(cfg.scaling_factor)
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)

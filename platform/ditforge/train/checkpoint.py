@@ -11,6 +11,7 @@ loaded, and removed once a newer checkpoint is complete. No collective op runs i
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 import threading
@@ -196,15 +197,59 @@ class Checkpointer:
 # ------------------------------------------------------------------------------------ loading
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file would run code when unpickled: refused before anything loads it."""
+
+
+def _safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed 0.19's own checkpoints hold (its optimizer states)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | Path, mmap: bool = False):
+    """torch.load that can only build tensors, containers and the allowlisted DeepSpeed classes."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def check_pickles(folder: Path, where: str) -> None:
+    """Refuse a step folder whose `.pt` files hold anything but data.
+
+    DeepSpeed 0.19.8 calls `torch.load(..., weights_only=False)` explicitly (checkpoint engine,
+    ZeRO optimizers, zero_to_fp32), so torch's safe default never applies inside it: a crafted
+    `*_optim_states.pt` would run code on every worker that resumes. Each file is opened here
+    first with `weights_only=True` (memory-mapped: no tensor data is read), which rejects any
+    global outside the allowlist without calling it; only then does DeepSpeed see the folder.
+    """
+    for f in sorted(folder.rglob("*.pt")):
+        try:
+            safe_torch_load(f, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+            # torch's message is a paragraph; the line naming the global is the useful one
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            reason = next((ln.split("error: ", 1)[-1] for ln in lines if "global" in ln.lower()),
+                          f"{type(e).__name__}: {lines[0] if lines else ''}")
+            raise UnsafeCheckpoint(f"{where}/{f.relative_to(folder).as_posix()}: refused to load: not a plain "
+                                   f"tensor checkpoint ({reason.strip()})") from None
+
+
 def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
-    """Fetch a complete step folder, verifying every file against the manifest."""
+    """Fetch a complete step folder, verifying every file against the manifest and refusing
+    pickles that are more than tensors (see `check_pickles`)."""
     manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
     folder = local_root / manifest["tag"]
     for rel, meta in manifest["files"].items():
+        if rel.startswith("/") or ".." in Path(rel).parts:  # a manifest must not write outside its folder
+            raise UnsafeCheckpoint(f"{step_uri}/{MANIFEST}: file name '{rel}' leaves the checkpoint folder")
         local = folder / rel
         storage.get_file(storage.join(step_uri, rel), local)
         if storage.sha256_file(local) != meta["sha256"]:
             raise RuntimeError(f"{step_uri}/{rel}: checksum does not match the checkpoint manifest")
+    check_pickles(folder, step_uri)
     return folder, manifest
 
 
@@ -212,7 +257,7 @@ def load(engine, step_uri: str) -> tuple[dict, Path]:
     """Collective. Loads a complete step folder into the engine; returns (client state, local
     folder with the extra files — the caller deletes it)."""
     local_root = Path(tempfile.mkdtemp(prefix="ditforge-resume-"))
-    folder, manifest = download(step_uri, local_root)
+    folder, manifest = download(step_uri, local_root)  # refuses unsafe pickles before DeepSpeed reads them
     path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
     if path is None:
         raise RuntimeError(f"{step_uri}: DeepSpeed could not load this checkpoint")

@@ -13,6 +13,8 @@ import traceback
 
 from mlflow.tracking import MlflowClient
 
+from ..credentials import redact, use_mlflow_credentials
+
 
 def scaling_config(spec):
     from ray.train import ScalingConfig
@@ -33,9 +35,11 @@ def read_job(path: str) -> dict:
     if "run_name" in data:
         return data
     from ..cluster.launch import new_run, resolve_paths
-    from ..spec import JobSpec
+    from ..spec import JobSpec, check_roots
 
-    spec = resolve_paths(JobSpec.model_validate(data))
+    spec = JobSpec.model_validate(data)
+    check_roots(spec, path)  # a bare spec enters the platform here, not through load_job
+    spec = resolve_paths(spec)
     tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise SystemExit("ditforge: a bare job spec needs tracking.uri or $MLFLOW_TRACKING_URI")
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
+    use_mlflow_credentials()
     client = MlflowClient(job["tracking_uri"])
     ray.init()
     record_process(job["run_uri"], "driver")  # where `kill` finds this job's driver (see README)
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
     if missing:
         print(f"ditforge: resources: {missing}", file=sys.stderr, flush=True)
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", f"resources: {missing}"[:500])
+        client.set_tag(job["mlflow_run_id"], "ditforge.error", redact(f"resources: {missing}")[:500])
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
     trainer = TorchTrainer(
@@ -85,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
     except Exception as e:  # the worker's error, shown in `ditforge status` through this tag
-        traceback.print_exc()
-        msg = str(e).strip().splitlines()
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else repr(e))[:500])
+        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
+        msg = redact(str(e)).strip().splitlines()
+        client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else type(e).__name__)[:500])
         client.set_terminated(job["mlflow_run_id"], "FAILED")
         return 1
     if storage.exists(storage.join(job["run_uri"], STOP_MARKER)):  # left early for `ditforge stop`

@@ -26,10 +26,11 @@ FILES = ("model.json", "raw.safetensors", "ema.safetensors")
 def consolidate(folder: Path, tag_root: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # `folder` came through checkpoint.download, which refused any unsafe pickle in it.
     if any(folder.glob("*optim_states.pt")):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_root), tag=tag)
     else:  # ZeRO-0: the full weights are in the model-states file
-        sd = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = checkpoint.safe_torch_load(folder / "mp_rank_00_model_states.pt")["module"]
     return {k: v.detach().float().contiguous() for k, v in sd.items()}
 
 

@@ -18,6 +18,8 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from ..credentials import redact, redact_obj, use_mlflow_credentials
+
 # Our thread does the retrying; MLflow's own retry loop would hold the lock for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -25,6 +27,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 class Tracker:
     def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 1.0, system_metrics: bool = True):
+        use_mlflow_credentials()  # a server with basic auth: the credentials file, never the job's env
         self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
         self._pending: deque = deque()  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
         self._lock = threading.Lock()
@@ -58,7 +61,7 @@ class Tracker:
     def params(self, params: dict) -> None:
         if params:
             with self._lock:
-                self._pending.append(("params", [Param(k, str(v)[:6000]) for k, v in params.items()]))
+                self._pending.append(("params", [Param(k, redact(str(v))[:6000]) for k, v in params.items()]))
 
     def artifact(self, path: str, folder: str | None = None) -> None:
         keep = os.path.join(tempfile.mkdtemp(prefix="ditforge-art-"), os.path.basename(path))
@@ -139,7 +142,7 @@ class Tracker:
     def tags(self, tags: dict) -> None:
         if tags:
             with self._lock:
-                self._pending.append(("tags", [mlflow.entities.RunTag(k, str(v)[:5000]) for k, v in tags.items()]))
+                self._pending.append(("tags", [mlflow.entities.RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]))
 
 
 def _rejected(e: Exception) -> bool:
@@ -185,6 +188,7 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
     resumed run is a child of the run it continues (nested in the UI)."""
     import yaml
 
+    use_mlflow_credentials()
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
@@ -196,13 +200,17 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
     run = client.create_run(exp_id, run_name=run_name if not parent_run_id else f"{run_name}-resume",
                             tags=tags)
     run_id = run.info.run_id
-    params = flatten(spec.model_dump(mode="json"))
+    dump = redact_obj(spec.model_dump(mode="json"))  # specs hold no secrets; this makes sure
+    params = flatten(dump)
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
         resolved = os.path.join(d, "job.resolved.yaml")
         with open(resolved, "w") as f:
-            yaml.safe_dump(spec.model_dump(mode="json"), f, sort_keys=False)
+            yaml.safe_dump(dump, f, sort_keys=False)
         client.log_artifact(run_id, resolved, "spec")
-        if source_yaml:
-            client.log_artifact(run_id, source_yaml, "spec")
+        if source_yaml:  # the user's file as written, redacted like everything else
+            source = os.path.join(d, os.path.basename(source_yaml))
+            with open(source_yaml) as src, open(source, "w") as f:
+                f.write(redact(src.read()))
+            client.log_artifact(run_id, source, "spec")
     return run_id

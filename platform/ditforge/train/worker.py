@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..credentials import redact_obj
 from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
@@ -101,7 +102,7 @@ def train_loop(config: dict) -> None:
                              "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
 
     def save(step: int) -> None:
-        files = {"spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(), "model.json": model_json} \
+        files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
             if rank == 0 else {}
         tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
         if ema:  # full EMA weights, written once by rank 0 (gathered under ZeRO-3: all ranks take part)
