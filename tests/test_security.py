@@ -20,7 +20,7 @@ import torch
 from ditforge import services, storage
 from ditforge.spec import SpecError, load_job
 
-from .conftest import REPO, run_cli
+from .conftest import run_cli
 
 
 # ------------------------------------------------------------------------------ spec paths
