@@ -174,6 +174,39 @@ def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp
     assert "401" in log and password not in log
 
 
+def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
+    """A Ray head of our own bound beyond loopback (temp home and temp dir, its own ports): its Jobs
+    API refuses requests without Ray's token, and the platform's client gets in with it."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from ditforge.cluster.launch import jobs_client
+    from ditforge.spec import EmbeddedCluster, ServicePorts
+
+    monkeypatch.setenv("DITFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    temp = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths live under it
+    b = 24000 + os.getpid() % 50 * 100  # a port block of its own, away from the other heads' ports
+    ports = ServicePorts(mlflow=_free_port(), ray_dashboard=_free_port(), ray_gcs=_free_port())
+    cluster = EmbeddedCluster(host="0.0.0.0", cpus=1, ports=ports)
+    extra = (f"--temp-dir={temp}", f"--ray-client-server-port={_free_port()}", f"--node-manager-port={b}",
+             f"--object-manager-port={b + 1}", f"--dashboard-agent-listen-port={b + 2}",
+             f"--dashboard-agent-grpc-port={b + 3}", f"--metrics-export-port={b + 4}",
+             f"--runtime-env-agent-port={b + 5}", f"--min-worker-port={b + 10}", f"--max-worker-port={b + 99}")
+    try:
+        dash = services.start_ray(cluster, extra)
+        jobs = f"{dash}/api/jobs/"
+        for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(jobs, headers=headers), timeout=30)
+            assert e.value.code in (401, 403), e.value.code
+        assert jobs_client(dash, "RAY_AUTH_TOKEN").list_jobs() == []  # the token from the environment
+    finally:
+        services._stop_group("ray")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------ safe loading
 
 

@@ -304,7 +304,9 @@ def _ray_ready(dash: str) -> bool:
     return _http_ok(f"{dash}/api/version")
 
 
-def start_ray(cluster: EmbeddedCluster) -> str:
+def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str:
+    """`extra_args`: more `ray start` flags (a test uses them to give a second head its own ports
+    and temp dir beside the session's one)."""
     ep = endpoints(cluster)
     if _ray_ready(ep.ray_dashboard):
         return ep.ray_dashboard
@@ -314,7 +316,7 @@ def start_ray(cluster: EmbeddedCluster) -> str:
     argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
             "--node-ip-address=127.0.0.1", f"--dashboard-host={cluster.host}",
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
-            "--disable-usage-stats"]
+            "--disable-usage-stats", *extra_args]
     env = _base_env()
     if not credentials.is_loopback(cluster.host):
         env["RAY_AUTH_MODE"] = "token"  # the token itself: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
