@@ -221,7 +221,7 @@ def test_max_bad_fraction_is_a_checked_spec_field(tmp_path):
     from ditforge.spec import SpecError, load_job
 
     job = tmp_path / "job.yaml"
-    job.write_text("name: j\ndata: {train: file:///d}\n")
+    job.write_text(f"name: j\ndata: {{train: file://{tmp_path}/d}}\n")  # inside the allowed roots
     assert load_job(job).data.max_bad_fraction == 0.01
     assert load_job(job, ["data.max_bad_fraction=0.25"]).data.max_bad_fraction == 0.25
     with pytest.raises(SpecError, match=r"job.yaml: data.max_bad_fraction: .*less than or equal to 1"):
