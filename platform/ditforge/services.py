@@ -76,27 +76,14 @@ def require_auth(host: str) -> dict:
 
 
 def _client_auth(host: str) -> None:
-    """This process talks to services started with authentication: MLflow clients (beyond
-    loopback) read their credentials from the environment; Ray's clients (always: see start_ray)
-    from RAY_AUTH_MODE plus its token."""
+    """This process talks to services started with authentication: MLflow clients read their
+    credentials from the environment, Ray's from RAY_AUTH_MODE plus its token."""
     if not credentials.is_loopback(host):
         credentials.use_mlflow_credentials()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    token = credentials.ray_token()
-    if token:  # the Jobs API client sends it as a bearer token (cluster.launch.jobs_client)
-        os.environ.setdefault("RAY_AUTH_TOKEN", token)
-
-
-def _ensure_ray_token() -> None:
-    """Ray's token in Ray's own place (~/.ray/auth_token, 0600), made once if there is none, so
-    the head, its workers and every client on this machine find the same one."""
-    if credentials.ray_token():
-        return
-    path = Path.home() / ".ray" / "auth_token"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        token = credentials.ray_token()
+        if token:  # the Jobs API client sends it as a bearer token (cluster.launch.jobs_client)
+            os.environ.setdefault("RAY_AUTH_TOKEN", token)
 
 
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
@@ -331,10 +318,8 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
             "--disable-usage-stats", *extra_args]
     env = _base_env()
-    # Token auth even on loopback: Ray's GCS, raylet and object-manager gRPC servers listen on every
-    # interface whatever --node-ip-address says, so the token is what keeps other machines out.
-    _ensure_ray_token()
-    env["RAY_AUTH_MODE"] = "token"  # the token itself: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+    if not credentials.is_loopback(cluster.host):
+        env["RAY_AUTH_MODE"] = "token"  # the token itself: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
     pid = _spawn("ray", argv, env)
     _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 120, pid)
     return ep.ray_dashboard
@@ -389,8 +374,6 @@ def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
         raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
                            "stop them first (`ditforge services down`)")
     saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
-    if ray:
-        _ensure_ray_token()  # before _client_auth, which hands it to this process's Ray clients
     _client_auth(cluster.host)
     start_s3(cluster.host)
     start_mlflow(cluster.ports.mlflow, cluster.host, auth or None)

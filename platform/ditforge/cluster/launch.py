@@ -38,8 +38,9 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
     own = spec.tracking.uri if spec and spec.tracking.uri else None
     if isinstance(cluster, EmbeddedCluster):
         ep = services.up(cluster)
-        # the embedded head always runs with token auth (services.start_ray): the Jobs API wants it
-        return Target(ep.ray_dashboard, own or ep.mlflow, "RAY_AUTH_TOKEN")
+        # beyond loopback the head runs with token auth: the Jobs API wants Ray's token
+        token_env = None if credentials.is_loopback(cluster.host) else "RAY_AUTH_TOKEN"
+        return Target(ep.ray_dashboard, own or ep.mlflow, token_env)
     if isinstance(cluster, LocalCluster):
         from . import local
 
