@@ -197,7 +197,12 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
             return None  # long-name / link / directory / pre-POSIX: leave it to tarfile
         try:
             size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
         except ValueError:
+            return None
+        # The header checksum (its field counted as spaces), as tarfile checks it: a damaged header
+        # goes to tarfile, which refuses it, rather than being read here as something else.
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
             return None
         start = pos + 512
         if start + size > len(data):
