@@ -61,7 +61,6 @@ def _no_password(value: str | None) -> str | None:
 class DataSpec(Strict):
     train: str = Field(description="URI of the latent shards (a folder holding manifest.json)")
     batch_size: int = Field(32, gt=0, description="micro-batch per worker")
-    shuffle_buffer: int = Field(0, ge=0, description="0: shuffle whole shards in memory")
     # Pixel size of the samples; model-info and the quality metric use them before any data is read.
     resolution: int = Field(32, gt=0, description="pixel height = width")
     frames: int = Field(1, gt=0, description="1 = images; > 1 = video clips of this many frames")
