@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditforge.models.attention import BACKENDS, attention, reference_attention, resolve
+from ditforge.models.attention import BACKENDS, attention, resolve
 from ditforge.spec import SpecError, load_job
 
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·V in fp32 with explicit ops: the ground truth the kernels are compared against."""
+    s = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

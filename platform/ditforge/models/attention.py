@@ -97,9 +97,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel([SDPA[backend]]):
         return F.scaled_dot_product_attention(q, k, v)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·V in fp32 with explicit ops: the ground truth the tests compare against."""
-    s = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
-    return (s.softmax(-1) @ v.float()).to(q.dtype)
