@@ -193,3 +193,17 @@ def test_cuda_probe_fits_the_device():
     budget = small * 3
     b = largest_fitting(measure, budget, multiple=8, cap=4096)
     assert b >= 8 and measure(b) <= budget and all(p.grad is None for p in model.parameters())
+
+
+def test_bucket_shapes_from_the_latent_manifest():
+    from types import SimpleNamespace
+
+    from ditforge.train.worker import _bucket_shapes
+
+    m = {"buckets": {"img-32x32": {"shape": [4, 4, 4], "samples": 10}, "img-24x40": {"shape": [4, 3, 5], "samples": 3}},
+         "shards": [{"shape": [4, 4, 4], "samples": 10}]}
+    assert _bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 4, 4))) == {"img-32x32": (4, 4, 4),
+                                                                                 "img-24x40": (4, 3, 5)}
+    m = {"shards": [{"shape": [4, 2, 8, 8], "samples": 5}, {"shape": [4, 1, 8, 8], "samples": 5}]}
+    assert set(_bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 2, 8, 8))).values()) == {(4, 2, 8, 8),
+                                                                                                  (4, 1, 8, 8)}

@@ -141,6 +141,7 @@ def train_loop(config: dict) -> None:
     loss_sum = torch.zeros((), device=device)
     flops_since = 0.0
     stopping = False
+
     def micro_batch(step: int, k: int):
         """The k-th micro-batch of `step`: (x, cond, generator). k > 0 only with accumulation; its
         generator stream (rank + k·world) is one no rank uses for k = 0."""
@@ -225,8 +226,15 @@ def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, 
         y = torch.zeros(b, dtype=torch.long, device=device)
         return _conditioning(spec, y, [""] * b if spec.model.text != "none" else None, text_encoder, device)
 
-    return batch_plan.probe_buckets(lambda shape: batch_plan.cuda_measure(model, objective, shape, cond_of, device, dtype),
-                                    shapes, budget, ab.multiple, cap)
+    probed = batch_plan.probe_buckets(
+        lambda shape: batch_plan.cuda_measure(model, objective, shape, cond_of, device, dtype), shapes, budget,
+        ab.multiple, cap)
+    # Every rank must run the same micro-batches (ZeRO reduces gradients in each backward): the
+    # smallest GPU decides.
+    names = sorted(probed)
+    t = torch.tensor([probed[n] for n in names], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return dict(zip(names, t.tolist()))
 
 
 def _bucket_shapes(loader) -> dict[str, tuple[int, ...]]:
