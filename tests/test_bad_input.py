@@ -40,6 +40,10 @@ CASES = [
     # --- job specs: types, unknown keys, values --------------------------------------------------
     ("type-int", {"j.yaml": job(train={"steps": "many"})}, ["validate", "{d}/j.yaml"], ["j.yaml", "train.steps", "'many'"]),
     ("type-list", {"j.yaml": job(data={"batch_size": [1, 2]})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
+    ("batch-auto-typo", {"j.yaml": job(data={"batch_size": "atuo"})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
+    ("global-batch", {"j.yaml": job(data={"batch_size": 8, "global_batch": 12})}, ["validate", "{d}/j.yaml"],
+     ["data.global_batch"]),
+    ("fp8-on-cpu", {"j.yaml": job(train={"precision": "fp8"})}, ["submit", "{d}/j.yaml"], ["train.precision", "fp8"]),
     ("type-bool", {"j.yaml": job(resources={"use_gpu": "maybe"})}, ["validate", "{d}/j.yaml"], ["resources.use_gpu"]),
     ("type-section", {"j.yaml": job(model=5)}, ["validate", "{d}/j.yaml"], ["j.yaml", "model"]),
     ("type-name", {"j.yaml": job(name=["a"])}, ["validate", "{d}/j.yaml"], ["j.yaml", "name"]),

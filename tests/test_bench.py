@@ -21,9 +21,12 @@ KEYS = {"name", "device", "samples_per_s", "step_s", "tflops", "mfu", "baseline_
 
 def test_bench_train_quick_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    r = run_cli("bench", "--quick", "--section", "train", "--json", str(out), timeout=900)
+    r = run_cli("bench", "--quick", "--section", "train", "--section", "attention", "--json", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    configs = json.loads(out.read_text())["configs"]
+    result = json.loads(out.read_text())
+    configs = result["configs"]
+    assert result["meta"]["device_kind"] == "cpu" and result["meta"]["torch"] and result["meta"]["deepspeed"]
+    assert result["meta"]["command"].startswith("ditforge bench --quick")
     cpu = [c for c in configs if c["name"].startswith("cpu-")]
     assert len(cpu) == 1, configs
     c = cpu[0]
@@ -38,6 +41,40 @@ def test_bench_train_quick_writes_every_field(tmp_path):
     # ZeRO-3 partitions parameters and optimizer state across the 2 ranks: less than ZeRO-0's.
     # (Not half on CPU: in fp32 DeepSpeed keeps an fp32 master partition beside the parameter one.)
     assert 0 < c["zero3_over_zero0_state"] < 1
+    # The ablation: every lever named, the GPU-only ones skipped on CPU, the CPU-runnable one measured.
+    from ditforge.bench.train import LEVERS
+
+    ab = {a["name"]: a for a in c["ablation"]}
+    assert set(ab) == {lv["name"] for lv in LEVERS}
+    assert ab["bf16_no_overflow_check"]["status"] == ab["compile_full"]["status"] == "skipped: needs CUDA"
+    assert ab["no_clip_upper_bound"]["status"] == "measured" and ab["no_clip_upper_bound"]["speedup"] > 0
+    assert ab["clip_no_item"]["status"] == "covered by bf16_no_overflow_check"
+    fp8 = [x for x in configs if "tolerance" in x]
+    assert len(fp8) == 1 and fp8[0]["status"].startswith("skipped: needs CUDA")
+    # Attention: both shapes, every kernel either timed or saying why it cannot run on a CPU.
+    att = {x["name"]: x for x in configs if x["section"] == "attention"}
+    assert set(att) == {"attention-dit-xl2-256", "attention-dit-b2-video-4x256"}
+    for a in att.values():
+        assert a["fwd_bwd"]["math"]["ms"] > 0 and a["fwd_bwd"]["sdpa_cudnn"]["error"]
+    # The performance page from this JSON says it is a CPU run, and carries the measured figures.
+    page_path = tmp_path / "performance.md"
+    from ditforge.bench.report import main
+
+    assert main([str(out), "--out", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "**CPU run.**" in page and "no_clip_upper_bound" in page and "skipped: needs CUDA" in page
+    assert f"| {c['name']} |" in page and str(c["samples_per_s"]) in page
+    assert "attention-dit-b2-video-4x256: B=1, tokens=1024" in page
+
+
+def test_report_of_a_bad_file_is_one_line(tmp_path, capsys):
+    from ditforge.bench.report import main
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: not a bench JSON")
 
 
 def test_compiled_blocks_match_eager(one_thread):

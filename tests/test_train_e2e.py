@@ -134,7 +134,13 @@ def test_registered_model_samples_and_exports(zero2_run, tmp_path):
 
 
 def test_zero3_two_workers(latents, tmp_path):
-    rec = submit(latents, "train.steps=6", "train.warmup=1", "checkpoint.every_steps=3", "deepspeed.zero_stage=3")
+    # Also `data.batch_size: auto` on CPU workers (its fallback) with gradient accumulation: the
+    # demo's 32 samples per worker per step as 2 micro-batches of 16.
+    rec = submit(latents, "train.steps=6", "train.warmup=1", "checkpoint.every_steps=3", "deepspeed.zero_stage=3",
+                 "data.batch_size=auto", "data.auto_batch.fallback=16", "data.global_batch=64")
+    tags = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags
+    assert (tags["ditforge.batch.micro"], tags["ditforge.batch.accum"], tags["ditforge.batch.source"]) == \
+        ("16", "2", "fallback")
     assert complete_steps(rec["run_uri"]) == [3, 6]
     manifest = json.loads(storage.read_bytes(storage.join(rec["run_uri"], "step_00000006", MANIFEST)))
     # ZeRO-3 partitions parameters: every rank writes its own model-state shard

@@ -357,6 +357,7 @@ def bench(
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="where to write the JSON results"),
     quick: bool = typer.Option(False, "--quick", help="small sizes, few repeats (CI smoke run)"),
     section: Optional[List[str]] = typer.Option(None, "--section", help="run only these sections"),
+    focus: bool = typer.Option(False, "--focus", help="GPU headline only: XL/2, its ablation, fp8 vs bf16"),
 ):
     """Measure throughput, overhead, memory and checkpoint stalls; write JSON and print a table."""
     from .bench.run import SECTIONS, run_all, write
@@ -366,7 +367,9 @@ def bench(
         from .spec import SpecError
 
         raise SpecError("--section", ",".join(sorted(unknown)), f"unknown section (known: {', '.join(SECTIONS)})")
-    result = run_all(quick, section)
+    # Written after each section too: a GPU run cut short by its time limit keeps what it measured.
+    result = run_all(quick, section, focus, on_section=lambda r: write(r, str(json_path)),
+                     command="ditforge " + " ".join(sys.argv[1:]))
     write(result, str(json_path))
     for c in result["configs"]:
         table = Table(title=f"{c['section']}: {c['name']}", show_header=False)

@@ -58,9 +58,23 @@ def _no_password(value: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------- job
 
 
+class AutoBatchSpec(Strict):
+    # The probe (train/batch.py) runs train steps of growing micro-batches on the worker's GPU and
+    # keeps the largest whose peak memory, plus the optimizer state DeepSpeed adds, fits this fraction.
+    memory_fraction: float = Field(0.85, gt=0, le=1, description="share of device memory the probe may fill")
+    fallback: int = Field(32, gt=0, description="micro-batch on CPU, where nothing is probed")
+    max: int = Field(1024, gt=0, description="never probe beyond this micro-batch")
+    multiple: int = Field(8, gt=0, description="the probed micro-batch is a multiple of this")
+
+
 class DataSpec(Strict):
     train: str = Field(description="URI of the latent shards (a folder holding manifest.json)")
-    batch_size: int = Field(32, gt=0, description="micro-batch per worker")
+    # auto: probed at start-up on each worker's GPU (train/batch.py); on CPU it is auto_batch.fallback.
+    batch_size: int | Literal["auto"] = Field(32, description="micro-batch per worker, or auto")
+    auto_batch: AutoBatchSpec = AutoBatchSpec()
+    # Samples per optimizer step over all workers; gradient accumulation makes up what the
+    # micro-batches do not hold (global = micro-batch x workers x accumulation steps).
+    global_batch: int | None = Field(None, gt=0, description="samples per optimizer step, all workers")
     # Pixel size of the samples; model-info and the quality metric use them before any data is read.
     resolution: int = Field(32, gt=0, description="pixel height = width")
     frames: int = Field(1, gt=0, description="1 = images; > 1 = video clips of this many frames")
@@ -70,6 +84,20 @@ class DataSpec(Strict):
     storage_timeout_s: float = Field(300, gt=0, description="how long the loader retries a store that does not answer")
 
     _uri = field_validator("train")(_check_uri)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        # One clear message instead of pydantic's two (one per member of the union).
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        if isinstance(v, str) and v.strip().isdigit() and int(v) > 0:
+            return int(v)  # --set data.batch_size=64 arrives as a string
+        raise ValueError(f"{v!r} is not allowed; give a positive integer or auto")
+
+    def fixed_batch(self) -> int:
+        """The micro-batch when nothing is probed (CPU, the VAE trainer): the number, or auto's fallback."""
+        return self.auto_batch.fallback if self.batch_size == "auto" else self.batch_size
 
 
 class VAESpec(Strict):
@@ -152,7 +180,9 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # fp8: bf16 training with the transformer blocks' linear layers in float8 (torchao), GPUs of
+    # compute capability 8.9+ (Ada, Hopper and later).
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     # auto: continue this job's newest unfinished run if there is one; never: always a fresh run;
     # or a checkpoint URI (a run folder or one step_XXXXXXXX folder) to start a new run from.
     resume: str = "auto"
@@ -181,6 +211,10 @@ class DeepSpeedSpec(BaseModel):
     # Off by default: DeepSpeed's overlap path synchronises the whole device before each bucket
     # (measured: ~4 device syncs per step at DiT-XL/2), which stops the CPU queueing kernels ahead.
     overlap_comm: bool = Field(False, description="overlap gradient reduction with backward (DeepSpeed overlap_comm)")
+    # bf16: DeepSpeed's gradient overflow check reads a flag on the host every step. bf16 has
+    # fp32's range (no loss scale to adjust), and the NaN guard skips non-finite steps on the
+    # device, so it can go; on until `ditforge bench`'s ablation has measured it on a GPU.
+    overflow_check: bool = Field(True, description="bf16: DeepSpeed's per-step gradient overflow check (a host sync)")
 
     @model_validator(mode="after")
     def _typos(self) -> "DeepSpeedSpec":
@@ -257,6 +291,10 @@ class EvalSpec(Strict):
     steps: int = Field(10, gt=0, description="sampler steps")
 
 
+# Accelerator types (Ray's names) without fp8 tensor cores.
+PRE_FP8_GPUS = ("V100", "P100", "P4", "T4", "K80", "A100", "A10", "A30", "A40", "A6000", "M60")
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     task: Literal["dit", "vae"] = Field("dit", description="vae: train the own autoencoder into vae.path")
@@ -286,6 +324,22 @@ class JobSpec(Strict):
             raise ValueError("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
             raise ValueError("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
+        if self.train.precision == "fp8":
+            if not self.resources.use_gpu:
+                raise ValueError("train.precision: fp8 needs resources.use_gpu: true and a GPU of compute "
+                                 "capability 8.9+ (Ada, Hopper or later); CPU trains in fp32")
+            acc = (self.resources.accelerator_type or "").upper()
+            if any(acc.startswith(old) for old in PRE_FP8_GPUS):
+                raise ValueError(f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
+                                 f"resources.accelerator_type {self.resources.accelerator_type} has no fp8 tensor cores")
+        if self.data.global_batch is not None:
+            w, b = self.resources.workers, self.data.batch_size
+            per = w * (1 if b == "auto" else b)
+            if self.data.global_batch % per:
+                what = f"{w} workers" if b == "auto" else f"data.batch_size {b} x {w} workers"
+                raise ValueError(f"data.global_batch: {self.data.global_batch} is not a multiple of {what} = {per}")
+            if self.task == "vae":
+                raise ValueError("data.global_batch: the VAE trainer does not accumulate gradients; leave it unset")
         bad = [s for s in self.train.debug_nan_steps if not 1 <= s <= self.train.steps]
         if bad:
             raise ValueError(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")

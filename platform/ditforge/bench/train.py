@@ -33,6 +33,7 @@ import gc
 import os
 import time
 import traceback
+import types
 
 import torch
 import torch.distributed as dist
@@ -93,13 +94,67 @@ def _peak(device: torch.device, before: int) -> int:
 
 
 def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
-    return JobSpec.model_validate({
+    d = {
         "name": "bench", "data": {"train": "file:///unused", "batch_size": v["batch"]},
         "model": {"size": v["size"], "patch": 2, "num_classes": 1000, "grad_checkpointing": v["ckpt"],
                   "compile": v["compile"]},
         "deepspeed": {"zero_stage": v["zero"], "overlap_comm": v.get("overlap_comm", False)},
         "resources": {"workers": world, "use_gpu": use_gpu},
-        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9999}})
+        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9999}}
+    for section, over in v.get("set", {}).items():  # an ablation lever's switches (LEVERS)
+        d[section] = {**d.get(section, {}), **over}
+    return JobSpec.model_validate(d)
+
+
+# ------------------------------------------------------------------------------ the ablation levers
+
+# Each lever is measured alone against the ditforge step with the defaults (A B A B timing), through
+# the worker's own `train_step`. `set`: the spec switches it turns on; `needs_cuda`: skipped on CPU;
+# `status`: not measured, and why. A lever whose switch pays stays off until a GPU run shows it does.
+LEVERS = [
+    {"name": "compile_full", "needs_cuda": True, "set": {"model": {"compile": "full"}},
+     "what": "torch.compile of the whole model instead of each block (regional)"},
+    {"name": "bf16_no_overflow_check", "needs_cuda": True, "set": {"deepspeed": {"overflow_check": False}},
+     "what": "deepspeed.overflow_check: false (bf16.check_grad_overflow): no per-step host read of the overflow flag"},
+    {"name": "clip_no_item", "covered_by": "bf16_no_overflow_check",
+     "what": "DeepSpeed 0.19.8 clips with the norm as a device tensor (get_grad_norm_direct, clamp); in bf16 its "
+             "host reads come from the overflow check, so the switch above removes both"},
+    {"name": "no_clip_upper_bound", "needs_cuda": False, "set": {"train": {"grad_clip": 0.0}},
+     "what": "train.grad_clip: 0, the most any cheaper clipping could gain (not a setting to keep)"},
+    {"name": "fused_adamw", "status": "in the baseline",
+     "what": "torch's fused AdamW already steps DeepSpeed's flat fp32 partitions (ZeRO 1-2); foreach would not "
+             "honour the NaN guard's found_inf"},
+    {"name": "cuda_graphs", "needs_cuda": True, "status": "not implemented",
+     "what": "CUDA graphs of the step: DeepSpeed's ZeRO-2 step allocates and buckets on the host"},
+    {"name": "ema_in_optimizer", "status": "not implemented",
+     "what": "the EMA lerp folded into the optimizer's pass over the flat partitions"},
+]
+
+
+def ablation(v: dict, rank: int, world: int, device: torch.device) -> list[dict]:
+    """One row per lever: its step time against the default ditforge step, measured side by side."""
+    rows, base = [], None
+    for lever in LEVERS:
+        row = {k: lever[k] for k in ("name", "what") if k in lever}
+        if lever.get("needs_cuda") and device.type != "cuda":
+            rows.append(row | {"status": "skipped: needs CUDA"})
+            continue
+        if "covered_by" in lever or "status" in lever:
+            rows.append(row | {"status": lever.get("status") or f"covered by {lever['covered_by']}"})
+            continue
+        try:
+            if base is None:
+                base = Loops(v, rank, world, device)
+            alt = Loops(dict(v, set=lever["set"]), rank, world, device)
+            t = _side_by_side(types.SimpleNamespace(baseline=base.ditforge, ditforge=alt.ditforge), v, device, world)
+            row |= {"status": "measured", "set": lever["set"], "step_s": round(t["ditforge"], 5),
+                    "baseline_step_s": round(t["baseline"], 5), "speedup": round(t["baseline"] / t["ditforge"], 3)}
+            del alt
+        except Exception as e:  # a lever that fails (a compile error, OOM) must not hide the others
+            row |= {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc()
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------ the two loops
@@ -138,8 +193,8 @@ class Loops:
 
         def ditforge_step():
             self.step_no += 1
-            train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema, guard,
-                       self.step_no)
+            return train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema,
+                              guard, self.step_no)[0]
 
         self.ditforge = ditforge_step
         self.baseline = None
@@ -246,56 +301,81 @@ def state_bytes(engine) -> dict[str, int]:
     return out
 
 
+# ------------------------------------------------------------------------------ fp8 against bf16
+
+FP8_STEPS = 500
+FP8_TOLERANCE = 0.05  # max relative difference of the two curves' 50-step window means
+
+
+def fp8_curve(v: dict, rank: int, world: int, device: torch.device) -> dict:
+    """bf16 and fp8 (train.precision) from the same seed, weights and batch, `steps` steps each through
+    the worker's `train_step`: the loss at every step, samples/s after the first 10 (compile).
+    The curves agree when every 50-step window's mean loss is within FP8_TOLERANCE (relative)."""
+    out = {"model": f"DiT-{v['size']}/2", "batch_per_worker": v["batch"], "steps": v["steps"], "name": v["name"],
+           "tolerance": FP8_TOLERANCE}
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return out | {"status": "skipped: needs CUDA (compute capability 8.9+)"}
+    curves, rate = {}, {}
+    for prec in ("bf16", "fp8"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            loops = Loops(dict(v, set={"train": {"precision": prec}}), rank, world, device)
+            losses = []
+            for i in range(v["steps"]):
+                if i == 10:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                losses.append(loops.ditforge())
+            _sync(device)
+            rate[prec] = round(v["batch"] * world * (v["steps"] - 10) / (time.perf_counter() - t0), 2)
+            curves[prec] = [round(x, 5) for x in torch.stack(losses).float().tolist()]
+            del loops
+        except Exception as e:
+            traceback.print_exc()
+            return out | {"status": "error", "error": f"{prec}: {type(e).__name__}: {str(e)[:300]}"}
+    w = 50
+    means = {p: [sum(c[i:i + w]) / len(c[i:i + w]) for i in range(0, len(c), w)] for p, c in curves.items()}
+    rel = max(abs(a - b) / abs(a) for a, b in zip(means["bf16"], means["fp8"]))
+    return out | {"status": "measured", "samples_per_s": rate, "speedup": round(rate["fp8"] / rate["bf16"], 3),
+                  "window_means": means, "max_rel_window_diff": round(rel, 4), "agree": rel <= FP8_TOLERANCE,
+                  "loss": curves}
+
+
 # ------------------------------------------------------------------------------ GPU extras
 
 
 def largest_batch(v: dict, device: torch.device, cap: int) -> int:
-    """Two probe steps of the ditforge loop (eager: compiled graphs use less, so this is safe)
-    give memory per sample; the largest multiple of 16 within 80% of the device, both loops' states
-    resident, capped (bigger batches stop raising throughput long before memory runs out)."""
-    peaks = {}
-    for b in (8, 16):
+    """The largest multiple of 16 whose ditforge and baseline steps, both loops' states resident,
+    fit 80% of the device, capped (bigger batches stop raising throughput long before memory runs
+    out): the training probe's search (train/batch.py) over real steps of both loops, eager
+    (compiled graphs use less, so this is safe). Two first probes give memory per sample, and the
+    search starts at the linear estimate, which saves most of the doubling."""
+    from ..train.batch import DoesNotFit, largest_fitting
+
+    def measure(b: int) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        loops = Loops(dict(v, batch=b, compile="off", ckpt=False), 0, 1, device)
-        loops.add_baseline()
-        loops.ditforge()
-        loops.baseline()
-        _sync(device)
-        peaks[b] = torch.cuda.max_memory_allocated(device)
-        del loops
-    per = (peaks[16] - peaks[8]) / 8
-    fixed = peaks[8] - 8 * per
-    total = torch.cuda.get_device_properties(device).total_memory
-    fit = int((0.8 * total - fixed) / max(per, 1))
-    return max(16, min(cap, fit // 16 * 16))
-
-
-def attention_kernels(device: torch.device, B: int = 64, N: int = 256, H: int = 16, Dh: int = 72) -> dict:
-    """Forward+backward time of each attention kernel at DiT-XL/2 256x256 shapes (bf16)."""
-    out = {}
-    q, k, vv = (torch.randn(B, H, N, Dh, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn(B, H, N, Dh, device=device, dtype=torch.bfloat16)
-    for name in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "math"):
         try:
-            attention.resolve(name, device, torch.bfloat16, Dh)
-        except ValueError as e:
-            out[name] = {"ms": None, "error": str(e)}
-            continue
+            loops = Loops(dict(v, batch=b, compile="off", ckpt=False), 0, 1, device)
+            loops.add_baseline()
+            loops.ditforge()
+            loops.baseline()
+            _sync(device)
+            return torch.cuda.max_memory_allocated(device)
+        except torch.OutOfMemoryError as e:
+            raise DoesNotFit(str(e)) from None
+        finally:
+            loops = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
-        def fb():
-            attention.attention(q, k, vv, name).backward(g)
-
-        for _ in range(3):
-            fb()
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            fb()
-        _sync(device)
-        out[name] = {"ms": round((time.perf_counter() - t0) / 20 * 1e3, 3)}
-    return out
+    budget = int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    p8, p16 = measure(8), measure(16)
+    per = max((p16 - p8) / 8, 1)
+    start = max(16, min(cap, int((budget - (p8 - 8 * per)) / per) // 16 * 16))
+    return max(16, largest_fitting(measure, budget, multiple=16, cap=cap, start=start))
 
 
 def profile_step(loops: Loops, device: torch.device, steps: int = 3) -> dict:
@@ -407,8 +487,10 @@ def _worker(rank: int, cfg: dict, port: int, queue) -> None:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
             put("variant", row)
-        if use_gpu and rank == 0 and cfg.get("attention"):
-            put("attention", attention_kernels(device))
+        if cfg.get("ablation"):
+            put("ablation", ablation(dict(cfg["variants"][0], batch=batch), rank, world, device))
+        if cfg.get("fp8_curve"):
+            put("fp8", fp8_curve(dict(cfg["fp8_curve"], batch=batch), rank, world, device))
     finally:
         put("done", None)
         dist.destroy_process_group()
@@ -423,7 +505,7 @@ def run_config(cfg: dict, on_row=None) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, cfg, port, queue)) for r in range(cfg["world"])]
     for p in procs:
         p.start()
-    result: dict = {"variants": [], "zero": {}, "attention": None, "peak": None}
+    result: dict = {"variants": [], "zero": {}, "peak": None, "ablation": None, "fp8": None}
     done = 0
     while done < len(procs):
         try:
@@ -442,8 +524,8 @@ def run_config(cfg: dict, on_row=None) -> dict:
             result["variants"].append(row)
         elif kind == "zero":
             result["zero"][f"zero{row['zero']}" + ("_overlap_comm" if row.get("overlap_comm") else "")] = row
-        elif kind == "attention":
-            result["attention"] = row
+        elif kind in ("ablation", "fp8"):
+            result[kind] = row
         if on_row:
             on_row(result)
     for p in procs:
@@ -453,27 +535,38 @@ def run_config(cfg: dict, on_row=None) -> dict:
     return result
 
 
-def plan(quick: bool) -> list[dict]:
+def plan(quick: bool, focus: bool = False) -> list[dict]:
     """GPU: one batch per model (the largest that fits without activation checkpointing), so the
     variants differ only in checkpointing and compile, dynamo compiles each model's block once, and
-    no second shape switches it to dynamic-shape kernels. XL first: it is the headline figure."""
+    no second shape switches it to dynamic-shape kernels. XL first: it is the headline figure, with
+    the ablation of the levers beside it; then bf16 against fp8 over `FP8_STEPS` steps at B/2.
+    `focus` (the GPU script's first pass, bench/gpu_run.sh): only those three, no ZeRO-stage rows,
+    no checkpointing / eager variants, no B/2 throughput rows."""
     configs = []
     if torch.cuda.is_available():
         t = dict(zero=2, warmup=2, steps=3, rounds=3)
         for size, cap in (("XL", 256), ("B", 512)):
+            if focus and size != "XL":
+                continue
             variants = [dict(t, size=size, ckpt=ckpt, compile=comp, profile=(comp == "blocks" and not ckpt),
                              name=f"gpu-dit-{size.lower()}2-256-{'ckpt' if ckpt else 'nockpt'}-{comp}")
-                        for ckpt in (False, True) for comp in ("off", "blocks")]
+                        for ckpt in (False, True) for comp in ("blocks", "off")
+                        if not focus or (comp == "blocks" and not ckpt)]  # the headline variant first
             configs.append(dict(device="cuda", world=1, threads=8, variants=variants, batch="auto", cap=cap,
-                                attention=size == "XL",
+                                ablation=size == "XL",
                                 zero_stages=([{"zero": 0}, {"zero": 1}, {"zero": 2}, {"zero": 2, "overlap_comm": True}]
-                                             if size == "XL" else []),
+                                             if size == "XL" and not focus else []),
                                 zero_variant=dict(t, size=size, ckpt=False, compile="off", rounds=2)))
+        configs.append(dict(device="cuda", world=1, threads=8, variants=[], batch=64,
+                            fp8_curve=dict(size="B", ckpt=False, compile="blocks", zero=2,
+                                           steps=50 if quick else FP8_STEPS, name="gpu-dit-b2-256-bf16-vs-fp8")))
     size = "T" if quick else "S"
     v = dict(size=size, ckpt=False, compile="off", zero=2, warmup=1, steps=2 if quick else 3, rounds=2 if quick else 5,
              name=f"cpu-dit-{size.lower()}2-32x32-2workers-zero2")
-    configs.append(dict(device="cpu", world=2, threads=1, variants=[v], batch=2 if quick else 8,
-                        zero_stages=[{"zero": z} for z in (0, 1, 2, 3)], zero_variant=dict(v, warmup=1, steps=1, rounds=1)))
+    configs.append(dict(device="cpu", world=2, threads=1, variants=[v], batch=2 if quick else 8, ablation=True,
+                        zero_stages=[{"zero": z} for z in (0, 1, 2, 3)], zero_variant=dict(v, warmup=1, steps=1, rounds=1),
+                        fp8_curve=dict(size=size, ckpt=False, compile="off", zero=2, steps=FP8_STEPS,
+                                       name="fp8-curve-cpu")))
     return configs
 
 
@@ -517,14 +610,16 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
             # Parameters + optimizer state per rank, the figure ZeRO-3 is meant to halve at 2 ranks.
             po = {k: z[k]["state_bytes"]["params"] + z[k]["state_bytes"]["optimizer"] for k in ("zero0", "zero3")}
             rows[-1]["zero3_over_zero0_state"] = round(po["zero3"] / po["zero0"], 3)
-    if r["attention"] and rows:
-        rows[-1]["attention_kernels_xl2_fwd_bwd"] = r["attention"]
+    if r["ablation"] and rows:
+        rows[0]["ablation"] = r["ablation"]
+    if r["fp8"]:
+        rows.append({"name": r["fp8"]["name"], "device": device_name(), "torch": torch.__version__} | r["fp8"])
     return rows
 
 
-def run(quick: bool = False, on_rows=None, gpu_only: bool = False) -> list[dict]:
+def run(quick: bool = False, on_rows=None, gpu_only: bool = False, focus: bool = False) -> list[dict]:
     out: list[dict] = []
-    for cfg in plan(quick):
+    for cfg in plan(quick, focus):
         if gpu_only and cfg["device"] != "cuda":
             continue
         partial = (lambda r, cfg=cfg: on_rows(out + rows_of(cfg, r))) if on_rows else None
@@ -542,5 +637,5 @@ if __name__ == "__main__":  # the GPU machine: `python -m ditforge.bench.train O
         with open(path, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": rows}, f, indent=2)
 
-    write(run(quick="--quick" in sys.argv, on_rows=write, gpu_only="--gpu-only" in sys.argv))
+    write(run(quick="--quick" in sys.argv, on_rows=write, gpu_only="--gpu-only" in sys.argv, focus="--focus" in sys.argv))
     print(open(path).read())

@@ -15,20 +15,28 @@ def precision(spec: JobSpec) -> str:
     return "bf16" if spec.resources.use_gpu else "fp32"  # CPU trains in fp32 (gloo has no bf16 path worth it)
 
 
-def deepspeed_config(spec: JobSpec) -> dict:
+def uses_bf16(spec: JobSpec) -> bool:
+    """bf16 weights and activations: `bf16`, and `fp8` (whose float8 linears keep bf16 weights)."""
+    return precision(spec) in ("bf16", "fp8")
+
+
+def deepspeed_config(spec: JobSpec, micro_batch: int | None = None, accum: int = 1) -> dict:
+    """`micro_batch` / `accum`: the worker's batch plan (train/batch.py); default the spec's fixed batch."""
     extra = dict(spec.deepspeed.model_extra or {})
     # DeepSpeed counts bucket sizes in elements; the gradients it reduces are in the training dtype.
-    bucket = int(spec.deepspeed.bucket_mb * 1e6 / (2 if precision(spec) == "bf16" else 4))
+    bucket = int(spec.deepspeed.bucket_mb * 1e6 / (2 if uses_bf16(spec) else 4))
     zero = {"stage": spec.deepspeed.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
             "overlap_comm": spec.deepspeed.overlap_comm, "contiguous_gradients": True, **extra.pop("zero_optimization", {})}
     if spec.deepspeed.zero_stage == 3:
         zero.setdefault("stage3_prefetch_bucket_size", bucket)
     cfg = {
-        "train_micro_batch_size_per_gpu": spec.data.batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro_batch or spec.data.fixed_batch(),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": spec.train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision(spec) == "bf16"},
+        # check_grad_overflow off drops the host syncs of DeepSpeed's bf16 overflow check (the NaN
+        # guard already skips non-finite steps on the device, train/nonfinite.py).
+        "bf16": {"enabled": uses_bf16(spec), "check_grad_overflow": spec.deepspeed.overflow_check},
         "fp16": {"enabled": False},
         # torch's AdamW as a client optimizer: DeepSpeed's CPU Adam drifts ~1e-6 after a reload,
         # which would break exact resume.
@@ -57,9 +65,44 @@ def compile_model(model: torch.nn.Module, mode: str) -> None:
             blk.compile()
 
 
-def build_engine(model: torch.nn.Module, spec: JobSpec):
+def convert_fp8(model: torch.nn.Module, device: torch.device) -> int:
+    """`train.precision: fp8`: the transformer blocks' attention and MLP linears become torchao
+    Float8Linear (dynamic per-tensor scaling: e4m3 forward, e5m2 gradients; bf16 weights stay the
+    master copy). The small-M linears (timestep embedder, adaLN, final layer) stay bf16: their
+    GEMMs are too small for fp8 to pay. Idempotent; → number of layers converted."""
+    if getattr(model, "_ditforge_fp8", None) is not None:
+        return model._ditforge_fp8
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        what = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise ValueError(f"train.precision: fp8 needs a GPU of compute capability 8.9+ (Ada, Hopper or later); "
+                         f"this worker has {what}")
+    return _swap_fp8(model)
+
+
+def _swap_fp8(model: torch.nn.Module) -> int:
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ValueError("train.precision: fp8 needs torchao (pip install 'ditforge[fp8]')") from None
+
+    def wanted(mod: torch.nn.Module, fqn: str) -> bool:
+        # torchao's fp8 GEMMs need both dimensions divisible by 16
+        parts = fqn.split(".")
+        return (isinstance(mod, torch.nn.Linear) and parts[0] in ("blocks", "mixer") and ("attn" in parts or "mlp" in parts)
+                and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+
+    n = sum(1 for name, m in model.named_modules() if wanted(m, name))
+    convert_to_float8_training(model, module_filter_fn=wanted)
+    model._ditforge_fp8 = n
+    return n
+
+
+def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None = None, accum: int = 1):
     import deepspeed
 
+    if precision(spec) == "fp8":  # before compile: the float8 casts then fuse into the compiled blocks
+        convert_fp8(model, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                    else torch.device("cpu"))
     compile_model(model, compile_mode(spec))
 
     if not spec.resources.use_gpu:
@@ -73,5 +116,5 @@ def build_engine(model: torch.nn.Module, spec: JobSpec):
     warmup = spec.train.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(spec))
+                                           config=deepspeed_config(spec, micro_batch, accum))
     return engine

@@ -55,7 +55,7 @@ def train_vae_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(spec.resources.cpus_per_worker)
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
-    batches = pixel_batches(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed)
+    batches = pixel_batches(spec.data.train, spec.data.fixed_batch(), rank, world, spec.train.seed)
     torch.manual_seed(spec.train.seed)
     v = spec.vae
     net = KLAutoencoder(v.latent_channels, v.base_channels, v.downsample, v.temporal_downsample,
@@ -75,7 +75,7 @@ def train_vae_loop(config: dict) -> None:
             dist.all_reduce(mse_sum)
             elapsed = time.perf_counter() - t_last
             m = {"vae/recon_mse": mse_sum.item() / (n * world), "train/step": step,
-                 "train/samples_per_s": n * spec.data.batch_size * world / elapsed}
+                 "train/samples_per_s": n * spec.data.fixed_batch() * world / elapsed}
             tracker.log(m, step)
             if rank == 0:
                 print(f"step {step}/{spec.train.steps} recon mse {m['vae/recon_mse']:.4f}", flush=True)

@@ -30,9 +30,10 @@ from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_b
 from ..models.vae import build_vae
 from ..objectives import build_objective
 from ..spec import JobSpec
+from . import batch as batch_plan
 from . import checkpoint
 from .ema import EMA
-from .engine import build_engine, precision
+from .engine import build_engine, convert_fp8, precision, uses_bf16
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
 from .sampling import generate, sample_grid
 from .step import step_generator, train_step
@@ -47,21 +48,35 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
 
     # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
-    loader = LatentLoader(spec.data.train, spec.data.batch_size, rank, world, spec.train.seed,
-                          max_bad_fraction=spec.data.max_bad_fraction, storage_timeout_s=spec.data.storage_timeout_s)
+    def make_loader(batch_size: int) -> LatentLoader:
+        return LatentLoader(spec.data.train, batch_size, rank, world, spec.train.seed,
+                            max_bad_fraction=spec.data.max_bad_fraction, storage_timeout_s=spec.data.storage_timeout_s)
+
+    loader = make_loader(spec.data.fixed_batch())
     latent_shape = tuple(loader.latent_shape)  # (C, h, w) or (C, T, h, w): the most common bucket's
     C = latent_shape[0]
-    dtype = torch.bfloat16 if precision(spec) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(spec) else torch.float32
     text_encoder = _text_encoder(spec, device, dtype)  # frozen, outside DeepSpeed (see models/text.py)
     dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0)
     # Resolve the attention kernel once, here, so the name logged is the kernel that runs.
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     model = DiT(dit_cfg)
-    engine = build_engine(model, spec)
+    if precision(spec) == "fp8":  # before the batch probe: float8 linears change the memory per sample
+        convert_fp8(model, device)
+    objective = build_objective(spec.objective)
+    # data.batch_size: auto probes this GPU (train/batch.py); a fixed batch, or CPU, just plans accumulation.
+    probe = (lambda: _probe_batch(spec, model, objective, loader, text_encoder, device, dtype, world)) \
+        if spec.data.batch_size == "auto" and device.type == "cuda" else None
+    plan = batch_plan.plan_batch(spec, world, probe)
+    if plan.micro != loader.batch_size:
+        loader = make_loader(plan.micro)
+    if rank == 0:
+        print(f"batch: {plan.micro} per worker x {world} workers x {plan.accum} accumulation steps "
+              f"({plan.source}{', probed ' + str(plan.probed) if plan.probed else ''})", flush=True)
+    engine = build_engine(model, spec, plan.micro, plan.accum)
     ema = EMA(engine.module, spec.train.ema_decay) if spec.train.ema_decay > 0 else None
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
-    objective = build_objective(spec.objective)
     # Forward FLOPs per sample, counted once per mask ratio: FLOP/s shows what masking saves.
     fwd_flops = {r: forward_flops(dit_cfg, latent_shape, r) for r in {0.0, spec.train.mask_ratio}}
     tracker = (Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
@@ -96,6 +111,7 @@ def train_loop(config: dict) -> None:
     # A tag, not a param: a Ray Train restart logs it again into the same MLflow run, and MLflow
     # refuses to change a param.
     tracker.tags({"ditforge.resumed_from_step": start})
+    tracker.tags(plan.tags())  # tags too: a restart on another GPU may probe another batch
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
@@ -125,16 +141,23 @@ def train_loop(config: dict) -> None:
     loss_sum = torch.zeros((), device=device)
     flops_since = 0.0
     stopping = False
-    for step in range(start + 1, spec.train.steps + 1):
+
+    def micro_batch(step: int, k: int):
+        """The k-th micro-batch of `step`: (x, cond, generator). k > 0 only with accumulation; its
+        generator stream (rank + k·world) is one no rank uses for k = 0."""
         x, y, _keys, *rest = next(batches)  # captions, when the loader yields them
         x, y = x.to(device), y.to(device)  # no-ops on the GPU path: the prefetcher copied them
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
+        return x, cond, step_generator(spec.train.seed, step, rank + k * world, device)
+
+    for step in range(start + 1, spec.train.steps + 1):
+        x, cond, gen = micro_batch(step, 0)
+        more = [micro_batch(step, k) for k in range(1, plan.accum)]  # gradient accumulation (data.global_batch)
         ratio = mask_ratio_at(spec, step)
-        loss, good = train_step(engine, objective, x, cond, step_generator(spec.train.seed, step, rank, device), ratio,
-                                ema, guard, step)
+        loss, good = train_step(engine, objective, x, cond, gen, ratio, ema, guard, step, more=more)
         loss_sum += torch.where(good > 0, loss, 0.0)  # no host sync here: .item() only on logging steps
         steps_since += 1
-        flops_since += 3 * fwd_flops[ratio] * x.shape[0]  # forward + backward ≈ 3 forwards
+        flops_since += 3 * fwd_flops[ratio] * x.shape[0] * plan.accum  # forward + backward ≈ 3 forwards
 
         if step % spec.tracking.log_every == 0 or step == spec.train.steps:
             dist.all_reduce(loss_sum)  # mean over ranks and the good steps since the last log
@@ -144,7 +167,7 @@ def train_loop(config: dict) -> None:
             metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step,
                        "train/skipped_nonfinite": guard.total,
                        "train/step_s": elapsed / steps_since,
-                       "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed,
+                       "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
                        "train/mask_ratio": ratio, "train/tflops_per_s": flops_since * world / elapsed / 1e12}
             skipped = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
             dist.all_reduce(skipped)  # bad samples skipped so far, summed over ranks
@@ -185,6 +208,42 @@ def train_loop(config: dict) -> None:
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo workers sometimes abort at exit
+
+
+def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, dtype, world: int) -> dict[str, int]:
+    """The largest micro-batch per bucket on this GPU (train/batch.py), eager and before DeepSpeed:
+    compiled blocks use less memory, so the figure is on the safe side."""
+    ab = spec.data.auto_batch
+    model.to(device=device, dtype=dtype)  # where and how DeepSpeed will hold it
+    props = torch.cuda.get_device_properties(device)
+    state = batch_plan.engine_state_bytes(param_count(model), spec.deepspeed.zero_stage, world, dtype == torch.bfloat16)
+    budget = int(ab.memory_fraction * props.total_memory) - state
+    # Batches never span shards: no micro-batch larger than the largest shard.
+    cap = min(ab.max, max(s["samples"] for s in loader.manifest["shards"]))
+    shapes = _bucket_shapes(loader)
+
+    def cond_of(b: int) -> dict:
+        y = torch.zeros(b, dtype=torch.long, device=device)
+        return _conditioning(spec, y, [""] * b if spec.model.text != "none" else None, text_encoder, device)
+
+    probed = batch_plan.probe_buckets(
+        lambda shape: batch_plan.cuda_measure(model, objective, shape, cond_of, device, dtype), shapes, budget,
+        ab.multiple, cap)
+    # Every rank must run the same micro-batches (ZeRO reduces gradients in each backward): the
+    # smallest GPU decides.
+    names = sorted(probed)
+    t = torch.tensor([probed[n] for n in names], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return dict(zip(names, t.tolist()))
+
+
+def _bucket_shapes(loader) -> dict[str, tuple[int, ...]]:
+    """Bucket name → latent shape (C, ...), from the latent manifest."""
+    buckets = loader.manifest.get("buckets") or {}
+    shapes = {name: tuple(b["shape"]) for name, b in buckets.items() if b.get("shape")}
+    if not shapes:
+        shapes = {"x".join(map(str, s["shape"])): tuple(s["shape"]) for s in loader.manifest["shards"] if s.get("shape")}
+    return shapes or {"default": tuple(loader.latent_shape)}
 
 
 def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
@@ -243,7 +302,7 @@ def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker
     with _sampling_weights(engine, ema) as model:
         if rank == 0:
             out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
-            for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, precision(spec) == "bf16",
+            for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, uses_bf16(spec),
                                     objective=objective):
                 tracker.artifact(path, "samples")
             print(f"samples at step {step} → MLflow samples/{os.path.basename(out)}", flush=True)
@@ -266,7 +325,7 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
         classifier = quality.train_classifier(name, res, frames)
         y = torch.arange(spec.model.num_classes, device=device).repeat_interleave(spec.eval.per_class)
         z = generate(model, objective, latent_shape, y, spec.sample.model_copy(update={"steps": spec.eval.steps,
-                     "seed": spec.sample.seed + 1}), device, precision(spec) == "bf16")
+                     "seed": spec.sample.seed + 1}), device, uses_bf16(spec))
         metrics = quality.score(classifier, vae.decode(z.cpu()), y.cpu(), name, res, frames)
         metrics["quality/seconds"] = time.perf_counter() - t0
         tracker.log(metrics, step)
