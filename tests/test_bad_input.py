@@ -51,6 +51,18 @@ CASES = [
     ("deepspeed-typo", {"j.yaml": job(deepspeed={"zero_stag": 3})}, ["validate", "{d}/j.yaml"],
      ["deepspeed.zero_stag", "did you mean 'zero_stage'"]),
     ("deepspeed-stage", {"j.yaml": job(deepspeed={"zero_stage": 4})}, ["validate", "{d}/j.yaml"], ["deepspeed.zero_stage", "4"]),
+    # pass-through keys that ditforge sets itself, and pass-through paths outside the allowed roots
+    ("deepspeed-own", {"j.yaml": job(deepspeed={"optimizer": {"type": "Adam"}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.optimizer", "set by ditforge itself"]),
+    ("deepspeed-own-zero", {"j.yaml": job(deepspeed={"zero_optimization": {"stage": 1}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.zero_optimization.stage", "deepspeed.zero_stage"]),
+    ("deepspeed-monitor-path", {"j.yaml": job(deepspeed={"tensorboard": {"enabled": True, "output_path": "/etc/tb"}})},
+     ["validate", "{d}/j.yaml"], ["deepspeed.tensorboard.output_path", "outside the allowed roots"]),
+    ("deepspeed-nvme-path", {"j.yaml": job(deepspeed={"zero_optimization": {"offload_optimizer": {
+        "device": "nvme", "nvme_path": "file:///var/../etc/nvme"}}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.zero_optimization.offload_optimizer.nvme_path", "resolves to /etc/nvme"]),
+    ("deepspeed-remote-path", {"j.yaml": job(deepspeed={"csv_monitor": {"enabled": True, "output_path": "s3://b/m"}})},
+     ["validate", "{d}/j.yaml"], ["deepspeed.csv_monitor.output_path", "local path"]),
     ("missing-data", {"j.yaml": yaml.safe_dump({"name": "t"})}, ["validate", "{d}/j.yaml"], ["j.yaml", "data", "missing"]),
     ("missing-train", {"j.yaml": yaml.safe_dump({"name": "t", "data": {"batch_size": 2}})}, ["validate", "{d}/j.yaml"],
      ["data.train", "missing"]),

@@ -190,7 +190,47 @@ class DeepSpeedSpec(BaseModel):
         for key in self.model_extra or {}:
             if difflib.get_close_matches(key, ["zero_stage"], n=1, cutoff=0.75):
                 raise ValueError(f"{key}: unknown key (did you mean 'zero_stage'?)")
+        # Keys that train/engine.py sets from other spec fields: passed through, they would
+        # silently override the field (or clash with the client optimizer), so they are refused.
+        for key, value in (self.model_extra or {}).items():
+            if key in DEEPSPEED_OWN:
+                raise ValueError(f"{key}: set by ditforge itself ({DEEPSPEED_OWN[key]})")
+            if key == "zero_optimization" and isinstance(value, dict):
+                for sub in value:
+                    if sub in ZERO_OWN:
+                        raise ValueError(f"zero_optimization.{sub}: set by ditforge itself ({ZERO_OWN[sub]})")
         return self
+
+
+# DeepSpeed config keys that train/engine.py derives from the spec → the spec field to use instead.
+DEEPSPEED_OWN = {
+    "train_batch_size": "use data.batch_size and resources.workers",
+    "train_micro_batch_size_per_gpu": "use data.batch_size",
+    "gradient_accumulation_steps": "always 1",
+    "gradient_clipping": "use train.grad_clip",
+    "bf16": "use train.precision", "fp16": "use train.precision", "amp": "use train.precision",
+    "optimizer": "ditforge passes torch's AdamW; use train.lr, train.weight_decay",
+    "scheduler": "ditforge passes its warmup schedule; use train.warmup",
+    "zero_allow_untested_optimizer": "needed for the client AdamW",
+    "steps_per_print": "ditforge logs to MLflow; use tracking.log_every",
+}
+ZERO_OWN = {"stage": "use deepspeed.zero_stage", "reduce_bucket_size": "use deepspeed.bucket_mb",
+            "allgather_bucket_size": "use deepspeed.bucket_mb", "overlap_comm": "use deepspeed.overlap_comm",
+            "contiguous_gradients": "always on"}
+# Pass-through keys that name a local file or folder (monitor outputs, NVMe offload, profiler
+# files): each must lie inside the allowed roots, like the spec's own path fields.
+_DS_PATH_KEY = re.compile(r"(path|dir|file|folder)s?$", re.I)
+
+
+def deepspeed_paths(extra: dict, where: str = "deepspeed") -> list[tuple[str, Any]]:
+    """(field.path, value) of every path-like key under the `deepspeed:` pass-through keys."""
+    out = []
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            out += deepspeed_paths(value, f"{where}.{key}")
+        elif _DS_PATH_KEY.search(str(key)):
+            out.append((f"{where}.{key}", value))
+    return out
 
 
 class ResourcesSpec(Strict):
@@ -672,10 +712,20 @@ def check_roots(spec: "JobSpec", name: str) -> None:
     Runs where specs enter the platform (load_job, a bare spec given to the driver), not on every
     model_validate: workers re-validate the resolved spec in another working directory."""
     roots = allowed_roots()
+    fields: list[tuple[str, Any]] = []
     for field in LOCAL_PATH_FIELDS:
         node: Any = spec
         for part in field.split("."):
             node = getattr(node, part)
+        fields.append((field, node))
+    for field, node in fields + deepspeed_paths(spec.deepspeed.model_extra or {}):
+        if not isinstance(node, str):
+            if node is None:
+                continue
+            raise SpecError(name, field, f"expected a local path, got {node!r}")
+        if field.startswith("deepspeed.") and "://" in node and not node.startswith("file://"):
+            raise SpecError(name, field, f"'{node}': DeepSpeed writes here itself, so it must be a local path "
+                                         "inside the allowed roots")
         if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
             continue
         resolved = Path(node.removeprefix("file://")).expanduser().resolve()
