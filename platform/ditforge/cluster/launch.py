@@ -185,6 +185,12 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
                           f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs")
     target = connect(cluster, spec)
     check_capacity(spec, cluster, target)
+    from . import preflight
+
+    try:  # the data set, VAE and text encoder are there and fit the spec, before any Ray job exists
+        preflight.check(spec, source or spec.name)
+    except preflight.PreflightError as e:
+        raise SubmitError(str(e)) from None
     resume_from = None
     how = "--resume"
     if resume is None and spec.train.resume == "auto":
