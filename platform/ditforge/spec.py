@@ -240,7 +240,7 @@ ZERO_OWN = {"stage": "use deepspeed.zero_stage", "reduce_bucket_size": "use deep
             "contiguous_gradients": "always on"}
 # Pass-through keys that name a local file or folder (monitor outputs, NVMe offload, profiler
 # files): each must lie inside the allowed roots, like the spec's own path fields.
-_DS_PATH_KEY = re.compile(r"(path|dir|file|folder)s?$", re.I)
+_DS_PATH_KEY = re.compile(r"(^|_)(path|dir|directory|file|folder)s?$", re.I)  # output_path, nvme_path, log_dir
 
 
 def deepspeed_paths(extra: dict, where: str = "deepspeed") -> list[tuple[str, Any]]:
