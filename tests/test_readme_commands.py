@@ -20,8 +20,6 @@ GROUPS = ("services", "cluster", "data")  # verbs with sub-commands
 # README command → the test that runs it (file::function). Commands only a real cluster, cloud or
 # GPU can run are run here against what CI has: the embedded / local cluster, the CPU.
 RUN_BY = {
-    "make demo": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end",
-    "ditforge demo": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end",
     "make test": ".ci/run",  # CI itself
     "make test-fast": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make fault": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
@@ -48,6 +46,15 @@ RUN_BY = {
     "ditforge cluster status": "tests/test_cluster_local.py::test_local_cluster_lifecycle",
     "ditforge cluster down": "tests/test_cluster_local.py::test_local_cluster_lifecycle",
     "ditforge cluster render": "tests/test_cluster_render.py::test_cli_render_and_up_print_the_command",
+}
+
+
+# README commands CI does not run yet, each with the reason: the list is asserted exactly, so a
+# new gap fails the test and a closed one must be removed from here.
+NOT_RUN = {
+    "make demo": "the whole demo (ingest, encode, 2-worker training, sampling, quality, registry) is a "
+                 "per-shipped-spec end-to-end test not finished on this branch (issue 16, point 10)",
+    "ditforge demo": "as make demo",
 }
 
 
@@ -78,7 +85,7 @@ def test_every_readme_command_is_run_by_a_test():
     keys = readme_commands()
     assert {"make bench", "ditforge data verify", "ditforge services status", "python -m ditforge.bench.data"} <= keys
     missing = keys - set(RUN_BY)
-    assert not missing, f"README commands no test runs (add them to RUN_BY with a test): {sorted(missing)}"
+    assert missing == set(NOT_RUN), f"README commands no test runs (add them to RUN_BY with a test): {sorted(missing)}"
     for key, where in RUN_BY.items():
         if "::" in where:
             path, name = where.split("::")
