@@ -27,8 +27,9 @@ test-fast: install
 fault: install
 	$(BIN)/python -m pytest -q -rs --durations=0 -m fault
 
+# `make bench BENCH_ARGS=--quick`: the CI smoke run (small sizes, few repeats).
 bench: install
-	$(BIN)/ditforge bench --json bench.json
+	$(BIN)/ditforge bench --json bench.json $(BENCH_ARGS)
 
 down:
 	-$(BIN)/ditforge services down

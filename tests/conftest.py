@@ -18,6 +18,35 @@ os.environ.setdefault("DITFORGE_HOME", str(REPO / ".ditforge"))
 os.environ.setdefault("DITFORGE_ROOTS", tempfile.gettempdir())
 
 
+# An MLflow client without a registry / tracking URI falls back to `sqlite:///mlflow.db` in the
+# working directory, which for the tests is the repository (seen: `mlflow.artifacts.download_artifacts`
+# of a `models:/` URI with only `tracking_uri` given). No test may create one: an audit hook names
+# the in-process caller, and the session fails at its end if the file is there.
+STRAY_DB = REPO / "mlflow.db"
+_stray_callers: list[str] = []
+
+
+def _watch_sqlite(event: str, args: tuple) -> None:
+    if event == "sqlite3.connect" and args and str(args[0]).endswith("mlflow.db"):
+        if Path(str(args[0])).resolve() == STRAY_DB and not _stray_callers:
+            import traceback
+
+            _stray_callers.append("".join(traceback.format_stack(limit=25)))
+
+
+sys.addaudithook(_watch_sqlite)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if STRAY_DB.exists():
+        where = ("\nfirst opened in this process by:\n" + _stray_callers[0]) if _stray_callers else \
+            " (not by the pytest process itself: a subprocess, e.g. a `ditforge` CLI run from the repository)"
+        session.config.get_terminal_writer().line(
+            f"error: {STRAY_DB} exists after the tests: an MLflow client fell back to its default local store"
+            f"{where}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -55,6 +55,18 @@ CASES = [
     ("deepspeed-typo", {"j.yaml": job(deepspeed={"zero_stag": 3})}, ["validate", "{d}/j.yaml"],
      ["deepspeed.zero_stag", "did you mean 'zero_stage'"]),
     ("deepspeed-stage", {"j.yaml": job(deepspeed={"zero_stage": 4})}, ["validate", "{d}/j.yaml"], ["deepspeed.zero_stage", "4"]),
+    # pass-through keys that ditforge sets itself, and pass-through paths outside the allowed roots
+    ("deepspeed-own", {"j.yaml": job(deepspeed={"optimizer": {"type": "Adam"}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.optimizer", "set by ditforge itself"]),
+    ("deepspeed-own-zero", {"j.yaml": job(deepspeed={"zero_optimization": {"stage": 1}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.zero_optimization.stage", "deepspeed.zero_stage"]),
+    ("deepspeed-monitor-path", {"j.yaml": job(deepspeed={"tensorboard": {"enabled": True, "output_path": "/etc/tb"}})},
+     ["validate", "{d}/j.yaml"], ["deepspeed.tensorboard.output_path", "outside the allowed roots"]),
+    ("deepspeed-nvme-path", {"j.yaml": job(deepspeed={"zero_optimization": {"offload_optimizer": {
+        "device": "nvme", "nvme_path": "file:///var/../etc/nvme"}}})}, ["validate", "{d}/j.yaml"],
+     ["deepspeed.zero_optimization.offload_optimizer.nvme_path", "resolves to /etc/nvme"]),
+    ("deepspeed-remote-path", {"j.yaml": job(deepspeed={"csv_monitor": {"enabled": True, "output_path": "s3://b/m"}})},
+     ["validate", "{d}/j.yaml"], ["deepspeed.csv_monitor.output_path", "local path"]),
     ("missing-data", {"j.yaml": yaml.safe_dump({"name": "t"})}, ["validate", "{d}/j.yaml"], ["j.yaml", "data", "missing"]),
     ("missing-train", {"j.yaml": yaml.safe_dump({"name": "t", "data": {"batch_size": 2}})}, ["validate", "{d}/j.yaml"],
      ["data.train", "missing"]),
@@ -252,3 +264,31 @@ def test_bad_input_subprocess(argv, files, must, tmp_path):
     r = run_cli(*[a.replace("{d}", str(tmp_path)) for a in argv], cwd=work, timeout=120,
                 env={"DITFORGE_HOME": str(home), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     _check(r.returncode, r.stdout, r.stderr, must, before, [tmp_path])
+
+
+def test_validate_prints_every_problem_in_file_order(sandbox, capsys):
+    """Not only the first: one `error:` line per problem, ordered by where it is in the file (a
+    missing key where its section starts), across field, section and whole-spec checks."""
+    (sandbox / "a.yaml").write_text("name: x\ndeepspeed: {zero_stage: 5}\n")
+    (sandbox / "b.yaml").write_text(
+        "name: b\n"
+        "model: {size: XXL}\n"
+        "train: {steps: many, stpes: 3}\n"
+        "data: {batch_size: 0}\n"
+        "deepspeed: {optimizer: {type: Adam}, zero_stag: 3}\n")
+    (sandbox / "c.yaml").write_text("name: c\ndata: {train: s3://a}\nmodel: {attention: flash_attn}\n"
+                                    "train: {precision: bf16, steps: 5, warmup: 9}\n")
+    before = _tree(sandbox)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["validate", *(str(sandbox / f) for f in ("a.yaml", "b.yaml", "c.yaml"))])
+    got = capsys.readouterr()
+    assert e.value.code == 2 and got.out == "" and "Traceback" not in got.err
+    lines = [ln.replace(str(sandbox) + "/", "") for ln in got.err.splitlines()]
+    assert all(ln.startswith("error: ") for ln in lines), lines
+    fields = [ln.split(": ")[2] for ln in lines]
+    assert fields == ["data", "deepspeed.zero_stage",
+                      "model.size", "train.steps", "train.stpes", "data.train", "data.batch_size",
+                      "deepspeed.optimizer", "deepspeed.zero_stag",
+                      "model.attention", "train.precision", "train.warmup"], lines
+    assert [ln.split(": ")[1] for ln in lines] == ["a.yaml"] * 2 + ["b.yaml"] * 7 + ["c.yaml"] * 3
+    assert _tree(sandbox) == before

@@ -19,14 +19,42 @@ KEYS = {"name", "device", "samples_per_s", "step_s", "tflops", "mfu", "baseline_
         "peak_mem_bytes", "attention_backend"}
 
 
-def test_bench_train_quick_writes_every_field(tmp_path):
+def _make_bench_quick() -> list[str]:
+    """The command `make bench BENCH_ARGS=--quick` runs (README: `make bench`, `--quick` for a smoke
+    run), as arguments of `ditforge` (this interpreter's, not a second venv's)."""
+    import shlex
+    import subprocess
+
+    from .conftest import REPO
+
+    out = subprocess.run(["make", "-n", "bench", "BENCH_ARGS=--quick"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    words = shlex.split(out.stdout.strip().splitlines()[-1])
+    assert words[0].endswith("/ditforge") and words[1] == "bench" and "--quick" in words, words
+    return words[1:]
+
+
+def test_make_bench_quick_runs_every_section(tmp_path):
+    """Every section (train, attention, data, checkpoint) runs and reports no error; the train rows carry
+    every field. (Once, the data section's lazy import failed only outside --quick: see
+    test_readme_commands.py::test_every_relative_import_resolves.)"""
     out = tmp_path / "bench.json"
-    r = run_cli("bench", "--quick", "--section", "train", "--section", "attention", "--json", str(out), timeout=900)
+    args = _make_bench_quick()
+    args[args.index("--json") + 1] = str(out)
+    r = run_cli(*args, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["errors"] == {} and result["quick"] is True, result["errors"]
+    assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint"}
+    data = {f"{c['bench']}.{c['metric']}": c for c in result["configs"] if c["section"] == "data"}
+    assert {"data.ingest.images_per_s_per_core", "data.stream.samples_per_s_local", "data.stream.samples_per_s_s3",
+            "train.consume.samples_per_s"} <= set(data), sorted(data)
+    assert all(c["value"] > 0 and not c.get("error") for c in data.values()), data
+    ckpt = [c for c in result["configs"] if c["section"] == "checkpoint"]
+    assert ckpt and all(c["checkpoint_MB"] > 0 and c["stall_s"] >= 0 for c in ckpt), ckpt
     configs = result["configs"]
     assert result["meta"]["device_kind"] == "cpu" and result["meta"]["torch"] and result["meta"]["deepspeed"]
-    assert result["meta"]["command"].startswith("ditforge bench --quick")
+    assert result["meta"]["command"].startswith("ditforge bench") and "--quick" in result["meta"]["command"]
     cpu = [c for c in configs if c["name"].startswith("cpu-")]
     assert len(cpu) == 1, configs
     c = cpu[0]

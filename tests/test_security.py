@@ -104,6 +104,25 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
     return out
 
 
+def test_redact_masks_variables_named_key(monkeypatch):
+    from ditforge.credentials import redact
+
+    monkeypatch.setenv("DITFORGE_TEST_API_KEY", "k3y-value-0123456789")
+    monkeypatch.setenv("wandb_api_key", "lower-case-key-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDNOTASECRET01")  # an id, not a secret
+    text = "key k3y-value-0123456789 / lower-case-key-value / id AKIDNOTASECRET01"
+    assert redact(text) == "key *** / *** / id AKIDNOTASECRET01"
+
+
+def test_deepspeed_paths_inside_the_roots_pass_through(tmp_path, monkeypatch):
+    from ditforge.train.engine import deepspeed_config
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_job(_job(tmp_path, "data: {train: s3://ditforge/x}\n"
+                                   "deepspeed: {tensorboard: {enabled: true, output_path: tb, job_name: j}}"))
+    assert deepspeed_config(spec)["tensorboard"] == {"enabled": True, "output_path": "tb", "job_name": "j"}
+
+
 def test_embedded_services_listen_on_loopback_only(embedded):
     """Every socket the S3 server and MLflow listen on, and Ray's dashboard / Jobs API, is on 127.0.0.1.
 

@@ -55,13 +55,14 @@ def test_no_secret_in_logs_params_tags_artifacts_or_checkpoints(latents, tmp_pat
     creds = json.loads(storage.credentials_file().read_text())
     secret = creds["secret_access_key"]  # the real S3 key: the CLI and every worker use it
     sentinel = f"df-sentinel-{uuid.uuid4().hex}"
+    api_key = f"df-api-key-{uuid.uuid4().hex}"  # a variable named *_KEY (WANDB_API_KEY, OPENAI_API_KEY, ...)
     # The CLI gets its S3 keys from the environment, and carries more secrets there (an MLflow
     # password, an API token); the user's YAML even has a token pasted into a comment.
     env = {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": secret,
            "AWS_ENDPOINT_URL_S3": creds["endpoint_url"], "MLFLOW_TRACKING_USERNAME": "ditforge",
-           "MLFLOW_TRACKING_PASSWORD": sentinel, "DITFORGE_TEST_API_TOKEN": sentinel}
+           "MLFLOW_TRACKING_PASSWORD": sentinel, "DITFORGE_TEST_API_TOKEN": sentinel, "DITFORGE_TEST_API_KEY": api_key}
     job = tmp_path / "job.yaml"
-    job.write_text((REPO / "jobs" / "demo-image.yaml").read_text() + f"# api token: {sentinel}\n")
+    job.write_text((REPO / "jobs" / "demo-image.yaml").read_text() + f"# api token: {sentinel}\n# api key: {api_key}\n")
     r, rec = _submit(job, latents, "train.resume=never", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -93,10 +94,11 @@ def test_no_secret_in_logs_params_tags_artifacts_or_checkpoints(latents, tmp_pat
 
     assert len(found) > 20
     for name, data in found.items():
-        for s in (secret, sentinel):
+        for s in (secret, sentinel, api_key):
             assert s.encode() not in data, f"a planted secret is in {name}"
     # what was redacted is still there, masked: the comment survived in the logged source YAML
-    assert b"# api token: ***" in next(d for n, d in found.items() if n.endswith("/spec/job.yaml"))
+    logged_source = next(d for n, d in found.items() if n.endswith("/spec/job.yaml"))
+    assert b"# api token: ***" in logged_source and b"# api key: ***" in logged_source
 
 
 def test_resume_from_a_malicious_checkpoint_fails_in_one_line_without_running_it(latents, tmp_path):

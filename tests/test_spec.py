@@ -140,12 +140,12 @@ def test_deepspeed_section_passes_extra_keys_through(tmp_path: Path):
     f.write_text(GOOD_JOB + textwrap.dedent("""\
         deepspeed:
           zero_stage: 3
-          zero_optimization: {reduce_bucket_size: 1000}
+          zero_optimization: {reduce_scatter: false}
           communication_data_type: fp32
     """))
     cfg = deepspeed_config(load_job(f))
     zero = cfg["zero_optimization"]
-    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 1000  # the raw DeepSpeed key wins
+    assert zero["stage"] == 3 and zero["reduce_scatter"] is False  # a key ditforge does not set passes through
     assert zero["allgather_bucket_size"] == 50_000_000  # bucket_mb: 200 MB of fp32 gradients (CPU)
     assert cfg["communication_data_type"] == "fp32"
 

@@ -104,6 +104,7 @@ def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, 
     child = client.get_run(resumed["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == short["mlflow_run_id"]  # nested under the first attempt
     assert child.data.tags["ditforge.resumed_from"].endswith("step_00000010")
+    assert child.data.tags["ditforge.resume_changed.train.steps"] == "10 → 20"  # allowed, and recorded
     full, part = losses(zero2_run), losses(resumed)
     assert sorted(part) == list(range(11, 21))
     for step in range(11, 21):

@@ -26,7 +26,7 @@ def test_video_job_with_captions(embedded):
     assert m["latent_shape"] == [12, 4, 16, 16]
     r = run_cli("submit", str(REPO / "jobs" / "video-dit-s-moving-shapes.yaml"), "--wait",
                 "--set", f"data.train={root}/latents", "--set", f"checkpoint.uri={root}/runs",
-                "--set", "model.size=T", "--set", "model.text=own", "--set", "data.batch_size=4",
+                "--set", "model.size=T", "--set", "model.text=own", "--set", "data.batch_size=4", "--set", "data.frames=4",
                 "--set", "train.steps=6", "--set", "train.warmup=1", "--set", "checkpoint.every_steps=3",
                 "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests", "--set", "train.resume=never",
                 "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "eval.quality=false")

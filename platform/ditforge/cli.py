@@ -45,12 +45,18 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint) as e:
-            from .credentials import redact
-
-            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
+            print_error(e)
             raise typer.Exit(2)
 
     return wrapper
+
+
+def print_error(e: Exception) -> None:
+    """`error: <line>` on stderr, one per problem (a spec with several problems has several lines)."""
+    from .credentials import redact
+
+    for line in getattr(e, "lines", None) or [str(e)]:
+        err.print(f"error: {redact(line)}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------ validate
@@ -70,9 +76,7 @@ def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML f
             for w in spec_warnings(spec) if isinstance(spec, JobSpec) else []:
                 err.print(f"warning: {f}: {w}", markup=False, highlight=False, soft_wrap=True)
         except SpecError as e:
-            from .credentials import redact
-
-            err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
+            print_error(e)
             bad += 1
     if bad:
         raise typer.Exit(2)
@@ -95,6 +99,8 @@ def submit(
     sets: Optional[List[str]] = SetOpt,
     resume: Optional[str] = typer.Option(None, help="continue run RUN from its latest complete checkpoint"),
     wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+    force_resume: bool = typer.Option(False, "--force-resume",
+                                      help="continue the run even though a field that defines it changed"),
 ):
     """Submit a training job through the Ray Jobs API and print its job id."""
     from .cluster.launch import submit as do_submit
@@ -104,7 +110,7 @@ def submit(
     spec, cl = _load(job, cluster, sets)
     for w in spec_warnings(spec):
         err.print(f"warning: {job}: {w}", markup=False, highlight=False, soft_wrap=True)
-    rec = do_submit(spec, cl, resume=resume, source=str(job))
+    rec = do_submit(spec, cl, resume=resume, source=str(job), force_resume=force_resume)
     out.print(rec["job_id"], highlight=False)
     err.print(f"run {rec['run_name']}  mlflow {_run_link(rec)}", highlight=False)
     if wait:

@@ -8,7 +8,7 @@ Credentials are read from the environment or from a named file, never from a spe
   Ray       RAY_AUTH_TOKEN, or the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's own)
 
 `redact(text)` replaces every secret value this process knows of (variables named *SECRET*,
-*PASSWORD*, *TOKEN*, the S3 and MLflow credential files, the Ray token), and the password part of any
+*PASSWORD*, *TOKEN*, *_KEY, the S3 and MLflow credential files, the Ray token), and the password part of any
 `scheme://user:password@host` URL, with `***`. Everything that leaves the process as text (MLflow
 params and tags, saved specs, error lines) goes through it.
 """
@@ -25,7 +25,8 @@ MLFLOW_CREDENTIALS_ENV = "DITFORGE_MLFLOW_CREDENTIALS"
 MASK = "***"
 # Environment variables whose values are secrets whatever they hold (…_PATH / …_FILE name files;
 # so do …_CREDENTIALS here, e.g. DITFORGE_S3_CREDENTIALS, GOOGLE_APPLICATION_CREDENTIALS).
-_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN)(?!_PATH|_FILE|_ENV)", re.I)
+# `*_KEY` (WANDB_API_KEY, OPENAI_API_KEY, …) is a secret too; AWS_ACCESS_KEY_ID (an id) is not.
+_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN)(?!_PATH|_FILE|_ENV)|_KEY$", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@", re.I)
 
 

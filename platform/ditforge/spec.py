@@ -29,6 +29,26 @@ class SpecError(Exception):
         self.file, self.field, self.reason = file, field, reason
         super().__init__(f"{file}: {field}: {reason}" if field else f"{file}: {reason}")
 
+    @property
+    def lines(self) -> list[str]:
+        """Each problem's line (the CLI prints each as `error: <line>`)."""
+        return [str(self)]
+
+
+class SpecErrors(SpecError):
+    """Every problem of one spec, in file order; behaves as the first one where one is expected."""
+
+    def __init__(self, problems: list[SpecError]):
+        self.problems = problems
+        super().__init__(problems[0].file, problems[0].field, problems[0].reason)
+
+    @property
+    def lines(self) -> list[str]:
+        return [str(p) for p in self.problems]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
 
 class Strict(BaseModel):
     # Unknown keys are errors: a typo like `zero_stag: 3` must not silently train with stage 2.
@@ -220,10 +240,51 @@ class DeepSpeedSpec(BaseModel):
     def _typos(self) -> "DeepSpeedSpec":
         # Pass-through keys are not checked, but one that is nearly `zero_stage` is a typo that
         # would silently train with the default stage.
-        for key in self.model_extra or {}:
+        problems = []
+        for key, value in (self.model_extra or {}).items():
             if difflib.get_close_matches(key, ["zero_stage"], n=1, cutoff=0.75):
-                raise ValueError(f"{key}: unknown key (did you mean 'zero_stage'?)")
+                problems.append(f"{key}: unknown key (did you mean 'zero_stage'?)")
+            # Keys that train/engine.py sets from other spec fields: passed through, they would
+            # silently override the field (or clash with the client optimizer), so they are refused.
+            if key in DEEPSPEED_OWN:
+                problems.append(f"{key}: set by ditforge itself ({DEEPSPEED_OWN[key]})")
+            if key == "zero_optimization" and isinstance(value, dict):
+                problems += [f"zero_optimization.{sub}: set by ditforge itself ({ZERO_OWN[sub]})"
+                             for sub in value if sub in ZERO_OWN]
+        if problems:  # one line each (see _reword)
+            raise ValueError("\n".join(problems))
         return self
+
+
+# DeepSpeed config keys that train/engine.py derives from the spec → the spec field to use instead.
+DEEPSPEED_OWN = {
+    "train_batch_size": "use data.batch_size and resources.workers",
+    "train_micro_batch_size_per_gpu": "use data.batch_size",
+    "gradient_accumulation_steps": "always 1",
+    "gradient_clipping": "use train.grad_clip",
+    "bf16": "use train.precision", "fp16": "use train.precision", "amp": "use train.precision",
+    "optimizer": "ditforge passes torch's AdamW; use train.lr, train.weight_decay",
+    "scheduler": "ditforge passes its warmup schedule; use train.warmup",
+    "zero_allow_untested_optimizer": "needed for the client AdamW",
+    "steps_per_print": "ditforge logs to MLflow; use tracking.log_every",
+}
+ZERO_OWN = {"stage": "use deepspeed.zero_stage", "reduce_bucket_size": "use deepspeed.bucket_mb",
+            "allgather_bucket_size": "use deepspeed.bucket_mb", "overlap_comm": "use deepspeed.overlap_comm",
+            "contiguous_gradients": "always on"}
+# Pass-through keys that name a local file or folder (monitor outputs, NVMe offload, profiler
+# files): each must lie inside the allowed roots, like the spec's own path fields.
+_DS_PATH_KEY = re.compile(r"(^|_)(path|dir|directory|file|folder)s?$", re.I)  # output_path, nvme_path, log_dir
+
+
+def deepspeed_paths(extra: dict, where: str = "deepspeed") -> list[tuple[str, Any]]:
+    """(field.path, value) of every path-like key under the `deepspeed:` pass-through keys."""
+    out = []
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            out += deepspeed_paths(value, f"{where}.{key}")
+        elif _DS_PATH_KEY.search(str(key)):
+            out.append((f"{where}.{key}", value))
+    return out
 
 
 class ResourcesSpec(Strict):
@@ -312,43 +373,99 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        problems = []  # every inconsistency, one line each (see _reword)
         gpu_only = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
         if self.model.attention in gpu_only and not self.resources.use_gpu:
-            raise ValueError(f"model.attention: {self.model.attention} needs resources.use_gpu: true "
+            problems.append(f"model.attention: {self.model.attention} needs resources.use_gpu: true "
                              "(on CPU use auto, sdpa_flash or math)")
         sampler_ok = {"rectified_flow": ("auto", "euler", "heun"), "ddpm": ("auto", "ddim", "ddpm")}
         if self.sample.sampler not in sampler_ok[self.objective.kind]:
-            raise ValueError(f"sample.sampler: {self.sample.sampler} does not fit objective.kind "
+            problems.append(f"sample.sampler: {self.sample.sampler} does not fit objective.kind "
                              f"{self.objective.kind} (use {' or '.join(sampler_ok[self.objective.kind][1:])})")
         if self.task == "vae" and self.vae.kind != "own":
-            raise ValueError("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
+            problems.append("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
-            raise ValueError("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
+            problems.append("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
         if self.train.precision == "fp8":
             if not self.resources.use_gpu:
-                raise ValueError("train.precision: fp8 needs resources.use_gpu: true and a GPU of compute "
+                problems.append("train.precision: fp8 needs resources.use_gpu: true and a GPU of compute "
                                  "capability 8.9+ (Ada, Hopper or later); CPU trains in fp32")
             acc = (self.resources.accelerator_type or "").upper()
             if any(acc.startswith(old) for old in PRE_FP8_GPUS):
-                raise ValueError(f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
+                problems.append(f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
                                  f"resources.accelerator_type {self.resources.accelerator_type} has no fp8 tensor cores")
         if self.data.global_batch is not None:
             w, b = self.resources.workers, self.data.batch_size
             per = w * (1 if b == "auto" else b)
             if self.data.global_batch % per:
                 what = f"{w} workers" if b == "auto" else f"data.batch_size {b} x {w} workers"
-                raise ValueError(f"data.global_batch: {self.data.global_batch} is not a multiple of {what} = {per}")
+                problems.append(f"data.global_batch: {self.data.global_batch} is not a multiple of {what} = {per}")
             if self.task == "vae":
-                raise ValueError("data.global_batch: the VAE trainer does not accumulate gradients; leave it unset")
+                problems.append("data.global_batch: the VAE trainer does not accumulate gradients; leave it unset")
         bad = [s for s in self.train.debug_nan_steps if not 1 <= s <= self.train.steps]
         if bad:
-            raise ValueError(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")
+            problems.append(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
-            raise ValueError(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
+            problems.append(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Fields that may change when a run is continued (`resume: auto`, `--resume RUN`): how long and how
+# fast it trains, where and how often it logs, samples and saves, and on how many workers. Every
+# other field defines the run (model, patch, VAE, data set, objective, seed, precision, EMA, ...):
+# a change there is refused, since the checkpoint would be loaded into another experiment.
+RESUMABLE = ("train.steps", "train.lr", "train.warmup", "train.weight_decay", "train.grad_clip", "train.resume",
+             "train.max_failures", "train.max_nonfinite_steps", "train.debug_nan_steps",
+             "data.batch_size", "data.shuffle_buffer", "data.max_bad_fraction", "data.storage_timeout_s",
+             "model.compile", "model.attention", "model.grad_checkpointing",
+             "deepspeed", "resources", "checkpoint", "tracking", "sample", "eval")
+RUN_DEFINING = ("deepspeed.zero_stage",)  # inside a resumable section, still defining: shards differ per stage
+
+
+def _flat(d: dict, at: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{at}.{k}" if at else str(k)
+        if isinstance(v, dict) and v:
+            out |= _flat(v, key)
+        else:
+            out[key] = v
+    return out
+
+
+def _resumable(field: str) -> bool:
+    def under(prefixes):
+        return any(field == p or field.startswith(p + ".") for p in prefixes)
+    return under(RESUMABLE) and not under(RUN_DEFINING)
+
+
+def run_fields(spec: dict) -> dict[str, Any]:
+    """The run-defining fields of a resolved spec dump, flattened (`model.size` → 'S')."""
+    return {k: v for k, v in _flat(spec).items() if not _resumable(k)}
+
+
+def run_digest(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(run_fields(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def spec_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(run-defining, resumable) fields that differ between two spec dumps: field → (old, new).
+    Both are completed with the defaults first, so an older spec that left a field out compares
+    by its default."""
+    def complete(d: dict) -> dict:
+        try:
+            return _flat(JobSpec.model_validate(d).model_dump(mode="json"))
+        except ValidationError:  # a spec of an older version: compare what it says
+            return _flat(d)
+
+    a, b = complete(old), complete(new)
+    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    return ({k: v for k, v in diff.items() if not _resumable(k)}, {k: v for k, v in diff.items() if _resumable(k)})
 
 
 def spec_warnings(spec: JobSpec) -> list[str]:
@@ -690,12 +807,55 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def build(model: type[BaseModel], data: dict, name: str) -> BaseModel:
+def yaml_lines(path: str | Path) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Field path (list items by index) → (line, column) where it starts, to order problems as in the file."""
+    out: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def walk(node, at: tuple[str, ...]) -> None:
+        out.setdefault(at, (node.start_mark.line, node.start_mark.column))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                out.setdefault((*at, str(k.value)), (k.start_mark.line, k.start_mark.column))
+                walk(v, (*at, str(k.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, (*at, str(i)))
+
+    try:
+        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return out
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _line_of(field: str, lines: dict) -> tuple[float, int]:
+    """A problem's line: its field's, else its nearest enclosing section's (a missing key)."""
+    parts = tuple(field.split(".")) if field else ()
+    for n in range(len(parts), -1, -1):
+        if parts[:n] in lines:
+            return lines[parts[:n]]
+    return float("inf"), 0
+
+
+def build(model: type[BaseModel], data: dict, name: str,
+          lines: dict | None = None) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        field, reason = _reword(e.errors()[0], data, model)
-        raise SpecError(name, field, reason) from None
+        problems, seen = [], set()
+        for err in e.errors():
+            # a validator that found several problems gives one line per problem
+            msgs = err["msg"].split("\n") if err["type"] == "value_error" else [err["msg"]]
+            for msg in msgs:
+                field, reason = _reword({**err, "msg": msg if msg.startswith("Value error, ") or err["type"] != "value_error"
+                                         else f"Value error, {msg}"}, data, model)
+                if (field, reason) not in seen:
+                    seen.add((field, reason))
+                    problems.append(SpecError(name, field, reason))
+        problems.sort(key=lambda p: _line_of(p.field, lines or {}))  # stable: pydantic's order within a line
+        raise (SpecErrors(problems) if len(problems) > 1 else problems[0]) from None
 
 
 # ------------------------------------------------------------------------------ path roots
@@ -725,45 +885,61 @@ def check_roots(spec: "JobSpec", name: str) -> None:
     Runs where specs enter the platform (load_job, a bare spec given to the driver), not on every
     model_validate: workers re-validate the resolved spec in another working directory."""
     roots = allowed_roots()
+    problems: list[SpecError] = []
+    fields: list[tuple[str, Any]] = []
     for field in LOCAL_PATH_FIELDS:
         node: Any = spec
         for part in field.split("."):
             node = getattr(node, part)
+        fields.append((field, node))
+    for field, node in fields + deepspeed_paths(spec.deepspeed.model_extra or {}):
+        if not isinstance(node, str):
+            if node is not None:
+                problems.append(SpecError(name, field, f"expected a local path, got {node!r}"))
+            continue
+        if field.startswith("deepspeed.") and "://" in node and not node.startswith("file://"):
+            problems.append(SpecError(name, field, f"'{node}': DeepSpeed writes here itself, so it must be a local "
+                                                   "path inside the allowed roots"))
+            continue
         if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
             continue
         resolved = Path(node.removeprefix("file://")).expanduser().resolve()
         if not any(resolved.is_relative_to(r) for r in roots):
-            raise SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
-                                         f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it")
+            problems.append(SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
+                                                   f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it"))
+    if problems:
+        lines = yaml_lines(name) if Path(name).is_file() else {}
+        problems.sort(key=lambda p: _line_of(p.field, lines))
+        raise SpecErrors(problems) if len(problems) > 1 else problems[0]
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     data = _merge(read_yaml(path), parse_set(overrides))
-    spec = build(JobSpec, data, str(path))
+    spec = build(JobSpec, data, str(path), yaml_lines(path))
     check_roots(spec, str(path))  # type: ignore[arg-type]
     return spec  # type: ignore[return-value]
 
 
-def build_cluster(data: dict, name: str) -> ClusterSpec:
+def build_cluster(data: dict, name: str, lines: dict | None = None) -> ClusterSpec:
     """The `kind` key picks the model, so errors name fields of that kind only."""
     kind = data.get("kind", "embedded")
     if kind not in CLUSTER_KINDS:
         raise SpecError(name, "kind", f"{kind!r} is not allowed; expected one of {', '.join(CLUSTER_KINDS)}")
-    return build(CLUSTER_KINDS[kind], data, name)  # type: ignore[return-value]
+    return build(CLUSTER_KINDS[kind], data, name, lines)  # type: ignore[return-value]
 
 
 def load_cluster(path: str | Path | None, overrides: list[str] | None = None) -> ClusterSpec:
     if path is None:
         return build_cluster(parse_set(overrides), "--set")
     data = _merge(read_yaml(path), parse_set(overrides))
-    return build_cluster(data, str(path))
+    return build_cluster(data, str(path), yaml_lines(path))
 
 
 def load_any(path: str | Path) -> BaseModel:
     """For `ditforge validate`: a file with a `kind` key and no `data` is a cluster spec."""
     data = read_yaml(path)
     if "kind" in data and "data" not in data:
-        return build_cluster(data, str(path))
-    spec = build(JobSpec, data, str(path))
+        return build_cluster(data, str(path), yaml_lines(path))
+    spec = build(JobSpec, data, str(path), yaml_lines(path))
     check_roots(spec, str(path))  # type: ignore[arg-type]
     return spec

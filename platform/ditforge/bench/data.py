@@ -61,7 +61,7 @@ def bench_ingest(quick: bool, tmp: str) -> list[dict]:
     rows = [_row("data.ingest", "images_per_s_per_core", n / dt, "images/s/core", images=n, per_cpu_s=round(n / cpu, 1),
                  input="64x64 JPEG", output="32x32 PNG in tar shards", where="one process, no Ray")]
     if not quick:
-        from .data.parallel import cpus, ray_session
+        from ..data.parallel import cpus, ray_session
 
         with ray_session():
             cores = cpus()
@@ -124,8 +124,8 @@ def bench_stream(quick: bool, tmp: str) -> list[dict]:
 
 
 def bench_consumption(quick: bool) -> list[dict]:
-    from .models.dit import DiT, DiTConfig
-    from .objectives.flow import RectifiedFlow
+    from ..models.dit import DiT, DiTConfig
+    from ..objectives.flow import RectifiedFlow
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the demo's cpus_per_worker: 1

@@ -134,8 +134,48 @@ def new_run(spec: JobSpec, tracking_uri: str, source: str | None = None,
     return run_name, run_uri, mlflow_run_id
 
 
-def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, source: str | None = None) -> dict:
-    """Submit one training job. `resume` (a run name, from `--resume`) wins over `train.resume`."""
+def _saved_spec(run_uri: str, steps: list[int]) -> dict | None:
+    """The spec a run was trained with: its newest complete checkpoint's spec.yaml."""
+    from ..train import checkpoint
+
+    for step in reversed(steps):
+        try:
+            return yaml.safe_load(storage.read_bytes(storage.join(checkpoint.join_step(run_uri, step), "spec.yaml")))
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def check_resume(spec: JobSpec, run_name: str, run_uri: str, steps: list[int], how: str, source: str,
+                 force: bool) -> dict[str, str]:
+    """A run is continued only with the spec that defines it. Returns the MLflow tags that record
+    what changed (fields allowed to change, or forced); refuses a changed run-defining field."""
+    from ..spec import spec_changes
+
+    saved = _saved_spec(run_uri, steps)
+    if saved is None:
+        return {}
+    defining, allowed = spec_changes(saved, spec.model_dump(mode="json"))
+    if defining and not force:
+        fields = ", ".join(f"{k} ({_show(a)} → {_show(b)})" for k, (a, b) in defining.items())
+        raise SubmitError(f"{source}: {how} would continue run {run_name} (step {steps[-1]}), but the spec that "
+                          f"defines it changed: {fields}; start a fresh run with --set train.resume=never, or "
+                          f"continue it anyway with --force-resume")
+    tags = {f"ditforge.resume_changed.{k}": credentials.redact(f"{_show(a)} → {_show(b)}")[:500]
+            for k, (a, b) in {**allowed, **defining}.items()}
+    if defining:
+        tags["ditforge.resume_forced"] = ", ".join(defining)[:500]
+    return tags
+
+
+def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, source: str | None = None,
+           force_resume: bool = False) -> dict:
+    """Submit one training job. `resume` (a run name, from `--resume`) wins over `train.resume`.
+    Continuing a run checks the spec against the run's own (see `check_resume`)."""
     from ..train import checkpoint
 
     spec = resolve_paths(spec)
@@ -145,9 +185,16 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
                           f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs")
     target = connect(cluster, spec)
     check_capacity(spec, cluster, target)
+    from . import preflight
+
+    try:  # the data set, VAE and text encoder are there and fit the spec, before any Ray job exists
+        preflight.check(spec, source or spec.name)
+    except preflight.PreflightError as e:
+        raise SubmitError(str(e)) from None
     resume_from = None
+    how = "--resume"
     if resume is None and spec.train.resume == "auto":
-        resume = _latest_unfinished(spec)
+        resume, how = _latest_unfinished(spec), "train.resume: auto"
     elif resume is None and spec.train.resume != "never":
         try:
             resume_from = checkpoint.resolve(storage.absolute(spec.train.resume))
@@ -163,9 +210,16 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         except FileNotFoundError:
             raise SubmitError(f"--resume {resume}: no run named '{resume}' under {spec.checkpoint.uri}") from None
         steps = checkpoint.complete_steps(run_uri)
+        changed = check_resume(spec, run_name, run_uri, steps, how, source or spec.name, force_resume)
         mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
                                             parent_run_id=run_info["mlflow_run_id"],
                                             resumed_from=checkpoint.join_step(run_uri, steps[-1]) if steps else "")
+        if changed:  # what this continuation changed, next to the run it continues
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(target.tracking_uri)
+            for k, v in changed.items():
+                client.set_tag(mlflow_run_id, k, v)
         storage.remove(storage.join(run_uri, STOP_MARKER))  # the stop that ended it is done
     else:
         run_name, run_uri, mlflow_run_id = new_run(spec, target.tracking_uri, source, resume_from)
