@@ -107,3 +107,34 @@ def test_each_rank_resumes_its_own_skipped_counts(data, first_run):
     after = metric(out_b, "data/skipped")
     assert sorted(after) == [3, 4]
     assert after[3] == after[4] == 1.0, after  # the same one bad sample, counted once, on rank 1
+
+
+def _fail_at_step_3_with_upload_in_flight(rank: int, out: Path) -> None:
+    from ditforge.train import checkpoint, worker
+
+    step, put = worker.train_step, checkpoint.storage.put_file
+
+    def slow_put(local, uri):  # rank 0's upload of step 2 is still going when step 3 fails
+        import time
+
+        time.sleep(0.5)
+        return put(local, uri)
+
+    def failing_step(*a, **k):
+        if rank == 0 and a[-1] == 3:
+            raise RuntimeError("injected failure at step 3")
+        return step(*a, **k)
+
+    if rank == 0:
+        checkpoint.storage.put_file = slow_put
+    worker.train_step = failing_step
+
+
+def test_an_exception_lets_the_upload_in_flight_finish_and_flushes_tracking(data):
+    uri, root = data
+    out, run_uri = root / "fail", f"file://{root}/runs/fail"
+    spec = dit_spec(uri, f"file://{root}/runs", train={"steps": 6})
+    res = run_loop("ditforge.train.worker.train_loop", spec, run_uri, out, setup=_fail_at_step_3_with_upload_in_flight)
+    assert res[0] and res[0].startswith("RuntimeError: injected failure at step 3"), res
+    assert complete_steps(run_uri) == [2]  # saved at step 2, uploaded after the exception
+    assert records(out, 0)[-1]["kind"] == "close"  # buffered records flushed on the way out

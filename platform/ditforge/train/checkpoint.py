@@ -87,6 +87,7 @@ class Checkpointer:
     manifest_timeout_s: float = 600.0
     on_done: object = None  # callback(UploadStats), called from the upload thread
     final_timeout_s: float = 900.0  # the last save of a run retries with backoff this long
+    retry_backoff_s: float = 2.0  # its first wait, doubling up to a minute
     _thread: threading.Thread | None = field(default=None, repr=False)
     _stats: UploadStats | None = field(default=None, repr=False)
     _deadline: float = field(default=0.0, repr=False)
@@ -176,7 +177,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         files: dict[str, dict] = {}  # uploaded so far: a retry sends only what is missing
         try:
-            backoff = 2.0
+            backoff = self.retry_backoff_s
             while True:
                 stats.attempts += 1
                 try:

@@ -74,7 +74,8 @@ class Session:
         save(step, final=True)
         stats = self.ckpt.wait()
         ok = torch.tensor([float(bool(stats and stats.complete))], device=self.device)
-        dist.broadcast(ok, src=0)  # only rank 0 knows whether the manifest went out
+        if self.world > 1:
+            dist.broadcast(ok, src=0)  # only rank 0 knows whether the manifest went out
         if not ok.item():
             newest = checkpoint.newest_complete(self.run_uri)
             raise checkpoint.FinalCheckpointFailed(
