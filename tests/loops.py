@@ -96,7 +96,10 @@ def _rank_main(rank: int, world: int, port: int, loop: str, config: dict, out: s
     session.NullTracker = lambda: FileTracker(out_dir / f"track_rank_{rank}.jsonl")
     if setup is not None:
         setup(rank, out_dir)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    backend = "nccl" if config["spec"]["resources"]["use_gpu"] else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=300))
     mod, fn = loop.rsplit(".", 1)
     try:
         getattr(importlib.import_module(mod), fn)(config)
