@@ -21,7 +21,7 @@ from ..spec import JobSpec
 from . import checkpoint
 from .tracking import NullTracker, Tracker
 
-FLUSH_TIMEOUT_S = 60.0  # buffered MLflow records, on the way out
+FLUSH_TIMEOUT_S = 120.0  # buffered MLflow records, on the way out
 UPLOAD_CLOSE_S = 120.0  # the upload in flight, on an exception path (no collective possible)
 
 
