@@ -84,3 +84,40 @@ def test_every_driver_exit_ends_the_mlflow_run(monkeypatch, raised, status, code
     if status == "FAILED":  # the error's last line, as the tag `ditforge status` shows
         assert ("set_tag", "ditforge.error", "FinalCheckpointFailed: checkpoint: the final checkpoint failed") \
             in client.calls
+
+
+def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeypatch, tmp_path):
+    """run_job without a cluster: Ray's pieces stubbed, the driver's own logic real."""
+    import ray
+    import ray.train.torch
+
+    from ditforge.cluster import capacity
+    from ditforge.spec import JobSpec
+    from ditforge.train import checkpoint
+
+    seen = {}
+
+    class Trainer:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+        def fit(self):
+            return None
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    monkeypatch.setattr(checkpoint, "record_process", lambda *a: None)
+    monkeypatch.setattr(capacity, "autoscaling", lambda: True)
+
+    def no_export(job, client):
+        raise ConnectionError("registry down")
+
+    monkeypatch.setattr(driver, "finalize", no_export)
+    spec = JobSpec.model_validate({"name": "j", "data": {"train": f"file://{tmp_path}/d"},
+                                   "checkpoint": {"uri": f"file://{tmp_path}/runs"}})
+    job = {"spec": spec.model_dump(mode="json"), "run_uri": f"file://{tmp_path}/runs/r", "run_name": "r",
+           "mlflow_run_id": "m"}
+    with pytest.raises(RuntimeError, match=r"registration: ConnectionError: registry down .*redo with: "
+                                           r"ditforge register file://.*/runs/r"):
+        driver.run_job(job, FakeClient())
+    assert seen["torch_config"].timeout_s == int(checkpoint.PG_TIMEOUT_S)
