@@ -9,7 +9,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ditforge.train.ema import EMA
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ditforge.train.ema import EMA, consolidate_shards
 
 
 def test_update_rule_swap_and_state_dict():
@@ -53,8 +57,9 @@ def _worker(rank: int, world: int, port: int, out: str):
             "zero_optimization": {"stage": 3 if stage == "3p" else stage,
                                   **({} if stage == "3p" else {"stage3_param_persistence_threshold": 0})},
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
-        ema = EMA(engine.module, decay=0.8)
+        ema = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)
         assert ema.partitioned == (stage == 3)  # "3p": all persistent, so averaged whole
+        assert ema.masters == (stage == 3)  # ZeRO-3's fp32 master slices are what is averaged
         g = torch.Generator().manual_seed(100 + rank)  # different data per rank: averaging matters
         for _ in range(4):
             x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g), torch.randint(0, 3, (4,), generator=g)
@@ -63,6 +68,23 @@ def _worker(rank: int, world: int, port: int, out: str):
             engine.step()
             ema.update(engine.module)
         results[stage] = ema.full_state_dict(engine.module)  # collective under ZeRO-3
+        # What a checkpoint holds: per-rank slices under ZeRO-3 (no gather), else rank 0's full copy.
+        folder = Path(out).parent / f"ckpt-{stage}"
+        folder.mkdir(exist_ok=True)
+        tensors, files = ema.shard_files(engine.module, rank, world)
+        for name, t in tensors.items():
+            save_file({k: v.contiguous() for k, v in t.items()}, str(folder / name))
+        for name, b in files.items():
+            (folder / name).write_bytes(b)
+        dist.barrier()
+        if rank == 0:
+            # what export does; "3p" keeps every weight whole, so it writes ema.safetensors too
+            assert (folder / "ema.safetensors").exists() == (stage != 3)
+            results[f"export{stage}"] = (load_file(str(folder / "ema.safetensors")) if stage != 3
+                                         else consolidate_shards(folder))
+        again = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)  # a resume at the same world size
+        assert again.load_shards(engine.module, folder, ema.num_updates)
+        assert all(torch.equal(again.shadow[n], ema.shadow[n]) for n in ema.names)
         # The gathered raw weights must differ from the EMA (the test would be vacuous otherwise).
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             results[f"raw{stage}"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -93,5 +115,8 @@ def test_ema_under_zero3_equals_ema_without_zero(tmp_path):
             raw_gap = (res[f"raw{z3}"][n] - res["raw0"][n]).abs().max().item()
             assert ema_gap <= raw_gap + 1e-6 and ema_gap < 1e-4, (z3, n, ema_gap, raw_gap)
             assert raw_gap < 1e-4, (z3, n, raw_gap)  # sampling with the EMA left the weights alone
+    for stage in (0, 3, "3p"):  # the checkpoint's EMA files give the full EMA weights back, exactly
+        assert res[f"export{stage}"].keys() == res[stage].keys()
+        assert all(torch.equal(res[f"export{stage}"][n], res[stage][n]) for n in res[stage]), stage
     moved = max((res["raw0"][n] - ema0[n]).abs().max().item() for n in ema0)
     assert moved > 1e-3

@@ -298,6 +298,24 @@ def export_cmd(
 
 @app.command()
 @user_errors
+def register(
+    run: str = typer.Argument(..., help="the run folder (s3://.../runs/RUN) whose registration failed"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the embedded server)"),
+):
+    """Register a finished run's newest complete checkpoint in MLflow again (after a failed registration)."""
+    from . import services, storage
+    from .cluster.launch import SubmitError
+    from .train.driver import register as do_register
+
+    try:
+        model = do_register(storage.absolute(run), tracking_uri or services.endpoints().mlflow)
+    except FileNotFoundError as e:
+        raise SubmitError(f"{run}: {e}") from None
+    out.print(f"registered {model} from {run}", highlight=False)
+
+
+@app.command()
+@user_errors
 def sample(
     model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, runs:/ID/model, or an export folder URI"),
     png: Path = typer.Option(Path("samples.png"), "--out", help="PNG to write"),

@@ -320,6 +320,9 @@ class CheckpointSpec(Strict):
     keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple (0 = off)")
     upload_timeout_s: float = Field(600, gt=0, description="a save not complete by then is marked failed")
     on_stop: bool = Field(False, description="`ditforge stop` lets the job save a final checkpoint before it ends")
+    # Under the workers' 1800 s collective timeout (train/checkpoint.py PG_TIMEOUT_S), which the
+    # other ranks wait through meanwhile.
+    final_timeout_s: float = Field(900, gt=0, le=1500, description="the last save retries with backoff this long")
 
     _uri = field_validator("uri")(_check_uri)
 
@@ -336,7 +339,11 @@ class TrackingSpec(Strict):
 
 
 class SampleSpec(Strict):
-    per_class: int = Field(8, gt=0, description="grid columns; one row per class")
+    per_class: int = Field(8, gt=0, le=64, description="grid columns; one row per class")
+    classes: list[int] | None = Field(None, description="the classes shown, one row each (default: up to "
+                                      "max_classes spread evenly over all classes)")
+    max_classes: int = Field(64, gt=0, le=256, description="grid rows at most, so the grid stays readable")
+    batch_size: int = Field(64, gt=0, description="samples generated (and decoded) at a time per worker")
     sampler: Literal["auto", "euler", "heun", "ddim", "ddpm"] = Field("auto", description="auto: euler / ddim")
     steps: int = Field(25, gt=0, description="sampler steps")
     cfg_scale: float = Field(2.0, ge=0)
@@ -350,6 +357,7 @@ class EvalSpec(Strict):
     every_steps: int = Field(0, ge=0, description="also every N steps; 0 = end only")
     per_class: int = Field(16, gt=0, description="samples per class")
     steps: int = Field(10, gt=0, description="sampler steps")
+    batch_size: int = Field(64, gt=0, description="samples generated (and decoded) at a time per worker")
 
 
 # Accelerator types (Ray's names) without fp8 tensor cores.

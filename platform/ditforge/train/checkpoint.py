@@ -26,6 +26,14 @@ from safetensors.torch import load_file, save_file
 from .. import storage
 
 MANIFEST = "manifest.json"
+# torch.distributed's collective timeout in the workers (the driver passes it to TorchConfig).
+# Every wait below that other ranks may sit in a collective through is bounded well under it.
+PG_TIMEOUT_S = 1800.0
+PG_MARGIN_S = 120.0
+
+
+class FinalCheckpointFailed(RuntimeError):
+    """The last save of a run could not be completed before `checkpoint.final_timeout_s`."""
 
 
 def step_tag(step: int) -> str:
@@ -63,9 +71,10 @@ class UploadStats:
     step: int
     bytes: int = 0
     upload_s: float = 0.0
-    ok: bool = False
+    ok: bool = False  # this rank's part is uploaded and, on rank 0, the manifest is written
     error: str | None = None
     complete: bool = False  # rank 0: the manifest is written
+    attempts: int = 0
 
 
 @dataclass
@@ -77,7 +86,11 @@ class Checkpointer:
     keep_every: int = 0
     manifest_timeout_s: float = 600.0
     on_done: object = None  # callback(UploadStats), called from the upload thread
+    final_timeout_s: float = 900.0  # the last save of a run retries with backoff this long
+    retry_backoff_s: float = 2.0  # its first wait, doubling up to a minute
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _stats: UploadStats | None = field(default=None, repr=False)
+    _deadline: float = field(default=0.0, repr=False)
     _own_done: threading.Event = field(default_factory=threading.Event, repr=False)
     _peers_done: threading.Event = field(default_factory=threading.Event, repr=False)
     history: list = field(default_factory=list)
@@ -85,11 +98,16 @@ class Checkpointer:
     # ------------------------------------------------------------------------------- saving
 
     def save(self, engine, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
-             tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> float:
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None, rank_state: dict | None = None,
+             final: bool = False) -> float:
         """Collective (DeepSpeed's save is). Returns the seconds the training loop was stalled.
 
         `files`: extra small files (name → bytes) this rank adds, e.g. the resolved spec.
         `tensors`: extra tensor dicts this rank adds as safetensors, e.g. EMA weights, RNG state.
+        `rank_state`: this rank's own resume state (its data position): DeepSpeed keeps
+        `client_state` only in rank 0's file under ZeRO 0-2, so each rank writes its own.
+        `final`: the run's last save, which has no next save to fall back on: its upload retries
+        with backoff until `final_timeout_s` instead of failing at the first outage.
         """
         t0 = time.perf_counter()
         self.wait()  # at most one upload in flight
@@ -100,51 +118,89 @@ class Checkpointer:
         folder = local_root / tag
         for name, data in (files or {}).items():
             (folder / name).write_bytes(data)
+        if rank_state is not None:
+            (folder / rank_state_name(self.rank)).parent.mkdir(exist_ok=True)
+            (folder / rank_state_name(self.rank)).write_text(json.dumps(rank_state))
         for name, tdict in (tensors or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tdict.items()}, str(folder / name))
         stall = time.perf_counter() - t0
-        self._thread = threading.Thread(target=self._upload, args=(step, local_root), daemon=True,
-                                        name=f"ckpt-upload-{step}")
+        self._stats = UploadStats(step)
+        deadline = self._deadline = time.monotonic() + (self.final_timeout_s if final else 0.0)
+        self._thread = threading.Thread(target=self._upload, args=(step, local_root, self._stats, deadline),
+                                        daemon=True, name=f"ckpt-upload-{step}")
         self._thread.start()
         return stall
 
-    def wait(self) -> None:
-        """Collective: finish the upload in flight on every rank.
+    def wait_bound_s(self) -> float:
+        """How long a rank may wait for its own upload: the other ranks sit in the barrier that
+        follows meanwhile, so this stays under the process-group timeout by construction."""
+        return min(max(self.manifest_timeout_s, self.final_timeout_s), PG_TIMEOUT_S - 2 * PG_MARGIN_S)
 
-        Each rank first waits for its own files; the barrier then proves every rank's upload has
-        ended (well or not), so rank 0 can stop waiting for markers that will never come.
+    def wait(self) -> UploadStats | None:
+        """Collective: finish the upload in flight on every rank; returns its stats (rank 0's
+        say whether the checkpoint is complete).
+
+        Each rank first waits for its own files (bounded, see `wait_bound_s`); the barrier then
+        proves every rank's upload has ended (well or not), so rank 0 can stop waiting for
+        markers that will never come.
         """
-        if self._thread is not None:
-            self._own_done.wait()
+        if self._thread is not None and not self._own_done.wait(self.wait_bound_s()):
+            print(f"[rank {self.rank}] checkpoint upload still running after {self.wait_bound_s():.0f}s: "
+                  "left incomplete (no manifest)", flush=True)
         if self.world > 1:
             dist.barrier()
-        if self._thread is not None:
-            self._peers_done.set()
-            self._thread.join()
-            self._thread = None
+        # rank 0 may still be writing the manifest; the final save may still be retrying it
+        return self._finish(max(PG_MARGIN_S, self._deadline - time.monotonic()))
 
-    def _upload(self, step: int, local_root: Path) -> None:
-        tag = step_tag(step)
-        dest = storage.join(self.run_uri, tag)
-        stats = UploadStats(step)
+    def close(self, timeout_s: float = 60.0) -> UploadStats | None:
+        """Not collective: for an exit path where other ranks may be gone. Lets the upload in
+        flight end within `timeout_s`: it completes, or its step folder stays without a manifest
+        (incomplete, never loaded), never a manifest over missing files."""
+        if self._thread is None:
+            return None
+        self._own_done.wait(timeout_s)
+        return self._finish(timeout_s)
+
+    def _finish(self, timeout_s: float) -> UploadStats | None:
+        if self._thread is None:
+            return None
+        self._peers_done.set()
+        self._thread.join(timeout_s)
+        # Still running: its manifest, should it come, is still written last, after every file.
+        stats = self._stats if not self._thread.is_alive() else \
+            UploadStats(self._stats.step, error="upload still running", attempts=self._stats.attempts)
+        self._thread = None
+        return stats
+
+    def _upload(self, step: int, local_root: Path, stats: UploadStats, deadline: float) -> None:
+        dest = storage.join(self.run_uri, step_tag(step))
         t0 = time.perf_counter()
+        files: dict[str, dict] = {}  # uploaded so far: a retry sends only what is missing
         try:
-            files = {}
-            for f in sorted((local_root / tag).rglob("*")):
-                if f.is_file():
-                    rel = f.relative_to(local_root / tag).as_posix()
-                    storage.put_file(f, storage.join(dest, rel))
-                    files[rel] = {"bytes": f.stat().st_size, "sha256": storage.sha256_file(f), "rank": self.rank}
-                    stats.bytes += f.stat().st_size
-            storage.write_bytes(storage.join(dest, "_ranks", f"rank_{self.rank}.json"), json.dumps(files).encode())
+            backoff = self.retry_backoff_s
+            while True:
+                stats.attempts += 1
+                try:
+                    self._upload_once(step, local_root, dest, stats, files)
+                    break
+                except Exception as e:  # the store was down through all of storage's own retries
+                    stats.error = f"{type(e).__name__}: {e}"
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    print(f"[rank {self.rank}] final checkpoint {dest}: attempt {stats.attempts} failed "
+                          f"({stats.error}); retrying in {min(backoff, left):.0f}s", flush=True)
+                    time.sleep(min(backoff, left))
+                    backoff = min(backoff * 2, 60.0)
+            stats.error = None
             stats.upload_s = time.perf_counter() - t0
-            stats.ok = True
-            self._own_done.set()
+            stats.ok = True  # only now: on rank 0 the manifest is written
             if self.rank == 0:
-                self._write_manifest(step, dest)
-                stats.complete = True
-                self._retention()
-        except Exception as e:  # the store was down through all retries: this checkpoint failed
+                try:
+                    self._retention()
+                except Exception as e:  # housekeeping: the checkpoint itself is complete
+                    print(f"[rank 0] checkpoint retention skipped ({type(e).__name__}: {e})", flush=True)
+        except Exception as e:
             stats.error = f"{type(e).__name__}: {e}"
             stats.upload_s = time.perf_counter() - t0
             print(f"[rank {self.rank}] checkpoint {dest} FAILED ({stats.error}); training continues, "
@@ -155,6 +211,20 @@ class Checkpointer:
         self.history.append(stats)
         if self.on_done is not None:
             self.on_done(stats)
+
+    def _upload_once(self, step: int, local_root: Path, dest: str, stats: UploadStats, files: dict) -> None:
+        tag = step_tag(step)
+        for f in sorted((local_root / tag).rglob("*")):
+            rel = f.relative_to(local_root / tag).as_posix()
+            if f.is_file() and rel not in files:
+                storage.put_file(f, storage.join(dest, rel))
+                files[rel] = {"bytes": f.stat().st_size, "sha256": storage.sha256_file(f), "rank": self.rank}
+        stats.bytes = sum(m["bytes"] for m in files.values())
+        storage.write_bytes(storage.join(dest, "_ranks", f"rank_{self.rank}.json"), json.dumps(files).encode())
+        self._own_done.set()  # this rank's part is there: `wait` may go on to its barrier
+        if self.rank == 0:  # the others' markers come through storage; the manifest goes last
+            self._write_manifest(step, dest)
+            stats.complete = True
 
     def _write_manifest(self, step: int, dest: str) -> None:
         self._final_look = False
@@ -267,6 +337,29 @@ def load(engine, step_uri: str) -> tuple[dict, Path]:
 def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
     f = folder / name
     return load_file(str(f)) if f.exists() else None
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_state/rank_{rank}.json"
+
+
+def rank_state(folder: Path, rank: int, client_state: dict) -> dict:
+    """This rank's own resume state from a downloaded step folder (its data position: bad and
+    skipped counts differ per rank). Checkpoints written before it existed, or at another world
+    size where this rank had no predecessor, fall back to the shared client state (rank 0's)."""
+    f = folder / rank_state_name(rank)
+    if f.exists():
+        return json.loads(f.read_text())
+    return {"data": client_state["data"]}
+
+
+def newest_complete(run_uri: str) -> str | None:
+    """The newest complete step folder of a run, or None (also when the store cannot be read)."""
+    try:
+        steps = complete_steps(run_uri)
+    except OSError:
+        return None
+    return join_step(run_uri, steps[-1]) if steps else None
 
 
 def join_step(run_uri: str, step: int) -> str:

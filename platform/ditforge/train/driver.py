@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 
 from mlflow.tracking import MlflowClient
@@ -53,7 +55,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("job", help="job.json written by `ditforge submit`")
     args = p.parse_args(argv)
     job = read_job(args.job)
+    use_mlflow_credentials()
+    client = MlflowClient(job["tracking_uri"])
+    # `ray job stop` sends SIGTERM: end the MLflow run as KILLED on the way out, not RUNNING forever.
+    signal.signal(signal.SIGTERM, _raise_killed)
+    try:
+        status, code = run_job(job, client)
+    except BaseException as e:  # every way out ends the MLflow run (only SIGKILL cannot)
+        killed = isinstance(e, (KeyboardInterrupt, Killed))
+        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
+        msg = redact(str(e)).strip().splitlines()
+        error = (msg[-1] if msg else type(e).__name__)[:500]
+        if not killed:
+            print(f"ditforge: {error}", file=sys.stderr, flush=True)  # the one line to read
+        end_run(client, job["mlflow_run_id"], "KILLED" if killed else "FAILED", error)
+        return 130 if killed else 1
+    end_run(client, job["mlflow_run_id"], status)
+    return code
 
+
+class Killed(BaseException):
+    """SIGTERM (e.g. `ray job stop`)."""
+
+
+def _raise_killed(signum, frame):
+    raise Killed(f"killed by signal {signum}")
+
+
+def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2.0, **kwargs):
+    """The driver's last MLflow calls come after a whole run: one network blip must not lose them.
+    (MLflow's own HTTP retries are on in the driver; this covers an outage that outlasts them.)"""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if i == attempts - 1:
+                raise
+            wait = base_delay_s * 2**i
+            print(f"ditforge: {what} failed ({type(e).__name__}: {str(e)[:200]}); retrying in {wait:.0f}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """FINISHED, FAILED or KILLED, with the error as the `ditforge.error` tag; never raises (the
+    job's own outcome is what the caller reports)."""
+    try:
+        if error:
+            retry_final(client.set_tag, run_id, "ditforge.error", redact(error)[:500], what="tagging the run")
+        retry_final(client.set_terminated, run_id, status, what=f"ending the MLflow run as {status}")
+    except Exception as e:
+        print(f"ditforge: could not end MLflow run {run_id} as {status}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+
+
+def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
+    """Place the workers and train; → (the MLflow run's final status, exit code). Raises on failure."""
     import ray
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -62,53 +119,45 @@ def main(argv: list[str] | None = None) -> int:
     from ..cluster import capacity
     from ..cluster.launch import STOP_MARKER
     from ..spec import JobSpec
-    from .checkpoint import record_process
+    from .checkpoint import PG_TIMEOUT_S, record_process
     from .vae_trainer import train_vae_loop
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
-    use_mlflow_credentials()
-    client = MlflowClient(job["tracking_uri"])
     ray.init()
     record_process(job["run_uri"], "driver")  # where `kill` finds this job's driver (see README)
     # A fixed-size cluster never grows: an impossible placement group would wait forever there.
     missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
     if missing:
-        print(f"ditforge: resources: {missing}", file=sys.stderr, flush=True)
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", redact(f"resources: {missing}")[:500])
-        client.set_terminated(job["mlflow_run_id"], "FAILED")
-        return 1
+        raise RuntimeError(f"resources: {missing}")
     trainer = TorchTrainer(
         train_loop_per_worker=train_vae_loop if spec.task == "vae" else train_loop,
         train_loop_config=job,
         scaling_config=scaling_config(spec),
-        torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo"),
+        # The collective timeout every bounded wait in the workers is sized against (train/checkpoint.py).
+        torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo", timeout_s=int(PG_TIMEOUT_S)),
         # A restarted worker group finds this run's newest complete checkpoint by itself.
         run_config=RunConfig(name=job["run_name"], storage_path=str(storage.home() / "ray-train"),
                              failure_config=FailureConfig(max_failures=spec.train.max_failures)),
     )
-    try:
-        trainer.fit()
-    except Exception as e:  # the worker's error, shown in `ditforge status` through this tag
-        print(redact(traceback.format_exc()), file=sys.stderr, flush=True)
-        msg = redact(str(e)).strip().splitlines()
-        client.set_tag(job["mlflow_run_id"], "ditforge.error", (msg[-1] if msg else type(e).__name__)[:500])
-        client.set_terminated(job["mlflow_run_id"], "FAILED")
-        return 1
+    trainer.fit()  # raises the worker's error (TrainingFailedError), shown in `ditforge status` via the tag
     if storage.exists(storage.join(job["run_uri"], STOP_MARKER)):  # left early for `ditforge stop`
         client.set_tag(job["mlflow_run_id"], "ditforge.stopped", "true")
-        client.set_terminated(job["mlflow_run_id"], "KILLED")
         print(f"ditforge: run {job['run_name']} stopped on request", flush=True)
-        return 0
+        return "KILLED", 0
     if spec.tracking.register_model and spec.task == "dit":  # a VAE job's result is its vae.path
-        finalize(job, client)
-    client.set_terminated(job["mlflow_run_id"], "FINISHED")
+        try:
+            finalize(job, client)
+        except Exception as e:
+            raise RuntimeError(f"registration: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                               f"(the checkpoint is complete; redo with: ditforge register {job['run_uri']})") from e
     print(f"ditforge: run {job['run_name']} finished", flush=True)
-    return 0
+    return "FINISHED", 0
 
 
-def finalize(job: dict, client: MlflowClient) -> None:
-    """Export the final checkpoint's consolidated weights into the MLflow run and register them."""
+def finalize(job: dict, client: MlflowClient) -> str:
+    """Export the final checkpoint's consolidated weights into the MLflow run and register them;
+    → `models:/NAME/VERSION`. Every MLflow call retries (it comes after a whole run)."""
     import tempfile
 
     from .export import FILES, export
@@ -118,18 +167,41 @@ def finalize(job: dict, client: MlflowClient) -> None:
         cfg = export(job["run_uri"], f"file://{d}")
         for f in FILES:
             if os.path.exists(os.path.join(d, f)):
-                client.log_artifact(run_id, os.path.join(d, f), "model")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+                retry_final(client.log_artifact, run_id, os.path.join(d, f), "model", what=f"uploading model/{f}")
+    run = retry_final(client.get_run, run_id, what="reading the run")
+    source = f"{run.info.artifact_uri}/model"
     try:
         client.get_registered_model(name)
     except Exception:
-        client.create_registered_model(name, tags={"ditforge.job": name})
-    metrics = client.get_run(run_id).data.metrics
+        retry_final(client.create_registered_model, name, tags={"ditforge.job": name}, what="creating the model")
     tags = {"checkpoint_uri": cfg["checkpoint"], "spec_digest": job.get("spec_digest", ""),
-            "step": str(cfg["step"]), "final_loss": str(metrics.get("train/loss", "")), "run": job["run_name"]}
-    mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    client.set_tag(run_id, "ditforge.model", f"models:/{name}/{mv.version}")
+            "step": str(cfg["step"]), "final_loss": str(run.data.metrics.get("train/loss", "")), "run": job["run_name"]}
+    mv = retry_final(client.create_model_version, name, source, run_id=run_id, tags=tags, what="registering the model")
+    retry_final(client.set_tag, run_id, "ditforge.model", f"models:/{name}/{mv.version}", what="tagging the run")
     print(f"ditforge: registered models:/{name}/{mv.version} (from {cfg['checkpoint']})", flush=True)
+    return f"models:/{name}/{mv.version}"
+
+
+def register(run_uri: str, tracking_uri: str) -> str:
+    """Redo a failed registration from a finished run's folder (`ditforge register RUN_URI`): its
+    newest complete checkpoint, into the MLflow run named in its run.json; the run then ends FINISHED."""
+    import json
+
+    from .. import storage
+
+    info = json.loads(storage.read_bytes(storage.join(run_uri, "run.json")))
+    use_mlflow_credentials()
+    client = MlflowClient(tracking_uri)
+    digest = client.get_run(info["mlflow_run_id"]).data.tags.get("ditforge.spec_digest", "")
+    job = {"mlflow_run_id": info["mlflow_run_id"], "spec": {"name": info["job"]}, "run_uri": run_uri,
+           "run_name": info["run_name"], "spec_digest": digest}
+    model = finalize(job, client)
+    try:
+        client.delete_tag(info["mlflow_run_id"], "ditforge.error")  # the failure it records is mended
+    except Exception:
+        pass  # no such tag
+    end_run(client, info["mlflow_run_id"], "FINISHED")
+    return model
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ its own slice: no gather per step, memory divided by the world size like the wei
 inside it then sees full EMA weights on every rank. Without ZeRO-3 (stages 0-2) every rank holds
 full weights and keeps a full, identical average.
 
+What is averaged (`EMA.source`): under ZeRO-3 the optimizer's fp32 master slices, when it keeps
+them (bf16 training; in fp32 they equal the weights); under stages 0-2 the weights themselves,
+read as fp32: exact in fp32 runs, the bf16 compute copy in bf16 runs (there DeepSpeed's fp32
+masters are flat buckets cut across ranks, not per weight: reading them would cost a collective
+per step).
+
 The decay warms up as min(decay, (1 + n)/(10 + n)) after n updates (as in timm / TF's EMA), so a
 short run's average is not dominated by its random initial weights.
 """
@@ -30,17 +36,30 @@ def _local(p: nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if _partitioned(p) else p.data
 
 
+def _master(p: nn.Parameter) -> torch.Tensor:
+    """ZeRO-3's fp32 master slice of a partitioned weight (same cut as `p.ds_tensor`)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return safe_get_local_fp32_param(p)
+
+
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, optimizer=None):
         self.decay = decay
         self.num_updates = 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.partitioned = any(hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params.values())
+        # ZeRO-3's optimizer keeps fp32 masters of each rank's slices: average those.
+        self.masters = self.partitioned and hasattr(getattr(optimizer, "fp32_partitioned_groups_flat", None), "__len__")
+        self.source = ("fp32 master weights (ZeRO-3 optimizer slices)" if self.masters else
+                       "weights as fp32" + (" (ZeRO-3 slices)" if self.partitioned else ""))
         self.shadow = {n: self._initial(params[n]) for n in self.names}  # fp32 averages
 
-    @staticmethod
-    def _initial(p: nn.Parameter) -> torch.Tensor:
+    def _read(self, p: nn.Parameter) -> torch.Tensor:
+        return _master(p) if self.masters and _partitioned(p) else _local(p)
+
+    def _initial(self, p: nn.Parameter) -> torch.Tensor:
         # A ZeRO-3 persistent parameter is whole on every rank, but only once a forward has fetched
         # it: right after deepspeed.initialize its data may still be empty, so gather it (collective).
         if hasattr(p, "ds_tensor") and getattr(p, "ds_persist", False) and p.data.numel() != p.ds_numel:
@@ -48,7 +67,7 @@ class EMA:
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 return p.data.detach().float().clone()
-        return _local(p).detach().float().clone()
+        return self._read(p).detach().float().clone()
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(model.named_parameters())
@@ -61,7 +80,7 @@ class EMA:
         no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow, local = zip(*((self.shadow[n], _local(p)) for n, p in self._params(model).items()))
+        shadow, local = zip(*((self.shadow[n], self._read(p)) for n, p in self._params(model).items()))
         local = [t if t.dtype == torch.float32 else t.float() for t in local]
         # One multi-tensor kernel rather than one launch per parameter (hundreds at DiT-XL).
         if keep is None:
@@ -106,6 +125,47 @@ class EMA:
                 for n, p in parts.items():
                     p.ds_tensor.copy_(backup[n])
 
+    # Checkpoints. Under ZeRO-3 each rank writes its own slices (`ema_rank_N.safetensors`, plus
+    # rank 0's `ema_layout.json`): no gather of the whole model and no full fp32 copy on every
+    # rank at each save. `consolidate_shards` joins them into `ema.safetensors` at export time.
+    def shard_files(self, model: nn.Module, rank: int, world: int) -> tuple[dict, dict]:
+        """→ (tensors, files) this rank adds to a checkpoint. Not collective."""
+        import json
+
+        if not self.partitioned:  # every rank holds the same full average: rank 0 writes it
+            return ({"ema.safetensors": self.shadow} if rank == 0 else {}), {}
+        files = {}
+        if rank == 0:
+            params = self._params(model)
+            layout = {n: {"shape": list(getattr(p, "ds_shape", p.shape)), "partitioned": _partitioned(p)}
+                      for n, p in params.items()}
+            files[SHARD_LAYOUT] = json.dumps({"world": world, "params": layout}).encode()
+        return {shard_name(rank): self.shadow}, files
+
+    def load_shards(self, model: nn.Module, folder, num_updates: int) -> bool:
+        """Resume from a checkpoint's EMA, whichever way it was written; False if it has none."""
+        import json
+
+        import torch.distributed as dist
+        from safetensors.torch import load_file
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if (folder / "ema.safetensors").exists():
+            self.load_full_state_dict(model, load_file(str(folder / "ema.safetensors")), num_updates)
+            return True
+        if not (folder / SHARD_LAYOUT).exists():
+            return False
+        saved_world = json.loads((folder / SHARD_LAYOUT).read_text())["world"]
+        if self.partitioned and saved_world == world:  # the same cut: this rank's own slices
+            own = load_file(str(folder / shard_name(rank)))
+            for n in self.names:
+                self.shadow[n].copy_(own[n])
+            self.num_updates = num_updates
+        else:  # another world size or ZeRO stage: join, then cut again
+            self.load_full_state_dict(model, consolidate_shards(folder), num_updates)
+        return True
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank calls it): full EMA weights, e.g. for export."""
         with self.swapped_in(model, gather=True):
@@ -142,3 +202,33 @@ class EMA:
                                    "(saved at another world size under ZeRO-3?)")
             self.shadow[n].copy_(t)
         self.decay, self.num_updates = state["decay"], state["num_updates"]
+
+
+SHARD_LAYOUT = "ema_layout.json"
+
+
+def shard_name(rank: int) -> str:
+    return f"ema_rank_{rank}.safetensors"
+
+
+def consolidate_shards(folder) -> dict[str, torch.Tensor]:
+    """Full EMA weights from a step folder's per-rank slices (read one rank at a time). A ZeRO-3
+    slice is a flat, padded 1/world part of the weight in rank order."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    meta = json.loads((folder / SHARD_LAYOUT).read_text())
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in meta["params"]}
+    for r in range(meta["world"]):
+        with safe_open(str(folder / shard_name(r)), "pt") as f:
+            for n, info in meta["params"].items():
+                if info["partitioned"] or r == 0:
+                    parts[n].append(f.get_tensor(n))
+    out = {}
+    for n, info in meta["params"].items():
+        shape = info["shape"]
+        flat = torch.cat([t.flatten() for t in parts[n]])[: math.prod(shape)] if info["partitioned"] else parts[n][0]
+        out[n] = flat.reshape(shape).float().contiguous()
+    return out

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .. import storage
 from ..models.dit import DiT, DiTConfig
 from . import checkpoint
+from .ema import SHARD_LAYOUT, consolidate_shards
 
 FILES = ("model.json", "raw.safetensors", "ema.safetensors")
 
@@ -47,6 +48,8 @@ def export(src: str, out: str) -> dict:
         save_file(consolidate(folder, tmp, manifest["tag"]), str(outdir / "raw.safetensors"))
         if (folder / "ema.safetensors").exists():
             shutil.copy(folder / "ema.safetensors", outdir / "ema.safetensors")
+        elif (folder / SHARD_LAYOUT).exists():  # ZeRO-3: each rank saved its own EMA slices
+            save_file(consolidate_shards(folder), str(outdir / "ema.safetensors"))
         (outdir / "model.json").write_text(json.dumps(model_cfg, indent=2))
         for f in sorted(outdir.iterdir()):
             storage.put_file(f, storage.join(out, f.name))

@@ -137,15 +137,29 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def score(classifier: Classifier, pixels: torch.Tensor, labels: torch.Tensor, name: str, resolution: int,
-          frames: int = 1) -> dict[str, float]:
-    """pixels (N, 3, [T,] H, W) in [-1, 1] generated for `labels` → accuracy and FD vs N real samples."""
+def classify(classifier: Classifier, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels (N, 3, [T,] H, W) in [-1, 1] → (features (N, D), predicted classes (N,)), on the CPU."""
     feats, preds = [], []
     for chunk in pixels.split(128):
         f = classifier.features(chunk.float())
-        feats.append(f)
-        preds.append(classifier.head(f).argmax(1))
-    real, _ = real_pixels(name, range(len(pixels)), resolution, frames, REFERENCE_SEED)
+        feats.append(f.cpu())
+        preds.append(classifier.head(f).argmax(1).cpu())
+    return torch.cat(feats), torch.cat(preds)
+
+
+@torch.no_grad()
+def score_features(classifier: Classifier, feats: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor,
+                   name: str, resolution: int, frames: int = 1) -> dict[str, float]:
+    """Accuracy and FD of generated samples' (features, predictions) against as many real samples."""
+    real, _ = real_pixels(name, range(len(feats)), resolution, frames, REFERENCE_SEED)
     real_feats = torch.cat([classifier.features(c) for c in real.split(128)])
-    return {"quality/class_accuracy": (torch.cat(preds) == labels.cpu()).float().mean().item(),
-            "quality/fd": frechet_distance(torch.cat(feats), real_feats)}
+    return {"quality/class_accuracy": (preds == labels.cpu()).float().mean().item(),
+            "quality/fd": frechet_distance(feats, real_feats)}
+
+
+@torch.no_grad()
+def score(classifier: Classifier, pixels: torch.Tensor, labels: torch.Tensor, name: str, resolution: int,
+          frames: int = 1) -> dict[str, float]:
+    """pixels (N, 3, [T,] H, W) in [-1, 1] generated for `labels` → accuracy and FD vs N real samples."""
+    feats, preds = classify(classifier, pixels)
+    return score_features(classifier, feats, preds, labels, name, resolution, frames)

@@ -1,9 +1,17 @@
-"""Sample grids from a DiT: one row per class, fixed seed. Used by the worker and `ditforge sample`."""
+"""Sample grids from a DiT: one row per class, fixed seed. Used by the worker and `ditforge sample`.
+
+Bounded at any model size: the grid shows at most `sample.max_classes` classes (a spread-out
+subset, or `sample.classes`), samples are generated and decoded `batch_size` at a time on the
+worker's device, and in a multi-worker run the chunks are shared out over the ranks (each holds the
+full sampling weights anyway), so no rank waits long for another. Chunk k's noise is seeded by
+(seed, k) alone: the grid is the same whatever the number of workers.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from ..models.vae import build_vae
@@ -26,16 +34,72 @@ def generate(model, objective, latent_shape, y: torch.Tensor | None, sample_spec
     return z.float()
 
 
+def grid_classes(num_classes: int, sample_spec) -> list[int]:
+    """The grid's rows: `sample.classes`, else at most `max_classes` spread evenly over all."""
+    if sample_spec.classes:
+        bad = [c for c in sample_spec.classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"sample.classes: class {bad[0]} is outside 0..{num_classes - 1}")
+        return list(sample_spec.classes[: sample_spec.max_classes])
+    k = min(num_classes, sample_spec.max_classes)
+    return [i * num_classes // k for i in range(k)]
+
+
+def _on_device(vae, device):
+    """The VAE's network (own or diffusers) on the worker's device: decoding on the CPU is what
+    made the end of a large run take hours."""
+    if hasattr(vae, "net"):
+        vae.net.to(device)
+    return vae
+
+
+def _chunk_seed(seed: int, k: int) -> int:
+    return seed * 1_000_003 + k
+
+
+@torch.no_grad()
+def generate_chunks(model, objective, latent_shape, y: torch.Tensor | None, n: int, sample_spec, device,
+                    bf16: bool, batch_size: int, decode=None, rank: int = 0, world: int = 1) -> list[tuple[int, object]]:
+    """This rank's share of `n` samples (labels `y`, or None): chunks k = rank, rank + world, …
+    of `batch_size` each → [(k, decode(latents) or latents on the CPU)]."""
+    out = []
+    for k in range(rank, -(-n // batch_size), world):
+        lo, hi = k * batch_size, min(n, (k + 1) * batch_size)
+        spec_k = sample_spec.model_copy(update={"seed": _chunk_seed(sample_spec.seed, k), "per_class": hi - lo})
+        z = generate(model, objective, latent_shape, None if y is None else y[lo:hi].to(device), spec_k, device, bf16)
+        out.append((k, decode(z) if decode else z.cpu()))
+    return out
+
+
+def gather_chunks(mine: list, world: int) -> list | None:
+    """Rank 0: every rank's chunks in chunk order; other ranks: None. Collective when world > 1."""
+    if world == 1:
+        return [v for _, v in sorted(mine, key=lambda kv: kv[0])]
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if parts is None:
+        return None
+    return [v for _, v in sorted((kv for p in parts for kv in p), key=lambda kv: kv[0])]
+
+
 @torch.no_grad()
 def sample_grid(model, latent_shape, sample_spec, vae_spec, out: str, device=torch.device("cpu"),
-                bf16: bool = False, objective=None) -> list[str]:
-    """Generate `per_class` samples for each class with CFG, decode, write one PNG to `out` (videos:
-    every clip's frames side by side, plus an animated GIF beside it). Returns the files written."""
-    n_cls = max(model.cfg.num_classes, 1)
-    cols = sample_spec.per_class
-    y = torch.arange(n_cls, device=device).repeat_interleave(cols) if model.cfg.num_classes else None
-    z = generate(model, objective, latent_shape, y, sample_spec, device, bf16)
-    pixels = build_vae(vae_spec).decode(z.cpu())  # (N, 3, [T,] H, W) in [-1, 1]
+                bf16: bool = False, objective=None, rank: int = 0, world: int = 1) -> list[str]:
+    """Generate `per_class` samples for each grid class with CFG, decode, write one PNG to `out`
+    (videos: every clip's frames side by side, plus an animated GIF beside it). Collective when
+    world > 1: every rank generates its share; rank 0 writes the files. Returns the files written."""
+    classes = grid_classes(model.cfg.num_classes, sample_spec) if model.cfg.num_classes else [0]
+    n_cls, cols = len(classes), sample_spec.per_class
+    y = torch.tensor(classes).repeat_interleave(cols) if model.cfg.num_classes else None
+    vae = _on_device(build_vae(vae_spec), device)
+    # uint8 on the CPU: what travels to rank 0 is a quarter of the float pixels
+    to_u8 = lambda z: ((vae.decode(z).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # noqa: E731
+    mine = generate_chunks(model, objective, latent_shape, y, n_cls * cols, sample_spec, device, bf16,
+                           sample_spec.batch_size, to_u8, rank, world)
+    chunks = gather_chunks(mine, world)
+    if chunks is None:
+        return []
+    pixels = torch.cat(chunks).float() / 127.5 - 1  # (N, 3, [T,] H, W) in [-1, 1]
     if pixels.dim() == 4:
         return [save_grid(pixels, rows=n_cls, cols=cols, out=out)]
     gif = out.rsplit(".", 1)[0] + ".gif"

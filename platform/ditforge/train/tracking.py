@@ -3,6 +3,10 @@
 MLflow calls never block the training step: `log` appends to a buffer that a background thread
 flushes. If the server is away, the buffer keeps everything (in order, with the original step and
 timestamp) and the thread retries with backoff, so the series has no gap once it returns.
+
+That thread does the retrying, so while a Tracker is open (in a training worker) MLflow's own
+HTTP retry loop is off (it would hold the buffer's lock for minutes). Nothing is changed at import:
+the driver and the CLI, which import this module too, keep MLflow's retries for their calls.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from mlflow.tracking import MlflowClient
 
 from ..credentials import redact, redact_obj, use_mlflow_credentials
 
-# Our thread does the retrying; MLflow's own retry loop would hold the lock for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# While a Tracker is open: fail fast, our flush thread retries (see the module docstring).
+WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class Tracker:
     def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 1.0, system_metrics: bool = True):
         use_mlflow_credentials()  # a server with basic auth: the credentials file, never the job's env
+        self._saved_env = {k: os.environ.get(k) for k in WORKER_HTTP_ENV}
+        os.environ.update({k: v for k, v in WORKER_HTTP_ENV.items() if os.environ.get(k) is None})
         self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
         self._pending: deque = deque()  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
         self._lock = threading.Lock()
@@ -85,6 +90,11 @@ class Tracker:
         self._thread.join(timeout=5)
         if self._pending:
             print(f"MLflow unreachable: {len(self._pending)} tracking records not delivered", flush=True)
+        for k, v in self._saved_env.items():  # MLflow's own retries back for whatever runs next
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         return not self._pending
 
     # ----------------------------------------------------------------------- background

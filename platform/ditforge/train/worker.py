@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -35,19 +34,20 @@ from . import checkpoint
 from .ema import EMA
 from .engine import build_engine, convert_fp8, precision, uses_bf16
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
-from .sampling import generate, sample_grid
+from .sampling import gather_chunks, generate_chunks, sample_grid
 from .step import step_generator, train_step
-from .tracking import NullTracker, Tracker
+from .session import Session, worker_session
 
 
 def train_loop(config: dict) -> None:
-    spec = JobSpec.model_validate(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(spec.resources.cpus_per_worker)
-    device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
+    with worker_session(config) as run:  # tears down on every way out (train/session.py)
+        _train(run)
 
-    # --- build: data, model, engine, objective, tracking, checkpointing ------------------------
+
+def _train(run: Session) -> None:
+    spec, rank, world, device, tracker = run.spec, run.rank, run.world, run.device, run.tracker
+
+    # --- build: data, model, engine, objective ------------------------------------------------
     def make_loader(batch_size: int) -> LatentLoader:
         return LatentLoader(spec.data.train, batch_size, rank, world, spec.train.seed,
                             max_bad_fraction=spec.data.max_bad_fraction, storage_timeout_s=spec.data.storage_timeout_s)
@@ -75,61 +75,44 @@ def train_loop(config: dict) -> None:
         print(f"batch: {plan.micro} per worker x {world} workers x {plan.accum} accumulation steps "
               f"({plan.source}{', probed ' + str(plan.probed) if plan.probed else ''})", flush=True)
     engine = build_engine(model, spec, plan.micro, plan.accum)
-    ema = EMA(engine.module, spec.train.ema_decay) if spec.train.ema_decay > 0 else None
+    ema = EMA(engine.module, spec.train.ema_decay, engine.optimizer) if spec.train.ema_decay > 0 else None
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
     # Forward FLOPs per sample, counted once per mask ratio: FLOP/s shows what masking saves.
     fwd_flops = {r: forward_flops(dit_cfg, latent_shape, r) for r in {0.0, spec.train.mask_ratio}}
-    tracker = (Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
-               if rank == 0 else NullTracker())
-    run_uri = config["run_uri"]
-    ckpt = checkpoint.Checkpointer(run_uri, rank, world, spec.checkpoint.keep_last, spec.checkpoint.keep_every,
-                                   spec.checkpoint.upload_timeout_s, on_done=lambda s: _log_upload(tracker, s))
 
     # --- resume: this run's own newest checkpoint (a restart), else where the submitter said ----
-    start = 0
-    own = checkpoint.complete_steps(run_uri)
-    source = checkpoint.join_step(run_uri, own[-1]) if own else config.get("resume_from")
-    if source:
-        state, folder = checkpoint.load(engine, source)
-        start = state["step"]
-        loader.position = Position(**state["data"])
-        rng = checkpoint.read_tensors(folder, f"rng_rank{rank}.safetensors")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-        ema_full = checkpoint.read_tensors(folder, "ema.safetensors")
-        if ema and ema_full is not None:  # full weights: each rank takes its own ZeRO-3 slice
-            ema.load_full_state_dict(engine.module, ema_full, state.get("ema_updates", state["step"]))
-        shutil.rmtree(folder.parent, ignore_errors=True)
-        print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
-    if rank == 0:  # before any save of this attempt (the all_gather below orders it)
-        checkpoint.discard_after(run_uri, start)
-    checkpoint.record_process(run_uri, f"rank_{rank}")
+    start, state, folder = run.resume(engine)
+    if state:
+        loader.position = Position(**state["data"])  # this rank's own position (train/session.py)
+        if ema:  # full weights or per-rank ZeRO-3 slices, at this world size or another
+            ema.load_shards(engine.module, folder, state.get("ema_updates", state["step"]))
+    run.done_resuming(folder)
     tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
                     "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
                     "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
-                    "precision": precision(spec)})
-    # A tag, not a param: a Ray Train restart logs it again into the same MLflow run, and MLflow
-    # refuses to change a param.
-    tracker.tags({"ditforge.resumed_from_step": start})
-    tracker.tags(plan.tags())  # tags too: a restart on another GPU may probe another batch
+                    "precision": precision(spec), "ema.source": ema.source if ema else "off"})
+    tracker.tags(plan.tags())  # tags, not params: a restart on another GPU may probe another batch
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
                              "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
 
-    def save(step: int) -> None:
+    def save(step: int, final: bool = False) -> None:
         files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
             if rank == 0 else {}
         tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
-        if ema:  # full EMA weights, written once by rank 0 (gathered under ZeRO-3: all ranks take part)
-            full = ema.full_state_dict(engine.module)
-            if rank == 0:
-                tensors["ema.safetensors"] = full
-        stall = ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
-                                         "ema_updates": ema.num_updates if ema else 0}, files=files, tensors=tensors)
+        if ema:  # no gather: ZeRO-3 ranks write their own slices, else rank 0 the full average
+            ema_tensors, ema_files = ema.shard_files(engine.module, rank, world)
+            tensors.update(ema_tensors)
+            files.update(ema_files)
+        stall = run.ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
+                                             "ema_updates": ema.num_updates if ema else 0},
+                              files=files, tensors=tensors, rank_state={"data": batches.position.to_dict()},
+                              final=final)
         tracker.log({"checkpoint/stall_s": stall}, step)
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
+    # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
     node_ids: list = [None] * world
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     tracker.tags({f"ditforge.node_id.rank{r}": n for r, n in enumerate(node_ids)})
@@ -178,36 +161,32 @@ def train_loop(config: dict) -> None:
                       f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
             loss_sum.zero_()
             t_last, steps_since, flops_since = time.perf_counter(), 0, 0.0
-            stopping = checkpoint.stop_requested(run_uri, device)  # `ditforge stop`: leave after this step
+            stopping = run.stop_requested()  # `ditforge stop`: leave after this step
 
-        if (step % spec.checkpoint.every_steps == 0 or step == spec.train.steps
-                or (stopping and spec.checkpoint.on_stop) or guard.exceeded()):
+        if step == spec.train.steps:
+            run.final_save(save, step)  # complete before any sampling: retried, or one line naming the newest
+        elif step % spec.checkpoint.every_steps == 0 or (stopping and spec.checkpoint.on_stop) or guard.exceeded():
             save(step)
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
         if guard.exceeded():  # the weights are still the last good step's: they were just saved
-            ckpt.wait()
-            tracker.close()
-            raise NonFiniteLoss(guard.message(step, checkpoint.join_step(run_uri, step)))
+            run.ckpt.wait()
+            raise NonFiniteLoss(guard.message(step, checkpoint.join_step(run.run_uri, step)))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)
             break
         if spec.tracking.sample_every and step % spec.tracking.sample_every == 0 and step != spec.train.steps:
-            _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, step)
+            _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, world, step)
             t_last = time.perf_counter()
         if spec.eval.every_steps and step % spec.eval.every_steps == 0 and step != spec.train.steps:
-            _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, step)
+            _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, world, step)
             t_last = time.perf_counter()
 
-    # --- end: samples and quality from the EMA weights, wait for the last upload, flush ----------
+    # --- end: the final checkpoint is complete; samples and quality from the EMA weights --------
     if not stopping:
-        _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, spec.train.steps)
-        _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, spec.train.steps)
-    ckpt.wait()
-    tracker.close()
-    dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # without it gloo workers sometimes abort at exit
+        _sample(engine, ema, objective, spec, latent_shape, device, tracker, rank, world, spec.train.steps)
+        _evaluate(engine, ema, objective, spec, loader, latent_shape, device, tracker, rank, world, spec.train.steps)
+    run.ckpt.wait()  # a stop's save, if any
 
 
 def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, dtype, world: int) -> dict[str, int]:
@@ -245,13 +224,6 @@ def _bucket_shapes(loader) -> dict[str, tuple[int, ...]]:
         shapes = {"x".join(map(str, s["shape"])): tuple(s["shape"]) for s in loader.manifest["shards"] if s.get("shape")}
     return shapes or {"default": tuple(loader.latent_shape)}
 
-
-def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
-    if stats.ok:
-        tracker.log({"checkpoint/upload_s": stats.upload_s, "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
-                     "checkpoint/MB": stats.bytes / 1e6}, stats.step)
-    else:
-        tracker.log({"checkpoint/failed": 1.0}, stats.step)
 
 
 def mask_ratio_at(spec: JobSpec, step: int) -> float:
@@ -298,18 +270,23 @@ def _sampling_weights(engine, ema):
         yield model
 
 
-def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, step: int) -> None:
+def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, world: int,
+            step: int) -> None:
+    """Collective: every rank generates and decodes its share of the grid (train/sampling.py)."""
     with _sampling_weights(engine, ema) as model:
+        out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
+        for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, uses_bf16(spec),
+                                objective=objective, rank=rank, world=world):
+            tracker.artifact(path, "samples")
         if rank == 0:
-            out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
-            for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, uses_bf16(spec),
-                                    objective=objective):
-                tracker.artifact(path, "samples")
             print(f"samples at step {step} → MLflow samples/{os.path.basename(out)}", flush=True)
 
 
-def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, step: int):
-    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow."""
+def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, world: int,
+              step: int):
+    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow.
+    Collective: each rank generates, decodes and classifies its share in chunks of
+    `eval.batch_size` on its device; only the classifier's features travel to rank 0."""
     from . import quality
 
     vae = build_vae(spec.vae)
@@ -317,17 +294,22 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
     name = quality.which_set(loader.manifest.get("classes"), frames)
     if not spec.eval.quality or name is None or not spec.model.num_classes:
         return
+    t0 = time.perf_counter()
+    res = latent_shape[-1] * vae.f  # the pixel resolution the latents decode to
+    if hasattr(vae, "net"):
+        vae.net.to(device)
+    classifier = quality.train_classifier(name, res, frames).to(device)
+    y = torch.arange(spec.model.num_classes).repeat_interleave(spec.eval.per_class)
+    sample_spec = spec.sample.model_copy(update={"steps": spec.eval.steps, "seed": spec.sample.seed + 1})
     with _sampling_weights(engine, ema) as model:
-        if rank != 0:
-            return
-        t0 = time.perf_counter()
-        res = latent_shape[-1] * vae.f  # the pixel resolution the latents decode to
-        classifier = quality.train_classifier(name, res, frames)
-        y = torch.arange(spec.model.num_classes, device=device).repeat_interleave(spec.eval.per_class)
-        z = generate(model, objective, latent_shape, y, spec.sample.model_copy(update={"steps": spec.eval.steps,
-                     "seed": spec.sample.seed + 1}), device, uses_bf16(spec))
-        metrics = quality.score(classifier, vae.decode(z.cpu()), y.cpu(), name, res, frames)
-        metrics["quality/seconds"] = time.perf_counter() - t0
-        tracker.log(metrics, step)
-        print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-              f"FD {metrics['quality/fd']:.3f}", flush=True)
+        mine = generate_chunks(model, objective, latent_shape, y, len(y), sample_spec, device, uses_bf16(spec),
+                               spec.eval.batch_size, lambda z: quality.classify(classifier, vae.decode(z)), rank, world)
+    parts = gather_chunks(mine, world)
+    if parts is None:
+        return
+    feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
+    metrics = quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames)
+    metrics["quality/seconds"] = time.perf_counter() - t0
+    tracker.log(metrics, step)
+    print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
+          f"FD {metrics['quality/fd']:.3f}", flush=True)
