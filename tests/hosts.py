@@ -20,8 +20,9 @@ What each host gets, as a separate machine would have:
   * its own HOME, DITFORGE_HOME and Ray temp dir (/tmp/ray inside its private /tmp), all outside
     /tmp under `/var/tmp/df<pid>-hosts/h<i>/`;
   * the secrets in its environment (`hosts.secrets`: RAY_AUTH_TOKEN, MLFLOW_TRACKING_USERNAME /
-    MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, made fresh per run);
-    `env(i, secrets=False)` / `run(..., secrets=False)` starts a command without them (a stranger).
+    MLFLOW_TRACKING_PASSWORD, made fresh per run); `env(i, secrets=False)` / `run(..., secrets=False)`
+    starts a command without them (a stranger). S3 keys are the head's to hand out (the embedded
+    server makes them): pass AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL_S3 in `env`.
 Shared on purpose: the code and the venv (PATH, PYTHONPATH) and the torch extensions build cache
 (DeepSpeed's JIT op, no secrets), which every real host would build once for itself.
 
@@ -80,8 +81,6 @@ class Hosts:
             "RAY_AUTH_TOKEN": _secrets.token_hex(32),
             "MLFLOW_TRACKING_USERNAME": "ditforge",
             "MLFLOW_TRACKING_PASSWORD": _secrets.token_urlsafe(24),
-            "AWS_ACCESS_KEY_ID": "DF" + _secrets.token_hex(9).upper(),
-            "AWS_SECRET_ACCESS_KEY": _secrets.token_urlsafe(30),
         }
         self._torch_ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
         try:

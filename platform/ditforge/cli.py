@@ -416,9 +416,9 @@ def services_down():
 def services_status():
     from . import services
 
-    table = Table("service", "url", "pid", "up")
+    table = Table("service", "url", "pid", "up", "check")
     for s in services.status():
-        table.add_row(s["service"], s["url"], str(s["pid"] or "-"), "yes" if s["up"] else "no")
+        table.add_row(s["service"], s["url"], str(s["pid"] or "-"), "yes" if s["up"] else "no", s["check"] or "passed")
     out.print(table)
 
 
