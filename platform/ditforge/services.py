@@ -87,17 +87,41 @@ def _client_auth(host: str) -> None:
     credentials.use_ray_token()
 
 
+def advertised(host: str) -> str:
+    """The address other machines reach services bound to `host` at: loopback stays loopback; a
+    0.0.0.0 bind is reached at the address of the interface holding the default route (what
+    Ray picks for its node address too)."""
+    if credentials.is_loopback(host):
+        return "127.0.0.1"
+    if host not in ("0.0.0.0", "::"):
+        return host
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # a UDP "connect" sends nothing: it only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"  # no route out: nothing beyond this machine can reach us anyway
+
+
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
     ports = (cluster or EmbeddedCluster()).ports
+    host = cluster.host if cluster else "127.0.0.1"
     saved = storage.home() / "run" / "ports.json"
     if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
         p = json.loads(saved.read_text())
         mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
-        _client_auth(p.get("host", "127.0.0.1"))
+        host = p.get("host", "127.0.0.1")
+        _client_auth(host)
     else:
         mlflow, dash, gcs = ports.mlflow, ports.ray_dashboard, ports.ray_gcs
-    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://127.0.0.1:{mlflow}",
-                     ray_dashboard=f"http://127.0.0.1:{dash}", ray_gcs=f"127.0.0.1:{gcs}")
+    # Served beyond loopback, the addresses handed to jobs (tracking URI, Jobs API) must work on
+    # every host of the cluster, not only here. S3 stays 127.0.0.1 here: each host names its own
+    # endpoint (AWS_ENDPOINT_URL_S3), and this machine's key file says 127.0.0.1.
+    addr = advertised(host)
+    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://{addr}:{mlflow}",
+                     ray_dashboard=f"http://{addr}:{dash}", ray_gcs=f"{addr}:{gcs}")
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -400,7 +424,7 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so
     # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
     argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
-            "--node-ip-address=127.0.0.1", f"--dashboard-host={cluster.host}",
+            f"--node-ip-address={advertised(cluster.host)}", f"--dashboard-host={cluster.host}",
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
             "--disable-usage-stats", *extra_args]
     # Token auth even on loopback: Ray's GCS, raylet, object-manager, agent and worker gRPC servers

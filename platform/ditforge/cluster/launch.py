@@ -179,6 +179,10 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         (Path(wd) / "job.yaml").write_text(yaml.safe_dump(job["spec"], sort_keys=False))
         env = {"DITFORGE_HOME": str(storage.home()), "OMP_NUM_THREADS": str(spec.resources.cpus_per_worker),
                "PYTHONUNBUFFERED": "1"}
+        if isinstance(cluster, EmbeddedCluster) and not credentials.is_loopback(cluster.host):
+            # Joined hosts are other machines: each keeps its own DITFORGE_HOME (from `cluster join`),
+            # never a path of this one.
+            del env["DITFORGE_HOME"]
         if not spec.resources.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         job_id = client.submit_job(
