@@ -139,6 +139,22 @@ def test_embedded_services_listen_on_loopback_only(embedded):
     assert {ip for _, ip, port in ray_socks if port == dash} == {"127.0.0.1"}, ray_socks
 
 
+def test_embedded_ray_wants_its_token_even_on_loopback(embedded):
+    """Ray's core ports listen beyond loopback on a machine with a routable address whatever we ask
+    (tests/test_multihost.py measures it), so the embedded head always runs with token auth: a
+    request without the token, or with a wrong one, is refused; the platform's client gets in."""
+    from ditforge import credentials
+    from ditforge.cluster.launch import jobs_client
+
+    jobs = f"{embedded.ray_dashboard}/api/jobs/"
+    for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(jobs, headers=headers), timeout=30)
+        assert e.value.code in (401, 403), e.value.code
+    assert credentials.ray_token()
+    assert isinstance(jobs_client(embedded.ray_dashboard, "RAY_AUTH_TOKEN").list_jobs(), list)
+
+
 def test_serving_beyond_loopback_without_credentials_is_refused(tmp_path):
     home = tmp_path / "home"
     cluster = tmp_path / "c.yaml"

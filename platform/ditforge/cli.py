@@ -443,9 +443,9 @@ def services_down():
 def services_status():
     from . import services
 
-    table = Table("service", "url", "pid", "up")
+    table = Table("service", "url", "pid", "up", "check")
     for s in services.status():
-        table.add_row(s["service"], s["url"], str(s["pid"] or "-"), "yes" if s["up"] else "no")
+        table.add_row(s["service"], s["url"], str(s["pid"] or "-"), "yes" if s["up"] else "no", s["check"] or "passed")
     out.print(table)
 
 
@@ -591,16 +591,70 @@ def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
 
 
+@cluster_app.command("join")
+@user_errors
+def cluster_join(head: str = typer.Argument(..., help="the head's address: HOST or HOST:PORT (its GCS, default 6379)"),
+                 num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=0, help="CPUs this node offers (default: all)"),
+                 num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs this node offers (default: all)"),
+                 resources: Optional[str] = typer.Option(None, "--resources", help='custom resources, JSON: \'{"ssd": 1}\'')):
+    """Join this machine to a head served beyond loopback (`services up --cluster cluster/shared.yaml`
+    there) as a Ray worker node, with the Ray token of this machine's environment."""
+    from .cluster.join import JoinError, join
+
+    res = None
+    if resources:
+        try:
+            res = json.loads(resources)
+            assert isinstance(res, dict) and all(isinstance(v, (int, float)) for v in res.values())
+        except (ValueError, AssertionError):
+            raise JoinError(f"--resources {resources}: expected a JSON object of numbers, e.g. '{{\"ssd\": 1}}'") from None
+    rec = join(head, num_cpus, num_gpus, res)
+    out.print(f"joined {rec['head']} (node pid {rec['pid']}; `ditforge cluster leave` stops it)", highlight=False)
+
+
+@cluster_app.command("leave")
+@user_errors
+def cluster_leave():
+    """Stop this machine's node of a joined cluster (nothing else)."""
+    from .cluster.join import leave
+
+    head = leave()
+    out.print(f"left {head}" if head else "not joined to any head", highlight=False)
+
+
+def _nodes_table(gcs: str) -> None:
+    from .cluster.join import nodes
+
+    table = Table("node id", "address", "alive", "head", "resources")
+    for r in nodes(gcs):
+        table.add_row(r["node_id"][:12], r["address"], "yes" if r["alive"] else "no", "yes" if r["head"] else "",
+                      ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())))
+    out.print(table)
+
+
 @cluster_app.command("status")
 @user_errors
-def cluster_status(cluster: Path = typer.Argument(..., help="cluster YAML")):
-    """The cluster's nodes: pid, alive in Ray, node id and resources."""
+def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster YAML (default: the cluster this machine "
+                                                                           "joined, else the embedded one)")):
+    """The cluster's nodes: pid, alive in Ray, node id, address and resources."""
+    from . import services
     from .cluster import local
+    from .cluster.join import joined
     from .spec import SpecError, load_cluster
 
-    spec = load_cluster(cluster)
+    if cluster is None:
+        now = joined()
+        if now:
+            return _nodes_table(now["head"])
+        cluster_spec = None
+    else:
+        cluster_spec = load_cluster(cluster)
+    spec = cluster_spec or load_cluster(None)
     if spec.kind == "embedded":
-        return services_status()
+        services_status()
+        if services._ray_ready(services.endpoints().ray_dashboard):
+            _nodes_table(services.endpoints().ray_gcs)
+        return
     if spec.kind != "local":
         raise SpecError(str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`")
     table = Table("node", "pid", "alive", "node id", "resources")

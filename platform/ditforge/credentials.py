@@ -78,6 +78,46 @@ def ray_token() -> str | None:
         return None
 
 
+def ensure_ray_token() -> str:
+    """Ray's token, made once (random, 0600) where Ray looks for it when there is none yet."""
+    token = ray_token()
+    if token:
+        return token
+    import secrets
+
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:  # another process made it first: use theirs
+        pass
+    return path.read_text().strip()
+
+
+def use_ray_token(create: bool = False) -> str | None:
+    """Every Ray client of this process and of its children presents the token: Ray's own clients
+    (ray.init, the state API, the Jobs SDK) send it when RAY_AUTH_MODE is `token`. The platform's
+    Ray clusters (embedded head, local cluster, joined hosts) always run with token auth, loopback
+    included: Ray's core ports listen beyond loopback whatever address it is given."""
+    token = ensure_ray_token() if create else ray_token()
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config per process: make an already-loaded Ray see the new mode
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except Exception:
+            pass
+    return token
+
+
+def ray_auth_headers() -> dict:
+    token = ray_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _known_secrets() -> set[str]:
     found = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and v}
     try:

@@ -28,6 +28,9 @@ from .spec import EmbeddedCluster
 
 BUCKET = "ditforge"
 S3_PORT = 8333
+# Beyond loopback SeaweedFS still binds 127.0.0.1 (its other ports have no authentication), its S3
+# moves here, and a relay (ditforge.relay) serves S3_PORT on the spec's host.
+S3_INNER_PORT = 8334
 
 
 class ServiceError(Exception):
@@ -76,27 +79,49 @@ def require_auth(host: str) -> dict:
 
 
 def _client_auth(host: str) -> None:
-    """This process talks to services started with authentication: MLflow clients read their
-    credentials from the environment, Ray's from RAY_AUTH_MODE plus its token."""
+    """This process talks to services started with authentication: MLflow clients (beyond
+    loopback) read their credentials from the environment; Ray's clients (always: the head runs
+    with token auth, see start_ray) send Ray's token."""
     if not credentials.is_loopback(host):
         credentials.use_mlflow_credentials()
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        token = credentials.ray_token()
-        if token:  # the Jobs API client sends it as a bearer token (cluster.launch.jobs_client)
-            os.environ.setdefault("RAY_AUTH_TOKEN", token)
+    credentials.use_ray_token()
+
+
+def advertised(host: str) -> str:
+    """The address other machines reach services bound to `host` at: loopback stays loopback; a
+    0.0.0.0 bind is reached at the address of the interface holding the default route (what
+    Ray picks for its node address too)."""
+    if credentials.is_loopback(host):
+        return "127.0.0.1"
+    if host not in ("0.0.0.0", "::"):
+        return host
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # a UDP "connect" sends nothing: it only picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"  # no route out: nothing beyond this machine can reach us anyway
 
 
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
     ports = (cluster or EmbeddedCluster()).ports
+    host = cluster.host if cluster else "127.0.0.1"
     saved = storage.home() / "run" / "ports.json"
     if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
         p = json.loads(saved.read_text())
         mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
-        _client_auth(p.get("host", "127.0.0.1"))
+        host = p.get("host", "127.0.0.1")
+        _client_auth(host)
     else:
         mlflow, dash, gcs = ports.mlflow, ports.ray_dashboard, ports.ray_gcs
-    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://127.0.0.1:{mlflow}",
-                     ray_dashboard=f"http://127.0.0.1:{dash}", ray_gcs=f"127.0.0.1:{gcs}")
+    # Served beyond loopback, the addresses handed to jobs (tracking URI, Jobs API) must work on
+    # every host of the cluster, not only here. S3 stays 127.0.0.1 here: each host names its own
+    # endpoint (AWS_ENDPOINT_URL_S3), and this machine's key file says 127.0.0.1.
+    addr = advertised(host)
+    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://{addr}:{mlflow}",
+                     ray_dashboard=f"http://{addr}:{dash}", ray_gcs=f"{addr}:{gcs}")
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -215,31 +240,59 @@ def s3_credentials() -> dict:
     return json.loads(path.read_text())
 
 
-def _s3_ready() -> bool:
+def s3_check() -> str | None:
+    """None when the S3 server works (a probe object put, read back and deleted), else why not.
+    Its port answering proves little: a SeaweedFS that lost its unix sockets answers every PUT
+    with 500 InternalError while its port still answers."""
     if not _http_ok(f"http://127.0.0.1:{S3_PORT}/"):
-        return False
+        return f"nothing answers on 127.0.0.1:{S3_PORT}"
+    key = f"{BUCKET}/.health/{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fs, _ = storage.filesystem(f"s3://{BUCKET}")
-        fs.ls(BUCKET)
-        return True
-    except Exception:
-        return False
+        fs.pipe_file(key, b"ok")
+        if fs.cat_file(key) != b"ok":
+            return "a probe object read back differs"
+        fs.rm_file(key)
+        return None
+    except Exception as e:
+        return f"probe put/get/delete failed: {credentials.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+
+
+def _s3_ready() -> bool:
+    return s3_check() is None
+
+
+def _say(line: str) -> None:
+    """One line about a service we repaired (stderr: stdout carries the CLI's answers)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def start_s3(host: str = "127.0.0.1") -> str:
     url = f"http://127.0.0.1:{S3_PORT}"  # a 0.0.0.0 bind answers on loopback too
     creds = s3_credentials()
-    if _pid("s3") and _s3_ready():
+    why = s3_check()
+    if why is None and _pid("s3") and (credentials.is_loopback(host) or _pid("s3-relay")):
         return url
-    if _s3_ready() and _adopt("s3", f"-dir={storage.home() / 's3' / 'data'}"):
+    if why is None and _adopt("s3", f"-dir={storage.home() / 's3' / 'data'}"):
         return url
-    _stop_group("s3")
+    if _pid("s3"):
+        _say(f"s3: running but failing its check ({why}): restarting it")
+    _stop_group("s3-relay")
+    _stop_group("s3")  # waits until it has exited: its leveldb lock is free again
     d = _dirs()
     env = _base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
     data = d["s3"] / "data"
     data.mkdir(exist_ok=True)
-    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", f"-ip.bind={host}",
-                        f"-s3.port={S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
+    # `weed mini` binds all its ports (master, volume, filer, WebDAV, Iceberg, admin, ...: no
+    # authentication on most) to one address: always loopback. Only S3 checks keys, so only S3 is
+    # served beyond loopback, through the relay.
+    relayed = not credentials.is_loopback(host)
+    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                        f"-s3.port={S3_INNER_PORT if relayed else S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
+    if relayed:
+        _wait("s3", lambda: _http_ok(f"http://127.0.0.1:{S3_INNER_PORT}/"), 90, pid)
+        relay = _spawn("s3-relay", [sys.executable, "-m", "ditforge.relay", host, str(S3_PORT), str(S3_INNER_PORT)], env)
+        _wait("s3-relay", _s3_ready, 30, relay)
     _wait("s3", _s3_ready, 90, pid)
     return url
 
@@ -268,13 +321,44 @@ def _mlflow_auth_config(d: dict, username: str) -> Path:
     return ini
 
 
+def mlflow_check(url: str, auth: dict | None = None) -> str | None:
+    """None when MLflow's API answers (an experiment search, logged in as `auth` or with this
+    process's MLflow credentials when it has auth), else why not."""
+    import base64
+
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+    try:
+        creds = (auth["username"], auth["password"]) if auth else credentials.mlflow_credentials()
+    except ValueError:
+        creds = None
+    if creds:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode())
+    if not _http_ok(f"{url}/health"):
+        return "its /health does not answer"
+    try:
+        # Generous: with basic auth every request verifies a password hash (slow on a busy machine).
+        with urllib.request.urlopen(req, timeout=60) as r:
+            json.loads(r.read())
+        return None
+    except urllib.error.HTTPError as e:
+        return f"its API answered {e.code}"
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as e:
+        return f"its API did not answer ({type(e).__name__})"
+
+
 def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -> str:
     """`auth`: {"username", "password"} turns on MLflow's basic-auth app (required beyond loopback)."""
     url = f"http://127.0.0.1:{port}"
-    if _pid("mlflow") and _http_ok(f"{url}/health"):
+    why = mlflow_check(url, auth)
+    if why is None and _pid("mlflow"):
         return url
-    if _http_ok(f"{url}/health") and _adopt("mlflow", str(storage.home() / "mlflow" / "mlflow.db")):
+    if why is None and _adopt("mlflow", str(storage.home() / "mlflow" / "mlflow.db")):
         return url
+    if why and why.startswith(("its API answered 401", "its API answered 403")):
+        raise ServiceError(f"mlflow at {url}: {why} to this machine's credentials (MLFLOW_TRACKING_USERNAME / "
+                           f"MLFLOW_TRACKING_PASSWORD, or ${credentials.MLFLOW_CREDENTIALS_ENV})")
+    if _pid("mlflow"):
+        _say(f"mlflow: running but failing its check ({why}): restarting it")
     _stop_group("mlflow")
     if _http_ok(f"{url}/health"):
         raise ServiceError(f"port {port} already serves an MLflow that is not ours: stop it or set ports.mlflow")
@@ -293,7 +377,7 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
                 "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"]}
         argv += ["--app-name", "basic-auth"]
     pid = _spawn("mlflow", argv, env)
-    _wait("mlflow", lambda: _http_ok(f"{url}/health"), 120, pid)
+    _wait("mlflow", lambda: mlflow_check(url, auth) is None, 120, pid)
     return url
 
 
@@ -304,24 +388,52 @@ def _ray_ready(dash: str) -> bool:
     return _http_ok(f"{dash}/api/version")
 
 
+def ray_check(dash: str, cpus: float | None = None) -> str | None:
+    """None when the head answers and its node is registered with its resources (`cpus` CPUs, when
+    given), else why not. The dashboard answers before the head's node has registered: a capacity
+    check then saw a cluster of 0 CPU."""
+    if not _ray_ready(dash):
+        return f"its dashboard does not answer at {dash}"
+    from .cluster import capacity
+
+    try:
+        nodes = capacity.nodes_from_dashboard(dash)
+    except Exception as e:
+        return f"its state API failed ({credentials.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)})"
+    have = sum(n.get("CPU", 0) for n in nodes)
+    if not nodes or (cpus is not None and have < cpus):
+        return f"{len(nodes)} node(s) with {have:g} CPU registered" + (f", {cpus:g} expected" if cpus else "")
+    return None
+
+
 def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str:
     """`extra_args`: more `ray start` flags (a test uses them to give a second head its own ports
     and temp dir beside the session's one)."""
     ep = endpoints(cluster)
-    if _ray_ready(ep.ray_dashboard):
+    why = ray_check(ep.ray_dashboard, cluster.cpus)
+    if why is None:
         return ep.ray_dashboard
+    if _pid("ray") and _ray_ready(ep.ray_dashboard):
+        # A head still starting registers its node within seconds; one that does not is broken.
+        try:
+            _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30)
+            return ep.ray_dashboard
+        except ServiceError:
+            _say(f"ray: running but failing its check ({ray_check(ep.ray_dashboard, cluster.cpus)}): restarting it")
     _stop_group("ray")
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so
     # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
     argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
-            "--node-ip-address=127.0.0.1", f"--dashboard-host={cluster.host}",
+            f"--node-ip-address={advertised(cluster.host)}", f"--dashboard-host={cluster.host}",
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
             "--disable-usage-stats", *extra_args]
-    env = _base_env()
-    if not credentials.is_loopback(cluster.host):
-        env["RAY_AUTH_MODE"] = "token"  # the token itself: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+    # Token auth even on loopback: Ray's GCS, raylet, object-manager, agent and worker gRPC servers
+    # listen on every interface of a machine with a routable address whatever --node-ip-address
+    # says (README "Several machines"), so the token is what keeps other machines out.
+    credentials.use_ray_token(create=True)
+    env = _base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
     pid = _spawn("ray", argv, env)
-    _wait("ray", lambda: _ray_ready(ep.ray_dashboard), 120, pid)
+    _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, pid)
     return ep.ray_dashboard
 
 
@@ -374,6 +486,7 @@ def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
         raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
                            "stop them first (`ditforge services down`)")
     saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
+    credentials.ensure_ray_token()  # before _client_auth, which hands it to this process's Ray clients
     _client_auth(cluster.host)
     start_s3(cluster.host)
     start_mlflow(cluster.ports.mlflow, cluster.host, auth or None)
@@ -389,16 +502,15 @@ def down() -> list[str]:
 
 def _down() -> list[str]:
     stopped = []
-    for name in ("ray", "mlflow", "s3"):
+    for name in ("ray", "mlflow", "s3-relay", "s3"):
         if _stop_group(name):
             stopped.append(name)
     return stopped
 
 
 def status() -> list[dict]:
+    """Each service with the result of its real check (`up`), and why it fails (`check`)."""
     ep = endpoints()
-    return [
-        {"service": "s3", "url": ep.s3, "pid": _pid("s3"), "up": _http_ok(ep.s3 + "/")},
-        {"service": "mlflow", "url": ep.mlflow, "pid": _pid("mlflow"), "up": _http_ok(ep.mlflow + "/health")},
-        {"service": "ray", "url": ep.ray_dashboard, "pid": _pid("ray"), "up": _ray_ready(ep.ray_dashboard)},
-    ]
+    checks = {"s3": s3_check(), "mlflow": mlflow_check(ep.mlflow), "ray": ray_check(ep.ray_dashboard)}
+    return [{"service": name, "url": url, "pid": _pid(name), "up": checks[name] is None, "check": checks[name]}
+            for name, url in (("s3", ep.s3), ("mlflow", ep.mlflow), ("ray", ep.ray_dashboard))]

@@ -507,7 +507,8 @@ class EmbeddedCluster(ClusterSpec):
     # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1 unless `host` says
     # otherwise; then each must run with authentication (see services.require_auth).
     kind: Literal["embedded"] = "embedded"
-    cpus: int = Field(4, gt=0, description="logical CPUs the embedded Ray head offers")
+    cpus: int = Field(4, ge=0, description="logical CPUs the embedded Ray head offers (0: a head that only "
+                                           "coordinates; its jobs' workers run on joined hosts)")
     ports: ServicePorts = ServicePorts()
     host: str = Field("127.0.0.1", description="address the services bind: 127.0.0.1 (default, this machine "
                                                "only) or 0.0.0.0 (every interface: needs credentials)")

@@ -49,6 +49,9 @@ def nodes_from_dashboard(dashboard: str) -> list[dict[str, float]]:
     """Alive nodes' total resources through the dashboard's state API (no ray.init needed)."""
     from ray.util.state import list_nodes
 
+    from .. import credentials
+
+    credentials.use_ray_token()  # our heads run with token auth; the state API sends it in this mode
     nodes = list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     return [dict(n.resources_total) for n in nodes]
 

@@ -38,14 +38,13 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
     own = spec.tracking.uri if spec and spec.tracking.uri else None
     if isinstance(cluster, EmbeddedCluster):
         ep = services.up(cluster)
-        # beyond loopback the head runs with token auth: the Jobs API wants Ray's token
-        token_env = None if credentials.is_loopback(cluster.host) else "RAY_AUTH_TOKEN"
-        return Target(ep.ray_dashboard, own or ep.mlflow, token_env)
+        # the embedded head always runs with token auth (services.start_ray): the Jobs API wants it
+        return Target(ep.ray_dashboard, own or ep.mlflow, "RAY_AUTH_TOKEN")
     if isinstance(cluster, LocalCluster):
         from . import local
 
-        dashboard = local.up(cluster)  # started on demand, like the embedded head
-        return Target(dashboard, own or services.endpoints().mlflow)
+        dashboard = local.up(cluster)  # started on demand, like the embedded head; token auth too
+        return Target(dashboard, own or services.endpoints().mlflow, "RAY_AUTH_TOKEN")
     if isinstance(cluster, AddressCluster):
         dashboard = cluster.address.replace("ray://", "http://").replace(":10001", ":8265")
         if cluster.token_env and not os.environ.get(cluster.token_env):
@@ -61,7 +60,7 @@ def jobs_client(dashboard: str, token_env: str | None = None):
     headers = None
     token = os.environ.get(token_env) if token_env else None
     if token_env == "RAY_AUTH_TOKEN" and not token:
-        token = credentials.ray_token()  # Ray's own token file (an embedded head beyond loopback)
+        token = credentials.ray_token()  # Ray's own token file (the embedded head, a local cluster)
     if token:
         headers = {"Authorization": f"Bearer {token}"}  # read here, never stored
     try:
@@ -71,7 +70,9 @@ def jobs_client(dashboard: str, token_env: str | None = None):
 
 
 def client_for(rec: dict):
-    return jobs_client(rec["dashboard"], rec.get("token_env"))
+    # Records written before every cluster of ours had token auth carry no token_env.
+    ours = rec.get("cluster") in ("embedded", "local")
+    return jobs_client(rec["dashboard"], rec.get("token_env") or ("RAY_AUTH_TOKEN" if ours else None))
 
 
 def check_capacity(spec: JobSpec, cluster: ClusterSpec, target: Target) -> None:
@@ -232,6 +233,10 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         (Path(wd) / "job.yaml").write_text(yaml.safe_dump(job["spec"], sort_keys=False))
         env = {"DITFORGE_HOME": str(storage.home()), "OMP_NUM_THREADS": str(spec.resources.cpus_per_worker),
                "PYTHONUNBUFFERED": "1"}
+        if isinstance(cluster, EmbeddedCluster) and not credentials.is_loopback(cluster.host):
+            # Joined hosts are other machines: each keeps its own DITFORGE_HOME (from `cluster join`),
+            # never a path of this one.
+            del env["DITFORGE_HOME"]
         if not spec.resources.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         job_id = client.submit_job(

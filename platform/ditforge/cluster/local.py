@@ -69,6 +69,9 @@ def alive_nodes(c: LocalCluster) -> list[dict]:
         return []
     from ray.util.state import list_nodes
 
+    from .. import credentials
+
+    credentials.use_ray_token()  # the state API sends the token when RAY_AUTH_MODE says so
     try:
         nodes = list_nodes(address=dashboard(c), filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     except Exception:
@@ -82,7 +85,7 @@ def is_up(c: LocalCluster) -> bool:
 
 def up(c: LocalCluster) -> str:
     """Start (or reuse) the cluster and the embedded S3 / MLflow; return the Jobs API address."""
-    services.up(ray=False)
+    services.up(ray=False)  # also: Ray's token exists, and this process's Ray clients send it
     if is_up(c):
         return dashboard(c)
     down(c)  # half a cluster (a node died, a port moved): start clean
@@ -91,6 +94,7 @@ def up(c: LocalCluster) -> str:
     env.pop("RAY_ADDRESS", None)  # raylets must join this head, not whatever the shell points at
     # A SIGTERM'd node drains for 30 s by default (for Serve proxies); nothing here needs it.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"
+    env["RAY_AUTH_MODE"] = "token"  # like the embedded head: its ports listen beyond loopback
     names = node_names(c)
     pid = services._spawn(names[0], _argv(c, 0), env)
     services._wait(names[0], lambda: services._http_ok(f"{dashboard(c)}/api/version"), 120, pid)
@@ -112,10 +116,12 @@ def _stop_jobs(c: LocalCluster, timeout: float = 20.0) -> None:
     """Ask Ray to stop the cluster's running jobs: their drivers run in sessions of their own."""
     if not services._http_ok(f"{dashboard(c)}/api/version"):
         return
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
+
+    from .launch import jobs_client
 
     try:
-        client = JobSubmissionClient(dashboard(c))
+        client = jobs_client(dashboard(c), "RAY_AUTH_TOKEN")
         running = [j.submission_id for j in client.list_jobs() if not j.status.is_terminal() and j.submission_id]
         for job in running:
             client.stop_job(job)

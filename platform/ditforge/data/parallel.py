@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from .. import services
+from .. import credentials, services
 
 # Env the workers need to reach storage the same way the driver does. S3 keys are not shipped
 # (runtime_env is visible in the dashboard): a remote cluster gets them from its own environment.
@@ -30,9 +30,9 @@ def ray_session(num_cpus: int | None = None):
     if ray.is_initialized():
         yield
         return
-    # `ray.init` would otherwise switch on token auth and write ~/.ray/auth_token, which other
-    # Ray clients on this machine would then pick up.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Token auth, like every Ray of ours (its ports listen beyond loopback): the private Ray
+    # uses the same token as the embedded head, so either can be attached to.
+    credentials.use_ray_token(create=True)
     env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     address = os.environ.get("RAY_ADDRESS")
     if address:

@@ -114,8 +114,10 @@ def _train(run: Session) -> None:
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
     # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
     node_ids: list = [None] * world
-    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-    tracker.tags({f"ditforge.node_id.rank{r}": n for r, n in enumerate(node_ids)})
+    dist.all_gather_object(node_ids, (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
+    tracker.tags({f"ditforge.node_id.rank{r}": n for r, (n, _) in enumerate(node_ids)}
+                 | {f"ditforge.node_ip.rank{r}": ip for r, (_, ip) in enumerate(node_ids)}
+                 | {"ditforge.process_group": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"})
 
     # --- train ------------------------------------------------------------------------------
     batches = DevicePrefetcher(loader, device, dtype)  # (B, ...) latents already on the device, in `dtype`
