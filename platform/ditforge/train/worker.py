@@ -32,7 +32,7 @@ from ..objectives import build_objective
 from ..spec import JobSpec
 from . import checkpoint
 from .ema import EMA
-from .engine import build_engine, precision
+from .engine import build_engine, precision, scale_lr
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
 from .sampling import generate, sample_grid
 from .step import step_generator, train_step
@@ -72,6 +72,7 @@ def train_loop(config: dict) -> None:
 
     # --- resume: this run's own newest checkpoint (a restart), else where the submitter said ----
     start = 0
+    world_sizes = [[0, world]]  # [step, world size] at the start and at every change (elastic, resume)
     own = checkpoint.complete_steps(run_uri)
     source = checkpoint.join_step(run_uri, own[-1]) if own else config.get("resume_from")
     if source:
@@ -86,16 +87,26 @@ def train_loop(config: dict) -> None:
             ema.load_full_state_dict(engine.module, ema_full, state.get("ema_updates", state["step"]))
         shutil.rmtree(folder.parent, ignore_errors=True)
         print(f"[rank {rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True)
+        world_sizes = state.get("world_sizes") or [[0, state["data"].get("world") or world]]
+        if world_sizes[-1][1] != world:
+            world_sizes.append([start, world])
+            if rank == 0:
+                print(f"world size {world_sizes[-2][1]} -> {world} at step {start} (global batch "
+                      f"{spec.data.batch_size * world}, lr x{spec.resources.lr_factor(world):g})", flush=True)
+    scale_lr(engine, spec, world)
     if rank == 0:  # before any save of this attempt (the all_gather below orders it)
         checkpoint.discard_after(run_uri, start)
     checkpoint.record_process(run_uri, f"rank_{rank}")
-    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
+    # an elastic run's world size changes within one MLflow run: a metric and a tag, never a param
+    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape),
+                    **({} if spec.resources.elastic else {"world_size": world}),
                     "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
                     "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
                     "precision": precision(spec)})
     # A tag, not a param: a Ray Train restart logs it again into the same MLflow run, and MLflow
     # refuses to change a param.
-    tracker.tags({"ditforge.resumed_from_step": start})
+    tracker.tags({"ditforge.resumed_from_step": start,
+                  "ditforge.world_sizes": ",".join(f"{s}:{w}" for s, w in world_sizes)})  # step:size, each change
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
@@ -109,7 +120,7 @@ def train_loop(config: dict) -> None:
             full = ema.full_state_dict(engine.module)
             if rank == 0:
                 tensors["ema.safetensors"] = full
-        stall = ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
+        stall = ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(), "world_sizes": world_sizes,
                                          "ema_updates": ema.num_updates if ema else 0}, files=files, tensors=tensors)
         tracker.log({"checkpoint/stall_s": stall}, step)
 
@@ -141,7 +152,7 @@ def train_loop(config: dict) -> None:
             skipped = guard.read()
             mean_loss = loss_sum.item() / (world * (steps_since - skipped)) if steps_since > skipped else float("nan")
             elapsed = time.perf_counter() - t_last
-            metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step,
+            metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step, "train/world_size": world,
                        "train/skipped_nonfinite": guard.total,
                        "train/step_s": elapsed / steps_since,
                        "train/samples_per_s": steps_since * spec.data.batch_size * world / elapsed,
