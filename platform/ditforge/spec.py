@@ -296,12 +296,35 @@ class ResourcesSpec(Strict):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="PACK fills a node before the next; SPREAD puts workers on different nodes")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A100, H100, L4")
+    # Elastic (README "Elastic training and resuming at another size"): with min_workers < workers
+    # Ray Train runs the job with between min_workers and workers workers; a lost host restarts
+    # it smaller from the newest complete checkpoint, regained capacity grows it back.
+    min_workers: int | None = Field(None, description="elastic: the fewest workers the job may run with")
+    resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often Ray Train looks for room to grow")
+    # per_worker: each worker keeps data.batch_size, so the global batch follows the world size and
+    # the LR follows `lr_scaling` (of train.lr at `workers` workers).
+    batch_policy: Literal["per_worker"] = "per_worker"
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="LR at w workers: train.lr x 1 | w/workers | sqrt(w/workers)")
 
     @model_validator(mode="after")
     def _gpu(self) -> "ResourcesSpec":
         if self.accelerator_type and not self.use_gpu:
             raise ValueError(f"accelerator_type: {self.accelerator_type} needs use_gpu: true")
+        if self.min_workers is not None and self.min_workers < 1:
+            raise ValueError(f"min_workers: {self.min_workers}: an elastic job needs at least 1 worker")
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers: {self.min_workers} is larger than workers ({self.workers})")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    def lr_factor(self, world: int) -> float:
+        """The LR multiplier at `world` workers (1 at `workers`)."""
+        ratio = world / self.workers
+        return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
     def per_worker(self) -> dict[str, float]:
         """One worker's Ray resources (the bundle Ray Train reserves for it)."""
@@ -413,6 +436,12 @@ class JobSpec(Strict):
         bad = [s for s in self.train.debug_nan_steps if not 1 <= s <= self.train.steps]
         if bad:
             problems.append(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")
+        if self.resources.elastic and self.train.max_failures < 1:
+            problems.append(f"train.max_failures: {self.train.max_failures}: an elastic job (resources.min_workers: "
+                             f"{self.resources.min_workers}) restarts smaller after a host loss, which Ray Train "
+                             "counts as a failure: set train.max_failures to 1 or more")
+        if self.resources.elastic and self.task == "vae":
+            problems.append("resources.min_workers: task 'vae' cannot resume at another world size; drop min_workers")
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
             problems.append(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
         if problems:

@@ -3,6 +3,11 @@
 For the demo model under a DeepSpeed engine (world of one): the stall is what `Checkpointer.save`
 blocks the loop for (local snapshot); the upload runs in the background. Its throughput is
 compared with a plain `s3fs.put_file` of the same bytes, measured in the same run.
+
+Resharding (resuming at another world size, train/reshard.py) for the demo model (DiT-T/2 on
+12x16x16 latents) and DiT-S/2, ZeRO-2: DeepSpeed's `ds_to_universal` of a local step folder plus
+the universal `load_checkpoint`, side by side with a plain same-size `load_checkpoint` of the same
+folder. One process: what each rank of a resized job spends (every rank converts its own copy).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .. import services, storage
 from ..models.dit import DiT, DiTConfig
 from ..objectives.flow import RectifiedFlow
 from ..spec import JobSpec
+from ..train import reshard
 from ..train.checkpoint import Checkpointer
 from ..train.engine import build_engine
 from .common import device_name, single_process_group
@@ -27,6 +33,55 @@ def _spec(size: str) -> JobSpec:
     return JobSpec.model_validate({"name": "bench", "data": {"train": "file:///unused", "batch_size": 32},
                                    "model": {"size": size}, "deepspeed": {"zero_stage": 2},
                                    "resources": {"workers": 1}, "train": {"warmup": 0}})
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def reshard_costs(sizes: tuple[str, ...], repeat: int) -> list[dict]:
+    """Seconds to resume a local ZeRO-2 step folder plainly vs resharded, per model size (inside
+    the caller's process group: DeepSpeed keeps its first one for the process)."""
+    import shutil
+
+    results = []
+    for size in sizes:
+        torch.manual_seed(0)
+        engine = build_engine(DiT(DiTConfig(in_channels=12, size=size, patch=2, num_classes=10)), _spec(size))
+        flow = RectifiedFlow(null_class=10)
+        loss = flow.loss(engine, torch.randn(8, 12, 16, 16), torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0))
+        engine.backward(loss)
+        engine.step()  # moments exist: the checkpoint is the size a real one is
+        root = Path(tempfile.mkdtemp(prefix="ditforge-bench-reshard-"))
+        engine.save_checkpoint(str(root), tag="step_1", save_latest=False)
+        plain, convert, load = [], [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            engine.load_checkpoint(str(root), tag="step_1")
+            plain.append(time.perf_counter() - t0)
+            uni = root / f"u{len(convert)}"
+            _, seconds = reshard.to_universal(root / "step_1", uni)
+            convert.append(seconds)
+            t0 = time.perf_counter()
+            with reshard.universal_loading(engine):
+                engine.load_checkpoint(str(uni), tag="step_1")
+            load.append(time.perf_counter() - t0)
+            shutil.rmtree(uni)
+        gb = _folder_bytes(root / "step_1") / 1e9
+        shutil.rmtree(root, ignore_errors=True)
+        reshard_s = _median(convert) + _median(load)
+        results.append({
+            "name": "checkpoint-reshard", "device": device_name(), "model": f"DiT-{size}/2", "zero_stage": 2,
+            "checkpoint_MB": round(gb * 1e3, 2), "plain_resume_s": round(_median(plain), 3),
+            "convert_s": round(_median(convert), 3), "universal_load_s": round(_median(load), 3),
+            "reshard_s": round(reshard_s, 3), "reshard_s_per_GB": round(reshard_s / gb, 1),
+            "reshard_over_plain": round(reshard_s / _median(plain), 2),
+        })
+    return results
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -92,4 +147,5 @@ def run(quick: bool = False) -> list[dict]:
             })
             if target == "s3":
                 storage.remove(root)
+        results += reshard_costs(("T",) if quick else ("T", "S"), 1 if quick else 3)
     return results

@@ -17,9 +17,10 @@ def shortfall(res: ResourcesSpec, nodes: list[dict[str, float]]) -> str | None:
     """None when `res.workers` bundles fit on `nodes` (each a node's total resources) under the
     placement strategy; otherwise one sentence saying what is missing."""
     bundle = res.per_worker()
-    need = {k: v * res.workers for k, v in bundle.items() if not k.startswith("accelerator_type:")}
+    workers = res.min_workers if res.elastic else res.workers  # an elastic job starts with what fits
+    need = {k: v * workers for k, v in bundle.items() if not k.startswith("accelerator_type:")}
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
-    ask = f"{res.workers} workers x {_fmt(bundle)}"
+    ask = f"{workers} workers x {_fmt(bundle)}"
     for k, v in need.items():
         if have[k] < v:
             return f"the job needs {ask} = {v:g} {k}, but the cluster has {have[k]:g} {k} in all"
@@ -36,7 +37,7 @@ def shortfall(res: ResourcesSpec, nodes: list[dict[str, float]]) -> str | None:
     else:  # PACK and SPREAD are preferences: any node with room may take a worker
         fit = sum(per_node)
         where = "on the cluster's nodes"
-    if fit < res.workers:
+    if fit < workers:
         return f"the job needs {ask} {where} (placement {res.placement}), but only {fit} fit: per node {per_node}"
     return None
 

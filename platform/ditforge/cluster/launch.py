@@ -124,6 +124,18 @@ def _latest_unfinished(spec: JobSpec) -> str | None:
     return None
 
 
+def _check_reshard(step_uri: str, spec: JobSpec, what: str) -> None:
+    """Before anything is submitted: can this checkpoint be resumed with the job's workers and stage?"""
+    from ..train import reshard
+
+    try:
+        reshard.check(step_uri, spec.resources.workers, spec.deepspeed.zero_stage)
+    except reshard.ReshardError as e:
+        raise SubmitError(f"{what}: {e}") from None
+    except (ValueError, KeyError) as e:  # a manifest that is not JSON
+        raise SubmitError(f"{what}: {step_uri}/manifest.json: unreadable ({e})") from None
+
+
 def new_run(spec: JobSpec, tracking_uri: str, source: str | None = None,
             resumed_from: str | None = None) -> tuple[str, str, str]:
     """Name a run, open its MLflow run and write its run.json; returns (name, run URI, MLflow run id)."""
@@ -201,6 +213,8 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
             resume_from = checkpoint.resolve(storage.absolute(spec.train.resume))
         except FileNotFoundError as e:
             raise SubmitError(f"train.resume: {e}") from None
+    if resume_from:  # before the job is submitted: a checkpoint this job cannot load is one line
+        _check_reshard(resume_from, spec, "train.resume")
     if resume:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", resume) or ".." in resume:  # a name, not a path
             raise SubmitError(f"--resume {resume}: a run name (letters, digits, '_', '.', '-'), not a path")
@@ -212,6 +226,8 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
             raise SubmitError(f"--resume {resume}: no run named '{resume}' under {spec.checkpoint.uri}") from None
         steps = checkpoint.complete_steps(run_uri)
         changed = check_resume(spec, run_name, run_uri, steps, how, source or spec.name, force_resume)
+        if steps:
+            _check_reshard(checkpoint.join_step(run_uri, steps[-1]), spec, f"--resume {resume}")
         mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
                                             parent_run_id=run_info["mlflow_run_id"],
                                             resumed_from=checkpoint.join_step(run_uri, steps[-1]) if steps else "")

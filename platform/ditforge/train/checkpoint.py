@@ -93,6 +93,7 @@ class Checkpointer:
     _deadline: float = field(default=0.0, repr=False)
     _own_done: threading.Event = field(default_factory=threading.Event, repr=False)
     _peers_done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _zero_stage: int | None = field(default=None, repr=False)
     history: list = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- saving
@@ -114,6 +115,7 @@ class Checkpointer:
         tag = step_tag(step)
         self._own_done, self._peers_done = threading.Event(), threading.Event()
         local_root = Path(tempfile.mkdtemp(prefix=f"ditforge-ckpt-r{self.rank}-"))
+        self._zero_stage = engine.zero_optimization_stage()  # the files' layout: what a reshard needs
         engine.save_checkpoint(str(local_root), tag=tag, client_state=client_state, save_latest=False)
         folder = local_root / tag
         for name, data in (files or {}).items():
@@ -247,7 +249,8 @@ class Checkpointer:
                 if time.time() > deadline:
                     raise TimeoutError(f"ranks {missing} did not finish uploading in {self.manifest_timeout_s:.0f}s")
                 time.sleep(0.3)
-        manifest = {"step": step, "tag": step_tag(step), "world_size": self.world, "created": time.time(), "files": {}}
+        manifest = {"step": step, "tag": step_tag(step), "world_size": self.world,
+                    "zero_stage": self._zero_stage, "created": time.time(), "files": {}}
         for r in range(self.world):
             manifest["files"].update(parts[r])
         storage.write_bytes(storage.join(dest, MANIFEST), json.dumps(manifest, indent=2).encode())
@@ -324,11 +327,26 @@ def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
 
 
 def load(engine, step_uri: str) -> tuple[dict, Path]:
-    """Collective. Loads a complete step folder into the engine; returns (client state, local
-    folder with the extra files — the caller deletes it)."""
+    """Collective. Loads a complete step folder into the engine, at any world size (a checkpoint
+    saved with another one is resharded: train/reshard.py); returns (client state, local folder
+    with the extra files — the caller deletes it)."""
+    from . import reshard
+
     local_root = Path(tempfile.mkdtemp(prefix="ditforge-resume-"))
+    manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # refused before anything is downloaded or handed to DeepSpeed
+    needs = reshard.plan(step_uri, manifest, world, engine.zero_optimization_stage())
     folder, manifest = download(step_uri, local_root)  # refuses unsafe pickles before DeepSpeed reads them
-    path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
+    if needs:
+        root, seconds = reshard.to_universal(folder, local_root / "_universal")
+        with reshard.universal_loading(engine):
+            path, client_state = engine.load_checkpoint(str(root), tag=manifest["tag"])
+        print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] resharded {step_uri} from "
+              f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint, "
+              f"{seconds:.1f}s)", flush=True)
+    else:
+        path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
     if path is None:
         raise RuntimeError(f"{step_uri}: DeepSpeed could not load this checkpoint")
     return client_state, folder

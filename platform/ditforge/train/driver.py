@@ -23,8 +23,14 @@ def scaling_config(spec):
 
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
-    return ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker,
-                         placement_strategy=res.placement, accelerator_type=res.accelerator_type)
+    # Elastic: Ray Train 2.60 starts with as many workers as fit (at least min_workers), restarts
+    # the group smaller when a worker is lost and no replacement can be placed, and grows it again
+    # when its resize monitor (every resize_interval_s) finds room; each restart resumes from the
+    # newest complete checkpoint, resharded to the new size (train/reshard.py).
+    workers = (res.min_workers, res.workers) if res.elastic else res.workers
+    extra = {"elastic_resize_monitor_interval_s": res.resize_interval_s} if res.elastic else {}
+    return ScalingConfig(num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=per_worker,
+                         placement_strategy=res.placement, accelerator_type=res.accelerator_type, **extra)
 
 
 def read_job(path: str) -> dict:

@@ -118,3 +118,14 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(spec, micro_batch, accum))
     return engine
+
+
+def scale_lr(engine, spec: JobSpec, world: int) -> None:
+    """Elastic, `resources.lr_scaling`: the schedule's base LR at `world` workers. Applied after a
+    (resharded) load, which restores the saved base LR; with `none` (the default) nothing changes."""
+    if spec.resources.lr_scaling == "none":
+        return
+    sched = engine.lr_scheduler
+    sched.base_lrs = [spec.train.lr * spec.resources.lr_factor(world) for _ in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)  # the LR of the next step, as LambdaLR would set it

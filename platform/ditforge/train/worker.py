@@ -32,7 +32,7 @@ from ..spec import JobSpec
 from . import batch as batch_plan
 from . import checkpoint
 from .ema import EMA
-from .engine import build_engine, convert_fp8, precision, uses_bf16
+from .engine import build_engine, convert_fp8, precision, scale_lr, uses_bf16
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
 from .sampling import gather_chunks, generate_chunks, sample_grid
 from .step import step_generator, train_step
@@ -82,16 +82,27 @@ def _train(run: Session) -> None:
 
     # --- resume: this run's own newest checkpoint (a restart), else where the submitter said ----
     start, state, folder = run.resume(engine)
+    world_sizes = [[0, world]]  # [step, world size] at the start and at every change (elastic, resume)
     if state:
         loader.position = Position(**state["data"])  # this rank's own position (train/session.py)
         if ema:  # full weights or per-rank ZeRO-3 slices, at this world size or another
             ema.load_shards(engine.module, folder, state.get("ema_updates", state["step"]))
+        world_sizes = state.get("world_sizes") or [[0, state["data"].get("world") or world]]
+        if world_sizes[-1][1] != world:
+            world_sizes.append([start, world])
+            if rank == 0:
+                print(f"world size {world_sizes[-2][1]} -> {world} at step {start} (global batch "
+                      f"{plan.micro * plan.accum * world}, lr x{spec.resources.lr_factor(world):g})", flush=True)
     run.done_resuming(folder)
-    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape), "world_size": world,
+    scale_lr(engine, spec, world)
+    # an elastic run's world size changes within one MLflow run: a metric and a tag, never a param
+    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape),
+                    **({} if spec.resources.elastic else {"world_size": world}),
                     "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
                     "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
                     "precision": precision(spec), "ema.source": ema.source if ema else "off"})
     tracker.tags(plan.tags())  # tags, not params: a restart on another GPU may probe another batch
+    tracker.tags({"ditforge.world_sizes": ",".join(f"{s}:{w}" for s, w in world_sizes)})  # step:size, each change
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
@@ -106,6 +117,7 @@ def _train(run: Session) -> None:
             tensors.update(ema_tensors)
             files.update(ema_files)
         stall = run.ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
+                                             "world_sizes": world_sizes,
                                              "ema_updates": ema.num_updates if ema else 0},
                               files=files, tensors=tensors, rank_state={"data": batches.position.to_dict()},
                               final=final)
@@ -149,7 +161,7 @@ def _train(run: Session) -> None:
             skipped = guard.read()
             mean_loss = loss_sum.item() / (world * (steps_since - skipped)) if steps_since > skipped else float("nan")
             elapsed = time.perf_counter() - t_last
-            metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step,
+            metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step, "train/world_size": world,
                        "train/skipped_nonfinite": guard.total,
                        "train/step_s": elapsed / steps_since,
                        "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
