@@ -63,3 +63,7 @@ def run_cli(*args: str, timeout: float = 900, cwd: Path = REPO, env: dict | None
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Several hosts from network namespaces, one set per test run (tests/hosts.py says what each gets).
+from .hosts import hosts  # noqa: E402,F401
