@@ -1,10 +1,10 @@
 """A real Slurm for the tests: munged, slurmctld and one slurmd per host, all from Debian's
 `slurm-wlm` 22.05, with their own key, socket, ports, state and logs in one folder.
 
-`Slurm(root, nodes)` starts it; `nodes` is a list of (name, address, wrap) where `wrap(argv)` is
-the argv that runs a command on that host, e.g. `("n1", hosts.addr(1), lambda a: hosts._argv(1, a))`
-for a namespace host of tests/hosts.py. slurmctld runs on the
-first. Clients (`sbatch`, `squeue`, …) find it through `SLURM_CONF`; `stop()` ends every daemon by
+`Slurm(root, controller, nodes)` starts it: `controller` is (address, wrap) of the host that runs
+slurmctld (and the client commands: the login node), `nodes` a list of (name, address, wrap), one
+slurmd each, where `wrap(argv)` is the argv that runs a command on that host, e.g.
+`("n1", hosts.addr(1), lambda a: hosts._argv(1, a))` for a namespace host of tests/hosts.py. Clients (`sbatch`, `squeue`, …) find it through `SLURM_CONF`; `stop()` ends every daemon by
 the pid in its pid file, never by name: other Slurms, Rays and engineers share this machine.
 
 Settings that differ from a site's, and why:
@@ -43,9 +43,10 @@ def _sbin(name: str) -> str:
 
 
 class Slurm:
-    def __init__(self, root: Path, nodes: list[tuple[str, str, Callable[[list[str]], list[str]]]], *, cpus: int = 2,
+    def __init__(self, root: Path, controller: tuple[str, Callable[[list[str]], list[str]]],
+                 nodes: list[tuple[str, str, Callable[[list[str]], list[str]]]], *, cpus: int = 2,
                  partition: str = "debug", port: int = 16817, kill_wait: int = 10):
-        self.root, self.nodes, self.partition = Path(root), nodes, partition
+        self.root, self.controller, self.nodes, self.partition = Path(root), controller, nodes, partition
         self.root.mkdir(parents=True, exist_ok=True)
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge.sock"
@@ -54,7 +55,7 @@ class Slurm:
             self._munge()
             self._write_conf(cpus, port, kill_wait)
             self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-            self._start("slurmctld", nodes[0][2], [_sbin("slurmctld"), "-f", str(self.conf)],
+            self._start("slurmctld", controller[1], [_sbin("slurmctld"), "-f", str(self.conf)],
                         self.root / "slurmctld.pid")
             for name, _addr, wrap in nodes:
                 self._start(f"slurmd-{name}", wrap, [_sbin("slurmd"), "-f", str(self.conf), "-N", name],
@@ -79,7 +80,7 @@ class Slurm:
 
     def _write_conf(self, cpus: int, port: int, kill_wait: int) -> None:
         r = self.root
-        ctl_name, ctl_addr, _ = self.nodes[0]
+        ctl_addr = self.controller[0]
         lines = [
             "ClusterName=ditforge-test",
             # the controller's name must be this machine's short host name (namespace hosts share it)
@@ -139,8 +140,8 @@ class Slurm:
     # ------------------------------------------------------------------------------ use
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        """A Slurm client command against this cluster, run on the first host (the login node)."""
-        r = subprocess.run(self.nodes[0][2]([_sbin(argv[0]), *argv[1:]]), capture_output=True, text=True, env=self.env, timeout=timeout)
+        """A Slurm client command against this cluster, run on the controller's host (the login node)."""
+        r = subprocess.run(self.controller[1]([_sbin(argv[0]), *argv[1:]]), capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and r.returncode:
             raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
         return r

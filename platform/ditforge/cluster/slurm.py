@@ -112,13 +112,43 @@ def _slurm(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
         raise SubmitError(f"`{argv[0]}` not found: run this on a Slurm login node (or install slurm-client)") from None
 
 
+def _what(c: SlurmCluster) -> str:
+    return (f"{c.nodes} nodes x {c.cpus_per_node} CPUs{f' x {c.gpus_per_node} GPUs' if c.gpus_per_node else ''}"
+            f"{f', partition {c.partition}' if c.partition else ''}")
+
+
+def partition_nodes(partition: str | None) -> tuple[str, int] | None:
+    """(name, node count) of `partition`, or of the default one; None if sinfo does not say."""
+    r = _slurm("sinfo", "-h", "-o", "%P %D")
+    if r.returncode:
+        return None
+    sizes: dict[str, int] = {}
+    default = None
+    for line in r.stdout.splitlines():
+        name, _, count = line.strip().partition(" ")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        sizes[name] = sizes.get(name, 0) + int(count or 0)  # one line per node state
+    name = partition or default
+    return (name, sizes[name]) if name in sizes else None
+
+
+# Reasons a pending job never starts: waiting for them would wait forever.
+IMPOSSIBLE = ("PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
+              "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AssocMaxNodesPerJob",
+              "AssocMaxWallDurationPerJobLimit", "PartitionDown", "PartitionInactive", "AccountNotAllowed",
+              "QOSNotAllowed", "ReqNodeNotAvail,_UnavailableNodes", "JobHeldAdmin")
+
+
 def sbatch(c: SlurmCluster, script: Path) -> str:
+    part = partition_nodes(c.partition)
+    if part and c.nodes > part[1]:  # Slurm would queue it for ever (EnforcePartLimits=NO, its default)
+        raise SubmitError(f"cluster '{c.name}': nodes: {c.nodes}, but partition {part[0]} has {part[1]} "
+                          f"node{'s' if part[1] != 1 else ''}")
     r = _slurm("sbatch", "--parsable", str(script))
     if r.returncode:
         why = (r.stderr.strip().splitlines() or ["(no message)"])[-1].removeprefix("sbatch: error: ")
-        raise SubmitError(f"cluster '{c.name}': sbatch refused the allocation ({c.nodes} nodes x "
-                          f"{c.cpus_per_node} CPUs{f' x {c.gpus_per_node} GPUs' if c.gpus_per_node else ''}"
-                          f"{f', partition {c.partition}' if c.partition else ''}): {why}")
+        raise SubmitError(f"cluster '{c.name}': sbatch refused the allocation ({_what(c)}): {why}")
     return r.stdout.strip().split(";")[0]
 
 
@@ -190,6 +220,10 @@ def wait_for_head(c: SlurmCluster, state: Path, job_id: str, timeout: float) -> 
         if st in ENDED:
             raise SubmitError(f"cluster '{c.name}': allocation {job_id} ended ({st}) before Ray was up"
                               f"{_log_tail(state, job_id)}")
+        if st == "PENDING" and reason in IMPOSSIBLE:
+            _slurm("scancel", job_id)
+            raise SubmitError(f"cluster '{c.name}': Slurm cannot start the allocation ({_what(c)}): {reason}; "
+                              f"job {job_id} cancelled")
         if time.time() > deadline:
             where = f"still {st}{f' ({reason})' if reason and reason != 'None' else ''}"
             raise SubmitError(f"cluster '{c.name}': allocation {job_id} {where} after {timeout:.0f}s; it stays "
