@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
+from ditforge.data.parallel import ray_session
 from ditforge.models.vae import IdentityVAE
 from ditforge.train.checkpoint import complete_steps
 
@@ -44,7 +46,7 @@ MLFLOW_PORT = 5099
 
 
 @pytest.fixture(scope="module")
-def site(hosts):
+def site(hosts, tmp_path_factory):
     """The Slurm site: controller + login on host 0, compute nodes n1 and n2 on hosts 1 and 2."""
     why = test_slurm.missing()
     if why:
@@ -68,8 +70,9 @@ def site(hosts):
                              start_new_session=True)
         tracking = f"http://{hosts.addr(0)}:{MLFLOW_PORT}"
         data = f"file://{shared}/data"
-        ingest_shapes(f"{data}/pixels", limit=128, resolution=16, shard_size=32, progress=False)
-        encode_dataset(f"{data}/pixels", f"{data}/latents", IdentityVAE(2), progress=False)
+        with ray_session(2):  # one private Ray for both steps
+            ingest_shapes(f"{data}/pixels", limit=128, resolution=16, shard_size=32, progress=False)
+            encode_dataset(f"{data}/pixels", f"{data}/latents", IdentityVAE(2), progress=False)
         deadline = time.time() + 120
         probe = [sys.executable, "-c", f"import urllib.request as u; u.urlopen('{tracking}/health', timeout=5)"]
         while hosts.run(0, probe).returncode != 0:
@@ -89,6 +92,11 @@ def site(hosts):
             while s.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
                 time.sleep(1)
         s.stop()
+        # the allocations' logs and the daemons' outlive the hosts' folders, for a failure's post-mortem
+        keep = tmp_path_factory.mktemp("slurm-logs")
+        shutil.copytree(shared / "ditforge" / "slurm", keep / "allocations", dirs_exist_ok=True)
+        for f in (shared / "slurm").glob("*.log"):
+            shutil.copy(f, keep)
         if mlflow is not None:
             os.killpg(mlflow.pid, 9)
             mlflow.wait(30)

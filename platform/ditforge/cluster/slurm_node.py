@@ -76,7 +76,9 @@ def ray_env() -> dict:
     if not credentials.ray_token():
         raise SystemExit("ditforge: no Ray token on this node (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
                          "~/.ray/auth_token on the shared home); `ditforge cluster up` makes one")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2")
+    # A busy node can take longer than Ray's 30 s to register a raylet.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",
+               RAY_raylet_start_wait_time_s="120")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -174,8 +176,9 @@ def write_json(path: Path, obj: dict) -> None:
 def run_head(c: SlurmCluster, state: Path) -> int:
     sig = Signals()
     job_id, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    ip, env = node_ip(), ray_env()
-    os.environ["RAY_AUTH_MODE"] = "token"  # this process's own Ray clients (state API, Jobs API)
+    env = ray_env()
+    os.environ["RAY_AUTH_MODE"] = "token"  # this process's own Ray clients (state API, Jobs API), before ray loads
+    ip = node_ip()
     gcs, dashboard = f"{ip}:{c.ports_from + PORTS['gcs']}", f"http://{ip}:{c.ports_from + PORTS['dashboard']}"
     log(f"allocation {job_id} (restart {restart}): Ray head at {gcs}, dashboard {dashboard}")
     head = subprocess.Popen([_ray_bin(), "start", "--head", f"--node-ip-address={ip}", f"--port={c.ports_from}",
@@ -311,10 +314,12 @@ def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart:
 
 def run_worker(c: SlurmCluster, gcs: str) -> int:
     sig = Signals()
+    env = ray_env()
+    os.environ["RAY_AUTH_MODE"] = "token"
     ip = node_ip()
     log(f"Ray worker node at {ip}, joining {gcs}")
     node = subprocess.Popen([_ray_bin(), "start", f"--address={gcs}", f"--node-ip-address={ip}", *ray_args(c)],
-                            env=ray_env(), start_new_session=True, stdin=subprocess.DEVNULL)
+                            env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     try:
         while not sig.any and node.poll() is None:
             time.sleep(0.5)
