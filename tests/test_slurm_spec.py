@@ -71,3 +71,49 @@ def test_render_writes_the_batch_script(tmp_path):
 
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert batch_script(SlurmCluster(), tmp_path).count("#SBATCH") >= 8
+
+
+class FakeSlurm:
+    """Answers the Slurm client commands the login side runs (sinfo, sbatch, squeue, scancel)."""
+
+    def __init__(self, sinfo: str, squeue: str = "PENDING|Priority"):
+        self.sinfo, self.squeue, self.calls = sinfo, squeue, []
+
+    def __call__(self, *argv, timeout=60):
+        import subprocess
+
+        self.calls.append(argv)
+        out = {"sinfo": self.sinfo, "sbatch": "42\n", "squeue": self.squeue + "\n"}.get(argv[0], "")
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_more_nodes_than_the_partition_is_refused_before_sbatch(monkeypatch, tmp_path):
+    from ditforge.cluster import slurm
+    from ditforge.cluster.launch import SubmitError
+
+    # sinfo prints one line per partition and node state; the default partition carries a '*'
+    fake = FakeSlurm("debug* 1\ndebug* 1\ngpu 4\n")
+    monkeypatch.setattr(slurm, "_slurm", fake)
+    with pytest.raises(SubmitError, match=r"^cluster 'x': nodes: 3, but partition debug has 2 nodes$"):
+        slurm.sbatch(SlurmCluster(name="x", nodes=3), tmp_path / "job.sh")
+    assert not any(c[0] == "sbatch" for c in fake.calls)
+    assert slurm.sbatch(SlurmCluster(name="x", nodes=3, partition="gpu"), tmp_path / "job.sh") == "42"
+
+
+def test_a_reason_that_never_clears_cancels_and_fails_in_one_line(monkeypatch, tmp_path):
+    from ditforge.cluster import slurm
+    from ditforge.cluster.launch import SubmitError
+
+    fake = FakeSlurm("debug* 2\n", squeue="PENDING|InvalidQOS")
+    monkeypatch.setattr(slurm, "_slurm", fake)
+    with pytest.raises(SubmitError, match=r"Slurm cannot start the allocation .*: InvalidQOS; job 42 cancelled"):
+        slurm.wait_for_head(SlurmCluster(name="x"), tmp_path, "42", timeout=30)
+    assert ("scancel", "42") in fake.calls
+
+
+def test_set_cluster_fields_go_to_the_cluster_spec():
+    from ditforge.cli import _load
+
+    job, cl = _load(REPO / "jobs" / "demo-image.yaml", REPO / "cluster" / "slurm.yaml",
+                    ["cluster.mode=job", "cluster.nodes=4", "train.steps=70"])
+    assert (cl.mode, cl.nodes, job.train.steps) == ("job", 4, 70)

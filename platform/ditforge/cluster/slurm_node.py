@@ -317,14 +317,24 @@ def run_worker(c: SlurmCluster, gcs: str) -> int:
     env = ray_env()
     os.environ["RAY_AUTH_MODE"] = "token"
     ip = node_ip()
-    log(f"Ray worker node at {ip}, joining {gcs}")
-    node = subprocess.Popen([_ray_bin(), "start", f"--address={gcs}", f"--node-ip-address={ip}", *ray_args(c)],
-                            env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    argv = [_ray_bin(), "start", f"--address={gcs}", f"--node-ip-address={ip}", *ray_args(c)]
+    node = None
     try:
-        while not sig.any and node.poll() is None:
-            time.sleep(0.5)
+        # A raylet that fails to register (a head still starting, a busy node) is started again:
+        # the head waits for every node, and one failed try should not cost the allocation.
+        for attempt in range(1, 4):
+            log(f"Ray worker node at {ip}, joining {gcs} (try {attempt})")
+            node = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+            while not sig.any and node.poll() is None:
+                time.sleep(0.5)
+            if sig.any:
+                break
+            stop_group(node)
+            sweep()
+            time.sleep(5)
     finally:
-        stop_group(node)
+        if node is not None:
+            stop_group(node)
         sweep()
     return 0
 
