@@ -112,8 +112,8 @@ class Slurm:
         self.pids[name] = pid_file
         # slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and fails when nothing is
         # mounted on /sys/fs/cgroup, which is so after `ip netns exec` (it mounts a fresh /sys): an
-        # empty tmpfs there (in that command's own mount namespace) selects the cgroup/v1 plugin,
-        # which then stays unused.
+        # tmpfs there with the machine's `name=systemd` v1 hierarchy under it (in that command's own
+        # mount namespace) satisfies the cgroup/v1 plugin, which then stays unused.
         argv = ["sh", "-c", 'mountpoint -q /sys/fs/cgroup || { mount -t tmpfs none /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; }; exec "$@"', "sh", *argv]
         r = subprocess.run(wrap(argv), capture_output=True, text=True, timeout=60,
                            env={**os.environ, "SLURM_CONF": str(self.conf)})
