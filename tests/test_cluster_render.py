@@ -22,7 +22,7 @@ def test_every_example_cluster_validates():
     r = run_cli("validate", *sorted(str(p) for p in CLUSTERS.glob("*.yaml")))
     assert r.returncode == 0, r.stderr
     kinds = {load_cluster(p).kind for p in CLUSTERS.glob("*.yaml")}
-    assert kinds == {"embedded", "local", "address", "aws", "gcp", "kubernetes"}
+    assert kinds == {"embedded", "local", "address", "aws", "gcp", "kubernetes", "slurm"}
 
 
 @pytest.mark.parametrize("data, field", [

@@ -88,7 +88,10 @@ def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML f
 def _load(job: Path, cluster: Optional[Path], sets: Optional[List[str]]):
     from .spec import load_cluster, load_job
 
-    return load_job(job, sets), load_cluster(cluster)
+    # `--set cluster.mode=job` overrides the cluster spec; every other --set, the job spec
+    cluster_sets = [x.removeprefix("cluster.") for x in sets or [] if x.startswith("cluster.")]
+    job_sets = [x for x in sets or [] if not x.startswith("cluster.")]
+    return load_job(job, job_sets), load_cluster(cluster, cluster_sets)
 
 
 @app.command()
@@ -195,7 +198,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
     for rec in recs:
         try:
-            state = str(client_for(rec).get_job_status(rec["job_id"]).value)
+            state = _state(rec)
         except Exception:
             state = "UNKNOWN (cluster unreachable)"
         if state == "SUCCEEDED" and _stopped_on_request(rec):
@@ -211,6 +214,21 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     out.print(table)
 
 
+def _state(rec: dict) -> str:
+    """The Ray job's state; for a job on a Slurm allocation, with the Slurm job's beside it."""
+    from .cluster.launch import client_for
+
+    if rec.get("slurm_job_id"):
+        from .cluster import slurm
+
+        if rec.get("job_dir"):  # mode job: its own allocation
+            return slurm.record_state(rec)
+        st, _ = slurm.job_state(rec["slurm_job_id"])
+        ray_state = str(client_for(rec).get_job_status(rec["job_id"]).value) if st == "RUNNING" else "UNKNOWN"
+        return f"{ray_state} · slurm {rec['slurm_job_id']} {st}"
+    return str(client_for(rec).get_job_status(rec["job_id"]).value)
+
+
 @app.command()
 @user_errors
 def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
@@ -218,9 +236,15 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
     from .cluster.launch import client_for
 
     rec = _find(job)
-    client = client_for(rec)
     from .credentials import redact
 
+    if rec.get("job_dir"):  # a Slurm allocation of its own: its log, then each attempt's Ray job log
+        d = Path(rec["job_dir"])
+        for f in [d / f"slurm-{rec['slurm_job_id']}.out", *sorted(d.glob("ray-*.log"))]:
+            if f.exists():
+                sys.stdout.write(f"==> {f} <==\n{redact(f.read_text(errors='replace'))}\n")
+        return
+    client = client_for(rec)
     if not follow_:
         sys.stdout.write(redact(client.get_job_logs(job)))
         return
@@ -556,6 +580,14 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
         with err.status(f"starting local cluster '{spec.name}' (head + {spec.nodes} raylets)..."):
             dash = local.up(spec)
         out.print(dash, highlight=False)
+    elif spec.kind == "slurm":
+        from .cluster import slurm
+
+        with err.status(f"waiting for Slurm allocation '{spec.name}' ({spec.nodes} nodes) and Ray on it..."):
+            h = slurm.up(spec)
+        err.print(f"slurm job {h['slurm_job_id']}: Ray on {len(h['nodes'])} nodes "
+                  f"({', '.join(n['address'] for n in h['nodes'])})", highlight=False)
+        out.print(h["dashboard"], highlight=False)
     elif spec.kind == "address":
         from .cluster.launch import connect, jobs_client
 
@@ -578,6 +610,10 @@ def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
     spec = load_cluster(cluster)
     if spec.kind == "local":
         stopped = local.down(spec)
+    elif spec.kind == "slurm":
+        from .cluster import slurm
+
+        stopped = slurm.down(spec)
     elif spec.kind == "embedded":
         stopped = services.down()
     elif spec.kind == "address":
@@ -655,6 +691,17 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
         if services._ray_ready(services.endpoints().ray_dashboard):
             _nodes_table(services.endpoints().ray_gcs)
         return
+    if spec.kind == "slurm":
+        from .cluster import slurm
+
+        rows = slurm.status(spec)
+        table = Table("slurm job", "state", "ray node", "address")
+        for r in rows:
+            table.add_row(r["slurm_job_id"], r["state"], r["node"], r["address"])
+        out.print(table if rows else f"cluster '{spec.name}': no allocation (run `ditforge cluster up`)")
+        if not rows or rows[0]["state"] != "RUNNING":
+            raise typer.Exit(1)
+        return
     if spec.kind != "local":
         raise SpecError(str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`")
     table = Table("node", "pid", "alive", "node id", "resources")
@@ -669,14 +716,15 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
 
 @cluster_app.command("render")
 @user_errors
-def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes)"),
+def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes, slurm)"),
                    out_dir: Path = typer.Option(..., "--out", help="output folder"),
                    job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
-    """Write the Ray cluster-launcher YAML (aws, gcp) or KubeRay manifests (kubernetes)."""
+    """Write the Ray cluster-launcher YAML (aws, gcp), KubeRay manifests (kubernetes) or the batch
+    script (slurm; with --job, one that runs that job)."""
     from .spec import SpecError, load_cluster
 
     spec = load_cluster(cluster)
-    if spec.kind not in ("aws", "gcp", "kubernetes"):
+    if spec.kind not in ("aws", "gcp", "kubernetes", "slurm"):
         raise SpecError(str(cluster), "kind", f"{spec.kind} clusters run here: nothing to render (use `ditforge cluster up`)")
     _cluster_files(spec, out_dir, job)
 

@@ -725,9 +725,86 @@ class KubernetesCluster(ClusterSpec):
     _no_secret = field_validator("tracking_uri")(_no_password)
 
 
+# Slurm's time formats (sbatch --time): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:=+-]+$")  # partition, account, QoS: no spaces, no shell
+
+
+class SlurmCluster(ClusterSpec):
+    """A Ray cluster inside one Slurm allocation: the batch script starts a Ray head on the first
+    node and a Ray worker node on each other node (srun). `mode: standing` holds the allocation
+    until `ditforge cluster down` (scancel); `mode: job` runs one job and ends with it."""
+
+    kind: Literal["slurm"] = "slurm"
+    mode: Literal["standing", "job"] = Field("standing", description="standing: until `cluster down`; "
+                                                                       "job: one allocation per `ditforge submit`")
+    partition: str | None = None
+    nodes: int = Field(2, ge=1, le=4096)
+    cpus_per_node: int = Field(8, gt=0, description="--cpus-per-task (one task per node); Ray's CPUs per node")
+    gpus_per_node: int = Field(0, ge=0, description="--gres=gpu[:type]:N; Ray's GPUs per node")
+    gpu_type: str | None = Field(None, description="GRES type name at your site (e.g. a100, h100)")
+    mem_per_node_gb: int | None = Field(None, gt=0, description="--mem; default: the partition's")
+    time_limit: str = Field("04:00:00", description="--time: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = Field(None, description="--constraint (node features, e.g. 'a100&ib')")
+    exclusive: bool = Field(False, description="--exclusive: whole nodes, no other job beside Ray")
+    sbatch_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --reservation=r1")
+    setup: list[str] = Field(default_factory=list, description="shell lines run on the nodes before Ray starts "
+                                                               "(module load …, source venv/bin/activate)")
+    python: str = Field("python", description="the interpreter with ditforge installed, after `setup`")
+    # Preemption and the time limit: Slurm sends SIGUSR1 this long before it ends the job; the
+    # run saves a checkpoint (as on `ditforge stop`) and the allocation is requeued.
+    signal_grace_s: int = Field(180, ge=10, le=65535, description="--signal=B:USR1@N")
+    requeue: bool = Field(True, description="--requeue: a preempted / timed-out allocation resumes the run")
+    ports_from: int = Field(26000, ge=1024, lt=65436, description="Ray uses ports P…P+99 on every node")
+    object_store_mb: int | None = Field(None, ge=80, description="per node; default: Ray's (30% of memory)")
+    tracking_uri: str | None = Field(None, description="MLflow server the nodes can reach")
+    state_dir: str | None = Field(None, description="a folder on a file system the login and compute nodes "
+                                                    "share; default $DITFORGE_HOME/slurm/<name>")
+    up_timeout_s: float = Field(900, gt=0, description="how long `cluster up` waits for the allocation to start")
+
+    _no_secret = field_validator("tracking_uri")(_no_password)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not _SLURM_TIME.match(v):
+            raise ValueError(f"'{v}' is not a Slurm time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S, e.g. 04:00:00)")
+        return v
+
+    @field_validator("partition", "account", "qos", "gpu_type")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _SLURM_NAME.match(v):
+            raise ValueError(f"'{v}': letters, digits and _ . , : = + - only")
+        return v
+
+    @field_validator("sbatch_args")
+    @classmethod
+    def _args(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not a.startswith("--") or any(c in a for c in "\n\r"):
+                raise ValueError(f"'{a}': one long sbatch option per item, e.g. --reservation=r1")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, v: list[str]) -> list[str]:
+        if any("\n" in line for line in v):
+            raise ValueError("one shell line per item")
+        return v
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "SlurmCluster":
+        if self.gpu_type and not self.gpus_per_node:
+            raise ValueError(f"gpu_type: {self.gpu_type} needs gpus_per_node of 1 or more")
+        return self
+
+
 CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {
     "embedded": EmbeddedCluster, "local": LocalCluster, "address": AddressCluster,
-    "aws": AWSCluster, "gcp": GCPCluster, "kubernetes": KubernetesCluster,
+    "aws": AWSCluster, "gcp": GCPCluster, "kubernetes": KubernetesCluster, "slurm": SlurmCluster,
 }
 
 

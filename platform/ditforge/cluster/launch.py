@@ -15,7 +15,7 @@ import os
 import yaml
 
 from .. import credentials, services, storage
-from ..spec import AddressCluster, ClusterSpec, EmbeddedCluster, JobSpec, LocalCluster
+from ..spec import AddressCluster, ClusterSpec, EmbeddedCluster, JobSpec, LocalCluster, SlurmCluster
 from ..train import tracking
 from . import capacity
 
@@ -31,6 +31,7 @@ class Target:
     dashboard: str  # Ray Jobs API address
     tracking_uri: str
     token_env: str | None = None  # the variable holding the dashboard's bearer token, if any
+    slurm_job_id: str | None = None  # the allocation the cluster runs in (kind slurm)
 
 
 def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
@@ -50,6 +51,10 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
         if cluster.token_env and not os.environ.get(cluster.token_env):
             raise SubmitError(f"cluster '{cluster.name}': token_env names ${cluster.token_env}, which is not set")
         return Target(dashboard, own or cluster.tracking_uri or services.endpoints().mlflow, cluster.token_env)
+    if isinstance(cluster, SlurmCluster):
+        from . import slurm
+
+        return slurm.connect(cluster, own)
     raise SubmitError(f"cluster kind '{cluster.kind}' is started with its own tool: run `ditforge cluster up` for the "
                       f"command, then submit with a `kind: address` cluster pointing at its dashboard")
 
@@ -196,6 +201,10 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         # Their Ray nodes start with --num-gpus=0: say so before starting anything.
         raise SubmitError(f"{source or spec.name}: resources.use_gpu: true, but cluster '{cluster.name}' (kind "
                           f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs")
+    if isinstance(cluster, SlurmCluster) and cluster.mode == "job":
+        from . import slurm
+
+        return slurm.submit_job(spec, cluster, resume=resume, source=source)  # an allocation of its own
     target = connect(cluster, spec)
     check_capacity(spec, cluster, target)
     from . import preflight
@@ -243,6 +252,21 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
            "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": resume_from,
            "spec_digest": spec.digest()}
+    job_id = submit_to_ray(job, spec, target)
+    rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
+           "tracking_uri": target.tracking_uri, "dashboard": target.dashboard, "cluster": cluster.kind,
+           "cluster_name": cluster.name, "token_env": target.token_env, "checkpoint_on_stop": spec.checkpoint.on_stop,
+           "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
+           "experiment": spec.tracking.experiment}
+    if target.slurm_job_id:
+        rec["slurm_job_id"] = target.slurm_job_id
+    (records_dir() / f"{job_id}.json").write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def submit_to_ray(job: dict, spec: JobSpec, target: Target) -> str:
+    """Hand `job` (what the driver reads as job.json) to the Ray Jobs API; returns the job id."""
+    run_name, mlflow_run_id = job["run_name"], job["mlflow_run_id"]
     client = jobs_client(target.dashboard, target.token_env)
     with tempfile.TemporaryDirectory() as wd:
         (Path(wd) / "job.json").write_text(json.dumps(job, indent=2))
@@ -261,15 +285,9 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
             # py_modules ships this checkout's ditforge, so the cluster runs the code that submitted
             # (on a remote cluster, the rest of the stack comes from its image).
             runtime_env={"working_dir": wd, "py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": env},
-            metadata={"ditforge.run": run_name, "ditforge.mlflow_run_id": mlflow_run_id},
+            metadata={"ditforge.run": run_name, "ditforge.mlflow_run_id": mlflow_run_id, "ditforge.run_uri": job["run_uri"]},
         )
-    rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
-           "tracking_uri": target.tracking_uri, "dashboard": target.dashboard, "cluster": cluster.kind,
-           "cluster_name": cluster.name, "token_env": target.token_env, "checkpoint_on_stop": spec.checkpoint.on_stop,
-           "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
-           "experiment": spec.tracking.experiment}
-    (records_dir() / f"{job_id}.json").write_text(json.dumps(rec, indent=2))
-    return rec
+    return job_id
 
 
 

@@ -249,4 +249,8 @@ def render(c, out: str | Path, job: JobSpec | None = None) -> tuple[list[Path], 
             files.append(path)
             cmd += f"    # or, a cluster per job: kubectl apply -f {path}"
         return files, cmd
+    if c.kind == "slurm":
+        from . import slurm
+
+        return slurm.render(c, out, job)
     raise TypeError(f"kind {c.kind!r} is not rendered to files: it runs here (`ditforge cluster up`)")
