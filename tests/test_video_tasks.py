@@ -170,3 +170,129 @@ def test_samplers_keep_given_tokens_clean_with_cfg(kind, sampler):
         assert gv.shape[0] == x.shape[0] == 4 and drop.tolist() == [False, False, True, True]
         gg = given_latents(gv, x).expand_as(x)
         assert torch.equal(x[gg], torch.cat([x_given, x_given])[gg])
+
+
+# ------------------------------------------------------------------------ scoring and `sample --task`
+
+
+def test_baselines_copy_blend_and_fill():
+    from ditforge.train import task_quality as tq
+
+    T = 5
+    px = torch.stack([torch.full((3, 4, 4), float(t)) for t in range(T)], dim=1)[None]  # frame t is all t
+    pm = torch.zeros(1, 1, T, 4, 4, dtype=torch.bool)
+    pm[:, :, 0] = pm[:, :, 4] = True  # interpolate: first and last given
+    assert tq.baseline("interpolate", px, pm)[0, 0, :, 0, 0].tolist() == [0, 1, 2, 3, 4]  # a linear blend
+    pm[:, :, 4] = False  # predict from frame 0: copies it
+    assert tq.baseline("predict", px, pm)[0, 0, :, 0, 0].tolist() == [0] * 5
+    hole = torch.ones(1, 1, T, 4, 4, dtype=torch.bool)
+    hole[..., 1:3, 1:3] = False
+    img = torch.zeros(1, 3, T, 4, 4)
+    img[..., 1:3, 1:3] = 9.0  # the hole holds 9, the rest 0: the fill is the given mean, 0
+    assert tq.baseline("complete", img, hole)[..., 1:3, 1:3].abs().max() == 0
+    assert tq.psnr(img, img, ~hole).min() > 50  # identical: PSNR capped high
+    a = torch.zeros(1, 3, 1, 2, 2)
+    assert tq.psnr(a, a + 2 / 255, torch.ones(1, 1, 1, 2, 2, dtype=torch.bool)).item() == pytest.approx(48.13, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A tiny untrained video-task DiT exported as `ditforge export` writes it (file://)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("vdt-export")
+    torch.manual_seed(0)
+    cfg = DiTConfig(in_channels=12, size="T", num_classes=8, given_tokens=True, video_attention="factorised",
+                    pos_embed="rope")
+    save_file(DiT(cfg).state_dict(), str(d / "raw.safetensors"))
+    (d / "model.json").write_text(json.dumps({
+        "dit": dataclasses.asdict(cfg), "latent_shape": [12, 4, 8, 8], "vae": {"kind": "identity", "downsample": 2},
+        "sample": {"steps": 2}, "objective": {"kind": "rectified_flow"}, "classes": [], "job": "t",
+        "video_tasks": {"predict": 1.0, "interpolate": 1.0, "image_to_video": 1.0, "complete": 1.0, "k": [1, 2]}}))
+    return d
+
+
+def cli_main(*args):
+    from ditforge import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args))
+    return e.value.code
+
+
+def test_sample_task_writes_npy_gif_mp4_with_given_frames_in_place(export_dir, tmp_path, capsys):
+    import json
+
+    import av
+    import numpy as np
+
+    from ditforge.data import synthetic
+
+    clip, _, _ = synthetic.moving_shapes_video(3, 16, 4, seed=5)  # (4, 16, 16, 3)
+    np.save(tmp_path / "clip.npy", clip)
+    code = cli_main("sample", "--model", f"file://{export_dir}", "--task", "predict", "--k", "2",
+                    "--given", str(tmp_path / "clip.npy"), "--out", str(tmp_path / "o.npy"), "--json")
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["out"] == str(tmp_path / "o.npy") and res["frames"] == 4
+    o = np.load(tmp_path / "o.npy")
+    assert o.shape == (4, 16, 16, 3) and o.dtype == np.uint8
+    assert np.array_equal(o[:2], clip[:2]) and not np.array_equal(o[2:], clip[2:])
+    # Only the given frames (2 for interpolate with k=1) also work; .gif and .mp4 out.
+    np.save(tmp_path / "ends.npy", clip[[0, 3]])
+    assert cli_main("sample", "--model", f"file://{export_dir}", "--task", "interpolate", "--k", "1",
+                    "--given", str(tmp_path / "ends.npy"), "--out", str(tmp_path / "o.mp4")) == 0
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert c.streams.video[0].codec_context.name in ("h264", "libx264")
+        assert len(list(c.decode(video=0))) == 4
+    from PIL import Image
+
+    Image.fromarray(clip[0]).save(tmp_path / "first.png")
+    assert cli_main("sample", "--model", f"file://{export_dir}", "--task", "image_to_video",
+                    "--given", str(tmp_path / "first.png"), "--out", str(tmp_path / "o.gif")) == 0
+    assert Image.open(tmp_path / "o.gif").n_frames == 4
+
+
+def test_sample_task_bad_input_is_one_line(export_dir, tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "small.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "three.npy", np.zeros((3, 16, 16, 3), np.uint8))
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    m = f"file://{export_dir}"
+    cases = [
+        (["--task", "predict", "--given", str(tmp_path / "small.npy")], "frames are 8x8, the model takes 16x16"),
+        (["--task", "predict", "--k", "2", "--given", str(tmp_path / "three.npy")], "3 frames, predict takes 2 given"),
+        (["--task", "predict_backward", "--given", str(tmp_path / "three.npy")], "not trained for it"),
+        (["--task", "predict", "--k", "3", "--given", str(tmp_path / "three.npy")], "trained with k in [1, 2]"),
+        (["--task", "predict", "--given", str(tmp_path / "junk.mp4")], "cannot read"),
+        (["--task", "predict", "--given", str(tmp_path / "none.npy")], "no such file"),
+    ]
+    for extra, want in cases:
+        assert cli_main("sample", "--model", m, *extra, "--out", str(tmp_path / "x.npy")) == 2, extra
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (extra, lines)
+    assert cli_main("sample", "--model", m, "--task", "predict", "--given", str(tmp_path / "three.npy"),
+                    "--out", str(tmp_path / "x.png")) == 2
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_spec_video_tasks_validation():
+    from ditforge.spec import SpecError, build, JobSpec
+
+    base = {"name": "v", "data": {"train": "file:///tmp/x", "frames": 8}, "vae": {"kind": "identity"}}
+    ok = build(JobSpec, {**base, "train": {"video_tasks": {"predict": 1, "interpolate": 1, "k": [1, 3]}}}, "j.yaml")
+    assert ok.train.video_tasks.trained() == ["predict", "interpolate"]
+    bad = [({"video_tasks": {}}, "train.video_tasks: give at least one task"),
+           ({"video_tasks": {"predict": 1, "k": [2, 1]}}, "train.video_tasks.k: [2, 1] must satisfy"),
+           ({"video_tasks": {"interpolate": 1, "k": [1, 4]}}, "interpolate with k up to 4 needs 9 latent frames"),
+           ({"video_tasks": {"predcit": 1}}, "did you mean 'predict'")]
+    for train, want in bad:
+        with pytest.raises(SpecError, match=want.replace("[", r"\[").replace("]", r"\]")):
+            build(JobSpec, {**base, "train": train}, "j.yaml")
+    with pytest.raises(SpecError, match="at least 2 latent token frames"):
+        build(JobSpec, {**base, "data": {"train": "file:///tmp/x", "frames": 1}, "train": {"video_tasks": {"predict": 1}}},
+              "j.yaml")

@@ -15,11 +15,12 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
-def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0):
+def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, given=None):
     """One optimizer step → (loss, good), both 0-d device tensors: no host sync. `guard`
     (train/nonfinite.py) makes the optimizer and the EMA skip a step whose loss is NaN/Inf; `good`
-    is 0 for such a step. `ditforge bench` times exactly this function against a plain loop."""
-    loss = objective.loss(engine, x, cond, gen, mask_ratio=mask_ratio)
+    is 0 for such a step. `ditforge bench` times exactly this function against a plain loop.
+    `given` (B, gt, gh, gw): the video-task mask of this batch (models/tasks.py), or None."""
+    loss = objective.loss(engine, x, cond, gen, mask_ratio=mask_ratio, **({"given": given} if given is not None else {}))
     good = None
     if guard is not None:
         loss, good = guard(loss, step)

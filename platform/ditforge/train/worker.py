@@ -26,6 +26,7 @@ from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
+from ..models import tasks
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
 from ..models.vae import build_vae
 from ..objectives import build_objective
@@ -53,7 +54,9 @@ def train_loop(config: dict) -> None:
     C = latent_shape[0]
     dtype = torch.bfloat16 if precision(spec) == "bf16" else torch.float32
     text_encoder = _text_encoder(spec, device, dtype)  # frozen, outside DeepSpeed (see models/text.py)
-    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0)
+    video_tasks = spec.train.video_tasks if len(latent_shape) == 4 else None  # VDT task mixture (videos)
+    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0,
+                         given_tokens=video_tasks is not None)
     # Resolve the attention kernel once, here, so the name logged is the kernel that runs.
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
@@ -99,7 +102,9 @@ def train_loop(config: dict) -> None:
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
-                             "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
+                             "classes": loader.manifest.get("classes", []), "job": spec.name,
+                             # the tasks `ditforge sample --task` may ask for
+                             "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None}).encode()
 
     def save(step: int) -> None:
         files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
@@ -130,8 +135,12 @@ def train_loop(config: dict) -> None:
         x, y = x.to(device), y.to(device)  # no-ops on the GPU path: the prefetcher copied them
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
         ratio = mask_ratio_at(spec, step)
-        loss, good = train_step(engine, objective, x, cond, step_generator(spec.train.seed, step, rank, device), ratio,
-                                ema, guard, step)
+        gen = step_generator(spec.train.seed, step, rank, device)
+        given = None
+        if video_tasks is not None and x.dim() == 5:  # from the step's generator: a resume draws the same masks
+            given, _ = tasks.draw(video_tasks.weights(), video_tasks.k, x.shape[0],
+                                  tasks.token_grid(tuple(x.shape[1:]), spec.model.patch, spec.model.patch_t), gen, device)
+        loss, good = train_step(engine, objective, x, cond, gen, ratio, ema, guard, step, given=given)
         loss_sum += torch.where(good > 0, loss, 0.0)  # no host sync here: .item() only on logging steps
         steps_since += 1
         flops_since += 3 * fwd_flops[ratio] * x.shape[0]  # forward + backward ≈ 3 forwards
@@ -250,25 +259,45 @@ def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker
 
 
 def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, step: int):
-    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow."""
+    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance; and for a
+    video-task model on moving-shapes, each task against its baseline (train/task_quality.py)."""
     from . import quality
 
     vae = build_vae(spec.vae)
     frames = latent_shape[1] * vae.temporal_downsample if len(latent_shape) == 4 else 1
     name = quality.which_set(loader.manifest.get("classes"), frames)
-    if not spec.eval.quality or name is None or not spec.model.num_classes:
+    video_tasks = spec.train.video_tasks if len(latent_shape) == 4 else None
+    run_quality = spec.eval.quality and name is not None and bool(spec.model.num_classes)
+    run_tasks = spec.eval.tasks and video_tasks is not None and name == "moving-shapes"
+    if not (run_quality or run_tasks):
         return
     with _sampling_weights(engine, ema) as model:
         if rank != 0:
             return
         t0 = time.perf_counter()
         res = latent_shape[-1] * vae.f  # the pixel resolution the latents decode to
-        classifier = quality.train_classifier(name, res, frames)
-        y = torch.arange(spec.model.num_classes, device=device).repeat_interleave(spec.eval.per_class)
-        z = generate(model, objective, latent_shape, y, spec.sample.model_copy(update={"steps": spec.eval.steps,
-                     "seed": spec.sample.seed + 1}), device, precision(spec) == "bf16")
-        metrics = quality.score(classifier, vae.decode(z.cpu()), y.cpu(), name, res, frames)
+        classifier = quality.train_classifier(name, res, frames) if spec.eval.quality else None
+        metrics = {}
+        if run_quality:
+            y = torch.arange(spec.model.num_classes, device=device).repeat_interleave(spec.eval.per_class)
+            z = generate(model, objective, latent_shape, y, spec.sample.model_copy(update={"steps": spec.eval.steps,
+                         "seed": spec.sample.seed + 1}), device, precision(spec) == "bf16")
+            metrics.update(quality.score(classifier, vae.decode(z.cpu()), y.cpu(), name, res, frames))
+            print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
+                  f"FD {metrics['quality/fd']:.3f}", flush=True)
+        if run_tasks:
+            from . import task_quality
+
+            task_metrics, examples = task_quality.score_tasks(
+                model, objective, vae, video_tasks.trained(), latent_shape, res, frames,
+                spec.sample.model_copy(update={"steps": spec.eval.steps, "seed": spec.sample.seed + 2}),
+                video_tasks.k[1], spec.eval.task_clips, device, classifier, precision(spec) == "bf16")
+            metrics.update(task_metrics)
+            folder = tempfile.mkdtemp()
+            for task, ex in examples.items():
+                tracker.artifact(task_quality.task_gif(*ex, os.path.join(folder, f"{task}_step_{step:08d}.gif")), "tasks")
+            for task in examples:
+                print(f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
+                      f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})", flush=True)
         metrics["quality/seconds"] = time.perf_counter() - t0
         tracker.log(metrics, step)
-        print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-              f"FD {metrics['quality/fd']:.3f}", flush=True)
