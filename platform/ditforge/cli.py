@@ -674,7 +674,7 @@ def model_info(
 def demo(
     job: Path = typer.Option(Path("jobs/demo-image.yaml"), help="job spec to run"),
     sets: Optional[List[str]] = SetOpt,
-    images: int = typer.Option(2048, help="how many shapes images to generate"),
+    images: int = typer.Option(2048, help="how many shapes images (or moving-shapes clips, for a video job) to generate"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line of results"),
 ):
     """The whole pipeline on the embedded default: data → shards → latents → training → samples."""
@@ -691,9 +691,18 @@ def demo(
     with err.status("starting services (S3, MLflow, Ray)..."):
         ep = services.up(EmbeddedCluster())
     err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
-    pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
-    ingest_shapes(pixels, limit=images, resolution=32)
-    err.print(f"data: {images} shapes images → {pixels}", highlight=False)
+    if spec.data.frames > 1:  # a video job: the generated moving-shapes clips it names
+        from .data.ingest import ingest
+
+        # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
+        pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
+        ingest("moving-shapes", pixels, limit=images, resolution=spec.data.resolution, frames=spec.data.frames,
+               shard_size=64)  # enough shards for every worker to read its own
+        err.print(f"data: {images} moving-shapes clips ({spec.data.frames} frames) → {pixels}", highlight=False)
+    else:
+        pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
+        ingest_shapes(pixels, limit=images, resolution=32)
+        err.print(f"data: {images} shapes images → {pixels}", highlight=False)
     encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
     err.print(f"latents ({spec.vae.kind} VAE) → {spec.data.train}", highlight=False)
     rec = do_submit(spec, EmbeddedCluster(), source=str(job))
@@ -711,6 +720,9 @@ def demo(
         "samples": f"{run.info.artifact_uri}/samples/step_{spec.train.steps:08d}.png",
         "model": run.data.tags.get("ditforge.model"), "seconds": round(time.time() - t0, 1),
     }
+    task_metrics = {k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")}
+    if task_metrics:  # a video-task job: each task's PSNR next to its baseline (train/task_quality.py)
+        result["tasks"] = task_metrics
     out.print(f"\n[bold green]demo finished[/] in {result['seconds']:.0f}s: loss {result['initial_loss']:.3f} → "
               f"{result['final_loss']:.3f} over {result['steps']} steps")
     out.print(f"  MLflow run:  {result['mlflow_url']}", highlight=False)
