@@ -6,7 +6,8 @@ trains jobs/video-vdt-moving-shapes.yaml's model, objective, task mixture, optim
 global batch in one process (no Ray: the same objective, masks and EMA as the worker, one rank with
 both workers' batch), scoring every task against its baseline along the way (train/task_quality.py,
 with the 3D direction classifier), and asserts at the end that every task beats its baseline.
-Set DITFORGE_VDT_STEPS to train fewer steps than the job."""
+Set DITFORGE_VDT_STEPS to train fewer steps than the job, DITFORGE_VDT_EVAL_EVERY to score more
+or less often (default 250)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .conftest import REPO
 def test_every_task_beats_its_baseline(tmp_path):
     spec = load_job(REPO / "jobs" / "video-vdt-moving-shapes.yaml")
     steps = int(os.environ.get("DITFORGE_VDT_STEPS", spec.train.steps))
+    every = int(os.environ.get("DITFORGE_VDT_EVAL_EVERY", 250))
     res, frames, vt = spec.data.resolution, spec.data.frames, spec.train.video_tasks
     t0 = time.time()
     vae = build_vae(spec.vae)
@@ -57,7 +59,9 @@ def test_every_task_beats_its_baseline(tmp_path):
         opt.step()
         sched.step()
         ema.update(model)
-        if step % 250 == 0 or step == steps:
+        if step % 50 == 0:
+            print(f"[vdt] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        if step % every == 0 or step == steps:
             with ema.swapped_in(model):
                 table, _ = task_quality.score_tasks(model, obj, vae, vt.trained(), tuple(latents.shape[1:]), res,
                                                     frames, sample_spec, vt.k[1], spec.eval.task_clips,
