@@ -338,29 +338,17 @@ def register(
     out.print(f"registered {model} from {run}", highlight=False)
 
 
-@app.command()
-@user_errors
-def sample(
-    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, runs:/ID/model, or an export folder URI"),
-    png: Path = typer.Option(Path("samples.png"), "--out", help="PNG to write"),
-    per_class: Optional[int] = typer.Option(None, help="samples per class (grid columns)"),
-    steps: Optional[int] = typer.Option(None, help="Euler steps"),
-    cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
-    seed: Optional[int] = typer.Option(None),
-    weights: str = typer.Option("ema", help="ema or raw"),
-):
-    """Generate a class-conditional sample grid from a registered or exported model."""
+def _fetch_model(model: str, weights: str):
+    """--model (models:/, runs:/, or an export folder URI) → (DiT, model.json dict)."""
     import tempfile
 
     from . import services, storage
     from .cluster.launch import SubmitError
-    from .spec import SampleSpec, SpecError, VAESpec
+    from .spec import SpecError
+    from .train.export import FILES, load_model
 
     if weights not in ("ema", "raw"):
         raise SpecError("--weights", weights, "expected ema or raw")
-    from .train.export import FILES, load_model
-    from .train.sampling import sample_grid
-
     local = Path(tempfile.mkdtemp(prefix="ditforge-model-"))
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
@@ -383,15 +371,69 @@ def sample(
                 storage.get_file(storage.join(src, f), local / f)
         if not (local / "model.json").exists():
             raise SubmitError(f"--model {model}: no model.json there (not a ditforge export)")
-    net, cfg = load_model(local, weights)
+    return load_model(local, weights)
+
+
+@app.command()
+@user_errors
+def sample(
+    model: str = typer.Option(..., "--model", help="models:/NAME/VERSION, runs:/ID/model, or an export folder URI"),
+    png: Optional[Path] = typer.Option(None, "--out", help="PNG to write (grid); with --task .gif, .mp4 or .npy"),
+    per_class: Optional[int] = typer.Option(None, help="samples per class (grid columns)"),
+    steps: Optional[int] = typer.Option(None, help="Euler steps"),
+    cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    seed: Optional[int] = typer.Option(None),
+    weights: str = typer.Option("ema", help="ema or raw"),
+    task: Optional[str] = typer.Option(None, help="video task: predict | predict_backward | interpolate | "
+                                                  "image_to_video | complete (needs --given)"),
+    given: Optional[Path] = typer.Option(None, "--given", help="the condition: a video (mp4/webm/gif), an image, "
+                                                               "or a .npy of uint8 frames (T, H, W, 3)"),
+    k: Optional[int] = typer.Option(None, "--k", help="predict / interpolate: given frames (default: the most trained)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object saying what was written"),
+):
+    """Generate a class-conditional sample grid, or (--task) fill in a video around given frames."""
+    from .spec import SampleSpec, SpecError, VAESpec
+
+    if task is None and (given is not None or k is not None):
+        raise SpecError("--given" if given is not None else "--k", "", "needs --task")
+    if task is not None:
+        from .data.clips import OUT_EXTS
+
+        if given is None:
+            raise SpecError("--task", task, "needs --given PATH (the frames to condition on)")
+        if png is None or png.suffix.lower().lstrip(".") not in OUT_EXTS:
+            raise SpecError("--out", str(png or ""), f"with --task, give a file ending in {', '.join('.' + e for e in OUT_EXTS)}")
+    png = png or Path("samples.png")
+    net, cfg = _fetch_model(model, weights)
     s = SampleSpec(**cfg["sample"])
-    s = s.model_copy(update={k: v for k, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
+    s = s.model_copy(update={k_: v for k_, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
                                                      seed=seed).items() if v is not None})
     from .objectives import build_objective
     from .spec import ObjectiveSpec
 
     objective = build_objective(ObjectiveSpec(**cfg.get("objective", {})))  # older exports: rectified flow
-    sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
+    if task is not None:
+        from .data.clips import read_clip, write_clip
+        from .train.sampling import sample_task
+
+        clip = read_clip(given)
+        frames = sample_task(net, cfg, objective, task, clip, k, s)
+        write_clip(frames, png)
+        result = {"out": str(png), "task": task, "frames": int(frames.shape[0]), "size": list(frames.shape[1:3]),
+                  "given": str(given), "steps": s.steps, "sampler": s.sampler, "weights": cfg["weights"]}
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out.print(f"{png}: {task}, {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} from {given} "
+                      f"({cfg['weights']} weights, {s.steps} {s.sampler} steps)", highlight=False)
+        return
+    from .train.sampling import sample_grid
+
+    files = sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
+    if as_json:
+        print(json.dumps({"out": files, "classes": net.cfg.num_classes, "per_class": s.per_class, "steps": s.steps,
+                          "sampler": s.sampler, "weights": cfg["weights"]}))
+        return
     out.print(f"{png}: {net.cfg.num_classes} classes x {s.per_class} samples ({cfg['weights']} weights, "
               f"{s.steps} {s.sampler} steps, cfg {s.cfg_scale})", highlight=False)
 
@@ -761,7 +803,7 @@ def model_info(
 def demo(
     job: Path = typer.Option(Path("jobs/demo-image.yaml"), help="job spec to run"),
     sets: Optional[List[str]] = SetOpt,
-    images: int = typer.Option(2048, help="how many shapes images to generate"),
+    images: int = typer.Option(2048, help="how many shapes images (or moving-shapes clips, for a video job) to generate"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line of results"),
 ):
     """The whole pipeline on the embedded default: data → shards → latents → training → samples."""
@@ -778,9 +820,18 @@ def demo(
     with err.status("starting services (S3, MLflow, Ray)..."):
         ep = services.up(EmbeddedCluster())
     err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
-    pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
-    ingest_shapes(pixels, limit=images, resolution=32)
-    err.print(f"data: {images} shapes images → {pixels}", highlight=False)
+    if spec.data.frames > 1:  # a video job: the generated moving-shapes clips it names
+        from .data.ingest import ingest
+
+        # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
+        pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
+        ingest("moving-shapes", pixels, limit=images, resolution=spec.data.resolution, frames=spec.data.frames,
+               shard_size=64)  # enough shards for every worker to read its own
+        err.print(f"data: {images} moving-shapes clips ({spec.data.frames} frames) → {pixels}", highlight=False)
+    else:
+        pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
+        ingest_shapes(pixels, limit=images, resolution=32)
+        err.print(f"data: {images} shapes images → {pixels}", highlight=False)
     encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
     err.print(f"latents ({spec.vae.kind} VAE) → {spec.data.train}", highlight=False)
     rec = do_submit(spec, EmbeddedCluster(), source=str(job))
@@ -798,6 +849,9 @@ def demo(
         "samples": f"{run.info.artifact_uri}/samples/step_{spec.train.steps:08d}.png",
         "model": run.data.tags.get("ditforge.model"), "seconds": round(time.time() - t0, 1),
     }
+    task_metrics = {k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")}
+    if task_metrics:  # a video-task job: each task's PSNR next to its baseline (train/task_quality.py)
+        result["tasks"] = task_metrics
     out.print(f"\n[bold green]demo finished[/] in {result['seconds']:.0f}s: loss {result['initial_loss']:.3f} → "
               f"{result['final_loss']:.3f} over {result['steps']} steps")
     out.print(f"  MLflow run:  {result['mlflow_url']}", highlight=False)

@@ -193,6 +193,36 @@ class ObjectiveSpec(Strict):
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of dropping the class label / caption")
 
 
+class VideoTasksSpec(Strict):
+    """VDT-style task mixture (models/tasks.py): each sample draws a task with these weights
+    (normalised), and the task says which latent tokens are given."""
+
+    generate: float = Field(0.0, ge=0, description="nothing given")
+    predict: float = Field(0.0, ge=0, description="first k latent frames given")
+    predict_backward: float = Field(0.0, ge=0, description="last k latent frames given")
+    interpolate: float = Field(0.0, ge=0, description="first and last k latent frames given")
+    image_to_video: float = Field(0.0, ge=0, description="first latent frame given")
+    any_frames: float = Field(0.0, ge=0, description="a random subset of frames given")
+    complete: float = Field(0.0, ge=0, description="everything given but random spatio-temporal boxes")
+    k: tuple[int, int] = Field((1, 2), description="[min, max] given latent frames for predict / interpolate")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "VideoTasksSpec":
+        if not any(v > 0 for v in self.weights().values()):
+            raise ValueError("give at least one task a weight > 0 (e.g. predict: 1.0)")
+        if not 1 <= self.k[0] <= self.k[1]:
+            raise ValueError(f"k: [{self.k[0]}, {self.k[1]}] must satisfy 1 <= min <= max")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        from .models.tasks import TASKS
+
+        return {t: getattr(self, t) for t in TASKS}
+
+    def trained(self) -> list[str]:
+        return [t for t, w in self.weights().items() if w > 0]
+
+
 class TrainSpec(Strict):
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -210,6 +240,7 @@ class TrainSpec(Strict):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="0 = no EMA")
     mask_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of patch tokens dropped (MicroDiT)")
     unmask_last: float = Field(0.1, ge=0, le=1, description="final fraction of steps trained unmasked")
+    video_tasks: VideoTasksSpec | None = Field(None, description="VDT task mixture (videos): which tokens are given")
     # A NaN/Inf loss skips its step (weights, optimizer and EMA unchanged); this many in a row stop
     # the run with a checkpoint of the last good weights (train/nonfinite.py).
     max_nonfinite_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
@@ -382,6 +413,11 @@ class EvalSpec(Strict):
     steps: int = Field(10, gt=0, description="sampler steps")
     batch_size: int = Field(64, gt=0, description="samples generated (and decoded) at a time per worker")
 
+    # Video tasks (train.video_tasks) on moving-shapes: PSNR of each task's generated frames against
+    # the held-out truth, next to a no-model baseline (train/task_quality.py).
+    tasks: bool = Field(True, description="score each trained video task (moving-shapes data)")
+    task_clips: int = Field(32, gt=0, description="held-out clips per task")
+
 
 # Accelerator types (Ray's names) without fp8 tensor cores.
 PRE_FP8_GPUS = ("V100", "P100", "P4", "T4", "K80", "A100", "A10", "A30", "A40", "A6000", "M60")
@@ -442,6 +478,16 @@ class JobSpec(Strict):
                              "counts as a failure: set train.max_failures to 1 or more")
         if self.resources.elastic and self.task == "vae":
             problems.append("resources.min_workers: task 'vae' cannot resume at another world size; drop min_workers")
+        if self.train.video_tasks is not None:
+            gt = self.data.frames // self.vae.temporal_downsample // self.model.patch_t  # latent token frames
+            if gt < 2:
+                problems.append(f"train.video_tasks: needs clips of at least 2 latent token frames (data.frames "
+                                 f"{self.data.frames} gives {gt})")
+            k_max = self.train.video_tasks.k[1]
+            for task, need in (("predict", k_max + 1), ("predict_backward", k_max + 1), ("interpolate", 2 * k_max + 1)):
+                if getattr(self.train.video_tasks, task) > 0 and need > gt:
+                    problems.append(f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
+                                     f"the clips have {gt}")
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
             problems.append(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
         if problems:
@@ -844,6 +890,8 @@ def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
         ann = field.annotation if field else None
         if typing.get_origin(ann) is list:
             ann = typing.get_args(ann)[0]
+        elif typing.get_args(ann):  # an optional section (`X | None`): its model's fields
+            ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann

@@ -12,6 +12,12 @@ token, then a random fraction of spatial positions is dropped (the same position
 tube masking, so factorised attention keeps its (frames × positions) grid) and the backbone runs
 on the rest. The caller computes the loss on the kept patches only.
 
+Video tasks (VDT, models/tasks.py): a per-sample `given` mask over the token grid marks tokens
+that carry the clean latent of a condition. They get a learned "given" embedding added, so the
+network knows which tokens are fixed whatever the sample's timestep says (VDT tells it nothing).
+The two masks compose: patch masking drops spatial positions whether given or not, and the loss
+counts tokens that are kept *and* generated.
+
 Shapes in comments: B batch, C latent channels, T/H/W latent frames/height/width, p patch,
 pt temporal patch, gt/gh/gw token grid, S = gh·gw spatial tokens per frame, N = gt·S tokens,
 D hidden width, L caption tokens.
@@ -53,6 +59,7 @@ class DiTConfig:
     text_dim: int = 0  # width of external caption embeddings
     text_len: int = 64  # own encoder: captions are cut/padded to this many bytes
     mixer_depth: int = 0  # unmasked patch-mixer blocks in front of the backbone (MicroDiT)
+    given_tokens: bool = False  # a learned "given" embedding marks clean condition tokens (video tasks)
 
     @property
     def hidden(self) -> int:
@@ -273,6 +280,8 @@ class DiT(nn.Module):
             self.caption_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         if cfg.text != "none":
             self.null_text = nn.Parameter(torch.zeros(1, 1, D))  # the "no caption" context for CFG
+        if cfg.given_tokens:  # added to condition tokens (video tasks); initialised in _init_weights
+            self.given_embed = nn.Parameter(torch.zeros(1, 1, D))
         factorised = cfg.video_attention == "factorised"
         cross = cfg.text != "none"
         self.mixer = nn.ModuleList(Block(D, cfg.heads, cfg.attention, factorised, cross) for _ in range(cfg.mixer_depth))
@@ -302,6 +311,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.weight, std=0.02)
+        if self.cfg.given_tokens:  # not zero: under adaLN-Zero a zero input offset gets no gradient for steps
+            nn.init.normal_(self.given_embed, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for blk in [*self.mixer, *self.blocks]:
             nn.init.zeros_(blk.ada[-1].weight)
@@ -339,11 +350,13 @@ class DiT(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, mask_ratio: float = 0.0, gen: torch.Generator | None = None):
+                drop: torch.Tensor | None = None, mask_ratio: float = 0.0, gen: torch.Generator | None = None,
+                given: torch.Tensor | None = None):
         """x (B, C, H, W) image or (B, C, T, H, W) video latents; t (B,) in [0, 1]; y (B,) class ids
         (null_class = unconditional); text: (B, L) byte tokens (`text: own`) or (B, L, text_dim)
         embeddings (`text: external`); drop (B,) bool: replace this sample's class and caption by
-        the null ones (CFG dropout / the unconditional branch).
+        the null ones (CFG dropout / the unconditional branch); given (B, gt, gh, gw) bool: tokens
+        that hold clean condition latents (video tasks; needs `given_tokens`).
 
         Returns the prediction shaped like x; with mask_ratio > 0, (prediction, keep) where keep
         is 1 on latent positions whose patch the backbone saw (the loss goes there only).
@@ -364,6 +377,10 @@ class DiT(nn.Module):
             if gt > 1:  # Latte: a temporal sin-cos embedding on top of the spatial one
                 pos = pos + sincos_1d(torch.arange(gt, device=x.device), D).repeat_interleave(S, 0)
             h = h + pos.to(h.dtype)
+        if given is not None:
+            if not self.cfg.given_tokens:
+                raise ValueError("given tokens need a model built with given_tokens=True (train.video_tasks)")
+            h = h + given.reshape(B, -1, 1).to(h.dtype) * self.given_embed.to(h.dtype)  # (B, N, D)
 
         c = self.t_embed(t)  # (B, D)
         if self.y_embed is not None and y is not None:
@@ -416,13 +433,15 @@ class DiT(nn.Module):
         return blk(h, c, grid, angles, ctx)
 
 
-def dit_config(mspec, in_channels: int, text_dim: int = 0) -> DiTConfig:
-    """`ModelSpec` → DiTConfig (`attention` still unresolved: see attention.resolve)."""
+def dit_config(mspec, in_channels: int, text_dim: int = 0, given_tokens: bool = False) -> DiTConfig:
+    """`ModelSpec` → DiTConfig (`attention` still unresolved: see attention.resolve); given_tokens
+    when the job trains video tasks (train.video_tasks)."""
     return DiTConfig(in_channels=in_channels, size=mspec.size, patch=mspec.patch, patch_t=mspec.patch_t,
                      num_classes=mspec.num_classes, attention=mspec.attention, grad_checkpointing=mspec.grad_checkpointing,
                      video_attention=mspec.video_attention, pos_embed=mspec.pos_embed,
                      text={"none": "none", "own": "own", "transformers": "external"}[mspec.text],
-                     text_dim=text_dim, text_len=mspec.text_len, mixer_depth=mspec.mixer_depth)
+                     text_dim=text_dim, text_len=mspec.text_len, mixer_depth=mspec.mixer_depth,
+                     given_tokens=given_tokens)
 
 
 def param_count(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .common import as_cond, call_model, cfg_drop, weighted_mse
+from .common import as_cond, call_model, cfg_drop, given_latents, keep_generated, weighted_mse
 
 
 def alphas_cumprod(schedule: str, steps: int) -> torch.Tensor:
@@ -51,7 +51,8 @@ class DDPM:
         w = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return w.float().to(idx.device)
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
+             given: torch.Tensor | None = None) -> torch.Tensor:
         cond = as_cond(cond)
         B = x0.shape[0]
         idx = torch.randint(0, self.steps, (B,), generator=gen, device=gen.device)
@@ -59,9 +60,13 @@ class DDPM:
         drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
         a, s = self._coef(idx, x0.dim(), x0.device, x0.dtype)
         xt = a * x0 + s * noise
-        out, keep = call_model(model, xt, (idx.float() / self.steps).to(x0.device), cond, drop, mask_ratio, gen)
+        g = given_latents(given, x0)
+        if g is not None:  # given tokens enter clean, at every t (VDT's mask modeling)
+            xt = torch.where(g, x0, xt)
+        out, keep = call_model(model, xt, (idx.float() / self.steps).to(x0.device), cond, drop, mask_ratio, gen, given)
         target = noise if self.prediction == "eps" else a * noise - s * x0
-        return weighted_mse(out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None, keep)
+        return weighted_mse(out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None,
+                            keep_generated(keep, g))
 
     def x0_eps(self, out: torch.Tensor, xt: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output at step idx → (x0, ε) estimates."""

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .common import as_cond, call_model, cfg_drop, weighted_mse
+from .common import as_cond, call_model, cfg_drop, given_latents, keep_generated, weighted_mse
 
 
 class RectifiedFlow:
@@ -46,7 +46,8 @@ class RectifiedFlow:
         snr = ((1 - t) / t) ** 2
         return snr.clamp(max=self.snr_gamma) * t**2
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
+             given: torch.Tensor | None = None) -> torch.Tensor:
         cond = as_cond(cond)
         """x0 (B, C, [T,] H, W) latents; cond {"y": (B,), "text": ...}. `gen` makes every draw reproducible."""
         B = x0.shape[0]
@@ -55,8 +56,11 @@ class RectifiedFlow:
         drop = cfg_drop(cond, self.cfg_dropout, B, gen, x0.device)
         tt = t.view(B, *[1] * (x0.dim() - 1)).to(x0.dtype)
         xt = (1 - tt) * x0 + tt * noise
-        v, keep = call_model(model, xt, t, cond, drop, mask_ratio, gen)
-        return weighted_mse(v, noise - x0, self.weight(t), keep)
+        g = given_latents(given, x0)
+        if g is not None:  # given tokens enter clean, at every t (VDT's mask modeling)
+            xt = torch.where(g, x0, xt)
+        v, keep = call_model(model, xt, t, cond, drop, mask_ratio, gen, given)
+        return weighted_mse(v, noise - x0, self.weight(t), keep_generated(keep, g))
 
     def velocity(self, out: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
         return out  # the network predicts the velocity directly

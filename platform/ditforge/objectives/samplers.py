@@ -4,22 +4,34 @@ gives the same samples.
 
 `cond` is the model's conditioning ({"y": (B,), "text": ...}); the unconditional branch is the
 same batch with `drop` set, so the model swaps in its own null class and null caption.
+
+Video tasks (models/tasks.py): `given` (B, gt, gh, gw) marks condition tokens and `x_given` holds
+their clean latents. Every sampler puts those clean values back before each model call and at the
+end, as training showed them; CFG drops the class / caption, never the given frames (both
+branches see them).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .common import given_latents
+
 SAMPLERS = {"rectified_flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
 
 
-def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float) -> torch.Tensor:
-    """out_u + s·(out_c - out_u), both branches in one batch of 2B; plain conditional if s == 1."""
+def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float,
+           given: torch.Tensor | None = None) -> torch.Tensor:
+    """out_u + s·(out_c - out_u), both branches in one batch of 2B; plain conditional if s == 1.
+    `given` goes to both branches: the unconditional one drops the class / caption only."""
     cond = {k: v for k, v in cond.items() if v is not None}
+    extra = {"given": given} if given is not None else {}
     if not cond or cfg_scale == 1.0:
-        return model(x, t, **cond)
+        return model(x, t, **cond, **extra)
     B = x.shape[0]
     both = {k: torch.cat([v, v]) for k, v in cond.items()}
+    if given is not None:
+        both["given"] = torch.cat([given, given])
     drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
     out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), **both, drop=drop).float().chunk(2)
     return out_u + cfg_scale * (out_c - out_u)
@@ -27,23 +39,31 @@ def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float
 
 @torch.no_grad()
 def sample(objective, model, shape: tuple, cond: dict, *, sampler: str = "auto", steps: int = 25,
-           cfg_scale: float = 1.0, seed: int = 0, device="cpu") -> torch.Tensor:
-    """Noise → latents of `shape` (B, C, [T,] H, W)."""
+           cfg_scale: float = 1.0, seed: int = 0, device="cpu", given: torch.Tensor | None = None,
+           x_given: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise → latents of `shape` (B, C, [T,] H, W); with `given` (B, gt, gh, gw) bool, the given
+    tokens are x_given's (B, C, [T,] H, W) clean latents throughout, and in the result."""
     kinds = SAMPLERS[objective.kind]
     sampler = kinds[0] if sampler == "auto" else sampler
     if sampler not in kinds:
         raise ValueError(f"sample.sampler: {sampler!r} does not fit {objective.kind} (use {' or '.join(kinds)})")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(device)
+    g = given_latents(given, x)
+    if g is not None:
+        given, x_given = given.to(device), x_given.to(device, x.dtype)
+    clamp = (lambda x: x) if g is None else (lambda x: torch.where(g, x_given, x))  # noqa: E731
     if objective.kind == "rectified_flow":
-        return _flow(model, x, cond, steps, cfg_scale, heun=sampler == "heun", device=device)
-    return _diffusion(objective, model, x, cond, steps, cfg_scale, ancestral=sampler == "ddpm", gen=gen, device=device)
+        return _flow(model, x, cond, steps, cfg_scale, heun=sampler == "heun", device=device, given=given, clamp=clamp)
+    return _diffusion(objective, model, x, cond, steps, cfg_scale, ancestral=sampler == "ddpm", gen=gen, device=device,
+                      given=given, clamp=clamp)
 
 
-def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device):
+def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device, given=None, clamp=lambda x: x):
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     B = x.shape[0]
-    v_at = lambda x, t: guided(model, x, torch.full((B,), t, device=device), cond, cfg_scale).float()  # noqa: E731
+    v_at = lambda x, t: guided(model, clamp(x), torch.full((B,), t, device=device), cond, cfg_scale,  # noqa: E731
+                               given).float()
     for t, t_next in zip(ts[:-1], ts[1:]):
         d = v_at(x, t)
         x_euler = x + (t_next - t) * d
@@ -51,15 +71,17 @@ def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device):
             x = x + (t_next - t) * 0.5 * (d + v_at(x_euler, t_next))
         else:
             x = x_euler
-    return x
+    return clamp(x)
 
 
-def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device):
+def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device, given=None,
+               clamp=lambda x: x):
     # An evenly spaced subsequence of the training steps, from the noisiest down to 0.
     idxs = torch.linspace(obj.steps - 1, 0, steps).round().long().unique_consecutive().tolist()
     B = x.shape[0]
     for i, idx in enumerate(idxs):
-        out = guided(model, x, torch.full((B,), idx / obj.steps, device=device), cond, cfg_scale)
+        x = clamp(x)  # given tokens are clean at every step, as in training
+        out = guided(model, x, torch.full((B,), idx / obj.steps, device=device), cond, cfg_scale, given)
         x0, eps = obj.x0_eps(out, x, idx)
         ab = float(obj.ab[idx])
         ab_prev = float(obj.ab[idxs[i + 1]]) if i + 1 < len(idxs) else 1.0
@@ -71,4 +93,4 @@ def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, d
         mean = (ab_prev**0.5 * beta / (1 - ab)) * x0 + ((1 - beta) ** 0.5 * (1 - ab_prev) / (1 - ab)) * x
         var = beta * (1 - ab_prev) / (1 - ab)
         x = mean if i + 1 == len(idxs) else mean + var**0.5 * torch.randn(x.shape, generator=gen).to(device)
-    return x
+    return clamp(x)

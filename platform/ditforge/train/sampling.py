@@ -119,3 +119,82 @@ def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int
         grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = big
     Image.fromarray(grid).save(out)
     return out
+
+
+# ------------------------------------------------------------------------------ video tasks
+
+SAMPLE_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "complete")
+
+
+def task_plan(cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int | None) -> tuple[torch.Tensor, list[int]]:
+    """Check a `--task` request against the model (model.json) → (token given-mask (gt, gh, gw),
+    the pixel frames the input clip fills). Raises SpecError / DataError with one line."""
+    from ..data.shards import DataError
+    from ..models import tasks
+    from ..spec import SpecError, VAESpec, VideoTasksSpec
+
+    vt = cfg.get("video_tasks")
+    if task not in SAMPLE_TASKS:
+        raise SpecError("--task", task, f"unknown task (use one of {', '.join(SAMPLE_TASKS)})")
+    if not vt:
+        raise SpecError("--task", task, f"model of job '{cfg.get('job')}' was not trained with video tasks "
+                                        "(train.video_tasks)")
+    vt = VideoTasksSpec(**vt)
+    if task not in vt.trained():
+        raise SpecError("--task", task, f"the model was not trained for it (trained: {', '.join(vt.trained())})")
+    C, Tl, h, w = cfg["latent_shape"]
+    vae = build_vae(VAESpec(**cfg["vae"]))
+    pt = cfg["dit"]["patch_t"]
+    per_token = vae.temporal_downsample * pt  # pixel frames per latent token frame
+    T, H, W = Tl * vae.temporal_downsample, h * vae.f, w * vae.f
+    gt, gh, gw = tasks.token_grid((C, Tl, h, w), cfg["dit"]["patch"], pt)
+    if size != (H, W):
+        raise DataError(f"--given: frames are {size[0]}x{size[1]}, the model takes {H}x{W}")
+    if k is None:
+        k = vt.k[1] * per_token
+    if task in ("predict", "predict_backward", "interpolate"):
+        if k % per_token or not vt.k[0] <= k // per_token <= vt.k[1]:
+            raise SpecError("--k", str(k), f"the model was trained with k in [{vt.k[0] * per_token}, "
+                                           f"{vt.k[1] * per_token}] frames, in steps of {per_token}")
+    if task == "complete":
+        given = tasks.centre_box(gt, gh, gw)
+        frames = list(range(T))
+    else:
+        fm = tasks.frame_mask(task, gt, k // per_token)
+        given = fm[:, None, None].expand(gt, gh, gw).clone()
+        frames = [t for t in range(T) if fm[t // per_token]]
+    if n_frames not in (len(frames), T):
+        want = f"{len(frames)} given frames or the whole {T}-frame clip" if len(frames) != T else f"{T} frames"
+        raise DataError(f"--given: {n_frames} frames, {task} takes {want}")
+    return given, frames
+
+
+@torch.no_grad()
+def sample_task(model, cfg: dict, objective, task: str, clip: np.ndarray, k: int | None, sample_spec,
+                device=torch.device("cpu")) -> np.ndarray:
+    """Fill in what `task` leaves to generate around the given frames of `clip` (T or fewer frames,
+    uint8 (n, H, W, 3)) → the whole clip (T, H, W, 3) uint8, given pixels at their places.
+    Unconditional (the null class, no CFG): the given frames are the condition."""
+    import torch.nn.functional as F
+
+    from ..spec import VAESpec
+
+    given, frames = task_plan(cfg, task, clip.shape[0], tuple(clip.shape[1:3]), k)
+    C, Tl, h, w = cfg["latent_shape"]
+    vae = build_vae(VAESpec(**cfg["vae"]))
+    T, H, W = Tl * vae.temporal_downsample, h * vae.f, w * vae.f
+    full = np.zeros((T, H, W, 3), dtype=np.uint8)
+    full[frames] = clip if clip.shape[0] == len(frames) else clip[frames]
+    pixels = torch.from_numpy(full).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W)
+    z_given = vae.encode(pixels)
+    y = torch.full((1,), model.null_class, device=device) if model.cfg.num_classes else None
+    was_training = model.training
+    model.eval()
+    z = sample(objective, model, tuple(z_given.shape), {"y": y}, sampler=sample_spec.sampler, steps=sample_spec.steps,
+               cfg_scale=1.0, seed=sample_spec.seed, device=device, given=given[None].to(device),
+               x_given=z_given.to(device))
+    model.train(was_training)
+    out = vae.decode(z.float().cpu())
+    pm = F.interpolate(given[None, None].float(), size=(T, H, W), mode="nearest") > 0.5
+    out = torch.where(pm, pixels, out)  # the given pixels exactly, not their VAE round trip
+    return ((out[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()

@@ -15,21 +15,26 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
-def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, more=()):
+def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, given=None,
+               more=()):
     """One optimizer step → (loss, good), both 0-d device tensors: no host sync. `guard`
     (train/nonfinite.py) makes the optimizer and the EMA skip a step whose loss is NaN/Inf; `good`
     is 0 for such a step. `ditforge bench` times exactly this function against a plain loop.
+    `given` (B, gt, gh, gw): the video-task mask of this batch (models/tasks.py), or None.
 
-    `more`: further micro-batches `(x, cond, gen)` of the same optimizer step (gradient
+    `more`: further micro-batches `(x, cond, gen, given)` of the same optimizer step (gradient
     accumulation, `data.global_batch`), run first. DeepSpeed divides each loss by its
     `gradient_accumulation_steps` and its `step()` only updates at the last micro-batch."""
+    def loss_of(xm, cm, gm, gv):
+        return objective.loss(engine, xm, cm, gm, mask_ratio=mask_ratio, **({"given": gv} if gv is not None else {}))
+
     earlier = []
-    for xm, cm, gm in more:
-        lm = objective.loss(engine, xm, cm, gm, mask_ratio=mask_ratio)
+    for xm, cm, gm, gv in more:
+        lm = loss_of(xm, cm, gm, gv)
         engine.backward(lm)
         engine.step()  # not a boundary yet: DeepSpeed only counts the micro-step
         earlier.append(lm.detach())
-    loss = objective.loss(engine, x, cond, gen, mask_ratio=mask_ratio)
+    loss = loss_of(x, cond, gen, given)
     if earlier:  # 0 x NaN is NaN: the guard sees a non-finite earlier micro-batch too; gradients unchanged
         loss = loss + 0.0 * torch.stack(earlier).sum()
     good = None

@@ -25,6 +25,7 @@ from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
+from ..models import tasks
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
 from ..models.vae import build_vae
 from ..objectives import build_objective
@@ -57,7 +58,9 @@ def _train(run: Session) -> None:
     C = latent_shape[0]
     dtype = torch.bfloat16 if uses_bf16(spec) else torch.float32
     text_encoder = _text_encoder(spec, device, dtype)  # frozen, outside DeepSpeed (see models/text.py)
-    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0)
+    video_tasks = spec.train.video_tasks if len(latent_shape) == 4 else None  # VDT task mixture (videos)
+    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0,
+                         given_tokens=video_tasks is not None)
     # Resolve the attention kernel once, here, so the name logged is the kernel that runs.
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
@@ -106,7 +109,9 @@ def _train(run: Session) -> None:
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
-                             "classes": loader.manifest.get("classes", []), "job": spec.name}).encode()
+                             "classes": loader.manifest.get("classes", []), "job": spec.name,
+                             # the tasks `ditforge sample --task` may ask for
+                             "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None}).encode()
 
     def save(step: int, final: bool = False) -> None:
         files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
@@ -140,18 +145,23 @@ def _train(run: Session) -> None:
     stopping = False
 
     def micro_batch(step: int, k: int):
-        """The k-th micro-batch of `step`: (x, cond, generator). k > 0 only with accumulation; its
+        """The k-th micro-batch of `step`: (x, cond, generator, video-task mask or None). k > 0 only with accumulation; its
         generator stream (rank + k·world) is one no rank uses for k = 0."""
         x, y, _keys, *rest = next(batches)  # captions, when the loader yields them
         x, y = x.to(device), y.to(device)  # no-ops on the GPU path: the prefetcher copied them
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
-        return x, cond, step_generator(spec.train.seed, step, rank + k * world, device)
+        gen = step_generator(spec.train.seed, step, rank + k * world, device)
+        given = None
+        if video_tasks is not None and x.dim() == 5:  # from the step's generator: a resume draws the same masks
+            given, _ = tasks.draw(video_tasks.weights(), video_tasks.k, x.shape[0],
+                                  tasks.token_grid(tuple(x.shape[1:]), spec.model.patch, spec.model.patch_t), gen, device)
+        return x, cond, gen, given
 
     for step in range(start + 1, spec.train.steps + 1):
-        x, cond, gen = micro_batch(step, 0)
+        x, cond, gen, given = micro_batch(step, 0)
         more = [micro_batch(step, k) for k in range(1, plan.accum)]  # gradient accumulation (data.global_batch)
         ratio = mask_ratio_at(spec, step)
-        loss, good = train_step(engine, objective, x, cond, gen, ratio, ema, guard, step, more=more)
+        loss, good = train_step(engine, objective, x, cond, gen, ratio, ema, guard, step, given=given, more=more)
         loss_sum += torch.where(good > 0, loss, 0.0)  # no host sync here: .item() only on logging steps
         steps_since += 1
         flops_since += 3 * fwd_flops[ratio] * x.shape[0] * plan.accum  # forward + backward ≈ 3 forwards
@@ -300,30 +310,55 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
               step: int):
     """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow.
     Collective: each rank generates, decodes and classifies its share in chunks of
-    `eval.batch_size` on its device; only the classifier's features travel to rank 0."""
+    `eval.batch_size` on its device; only the classifier's features travel to rank 0. For a
+    video-task model on moving-shapes, rank 0 then scores each task against its baseline on
+    `eval.task_clips` held-out clips (train/task_quality.py)."""
     from . import quality
 
     vae = build_vae(spec.vae)
     frames = latent_shape[1] * vae.temporal_downsample if len(latent_shape) == 4 else 1
     name = quality.which_set(loader.manifest.get("classes"), frames)
-    if not spec.eval.quality or name is None or not spec.model.num_classes:
+    video_tasks = spec.train.video_tasks if len(latent_shape) == 4 else None
+    run_quality = spec.eval.quality and name is not None and bool(spec.model.num_classes)
+    run_tasks = spec.eval.tasks and video_tasks is not None and name == "moving-shapes"
+    if not (run_quality or run_tasks):
         return
     t0 = time.perf_counter()
     res = latent_shape[-1] * vae.f  # the pixel resolution the latents decode to
     if hasattr(vae, "net"):
         vae.net.to(device)
-    classifier = quality.train_classifier(name, res, frames).to(device)
+    classifier = quality.train_classifier(name, res, frames).to(device) if name is not None else None
     y = torch.arange(spec.model.num_classes).repeat_interleave(spec.eval.per_class)
     sample_spec = spec.sample.model_copy(update={"steps": spec.eval.steps, "seed": spec.sample.seed + 1})
+    metrics: dict[str, float] = {}
     with _sampling_weights(engine, ema) as model:
-        mine = generate_chunks(model, objective, latent_shape, y, len(y), sample_spec, device, uses_bf16(spec),
-                               spec.eval.batch_size, lambda z: quality.classify(classifier, vae.decode(z)), rank, world)
-    parts = gather_chunks(mine, world)
-    if parts is None:
-        return
-    feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
-    metrics = quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames)
-    metrics["quality/seconds"] = time.perf_counter() - t0
-    tracker.log(metrics, step)
-    print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-          f"FD {metrics['quality/fd']:.3f}", flush=True)
+        if run_quality:
+            mine = generate_chunks(model, objective, latent_shape, y, len(y), sample_spec, device, uses_bf16(spec),
+                                   spec.eval.batch_size, lambda z: quality.classify(classifier, vae.decode(z)),
+                                   rank, world)
+            parts = gather_chunks(mine, world)
+            if parts is not None:
+                feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
+                metrics.update(quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames))
+                print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
+                      f"FD {metrics['quality/fd']:.3f}", flush=True)
+        if run_tasks and rank == 0:
+            from . import task_quality
+
+            if hasattr(vae, "net"):
+                vae.net.cpu()  # task scoring decodes on the CPU
+            task_metrics, examples = task_quality.score_tasks(
+                model, objective, vae, video_tasks.trained(), latent_shape, res, frames,
+                spec.sample.model_copy(update={"steps": spec.eval.steps, "seed": spec.sample.seed + 2}),
+                video_tasks.k[1], spec.eval.task_clips, device, classifier.cpu() if classifier is not None else None,
+                uses_bf16(spec))
+            metrics.update(task_metrics)
+            folder = tempfile.mkdtemp()
+            for task, ex in examples.items():
+                tracker.artifact(task_quality.task_gif(*ex, os.path.join(folder, f"{task}_step_{step:08d}.gif")), "tasks")
+            for task in examples:
+                print(f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
+                      f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})", flush=True)
+    if rank == 0 and metrics:
+        metrics["quality/seconds"] = time.perf_counter() - t0
+        tracker.log(metrics, step)
