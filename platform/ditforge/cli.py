@@ -40,11 +40,13 @@ def user_errors(fn):
         from .services import ServiceError
         from .spec import SpecError
         from .storage import URIError
+        from .models.convert import PretrainedError
         from .train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint) as e:
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint,
+                PretrainedError) as e:
             from .credentials import redact
 
             err.print(f"error: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
@@ -273,21 +275,38 @@ def export_cmd(
     src: str = typer.Argument(..., help="a run (s3://.../runs/RUN), a step folder, or a run name with --runs"),
     dest: str = typer.Option(..., "--out", help="URI of the folder to write (file://, s3://)"),
     runs: Optional[str] = typer.Option(None, help="checkpoint.uri to look RUN up in, when SRC is a bare run name"),
+    fmt: str = typer.Option("ditforge", "--format", help="ditforge (raw + EMA safetensors, model.json) or diffusers "
+                                                          "(a DiTPipeline folder)"),
+    weights: str = typer.Option("ema", help="diffusers format: ema or raw weights"),
 ):
-    """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint."""
+    """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
+    folder diffusers' DiTPipeline.from_pretrained loads (--format diffusers)."""
     from . import storage
     from .cluster.launch import SubmitError
-    from .train.export import export
+    from .spec import SpecError
+    from .train.export import export, export_diffusers
+
+    if fmt not in ("ditforge", "diffusers"):
+        raise SpecError("--format", fmt, "expected ditforge or diffusers")
+    if weights not in ("ema", "raw"):
+        raise SpecError("--weights", weights, "expected ema or raw")
 
     if "://" not in src:
         if not runs:
             raise SubmitError(f"{src}: give a checkpoint URI, or a run name together with --runs URI")
         src = storage.join(runs, src)
     try:
-        cfg = export(storage.absolute(src), storage.absolute(dest))
+        if fmt == "diffusers":
+            cfg = export_diffusers(storage.absolute(src), storage.absolute(dest), weights)
+        else:
+            cfg = export(storage.absolute(src), storage.absolute(dest))
     except FileNotFoundError as e:
         raise SubmitError(str(e)) from None
-    out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}", highlight=False)
+    extra = ""
+    if fmt == "diffusers":
+        extra = (f" (DiTPipeline, {cfg['scheduler']}, " +
+                 ("vae/ included)" if cfg["vae_exported"] else f"no vae/: the {cfg['vae']['kind']} VAE has no AutoencoderKL form)"))
+    out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}{extra}", highlight=False)
 
 
 @app.command()

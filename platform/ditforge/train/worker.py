@@ -26,6 +26,7 @@ from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
+from ..models.convert import load_into
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
 from ..models.vae import build_vae
 from ..objectives import build_objective
@@ -58,6 +59,8 @@ def train_loop(config: dict) -> None:
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     model = DiT(dit_cfg)
+    if spec.model.init_from:  # pretrained weights (models/convert.py), the same on every rank
+        load_into(model, spec.model.init_from)
     engine = build_engine(model, spec)
     ema = EMA(engine.module, spec.train.ema_decay) if spec.train.ema_decay > 0 else None
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
