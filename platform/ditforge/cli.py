@@ -319,6 +319,8 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
     seed: Optional[int] = typer.Option(None),
     weights: str = typer.Option("ema", help="ema or raw"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow server for models:/ and runs:/ (default: the embedded one)"),
 ):
     """Generate a class-conditional sample grid from a registered or exported model."""
     import tempfile
@@ -336,7 +338,12 @@ def sample(
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
-        tracking_uri = services.endpoints().mlflow
+        from .spec import _no_password
+
+        try:  # a tracking URI is printed in errors: it must not carry a password
+            tracking_uri = _no_password(tracking_uri) or services.endpoints().mlflow
+        except ValueError as e:
+            raise SpecError("--tracking-uri", "", str(e)) from None
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)  # models:/ resolves through the registry, not a local file
         try:

@@ -111,14 +111,15 @@ def finalize(job: dict, client: MlflowClient) -> None:
     """Export the final checkpoint's consolidated weights into the MLflow run and register them."""
     import tempfile
 
-    from .export import FILES, export
+    from . import pyfunc
+    from .export import export
 
     run_id, name = job["mlflow_run_id"], job["spec"]["name"]
     with tempfile.TemporaryDirectory() as d:
-        cfg = export(job["run_uri"], f"file://{d}")
-        for f in FILES:
-            if os.path.exists(os.path.join(d, f)):
-                client.log_artifact(run_id, os.path.join(d, f), "model")
+        cfg = export(job["run_uri"], f"file://{d}/export")
+        # an MLflow pyfunc model (MLmodel, signature, the export as its artifacts): see train/pyfunc.py
+        pyfunc.save(f"{d}/export", f"{d}/model")
+        client.log_artifacts(run_id, f"{d}/model", "model")
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     try:
         client.get_registered_model(name)
