@@ -138,6 +138,18 @@ def test_export_flow_model_gets_a_flow_match_scheduler(tmp_path, monkeypatch):
     with torch.no_grad():  # flow time σ ∈ [0, 1] reaches the transformer as σ·1000, as the scheduler gives it
         torch.testing.assert_close(model(x, sigma, y), pipe.transformer(x, timestep=sigma * 1000,
                                    class_labels=_diffusers_labels(y)).sample, atol=ATOL, rtol=0)
+        # the sampling loop the README gives diffusers users (DiTPipeline's own loop calls
+        # scale_model_input, which FlowMatchEulerDiscreteScheduler does not have)
+        t, s = pipe.transformer, pipe.scheduler
+        yy = torch.tensor([3, 7])
+        z = torch.randn(2, t.config.in_channels, t.config.sample_size, t.config.sample_size,
+                        generator=torch.Generator().manual_seed(0))
+        s.set_timesteps(3)
+        for ts in s.timesteps:
+            v = t(torch.cat([z, z]), timestep=ts.expand(4), class_labels=torch.cat([yy, torch.full_like(yy, 1000)])).sample
+            vc, vu = v.chunk(2)
+            z = s.step(vu + 2.0 * (vc - vu), ts, z).prev_sample
+        assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
 
 
 def test_import_round_trip_from_diffusers_folder(tmp_path, tiny_vae):
