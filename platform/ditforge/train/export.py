@@ -87,6 +87,12 @@ def export_diffusers(src: str, out: str, weights: str = "ema") -> dict:
 
 def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
     """A ditforge export folder (local) → the DiTPipeline folder at `out` (any URI)."""
+    from ..models.convert import PretrainedError
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise PretrainedError("--format diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'") from None
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from ..models.convert import PretrainedError, diffusers_config, to_diffusers
