@@ -40,11 +40,13 @@ def user_errors(fn):
         from .services import ServiceError
         from .spec import SpecError
         from .storage import URIError
+        from .models.convert import PretrainedError
         from .train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint) as e:
+        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint,
+                PretrainedError) as e:
             print_error(e)
             raise typer.Exit(2)
 
@@ -303,21 +305,38 @@ def export_cmd(
     src: str = typer.Argument(..., help="a run (s3://.../runs/RUN), a step folder, or a run name with --runs"),
     dest: str = typer.Option(..., "--out", help="URI of the folder to write (file://, s3://)"),
     runs: Optional[str] = typer.Option(None, help="checkpoint.uri to look RUN up in, when SRC is a bare run name"),
+    fmt: str = typer.Option("ditforge", "--format", help="ditforge (raw + EMA safetensors, model.json) or diffusers "
+                                                          "(a DiTPipeline folder)"),
+    weights: str = typer.Option("ema", help="diffusers format: ema or raw weights"),
 ):
-    """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint."""
+    """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
+    folder diffusers' DiTPipeline.from_pretrained loads (--format diffusers)."""
     from . import storage
     from .cluster.launch import SubmitError
-    from .train.export import export
+    from .spec import SpecError
+    from .train.export import export, export_diffusers
+
+    if fmt not in ("ditforge", "diffusers"):
+        raise SpecError("--format", fmt, "expected ditforge or diffusers")
+    if weights not in ("ema", "raw"):
+        raise SpecError("--weights", weights, "expected ema or raw")
 
     if "://" not in src:
         if not runs:
             raise SubmitError(f"{src}: give a checkpoint URI, or a run name together with --runs URI")
         src = storage.join(runs, src)
     try:
-        cfg = export(storage.absolute(src), storage.absolute(dest))
+        if fmt == "diffusers":
+            cfg = export_diffusers(storage.absolute(src), storage.absolute(dest), weights)
+        else:
+            cfg = export(storage.absolute(src), storage.absolute(dest))
     except FileNotFoundError as e:
         raise SubmitError(str(e)) from None
-    out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}", highlight=False)
+    extra = ""
+    if fmt == "diffusers":
+        extra = (f" (DiTPipeline, {cfg['scheduler']}, " +
+                 ("vae/ included)" if cfg["vae_exported"] else f"no vae/: the {cfg['vae']['kind']} VAE has no AutoencoderKL form)"))
+    out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}{extra}", highlight=False)
 
 
 @app.command()
@@ -338,7 +357,7 @@ def register(
     out.print(f"registered {model} from {run}", highlight=False)
 
 
-def _fetch_model(model: str, weights: str):
+def _fetch_model(model: str, weights: str, tracking_uri: str | None = None):
     """--model (models:/, runs:/, or an export folder URI) → (DiT, model.json dict)."""
     import tempfile
 
@@ -353,7 +372,12 @@ def _fetch_model(model: str, weights: str):
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
-        tracking_uri = services.endpoints().mlflow
+        from .spec import _no_password
+
+        try:  # a tracking URI is printed in errors: it must not carry a password
+            tracking_uri = _no_password(tracking_uri) or services.endpoints().mlflow
+        except ValueError as e:
+            raise SpecError("--tracking-uri", "", str(e)) from None
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)  # models:/ resolves through the registry, not a local file
         try:
@@ -384,6 +408,8 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
     seed: Optional[int] = typer.Option(None),
     weights: str = typer.Option("ema", help="ema or raw"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow server for models:/ and runs:/ (default: the embedded one)"),
     task: Optional[str] = typer.Option(None, help="video task: predict | predict_backward | interpolate | "
                                                   "image_to_video | complete (needs --given)"),
     given: Optional[Path] = typer.Option(None, "--given", help="the condition: a video (mp4/webm/gif), an image, "
@@ -404,7 +430,7 @@ def sample(
         if png is None or png.suffix.lower().lstrip(".") not in OUT_EXTS:
             raise SpecError("--out", str(png or ""), f"with --task, give a file ending in {', '.join('.' + e for e in OUT_EXTS)}")
     png = png or Path("samples.png")
-    net, cfg = _fetch_model(model, weights)
+    net, cfg = _fetch_model(model, weights, tracking_uri)
     s = SampleSpec(**cfg["sample"])
     s = s.model_copy(update={k_: v for k_, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
                                                      seed=seed).items() if v is not None})

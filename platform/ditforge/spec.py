@@ -171,6 +171,17 @@ class ModelSpec(Strict):
     text_encoder: str | None = Field(None, description="text: transformers: local folder of the encoder")
     text_len: int = Field(64, gt=0, description="caption length in tokens")
     mixer_depth: int = Field(0, ge=0, description="unmasked patch-mixer blocks before the masked backbone")
+    # Pretrained weights to start from (models/convert.py): a facebookresearch/DiT state dict
+    # (`.pt`, opened with weights_only=True) or a diffusers DiTTransformer2DModel folder (the
+    # `transformer/` of a DiTPipeline). Shapes are checked against this spec before training.
+    init_from: str | None = Field(None, description="local .pt (facebookresearch/DiT) or diffusers transformer folder")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str | None) -> str | None:
+        if v and "://" in v and not v.startswith("file://"):
+            raise ValueError(f"'{v}': a local file or folder (file://PATH or PATH); copy remote weights here first")
+        return v
 
     @model_validator(mode="after")
     def _text(self) -> "ModelSpec":
@@ -1026,7 +1037,7 @@ def build(model: type[BaseModel], data: dict, name: str,
 ROOTS_ENV = "DITFORGE_ROOTS"
 # Job-spec fields that may name a local file or folder (file://PATH, or a bare path for the
 # folders handed to diffusers / transformers).
-LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder")
+LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder", "model.init_from")
 
 
 # Where the shipped GPU jobs expect pretrained weights (a read-only mount on cluster nodes).

@@ -113,6 +113,8 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     spec.checkpoint.uri = storage.absolute(spec.checkpoint.uri)
     if spec.vae.kind == "own" and spec.vae.path:
         spec.vae.path = storage.absolute(spec.vae.path)
+    if spec.model.init_from:
+        spec.model.init_from = str(Path(spec.model.init_from.removeprefix("file://")).expanduser().resolve())
     return spec
 
 
@@ -197,6 +199,11 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     from ..train import checkpoint
 
     spec = resolve_paths(spec)
+    if spec.model.init_from:  # pretrained weights that do not fit fail here, not in every worker
+        from ..models.convert import check_spec
+        from ..models.info import latent_shape
+
+        check_spec(spec, latent_shape(spec)[0])
     if spec.resources.use_gpu and isinstance(cluster, (EmbeddedCluster, LocalCluster)):
         # Their Ray nodes start with --num-gpus=0: say so before starting anything.
         raise SubmitError(f"{source or spec.name}: resources.use_gpu: true, but cluster '{cluster.name}' (kind "

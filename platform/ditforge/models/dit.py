@@ -60,6 +60,12 @@ class DiTConfig:
     text_len: int = 64  # own encoder: captions are cut/padded to this many bytes
     mixer_depth: int = 0  # unmasked patch-mixer blocks in front of the backbone (MicroDiT)
     given_tokens: bool = False  # a learned "given" embedding marks clean condition tokens (video tasks)
+    # Conventions that decide whether weights mean the same thing elsewhere (models/convert.py).
+    # The defaults are the layout of exports written before these fields existed; `dit_config`
+    # gives new models the facebookresearch/DiT position layout and diffusers' frequency shift,
+    # so a trained model exports to diffusers exactly.
+    t_freq_shift: int = 0  # timestep frequencies exp(-ln(1e4)·i/(half - shift)): DiT 0, diffusers 1
+    pos_layout: str = "ditforge"  # sincos channel order: ditforge (sin y, sin x, cos y, cos x) | dit (sin x, cos x, sin y, cos y)
 
     @property
     def hidden(self) -> int:
@@ -88,11 +94,15 @@ def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
-def sincos_2d(h: int, w: int, dim: int, device=None) -> torch.Tensor:
-    """Fixed 2D sin-cos position embedding for an h×w grid (DiT / MAE). (h·w, dim)"""
+def sincos_2d(h: int, w: int, dim: int, device=None, layout: str = "ditforge") -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding for an h×w grid (DiT / MAE). (h·w, dim)
+    layout `dit`: [sin x, cos x, sin y, cos y], exactly facebookresearch/DiT's (and diffusers')
+    table, so imported weights see the positions they were trained with."""
     assert dim % 4 == 0
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     a, b = sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)
+    if layout == "dit":
+        return torch.cat([b, a], dim=1)
     return torch.cat([a[:, : dim // 4], b[:, : dim // 4], a[:, dim // 4:], b[:, dim // 4:]], dim=1)
 
 
@@ -125,15 +135,16 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, freq_dim: int = 256):
+    def __init__(self, hidden: int, freq_dim: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # t in [0, 1] (flow time, or DDPM step / num_steps); ×1000 so frequencies match DiT's embedding.
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        # freq_shift 1: diffusers' `Timesteps(downscale_freq_shift=1)`, which its DiT uses.
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - self.freq_shift))
         args = (t.float() * 1000)[:, None] * freqs[None]
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
@@ -271,7 +282,7 @@ class DiT(nn.Module):
         # A linear map of flattened (C, pt, p, p) patches: the same as a strided Conv2d/Conv3d, and
         # an image uses the temporal kernel summed (an "inflated" 2D patch embedding).
         self.patch_embed = nn.Linear(C * pt * p * p, D)
-        self.t_embed = TimestepEmbedder(D)
+        self.t_embed = TimestepEmbedder(D, freq_shift=cfg.t_freq_shift)
         # One extra row is the "null" class used for classifier-free guidance.
         self.y_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes > 0 else None
         if cfg.text == "own":
@@ -373,7 +384,7 @@ class DiT(nn.Module):
         if self.cfg.pos_embed == "rope":
             angles = rope_angles(gt, gh, gw, D // self.cfg.heads, device=x.device)[None]  # (1, gt, S, Dh/2)
         else:
-            pos = sincos_2d(gh, gw, D, device=x.device).repeat(gt, 1)  # (N, D)
+            pos = sincos_2d(gh, gw, D, device=x.device, layout=self.cfg.pos_layout).repeat(gt, 1)  # (N, D)
             if gt > 1:  # Latte: a temporal sin-cos embedding on top of the spatial one
                 pos = pos + sincos_1d(torch.arange(gt, device=x.device), D).repeat_interleave(S, 0)
             h = h + pos.to(h.dtype)
@@ -435,8 +446,14 @@ class DiT(nn.Module):
 
 def dit_config(mspec, in_channels: int, text_dim: int = 0, given_tokens: bool = False) -> DiTConfig:
     """`ModelSpec` → DiTConfig (`attention` still unresolved: see attention.resolve); given_tokens
-    when the job trains video tasks (train.video_tasks)."""
-    return DiTConfig(in_channels=in_channels, size=mspec.size, patch=mspec.patch, patch_t=mspec.patch_t,
+    when the job trains video tasks (train.video_tasks).
+
+    New models use DiT's position layout and diffusers' timestep frequency shift (so they export
+    to diffusers exactly); a model initialised from a facebookresearch/DiT `.pt` keeps that
+    checkpoint's shift 0, so it computes what the original computes."""
+    init_from = getattr(mspec, "init_from", None) or ""
+    return DiTConfig(t_freq_shift=0 if init_from.endswith(".pt") else 1, pos_layout="dit",
+                     in_channels=in_channels, size=mspec.size, patch=mspec.patch, patch_t=mspec.patch_t,
                      num_classes=mspec.num_classes, attention=mspec.attention, grad_checkpointing=mspec.grad_checkpointing,
                      video_attention=mspec.video_attention, pos_embed=mspec.pos_embed,
                      text={"none": "none", "own": "own", "transformers": "external"}[mspec.text],

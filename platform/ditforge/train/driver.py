@@ -166,14 +166,15 @@ def finalize(job: dict, client: MlflowClient) -> str:
     → `models:/NAME/VERSION`. Every MLflow call retries (it comes after a whole run)."""
     import tempfile
 
-    from .export import FILES, export
+    from . import pyfunc
+    from .export import export
 
     run_id, name = job["mlflow_run_id"], job["spec"]["name"]
     with tempfile.TemporaryDirectory() as d:
-        cfg = export(job["run_uri"], f"file://{d}")
-        for f in FILES:
-            if os.path.exists(os.path.join(d, f)):
-                retry_final(client.log_artifact, run_id, os.path.join(d, f), "model", what=f"uploading model/{f}")
+        cfg = export(job["run_uri"], f"file://{d}/export")
+        # an MLflow pyfunc model (MLmodel, signature, the export as its artifacts): see train/pyfunc.py
+        pyfunc.save(f"{d}/export", f"{d}/model")
+        retry_final(client.log_artifacts, run_id, f"{d}/model", "model", what="uploading the model")
     run = retry_final(client.get_run, run_id, what="reading the run")
     source = f"{run.info.artifact_uri}/model"
     try:

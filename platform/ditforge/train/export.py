@@ -70,3 +70,73 @@ def load_model(folder: str | Path, weights: str = "ema") -> tuple[DiT, dict]:
     model.eval()
     cfg["weights"] = f.stem
     return model, cfg
+
+
+def export_diffusers(src: str, out: str, weights: str = "ema") -> dict:
+    """A folder `diffusers.DiTPipeline.from_pretrained` loads offline: model_index.json,
+    transformer/ (DiTTransformer2DModel), scheduler/ and, for a `diffusers` VAE job, vae/.
+
+    DDPM models get the DDIMScheduler of their schedule; rectified-flow models a
+    FlowMatchEulerDiscreteScheduler (same convention: x_t = (1-σ)·x0 + σ·ε, v = ε - x0, timestep σ·1000).
+    The identity and own VAEs have no AutoencoderKL counterpart: vae/ is left out (model_index
+    names none) and the user passes `vae=` (see README)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ditforge-export-diffusers-"))
+    try:
+        cfg = export(src, f"file://{tmp / 'ditforge'}")
+        return {**cfg, **write_diffusers(tmp / "ditforge", out, weights)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
+    """A ditforge export folder (local) → the DiTPipeline folder at `out` (any URI)."""
+    from ..models.convert import PretrainedError
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise PretrainedError("--format diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'") from None
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    from ..models.convert import PretrainedError, diffusers_config, to_diffusers
+
+    tmp = Path(tempfile.mkdtemp(prefix="ditforge-export-diffusers-"))
+    try:
+        model, cfg = load_model(folder, weights)
+        shape = cfg["latent_shape"]
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise PretrainedError(f"cannot export to diffusers: latent shape {tuple(shape)} (DiTTransformer2DModel "
+                                  "takes square image latents)")
+        obj = cfg.get("objective", {"kind": "rectified_flow"})
+        if obj["kind"] == "ddpm":
+            if obj.get("timesteps", 1000) != 1000:
+                raise PretrainedError(f"cannot export to diffusers: objective.timesteps {obj['timesteps']} (the model's "
+                                      "time input matches diffusers' integer timesteps only for 1000)")
+            scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                      beta_schedule="linear" if obj.get("schedule", "linear") == "linear" else "squaredcos_cap_v2",
+                                      prediction_type="epsilon" if obj.get("prediction", "eps") == "eps" else "v_prediction",
+                                      clip_sample=False)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        transformer = DiTTransformer2DModel(**diffusers_config(model.cfg, shape[1]))
+        transformer.load_state_dict(to_diffusers(model.state_dict(), model.cfg), strict=True)
+        vae_spec, vae = cfg["vae"], None
+        if vae_spec["kind"] == "diffusers":
+            vae = AutoencoderKL.from_pretrained(vae_spec["path"].removeprefix("file://"), local_files_only=True,
+                                                use_safetensors=True)
+        classes = cfg.get("classes") or []
+        id2label = {str(i): str(c) for i, c in enumerate(classes)} or None
+        pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
+        local = tmp / "diffusers"
+        pipe.save_pretrained(str(local), safe_serialization=True)
+        index = json.loads((local / "model_index.json").read_text())
+        if id2label:  # DiTPipeline reads its label names from model_index.json's id2label
+            index["id2label"] = id2label
+        if vae is None:  # a component named null: from_pretrained loads without it (pass vae=... to decode)
+            index["vae"] = [None, None]
+        (local / "model_index.json").write_text(json.dumps(index, indent=2))
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            storage.put_file(f, storage.join(out, str(f.relative_to(local))))
+        return {"scheduler": type(scheduler).__name__, "vae_exported": vae is not None, "weights": cfg["weights"]}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -192,6 +192,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# MLflow 3's UI opens an experiment without a kind in its GenAI view (Traces, Judges, Prompts; our
+# runs filed under "Evaluation runs"). This tag (ExperimentKind in the UI's source) makes it a
+# model-training experiment: runs, metric charts and artifacts. A kind set by the user is kept.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, *,
                parent_run_id: str | None = None, resumed_from: str | None = None) -> str:
     """One MLflow run per job, created before submission so its id and link exist at once. A
@@ -201,7 +208,9 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
     use_mlflow_credentials()
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment, tags=EXPERIMENT_TAGS)
+    if exp and EXPERIMENT_KIND not in exp.tags:  # made before this tag existed, or by hand: the kind the UI needs
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
     tags = {"ditforge.job": spec.name, "ditforge.run": run_name, "ditforge.spec_digest": spec.digest()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # the UI nests the resumed run under its parent

@@ -26,6 +26,7 @@ from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
 from ..models import tasks
+from ..models.convert import load_into
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
 from ..models.vae import build_vae
 from ..objectives import build_objective
@@ -65,6 +66,8 @@ def _train(run: Session) -> None:
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     model = DiT(dit_cfg)
+    if spec.model.init_from:  # pretrained weights (models/convert.py), the same on every rank
+        load_into(model, spec.model.init_from)
     if precision(spec) == "fp8":  # before the batch probe: float8 linears change the memory per sample
         convert_fp8(model, device)
     objective = build_objective(spec.objective)
