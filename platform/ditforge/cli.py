@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         err.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, soft_wrap=True)
         code = e.exit_code
-    except click.Abort:
+    except getattr(click, "Abort", KeyboardInterrupt):  # typer's vendored click has no Abort
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
 

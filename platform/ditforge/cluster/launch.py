@@ -259,7 +259,7 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
            "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": resume_from,
            "spec_digest": spec.digest()}
-    job_id = submit_to_ray(job, spec, target)
+    job_id = submit_to_ray(job, spec, target, cluster)
     rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
            "tracking_uri": target.tracking_uri, "dashboard": target.dashboard, "cluster": cluster.kind,
            "cluster_name": cluster.name, "token_env": target.token_env, "checkpoint_on_stop": spec.checkpoint.on_stop,
@@ -271,8 +271,9 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
     return rec
 
 
-def submit_to_ray(job: dict, spec: JobSpec, target: Target) -> str:
-    """Hand `job` (what the driver reads as job.json) to the Ray Jobs API; returns the job id."""
+def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec | None = None) -> str:
+    """Hand `job` (what the driver reads as job.json) to the Ray Jobs API; returns the job id.
+    `cluster`: the spec it was submitted to (an embedded head served beyond loopback has joined hosts)."""
     run_name, mlflow_run_id = job["run_name"], job["mlflow_run_id"]
     client = jobs_client(target.dashboard, target.token_env)
     with tempfile.TemporaryDirectory() as wd:
