@@ -194,7 +194,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     """Jobs with their state, step, loss, samples/s and MLflow link."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import all_records, client_for
+    from .cluster.launch import all_records
 
     recs = [_find(job)] if job else all_records()
     table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
