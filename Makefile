@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast fault bench down clean
+.PHONY: install demo test test-fast lint fault bench down clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -rs --durations=15
+
+# pyflakes + pycodestyle over the package and the tests (settings in pyproject.toml); CI runs it first.
+lint: install
+	$(BIN)/ruff check platform tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
