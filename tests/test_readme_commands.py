@@ -46,6 +46,9 @@ RUN_BY = {
     "ditforge cluster status": "tests/test_cluster_local.py::test_local_cluster_lifecycle",
     "ditforge cluster down": "tests/test_cluster_local.py::test_local_cluster_lifecycle",
     "ditforge cluster render": "tests/test_cluster_render.py::test_cli_render_and_up_print_the_command",
+    "ditforge cluster join": "tests/test_cluster_join.py::test_bad_join_is_one_line_exit_2_within_30s",
+    "ditforge cluster leave": "tests/test_cluster_join.py::test_leave_when_not_joined",
+    "python -m ditforge.bench.report": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
 }
 
 
@@ -55,6 +58,8 @@ NOT_RUN = {
     "make demo": "the whole demo (ingest, encode, 2-worker training, sampling, quality, registry) is a "
                  "per-shipped-spec end-to-end test not finished on this branch (issue 16, point 10)",
     "ditforge demo": "as make demo",
+    "ditforge register": "redoes a failed registration; only its error path is tested (tests/test_driver_end.py), "
+                         "not a run through it (issue 16, point 7)",
 }
 
 
