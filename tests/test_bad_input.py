@@ -124,7 +124,7 @@ CASES = [
     ("list-top", {"l.yaml": "- name: t\n"}, ["validate", "{d}/l.yaml"], ["l.yaml", "mapping", "list"]),
     ("scalar-top", {"l.yaml": "just words\n"}, ["validate", "{d}/l.yaml"], ["l.yaml", "mapping", "str"]),
     # --- cluster specs ----------------------------------------------------------------------------
-    ("cluster-kind", {"c.yaml": cluster(kind="slurm")}, ["validate", "{d}/c.yaml"], ["c.yaml", "kind", "'slurm'"]),
+    ("cluster-kind", {"c.yaml": cluster(kind="pbs")}, ["validate", "{d}/c.yaml"], ["c.yaml", "kind", "'pbs'"]),
     ("cluster-typo", {"c.yaml": cluster(kind="local", nodse=2)}, ["validate", "{d}/c.yaml"], ["nodse", "did you mean 'nodes'"]),
     ("cluster-range", {"c.yaml": cluster(kind="local", nodes=20)}, ["validate", "{d}/c.yaml"], ["c.yaml", "nodes"]),
     ("cluster-ports", {"c.yaml": cluster(kind="local", ports={"gcs": 21050})}, ["validate", "{d}/c.yaml"], ["ports.gcs"]),

@@ -143,14 +143,14 @@ def _accumulate(out: str, port: int) -> None:
         torch.manual_seed(0)
         engine = build_engine(DiT(DiTConfig(in_channels=4, size="T", num_classes=3)), spec, micro, accum)
         guard = NonFiniteGuard(engine.client_optimizer, torch.device("cpu"), 10)
-        parts = [(x[i:i + micro], {"y": y[i:i + micro]}, None) for i in range(0, 8, micro)]
+        parts = [(x[i:i + micro], {"y": y[i:i + micro]}, None, None) for i in range(0, 8, micro)]  # (x, cond, gen, given)
         for step in (1, 2):
-            xs, c, _ = parts[-1]
+            xs, c, _, _ = parts[-1]
             loss, good = train_step(engine, _Objective(), xs, c, None, 0.0, None, guard, step, more=parts[:-1])
         res[name] = {"loss": float(loss), "w": [p.detach().clone() for p in engine.module.parameters()]}
         if name == "split":  # a NaN in the first micro-batch skips the whole optimizer step
             before = [p.detach().clone() for p in engine.module.parameters()]
-            bad = [(parts[0][0] * float("nan"), parts[0][1], None)]
+            bad = [(parts[0][0] * float("nan"), parts[0][1], None, None)]
             loss, good = train_step(engine, _Objective(), *parts[-1][:2], None, 0.0, None, guard, 3, more=bad)
             res["nan_good"] = float(good)
             res["nan_same"] = all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))

@@ -37,6 +37,9 @@ from ditforge.train.checkpoint import PG_TIMEOUT_S, Checkpointer, FinalCheckpoin
 class FakeEngine:
     """What Checkpointer needs of a DeepSpeed engine: a save that writes a shard file."""
 
+    def zero_optimization_stage(self) -> int:
+        return 0
+
     def save_checkpoint(self, root, tag, client_state, save_latest):
         d = Path(root) / tag
         d.mkdir(parents=True)
