@@ -41,6 +41,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def netns_available() -> str | None:
     """None if `ip netns add` works here, else why not (the reason a test skips with)."""
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is not installed"
+    # Each host sees its own /tmp (a bind mount over it): code or a Python that lives under /tmp
+    # would vanish inside the hosts.
+    for what, path in (("this checkout", Path(__file__).resolve().parents[1]), ("this Python", Path(sys.executable))):
+        if Path("/tmp") in path.parents:
+            return f"{what} lives under /tmp ({path}), which every test host replaces with its own /tmp"
     probe = f"df{os.getpid()}probe"
     r = _ip("netns", "add", probe, check=False)
     if r.returncode != 0:

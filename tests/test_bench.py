@@ -50,8 +50,10 @@ def test_make_bench_quick_runs_every_section(tmp_path):
     assert {"data.ingest.images_per_s_per_core", "data.stream.samples_per_s_local", "data.stream.samples_per_s_s3",
             "train.consume.samples_per_s"} <= set(data), sorted(data)
     assert all(c["value"] > 0 and not c.get("error") for c in data.values()), data
-    ckpt = [c for c in result["configs"] if c["section"] == "checkpoint"]
+    ckpt = [c for c in result["configs"] if c["section"] == "checkpoint" and c["name"] != "checkpoint-reshard"]
     assert ckpt and all(c["checkpoint_MB"] > 0 and c["stall_s"] >= 0 for c in ckpt), ckpt
+    reshard = [c for c in result["configs"] if c["name"] == "checkpoint-reshard"]
+    assert reshard and all(c["reshard_s"] > 0 and c["plain_resume_s"] > 0 for c in reshard), reshard
     configs = result["configs"]
     assert result["meta"]["device_kind"] == "cpu" and result["meta"]["torch"] and result["meta"]["deepspeed"]
     assert result["meta"]["command"].startswith("ditforge bench") and "--quick" in result["meta"]["command"]
