@@ -610,7 +610,7 @@ def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding 
     bad = shards.verify(uri)
     if bad:
         for name in bad:
-            err.print(f"error: {uri}/{name}: checksum does not match the manifest", markup=False, highlight=False)
+            err.print(f"error: {uri}/{name}: checksum does not match the manifest", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     out.print(f"ok: {uri} ({len(shards.read_manifest(uri)['shards'])} shards)", highlight=False)
 
