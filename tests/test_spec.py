@@ -74,7 +74,7 @@ BAD = [
      "top level must be a mapping of keys, got list"),
     ("", "file is empty"),
     ("kind: embedded\ncpus: -1\n", "cpus: input should be greater than or equal to 0"),
-    ("kind: moon\n", "kind: 'moon' is not allowed; expected one of embedded, local, address, aws, gcp, kubernetes"),
+    ("kind: moon\n", "kind: 'moon' is not allowed; expected one of embedded, local, address, aws, gcp, kubernetes, slurm"),
     ("kind: address\n", "address: required when kind is 'address' (e.g. http://head:8265)"),
     ("kind: embedded\nports: {mlflow: 70000}\n", "ports.mlflow: input should be less than 65536"),
 ]
