@@ -105,7 +105,8 @@ def test_resume_from_a_malicious_checkpoint_fails_in_one_line_without_running_it
     marker = tmp_path / "PWNED"
     step = f"{latents}/planted/run-1/step_00000010"
     plant_malicious_checkpoint(step, marker)
-    r, rec = _submit(REPO / "jobs" / "demo-image.yaml", latents, f"train.resume={step}")
+    # at the planted checkpoint's own world size (1): another size would be refused at submit, before any worker
+    r, rec = _submit(REPO / "jobs" / "demo-image.yaml", latents, f"train.resume={step}", "resources.workers=1")
     assert r.returncode == 1, r.stdout + r.stderr
     error = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags["ditforge.error"]
     assert "refused to load: not a plain tensor checkpoint" in error and "posix.system" in error, error
