@@ -107,8 +107,8 @@ def _train(run: Session) -> None:
                     "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
                     "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
                     "precision": precision(spec), "ema.source": ema.source if ema else "off"})
-    tracker.tags(plan.tags())  # tags, not params: a restart on another GPU may probe another batch
-    tracker.tags({"ditforge.world_sizes": ",".join(f"{s}:{w}" for s, w in world_sizes)})  # step:size, each change
+    # tags, not params: a restart on another GPU may probe another batch, an elastic one change size
+    tracker.tags({**plan.tags(), "ditforge.world_sizes": ",".join(f"{s}:{w}" for s, w in world_sizes)})
     model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
                              "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
                              "objective": spec.objective.model_dump(mode="json"),
