@@ -27,7 +27,7 @@ def _make_bench_quick() -> list[str]:
 
     from .conftest import REPO
 
-    out = subprocess.run(["make", "-n", "bench", "BENCH_ARGS=--quick"], cwd=REPO, capture_output=True, text=True,
+    out = subprocess.run(["make", "-n", "--no-print-directory", "bench", "BENCH_ARGS=--quick"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     words = shlex.split(out.stdout.strip().splitlines()[-1])
     assert words[0].endswith("/ditforge") and words[1] == "bench" and "--quick" in words, words

@@ -124,7 +124,7 @@ def test_every_relative_import_resolves():
 def test_make_targets_run_what_the_readme_says():
     """`make test-fast`, `make fault`, `make bench` (dry run: the command each would run)."""
     def recipe(*args: str) -> str:
-        out = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()[-1]
 

@@ -159,7 +159,8 @@ def _spawn(name: str, argv: list[str], env: dict) -> int:
     return proc.pid
 
 
-def _wait(name: str, ready, timeout: float, pid: int | None = None) -> None:
+def _wait(name: str, ready, timeout: float, pid: int | None = None, why=None) -> None:
+    """`why`: what is still wrong (a check's reason), said in the error instead of only the log's tail."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if ready():
@@ -169,7 +170,10 @@ def _wait(name: str, ready, timeout: float, pid: int | None = None) -> None:
         time.sleep(0.5)
     log = storage.home() / "logs" / f"{name}.log"
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-    raise ServiceError(f"{name} did not become ready in {timeout:.0f}s (log: {log}{': ' + tail[0] if tail else ''})")
+    reason = why() if why is not None else None
+    state = "exited" if pid is not None and not _alive(pid) else f"did not become ready in {timeout:.0f}s"
+    raise ServiceError(f"{name} {state}{': ' + reason if reason else ''} "
+                       f"(log: {log}{': ' + tail[0] if tail else ''})")
 
 
 def _alive(pid: int) -> bool:
@@ -377,7 +381,7 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
                 "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"]}
         argv += ["--app-name", "basic-auth"]
     pid = _spawn("mlflow", argv, env)
-    _wait("mlflow", lambda: mlflow_check(url, auth) is None, 120, pid)
+    _wait("mlflow", lambda: mlflow_check(url, auth) is None, 120, pid, why=lambda: mlflow_check(url, auth))
     return url
 
 
@@ -416,7 +420,8 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     if _pid("ray") and _ray_ready(ep.ray_dashboard):
         # A head still starting registers its node within seconds; one that does not is broken.
         try:
-            _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30)
+            _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30,
+                  why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
             return ep.ray_dashboard
         except ServiceError:
             _say(f"ray: running but failing its check ({ray_check(ep.ray_dashboard, cluster.cpus)}): restarting it")
@@ -433,7 +438,8 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     credentials.use_ray_token(create=True)
     env = _base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
     pid = _spawn("ray", argv, env)
-    _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, pid)
+    _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, pid,
+          why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
     return ep.ray_dashboard
 
 
