@@ -24,6 +24,9 @@ RUN_BY = {
     "make test-fast": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make fault": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make bench": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
+    "make demo": "tests/test_jobs_e2e.py::test_make_demo_runs_the_demo_command",
+    "ditforge demo": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end",
+    "ditforge register": "tests/test_train_e2e.py::test_register_redoes_a_failed_registration",
     "ditforge bench": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
     "python -m ditforge.bench.train": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
     "python -m ditforge.bench.data": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
@@ -54,13 +57,7 @@ RUN_BY = {
 
 # README commands CI does not run yet, each with the reason: the list is asserted exactly, so a
 # new gap fails the test and a closed one must be removed from here.
-NOT_RUN = {
-    "make demo": "the whole demo (ingest, encode, 2-worker training, sampling, quality, registry) is a "
-                 "per-shipped-spec end-to-end test not finished on this branch (issue 16, point 10)",
-    "ditforge demo": "as make demo",
-    "ditforge register": "redoes a failed registration; only its error path is tested (tests/test_driver_end.py), "
-                         "not a run through it (issue 16, point 7)",
-}
+NOT_RUN: dict[str, str] = {}
 
 
 def readme_commands() -> set[str]:

@@ -196,3 +196,23 @@ def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, sigma, y), pipe.transformer(x, timestep=sigma * 1000, class_labels=y).sample,
                                    atol=1e-5, rtol=0)
+
+
+def test_register_redoes_a_failed_registration(zero2_run):
+    """README "the driver's final calls": after a registration failed at the end of a run (the run
+    left FAILED with its error as a tag), `ditforge register RUN_URI` registers the newest complete
+    checkpoint as a new version and ends the run FINISHED."""
+    client = MlflowClient(zero2_run["tracking_uri"])
+    run_id = zero2_run["mlflow_run_id"]
+    before = client.get_run(run_id).data.tags["ditforge.model"]
+    name, version = before.split("/")[1:]
+    client.set_tag(run_id, "ditforge.error", "registration failed: 503 Service Unavailable")
+    client.set_terminated(run_id, "FAILED")
+    r = run_cli("register", zero2_run["run_uri"], "--tracking-uri", zero2_run["tracking_uri"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = client.get_run(run_id)
+    after = run.data.tags["ditforge.model"]
+    assert after.split("/")[1] == name and int(after.split("/")[2]) > int(version), (before, after)
+    assert after in r.stdout and run.info.status == "FINISHED" and "ditforge.error" not in run.data.tags
+    mv = client.get_model_version(name, after.split("/")[2])
+    assert mv.tags["checkpoint_uri"].endswith("step_00000020") and mv.run_id == run_id

@@ -4,13 +4,15 @@ Under ZeRO-3 a rank holds only a slice of every weight (`param.ds_tensor`), so e
 its own slice: no gather per step, memory divided by the world size like the weights themselves.
 `swapped_in()` writes the averages into those slices, and a `GatheredParameters` context opened
 inside it then sees full EMA weights on every rank. Without ZeRO-3 (stages 0-2) every rank holds
-full weights and keeps a full, identical average.
+full weights; in fp32 it keeps a full, identical average, in bf16 its fragments (below).
 
-What is averaged (`EMA.source`): under ZeRO-3 the optimizer's fp32 master slices, when it keeps
-them (bf16 training; in fp32 they equal the weights); under stages 0-2 the weights themselves,
-read as fp32: exact in fp32 runs, the bf16 compute copy in bf16 runs (there DeepSpeed's fp32
-masters are flat buckets cut across ranks, not per weight: reading them would cost a collective
-per step).
+What is averaged (`EMA.source`): the optimizer's fp32 master weights wherever they exist, never
+the bf16 compute copy. Under ZeRO-3, each rank's fp32 master slices. Under stages 0-2 in bf16 (or
+fp16), DeepSpeed keeps the masters in flat buffers cut across the ranks, and each weight's piece
+on this rank is `param._hp_mapping.hp_fragment` (a contiguous run of the flattened weight, maybe
+empty). Each rank averages its own fragments: no collective per step, 1/world of the memory.
+Sampling and export join the fragments (one all-reduce per weight). In fp32 runs the masters are
+the weights, so stages 0-2 average the weights, whole and identical on every rank.
 
 The decay warms up as min(decay, (1 + n)/(10 + n)) after n updates (as in timm / TF's EMA), so a
 short run's average is not dominated by its random initial weights.
@@ -36,6 +38,18 @@ def _local(p: nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if _partitioned(p) else p.data
 
 
+def _fragment(p: nn.Parameter) -> torch.Tensor:
+    """This rank's piece of a weight's fp32 master under ZeRO 0-2 with a bf16 / fp16 optimizer
+    (a 1-D view into DeepSpeed's flat buffer, updated in place by each step); empty if none."""
+    hp = getattr(p, "_hp_mapping", None)
+    return hp.hp_fragment if hp is not None else p.data.new_zeros(0, dtype=torch.float32)
+
+
+def _fragment_start(p: nn.Parameter) -> int:
+    hp = getattr(p, "_hp_mapping", None)
+    return int(hp.lp_fragment_address.start) if hp is not None else 0
+
+
 def _master(p: nn.Parameter) -> torch.Tensor:
     """ZeRO-3's fp32 master slice of a partitioned weight (same cut as `p.ds_tensor`)."""
     from deepspeed.utils import safe_get_local_fp32_param
@@ -52,11 +66,17 @@ class EMA:
         self.partitioned = any(hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params.values())
         # ZeRO-3's optimizer keeps fp32 masters of each rank's slices: average those.
         self.masters = self.partitioned and hasattr(getattr(optimizer, "fp32_partitioned_groups_flat", None), "__len__")
+        # ZeRO 0-2 training low-precision weights: DeepSpeed links each to its fp32 master fragment.
+        self.fragments = (not self.partitioned and any(hasattr(p, "_hp_mapping") for p in params.values())
+                          and any(params[n].dtype != torch.float32 for n in self.names))
         self.source = ("fp32 master weights (ZeRO-3 optimizer slices)" if self.masters else
+                       "fp32 master weights (ZeRO 0-2 fragments per rank)" if self.fragments else
                        "weights as fp32" + (" (ZeRO-3 slices)" if self.partitioned else ""))
         self.shadow = {n: self._initial(params[n]) for n in self.names}  # fp32 averages
 
     def _read(self, p: nn.Parameter) -> torch.Tensor:
+        if self.fragments:
+            return _fragment(p)
         return _master(p) if self.masters and _partitioned(p) else _local(p)
 
     def _initial(self, p: nn.Parameter) -> torch.Tensor:
@@ -80,7 +100,8 @@ class EMA:
         no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow, local = zip(*((self.shadow[n], self._read(p)) for n, p in self._params(model).items()))
+        shadow, local = zip(*((self.shadow[n], self._read(p)) for n, p in self._params(model).items()
+                              if self.shadow[n].numel()))  # a rank may hold no fragment of a weight
         local = [t if t.dtype == torch.float32 else t.float() for t in local]
         # One multi-tensor kernel rather than one launch per parameter (hundreds at DiT-XL).
         if keep is None:
@@ -96,6 +117,19 @@ class EMA:
         import deepspeed
 
         params = self._params(model)
+        if self.fragments:  # collective: every rank's fragments joined into full weights
+            full = self._joined(params)
+            raw = {n: p.data.detach().clone() for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.data.copy_(full.pop(n).view_as(p))
+            try:
+                yield model
+            finally:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.data.copy_(raw[n])
+            return
         parts = {n: p for n, p in params.items() if _partitioned(p)}
         # Partitioned weights: write the averaged slices into the partitions, then gather.
         backup = {n: p.ds_tensor.detach().clone() for n, p in parts.items()}
@@ -125,6 +159,21 @@ class EMA:
                 for n, p in parts.items():
                     p.ds_tensor.copy_(backup[n])
 
+    def _joined(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA weights from every rank's fragments: each rank puts its own in a zero
+        tensor and an all-reduce sums them (the fragments do not overlap). Collective."""
+        import torch.distributed as dist
+
+        full = {}
+        for n, p in params.items():
+            t = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            start = _fragment_start(p)
+            t[start:start + self.shadow[n].numel()] = self.shadow[n]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(t)
+            full[n] = t.view(p.shape)
+        return full
+
     # Checkpoints. Under ZeRO-3 each rank writes its own slices (`ema_rank_N.safetensors`, plus
     # rank 0's `ema_layout.json`): no gather of the whole model and no full fp32 copy on every
     # rank at each save. `consolidate_shards` joins them into `ema.safetensors` at export time.
@@ -132,9 +181,17 @@ class EMA:
         """→ (tensors, files) this rank adds to a checkpoint. Not collective."""
         import json
 
+        files = {}
+        if self.fragments:  # each rank its own fragments, and where each starts in its weight
+            params = self._params(model)
+            own = {n: t for n, t in self.shadow.items() if t.numel()}
+            files[fragment_name(rank)] = json.dumps({n: _fragment_start(params[n]) for n in own}).encode()
+            if rank == 0:
+                layout = {n: {"shape": list(p.shape), "fragments": True} for n, p in params.items()}
+                files[SHARD_LAYOUT] = json.dumps({"world": world, "params": layout}).encode()
+            return {shard_name(rank): own}, files
         if not self.partitioned:  # every rank holds the same full average: rank 0 writes it
             return ({"ema.safetensors": self.shadow} if rank == 0 else {}), {}
-        files = {}
         if rank == 0:
             params = self._params(model)
             layout = {n: {"shape": list(getattr(p, "ds_shape", p.shape)), "partitioned": _partitioned(p)}
@@ -156,18 +213,26 @@ class EMA:
             return True
         if not (folder / SHARD_LAYOUT).exists():
             return False
-        saved_world = json.loads((folder / SHARD_LAYOUT).read_text())["world"]
-        if self.partitioned and saved_world == world:  # the same cut: this rank's own slices
+        meta = json.loads((folder / SHARD_LAYOUT).read_text())
+        saved_fragments = any(i.get("fragments") for i in meta["params"].values())
+        same_cut = meta["world"] == world and (
+            (self.partitioned and not saved_fragments) or
+            (self.fragments and saved_fragments and json.loads((folder / fragment_name(rank)).read_text()) ==
+             {n: _fragment_start(p) for n, p in self._params(model).items() if self.shadow[n].numel()}))
+        if same_cut:  # this rank's own slices or fragments, as it saved them
             own = load_file(str(folder / shard_name(rank)))
             for n in self.names:
-                self.shadow[n].copy_(own[n])
+                if self.shadow[n].numel():
+                    self.shadow[n].copy_(own[n])
             self.num_updates = num_updates
         else:  # another world size or ZeRO stage: join, then cut again
             self.load_full_state_dict(model, consolidate_shards(folder), num_updates)
         return True
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Collective under ZeRO-3 (every rank calls it): full EMA weights, e.g. for export."""
+        """Collective under ZeRO-3 and with fragments (every rank calls it): full EMA weights, e.g. for export."""
+        if self.fragments:
+            return self._joined(self._params(model))
         with self.swapped_in(model, gather=True):
             return {n: p.detach().float().clone() for n, p in self._params(model).items()}
 
@@ -181,6 +246,10 @@ class EMA:
         rank = dist.get_rank() if dist.is_initialized() else 0
         for n, p in self._params(model).items():
             t = full[n].float()
+            if self.fragments:  # this rank's fragment: its run of the flattened weight
+                start = _fragment_start(p)
+                self.shadow[n].copy_(t.flatten()[start:start + self.shadow[n].numel()])
+                continue
             if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
                 part = self.shadow[n].numel()
                 flat = t.flatten()[rank * part:(rank + 1) * part]
@@ -191,11 +260,11 @@ class EMA:
     # Resume state of this rank (under ZeRO-3: its slices).
     def state_dict(self) -> dict:
         return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
-                "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+                "fragments": self.fragments, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["partitioned"] != self.partitioned:
-            raise RuntimeError("EMA state was saved with a different ZeRO stage (partitioned vs full)")
+        if state["partitioned"] != self.partitioned or state.get("fragments", False) != self.fragments:
+            raise RuntimeError("EMA state was saved with a different ZeRO stage or precision (slices, fragments, full)")
         for n, t in state["shadow"].items():
             if t.shape != self.shadow[n].shape:
                 raise RuntimeError(f"EMA state for {n}: shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)} "
@@ -211,6 +280,11 @@ def shard_name(rank: int) -> str:
     return f"ema_rank_{rank}.safetensors"
 
 
+def fragment_name(rank: int) -> str:
+    """Where each of rank's fragments starts in its flattened weight (ZeRO 0-2, bf16 / fp16)."""
+    return f"ema_rank_{rank}.json"
+
+
 def consolidate_shards(folder) -> dict[str, torch.Tensor]:
     """Full EMA weights from a step folder's per-rank slices (read one rank at a time). A ZeRO-3
     slice is a flat, padded 1/world part of the weight in rank order."""
@@ -220,6 +294,15 @@ def consolidate_shards(folder) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     meta = json.loads((folder / SHARD_LAYOUT).read_text())
+    if any(i.get("fragments") for i in meta["params"].values()):  # ZeRO 0-2 fp32 master fragments
+        full = {n: torch.zeros(math.prod(i["shape"])) for n, i in meta["params"].items()}
+        for r in range(meta["world"]):
+            starts = json.loads((folder / fragment_name(r)).read_text())
+            with safe_open(str(folder / shard_name(r)), "pt") as f:
+                for n, start in starts.items():
+                    t = f.get_tensor(n).float()
+                    full[n][start:start + t.numel()] = t
+        return {n: t.reshape(meta["params"][n]["shape"]).contiguous() for n, t in full.items()}
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in meta["params"]}
     for r in range(meta["world"]):
         with safe_open(str(folder / shard_name(r)), "pt") as f:

@@ -120,7 +120,7 @@ def _train(run: Session) -> None:
         files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
             if rank == 0 else {}
         tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
-        if ema:  # no gather: ZeRO-3 ranks write their own slices, else rank 0 the full average
+        if ema:  # no gather: each rank its own slices / fragments, or rank 0 the full fp32 average
             ema_tensors, ema_files = ema.shard_files(engine.module, rank, world)
             tensors.update(ema_tensors)
             files.update(ema_files)
