@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint fault bench down clean
+.PHONY: install demo test test-fast lint docs fault bench down clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ test: install
 # pyflakes + pycodestyle over the package and the tests (settings in pyproject.toml); CI runs it first.
 lint: install
 	$(BIN)/ruff check platform tests
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails.
+docs: install
+	$(BIN)/mkdocs build --strict
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

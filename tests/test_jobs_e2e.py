@@ -158,5 +158,6 @@ def test_video_dit_b_256x16f(root, tmp_path):
                    parse_vae(f"own,path={vae},downsample=8,temporal_downsample=4,latent_channels=8"), progress=False)
     done = _submit("video-dit-b-256x16f", f"data.train={data}-latents", f"vae.path={vae}",
                    f"model.text_encoder=file://{enc}", f"checkpoint.uri={root}/runs", "model.size=T",
-                   "train.precision=fp32", "data.batch_size=2", "eval.task_clips=1")
+                   "train.precision=fp32", "data.batch_size=2", "eval.task_clips=1", "sample.batch_size=2",
+                   "eval.batch_size=2")
     _sampled_and_registered(done)

@@ -24,6 +24,7 @@ RUN_BY = {
     "make test-fast": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make fault": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make bench": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
+    "make docs": ".ci/run",  # CI builds the docs with --strict before the tests
     "make demo": "tests/test_jobs_e2e.py::test_make_demo_runs_the_demo_command",
     "ditforge demo": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end",
     "ditforge register": "tests/test_train_e2e.py::test_register_redoes_a_failed_registration",
@@ -61,9 +62,10 @@ NOT_RUN: dict[str, str] = {}
 
 
 def readme_commands() -> set[str]:
-    """The command (program, verb, sub-verb) of every command line in the README: lines of code
-    blocks and inline code that start with `ditforge `, `make ` or `python -m ditforge`."""
-    text = (REPO / "README.md").read_text()
+    """The command (program, verb, sub-verb) of every command line in the README and the docs
+    pages: lines of code blocks and inline code that start with `ditforge `, `make ` or
+    `python -m ditforge`."""
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))])
     snippets = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
         snippets += block.splitlines()
@@ -85,7 +87,8 @@ def readme_commands() -> set[str]:
 
 def test_every_readme_command_is_run_by_a_test():
     keys = readme_commands()
-    assert {"make bench", "ditforge data verify", "ditforge services status", "python -m ditforge.bench.data"} <= keys
+    assert {"make bench", "make docs", "ditforge data verify", "ditforge services status",
+            "python -m ditforge.bench.data"} <= keys
     missing = keys - set(RUN_BY)
     assert missing == set(NOT_RUN), f"README commands no test runs (add them to RUN_BY with a test): {sorted(missing)}"
     for key, where in RUN_BY.items():
