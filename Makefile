@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/ditforge demo
 
 test: install
-	$(BIN)/python -m pytest -q -rs --durations=15
+	$(BIN)/python -m pytest -q -rs --durations=40
 
 # pyflakes + pycodestyle over the package and the tests (settings in pyproject.toml); CI runs it first.
 lint: install

@@ -48,7 +48,8 @@ def test_make_bench_quick_runs_every_section(tmp_path):
     assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint"}
     data = {f"{c['bench']}.{c['metric']}": c for c in result["configs"] if c["section"] == "data"}
     assert {"data.ingest.images_per_s_per_core", "data.stream.samples_per_s_local", "data.stream.samples_per_s_s3",
-            "train.consume.samples_per_s"} <= set(data), sorted(data)
+            "train.consume.samples_per_s", "data.tar_read.samples_per_s_own",
+            "data.tar_read.samples_per_s_webdataset"} <= set(data), sorted(data)
     assert all(c["value"] > 0 and not c.get("error") for c in data.values()), data
     ckpt = [c for c in result["configs"] if c["section"] == "checkpoint" and c["name"] != "checkpoint-reshard"]
     assert ckpt and all(c["checkpoint_MB"] > 0 and c["stall_s"] >= 0 for c in ckpt), ckpt
@@ -88,12 +89,12 @@ def test_make_bench_quick_runs_every_section(tmp_path):
         assert a["fwd_bwd"]["math"]["ms"] > 0 and a["fwd_bwd"]["sdpa_cudnn"]["error"]
     # The performance page from this JSON says it is a CPU run, and carries the measured figures.
     page_path = tmp_path / "performance.md"
-    from ditforge.bench.report import main
+    from ditforge.bench.report import _fmt, main
 
     assert main([str(out), "--out", str(page_path)]) == 0
     page = page_path.read_text()
     assert "**CPU run.**" in page and "no_clip_upper_bound" in page and "skipped: needs CUDA" in page
-    assert f"| {c['name']} |" in page and str(c["samples_per_s"]) in page
+    assert f"| {c['name']} |" in page and f"| {_fmt(c['samples_per_s'])} |" in page  # as the page rounds it
     assert "attention-dit-b2-video-4x256: B=1, tokens=1024" in page
 
 

@@ -30,6 +30,21 @@ def test_which_set():
     assert quality.which_set(["cat", "dog"], 1) is None
 
 
+def test_classifier_scores_large_samples_at_its_own_size():
+    """Samples above MAX_SIZE px (a 256 px video job's) are scored after an area downscale, so the
+    classifier never trains on (or holds) full-size clips: 1200 clips of 16 x 256 x 256 are 15 GB."""
+    import torch.nn.functional as F
+
+    from ditforge.train.quality import MAX_SIZE, Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier(4, video=True, size=16).eval()
+    big = torch.rand(2, 3, 4, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(big), clf.features(F.interpolate(big, size=(4, 16, 16), mode="area")))
+    assert Classifier(10, video=False).size == MAX_SIZE <= 64
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_model_generates_its_classes_well_above_chance(capsys):

@@ -25,6 +25,7 @@ RUN_BY = {
     "make fault": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make bench": "tests/test_bench.py::test_make_bench_quick_runs_every_section",
     "make docs": ".ci/run",  # CI builds the docs with --strict before the tests
+    "make lint": ".ci/run",  # and lints before them
     "make demo": "tests/test_jobs_e2e.py::test_make_demo_runs_the_demo_command",
     "ditforge demo": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end",
     "ditforge register": "tests/test_train_e2e.py::test_register_redoes_a_failed_registration",

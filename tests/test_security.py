@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from ditforge import services, storage
+from ditforge import credentials, services, storage
 from ditforge.spec import SpecError, load_job
 
 from .conftest import run_cli
@@ -212,7 +212,6 @@ def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp
 def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     """A Ray head of our own bound beyond loopback (temp home and temp dir, its own ports): its Jobs
     API refuses requests without Ray's token, and the platform's client gets in with it."""
-    import secrets
     import shutil
     import tempfile
 
@@ -220,7 +219,10 @@ def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     from ditforge.spec import EmbeddedCluster, ServicePorts
 
     monkeypatch.setenv("DITFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # The head gets this process's own Ray token, not a new one: Ray caches the token a process
+    # first loads, so after any earlier test's Ray call a fresh RAY_AUTH_TOKEN would make the
+    # state API here send the old one (seen in the full suite: "Invalid authentication token").
+    credentials.ensure_ray_token()
     temp = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths live under it
     b = 24000 + os.getpid() % 50 * 100  # a port block of its own, away from the other heads' ports
     ports = ServicePorts(mlflow=_free_port(), ray_dashboard=_free_port(), ray_gcs=_free_port())

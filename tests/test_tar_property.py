@@ -72,3 +72,20 @@ def test_fast_reader_on_corrupted_archives(items, fmt, data):
     fast = shards._members_fast(bytes(archive))
     if fast is not None:  # what the fast path returns, tarfile must read the same way
         assert fast == by_tarfile(bytes(archive))
+
+
+def test_shards_written_by_webdataset_are_reproducible_and_read_by_the_fast_path(tmp_path):
+    """`write_shard` writes with webdataset's TarWriter: the same samples give the same bytes (and
+    checksum) twice, webdataset's own reader reads them back, and so does the fast path (no pax
+    header: mtime is an integer)."""
+    import webdataset as wds
+
+    samples = [{"__key__": f"s{i:03d}", "cls": str(i % 3), "latent.npy": bytes([i]) * (100 + i)} for i in range(5)]
+    entries = [shards.write_shard(f"file://{tmp_path}/{d}", "shard-000000.tar", samples) for d in ("a", "b")]
+    assert entries[0]["sha256"] == entries[1]["sha256"] and entries[0]["samples"] == 5
+    data = (tmp_path / "a" / "shard-000000.tar").read_bytes()
+    fast = shards._members_fast(data)
+    assert fast is not None and [n for n, _ in fast][:2] == ["s000.cls", "s000.latent.npy"]
+    back = list(wds.WebDataset(str(tmp_path / "a" / "shard-000000.tar"), shardshuffle=False))
+    assert [b["__key__"] for b in back] == [s["__key__"] for s in samples]
+    assert all(b["latent.npy"] == s["latent.npy"] and b["cls"] == s["cls"].encode() for b, s in zip(back, samples))

@@ -102,11 +102,52 @@ def _stream(uri: str, where: str) -> list[dict]:
             _row("data.stream", f"mb_per_s_{where}", nbytes / dt / 1e6, "MB/s/worker")]
 
 
+def bench_tar_readers(folder: str) -> list[dict]:
+    """The training loader's own tar reader (`shards.iter_tar`) against webdataset's
+    (`webdataset.WebDataset`) on the same local latent shards, with the same per-sample work
+    (decode the latent): alternating, best of 3 each, in this one process."""
+    import glob
+
+    import webdataset as wds
+
+    paths = sorted(glob.glob(f"{folder}/*.tar"))
+
+    def own() -> int:
+        n = 0
+        for p in paths:
+            with open(p, "rb") as f:
+                data = f.read()
+            for smp in shards.iter_tar(data, p):
+                shards.npy_load(smp["latent.npy"])
+                n += 1
+        return n
+
+    def webdataset() -> int:
+        n = 0
+        for smp in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
+            shards.npy_load(smp["latent.npy"])
+            n += 1
+        return n
+
+    best = {"own": float("inf"), "webdataset": float("inf")}
+    counts = {}
+    for _ in range(3):
+        for name, fn in (("own", own), ("webdataset", webdataset)):
+            t0 = time.perf_counter()
+            counts[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    assert counts["own"] == counts["webdataset"], counts
+    n = counts["own"]
+    return [_row("data.tar_read", f"samples_per_s_{name}", n / best[name], "samples/s", samples=n,
+                 x_vs_webdataset=round(best["webdataset"] / best[name], 2)) for name in ("own", "webdataset")]
+
+
 def bench_stream(quick: bool, tmp: str) -> list[dict]:
     n = 2048 if quick else 8192
     rows = []
     local = f"file://{tmp}/latents"
     _latent_set(local, n)
+    rows += bench_tar_readers(f"{tmp}/latents")
     rows += _stream(local, "local")
     s3 = f"s3://ditforge/bench/{uuid.uuid4().hex[:10]}"
     try:

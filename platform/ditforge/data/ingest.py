@@ -204,25 +204,36 @@ def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
         raise ValueError(kind)
 
 
+def _read_webdataset_tar(fileobj, url: str, take: int | None = None) -> list[dict]:
+    """A source tar's samples through webdataset's own tar iterator and key grouping (a sample is
+    the members sharing a key; extensions lower-cased), its first `take` only when given."""
+    import tarfile
+
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(fileobj))
+        return list(itertools.islice(group_by_keys(files), take))
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        raise shards.DataError(f"{url}: {e}") from None
+
+
 def _webdataset_samples(tar_uri: str, s: Settings, skipped: list[dict], take: int | None = None):
     name = tar_uri.rsplit("/", 1)[-1]
+    fs, path = storage.filesystem(tar_uri)
+
+    def read() -> list[dict]:
+        with fs.open(path, "rb") as f:
+            return _read_webdataset_tar(f, name, take)
+
     try:
-        if take is None:
-            samples = list(shards.iter_tar(storage.read_bytes(tar_uri), name))
-        else:  # --limit ends inside this tar: stream its first `take` samples only
-            fs, path = storage.filesystem(tar_uri)
-
-            def first() -> list[dict]:
-                with fs.open(path, "rb") as f:
-                    return list(itertools.islice(shards.iter_tar(f, name), take))
-
-            samples = storage.retry(first)
+        samples = storage.retry(read)
     except (shards.DataError, OSError) as e:
         skipped.append({"item": name, "reason": f"unreadable shard ({str(e)[:100]})"})
         return
     for smp in samples:
         item = f"{name}:{smp['__key__']}"
-        exts = {k.lower(): k for k in smp if k != "__key__"}
+        exts = {k.lower(): k for k in smp if not k.startswith("__")}  # not __key__, __url__
         img = next((exts[e] for e in ("jpg", "jpeg", "png", "webp") if e in exts), None)
         vid = next((exts[e] for e in ("mp4", "webm", "gif") if e in exts), None)
         try:

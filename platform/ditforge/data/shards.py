@@ -49,22 +49,18 @@ def write_shard(uri: str, name: str, samples: Iterable[dict], **extra) -> dict:
     Returns its manifest entry (plus `extra` fields). The upload is a single PUT (or rename), so a
     reader sees the whole shard or none of it.
     """
+    import webdataset as wds
+
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / name
         n = 0
-        # GNU format: plain 512-byte headers for short names (webdataset's TarWriter adds a 1 KB pax
-        # header per member), long names still possible. mtime 0: the same samples always make
-        # the same bytes and checksum, run after run. (Plain tarfile also keeps torch, which
-        # `import webdataset` pulls in, out of every ingest worker.)
-        with tarfile.open(local, "w", format=tarfile.GNU_FORMAT) as tar:
+        # webdataset's own writer. mtime 0 (an int): the same samples always make the same bytes
+        # and checksum, run after run, and no member needs a pax header (a float mtime would add
+        # a 1 KB one per member), so the reader's fast path reads every shard we write.
+        with open(local, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
             for s in samples:
-                key = s["__key__"]
-                for ext in sorted(k for k in s if k != "__key__"):
-                    v = s[ext]
-                    data = v.encode() if isinstance(v, str) else bytes(v)
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    tar.addfile(info, io.BytesIO(data))
+                tar.write({k: v if k == "__key__" else v.encode() if isinstance(v, str) else bytes(v)
+                           for k, v in s.items()})
                 n += 1
         entry = {"name": name, "samples": n, "bytes": local.stat().st_size, "sha256": storage.sha256_file(local),
                  **extra}
