@@ -3,8 +3,8 @@ steps, workers, device and data (never by editing the file). Its end-of-run samp
 export and registration run as written, so a shipped spec cannot carry a setting that fails at the
 end of a run.
 
-`COVERED` names the test that runs each spec. The two video-task specs have e2e tests of their
-own; the others run here, the demo spec through `ditforge demo` (what `make demo` runs), whose
+`COVERED` names the test that runs each spec. The VDT video-task spec has an e2e test of its
+own (resume, every task sampled); the others run here, the demo spec through `ditforge demo` (what `make demo` runs), whose
 data the shapes jobs then reuse. Each gets the smallest data set of the kind it needs, and weights
 the test makes: a tiny diffusers AutoencoderKL, an own causal video VAE, a tiny BERT standing in
 for T5. Nothing is downloaded.
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 JOBS = REPO / "jobs"
 COVERED = {
     "demo-image": "tests/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end (and test_train_e2e.py)",
-    "video-dit-s-moving-shapes": "tests/test_video_e2e.py::test_video_job_with_captions",
+    "video-dit-s-moving-shapes": "tests/test_jobs_e2e.py::test_video_dit_s_moving_shapes",
     "video-vdt-moving-shapes": "tests/test_video_e2e.py::test_masked_video_job_resumes_exactly_and_samples_every_task",
     "image-dit-s-shapes": "tests/test_jobs_e2e.py::test_image_dit_s_shapes",
     "vae-shapes": "tests/test_jobs_e2e.py::test_vae_shapes",
@@ -131,6 +131,19 @@ def test_image_dit_xl2_256(root, tmp_path):
                    f"checkpoint.uri={root}/runs", "model.size=T", "train.precision=fp32", "data.batch_size=4",
                    "sample.max_classes=4")
     _sampled_and_registered(done)
+
+
+def test_video_dit_s_moving_shapes(root):
+    """32 px, 8-frame moving-shapes clips as written (identity latents (12, 8, 16, 16)); the
+    end-of-run quality evaluation (the 3D direction classifier) runs as written."""
+    data = f"{root}/moving-shapes"
+    ingest.ingest("moving-shapes", f"{data}-pixels", limit=16, frames=8, resolution=32, shard_size=8,
+                  progress=False)
+    encode_dataset(f"{data}-pixels", f"{data}-latents", parse_vae("identity,downsample=2"), progress=False)
+    done = _submit("video-dit-s-moving-shapes", f"data.train={data}-latents", f"checkpoint.uri={root}/runs",
+                   "model.size=T", "data.batch_size=4", "eval.per_class=1")
+    _sampled_and_registered(done)
+    assert "quality/class_accuracy" in done["run"].data.metrics
 
 
 def test_video_dit_b_256x16f(root, tmp_path):
