@@ -53,7 +53,8 @@ def reshard_costs(sizes: tuple[str, ...], repeat: int) -> list[dict]:
         torch.manual_seed(0)
         engine = build_engine(DiT(DiTConfig(in_channels=12, size=size, patch=2, num_classes=10)), _spec(size))
         flow = RectifiedFlow(null_class=10)
-        loss = flow.loss(engine, torch.randn(8, 12, 16, 16), torch.randint(0, 10, (8,)), torch.Generator().manual_seed(0))
+        loss = flow.loss(engine, torch.randn(8, 12, 16, 16), {"y": torch.randint(0, 10, (8,))},
+                         torch.Generator().manual_seed(0))
         engine.backward(loss)
         engine.step()  # moments exist: the checkpoint is the size a real one is
         root = Path(tempfile.mkdtemp(prefix="ditforge-bench-reshard-"))
@@ -98,7 +99,7 @@ def run(quick: bool = False) -> list[dict]:
         x, y = torch.randn(32, 12, 16, 16), torch.randint(0, 10, (32,))
 
         def step():
-            loss = flow.loss(engine, x, y, torch.Generator().manual_seed(0))
+            loss = flow.loss(engine, x, {"y": y}, torch.Generator().manual_seed(0))
             engine.backward(loss)
             engine.step()
 

@@ -179,7 +179,7 @@ def bench_consumption(quick: bool) -> list[dict]:
         x, y = torch.randn(BATCH, *LATENT_SHAPE), torch.randint(0, 10, (BATCH,))
 
         def step():
-            loss = flow.loss(model, x, y, gen)
+            loss = flow.loss(model, x, {"y": y}, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -5,11 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def as_cond(cond) -> dict:
-    """The skeleton passed the class tensor (or None) where `cond` now goes: accept both."""
-    return cond if isinstance(cond, dict) else {"y": cond}
-
-
 def cfg_drop(cond: dict, cfg_dropout: float, B: int, gen: torch.Generator, device) -> torch.Tensor | None:
     """(B,) bool: which samples train the unconditional branch (Ho & Salimans 2022). The model swaps
     in its null class / null caption where True. None when there is nothing to drop."""

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .common import as_cond, call_model, cfg_drop, given_latents, keep_generated, weighted_mse
+from .common import call_model, cfg_drop, given_latents, keep_generated, weighted_mse
 
 
 def alphas_cumprod(schedule: str, steps: int) -> torch.Tensor:
@@ -53,7 +53,6 @@ class DDPM:
 
     def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
              given: torch.Tensor | None = None) -> torch.Tensor:
-        cond = as_cond(cond)
         B = x0.shape[0]
         idx = torch.randint(0, self.steps, (B,), generator=gen, device=gen.device)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .common import as_cond, call_model, cfg_drop, given_latents, keep_generated, weighted_mse
+from .common import call_model, cfg_drop, given_latents, keep_generated, weighted_mse
 
 
 class RectifiedFlow:
@@ -48,7 +48,6 @@ class RectifiedFlow:
 
     def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
              given: torch.Tensor | None = None) -> torch.Tensor:
-        cond = as_cond(cond)
         """x0 (B, C, [T,] H, W) latents; cond {"y": (B,), "text": ...}. `gen` makes every draw reproducible."""
         B = x0.shape[0]
         t = self.sample_t(B, gen, x0.device)
