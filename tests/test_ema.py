@@ -34,6 +34,21 @@ def test_update_rule_swap_and_state_dict():
     assert other.num_updates == 1 and torch.equal(other.shadow["weight"], ema.shadow["weight"])
 
 
+def _write_ema_files(ema: EMA, model, rank: int, world: int, folder: Path) -> Path:
+    """What a checkpoint holds of the EMA: each rank's `shard_files`, written as the checkpointer
+    writes them; collective (a barrier), so every rank's files are there on return."""
+    import torch.distributed as dist
+
+    folder.mkdir(exist_ok=True)
+    tensors, files = ema.shard_files(model, rank, world)
+    for name, t in tensors.items():
+        save_file({k: v.contiguous() for k, v in t.items()}, str(folder / name))
+    for name, b in files.items():
+        (folder / name).write_bytes(b)
+    dist.barrier()
+    return folder
+
+
 def _worker(rank: int, world: int, port: int, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
@@ -69,14 +84,7 @@ def _worker(rank: int, world: int, port: int, out: str):
             ema.update(engine.module)
         results[stage] = ema.full_state_dict(engine.module)  # collective under ZeRO-3
         # What a checkpoint holds: per-rank slices under ZeRO-3 (no gather), else rank 0's full copy.
-        folder = Path(out).parent / f"ckpt-{stage}"
-        folder.mkdir(exist_ok=True)
-        tensors, files = ema.shard_files(engine.module, rank, world)
-        for name, t in tensors.items():
-            save_file({k: v.contiguous() for k, v in t.items()}, str(folder / name))
-        for name, b in files.items():
-            (folder / name).write_bytes(b)
-        dist.barrier()
+        folder = _write_ema_files(ema, engine.module, rank, world, Path(out).parent / f"ckpt-{stage}")
         if rank == 0:
             # what export does; "3p" keeps every weight whole, so it writes ema.safetensors too
             assert (folder / "ema.safetensors").exists() == (stage != 3)
@@ -168,14 +176,7 @@ def _fragments_worker(rank: int, world: int, port: int, out: str):
         with ema.swapped_in(engine.module, gather=True):
             results[stage]["swapped"] = all(torch.equal(p, full[n].to(p.dtype)) for n, p in params.items())
         results[stage]["restored"] = all(torch.equal(p, raw[n]) for n, p in params.items())
-        folder = Path(out).parent / f"frag-{stage}"
-        folder.mkdir(exist_ok=True)
-        tensors, files = ema.shard_files(engine.module, rank, world)
-        for name, tt in tensors.items():
-            save_file({k: v.contiguous() for k, v in tt.items()}, str(folder / name))
-        for name, b in files.items():
-            (folder / name).write_bytes(b)
-        dist.barrier()
+        folder = _write_ema_files(ema, engine.module, rank, world, Path(out).parent / f"frag-{stage}")
         if rank == 0:
             results[stage]["export"] = consolidate_shards(folder)  # what `ditforge export` writes
         again = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)  # a resume at the same world size

@@ -50,6 +50,23 @@ def _fragment_start(p: nn.Parameter) -> int:
     return int(hp.lp_fragment_address.start) if hp is not None else 0
 
 
+@contextmanager
+def _values_in(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
+    """Within the block each parameter's data holds `values[name]` (cast to its dtype); the raw
+    data is put back on exit. Each value is dropped once copied in (a joined full copy need not
+    outlive the swap)."""
+    raw = {n: p.data.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.data.copy_(values.pop(n).view_as(p))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.data.copy_(raw[n])
+
+
 def _master(p: nn.Parameter) -> torch.Tensor:
     """ZeRO-3's fp32 master slice of a partitioned weight (same cut as `p.ds_tensor`)."""
     from deepspeed.utils import safe_get_local_fp32_param
@@ -118,17 +135,8 @@ class EMA:
 
         params = self._params(model)
         if self.fragments:  # collective: every rank's fragments joined into full weights
-            full = self._joined(params)
-            raw = {n: p.data.detach().clone() for n, p in params.items()}
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.data.copy_(full.pop(n).view_as(p))
-            try:
+            with _values_in(params, self._joined(params)):
                 yield model
-            finally:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.data.copy_(raw[n])
             return
         parts = {n: p for n, p in params.items() if _partitioned(p)}
         # Partitioned weights: write the averaged slices into the partitions, then gather.
@@ -144,16 +152,8 @@ class EMA:
                 # Whole weights (no ZeRO-3, or ZeRO-3 persistent ones, fetched by the gather): swap
                 # in place, and put the raw values back before the gather releases them.
                 whole = {n: p for n, p in params.items() if n not in parts and p.data.numel() == self.shadow[n].numel()}
-                raw = {n: p.data.detach().clone() for n, p in whole.items()}
-                with torch.no_grad():
-                    for n, p in whole.items():
-                        p.data.copy_(self.shadow[n])
-                try:
+                with _values_in(whole, {n: self.shadow[n] for n in whole}):
                     yield model
-                finally:
-                    with torch.no_grad():
-                        for n, p in whole.items():
-                            p.data.copy_(raw[n])
         finally:
             with torch.no_grad():
                 for n, p in parts.items():
