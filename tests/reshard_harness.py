@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, port: int, stage: int, mode: str, run_uri: st
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from ditforge.models.dit import DiT, DiTConfig
+    from ditforge.runs.folder import resolve
     from ditforge.train import checkpoint
     from ditforge.train.engine import build_engine
 
@@ -86,7 +87,7 @@ def _worker(rank: int, world: int, port: int, stage: int, mode: str, run_uri: st
     else:
         import shutil
 
-        client, folder = checkpoint.load(engine, checkpoint.resolve(run_uri))
+        client, folder = checkpoint.load(engine, resolve(run_uri))
         shutil.rmtree(folder.parent, ignore_errors=True)
         _save(engine, f"{run_uri}-resaved-w{world}", rank, world, client["step"])  # what `export` reads at K
     st = _state(engine)

@@ -49,7 +49,7 @@ def test_shortfall(res, nodes, problem):
 
 
 def test_oversized_job_fails_fast_before_anything_runs(embedded):
-    from ditforge.cluster.launch import all_records
+    from ditforge.cluster.jobs import all_records
 
     name = f"oversized-{uuid.uuid4().hex[:6]}"
     t0 = time.time()

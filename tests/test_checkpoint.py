@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ditforge import storage
-from ditforge.train.checkpoint import MANIFEST, all_steps, complete_steps, discard_after, join_step
+from ditforge.runs.folder import MANIFEST, all_steps, complete_steps, discard_after, join_step
 
 
 def test_restart_discards_half_written_steps_newer_than_its_resume_point(s3_prefix):

@@ -20,7 +20,7 @@ from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
 from ditforge.spec import load_cluster
-from ditforge.train.checkpoint import complete_steps
+from ditforge.runs.folder import complete_steps
 
 from .conftest import REPO, run_cli
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from ditforge.train import driver
+from ditforge.runs import folder, register
+from ditforge.train import driver, tracking
 
 
 def test_importing_the_training_modules_leaves_mlflow_retries_alone():
@@ -51,9 +52,9 @@ class FakeClient:
 
 def test_final_calls_retry_with_backoff(monkeypatch):
     waits = []
-    monkeypatch.setattr(driver.time, "sleep", waits.append)
+    monkeypatch.setattr(tracking.time, "sleep", waits.append)
     client = FakeClient(fail_first=2)
-    driver.end_run(client, "r", "FINISHED")
+    tracking.end_run(client, "r", "FINISHED")
     assert client.calls == [("set_terminated", "FINISHED")] * 3
     assert waits == [2.0, 4.0]
 
@@ -106,13 +107,13 @@ def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeyp
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: None)
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
-    monkeypatch.setattr(checkpoint, "record_process", lambda *a: None)
+    monkeypatch.setattr(folder, "record_process", lambda *a: None)
     monkeypatch.setattr(capacity, "autoscaling", lambda: True)
 
     def no_export(job, client):
         raise ConnectionError("registry down")
 
-    monkeypatch.setattr(driver, "finalize", no_export)
+    monkeypatch.setattr(register, "finalize", no_export)
     spec = JobSpec.model_validate({"name": "j", "data": {"train": f"file://{tmp_path}/d"},
                                    "checkpoint": {"uri": f"file://{tmp_path}/runs"}})
     job = {"spec": spec.model_dump(mode="json"), "run_uri": f"file://{tmp_path}/runs/r", "run_name": "r",

@@ -17,11 +17,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ditforge import services, storage
-from ditforge.cluster.launch import jobs_client
+from ditforge.cluster.jobs import jobs_client
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
-from ditforge.train.checkpoint import MANIFEST, all_steps, complete_steps, download, join_step, resolve
+from ditforge.train.checkpoint import download
+from ditforge.runs.folder import MANIFEST, all_steps, complete_steps, join_step, resolve
 
 from .conftest import REPO, run_cli
 

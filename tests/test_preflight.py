@@ -12,7 +12,7 @@ import yaml
 
 from ditforge import cli, storage
 from ditforge.data import shards
-from ditforge.cluster import launch
+from ditforge.runs import folder
 from ditforge.spec import load_job, run_digest, spec_changes
 
 from .conftest import REPO
@@ -33,14 +33,14 @@ def _fake_run(runs: str, spec_dump: dict, step: int = 10) -> str:
 
 def test_resumable_changes_are_tagged_and_run_defining_ones_refused(tmp_path):
     runs = f"file://{tmp_path}/runs"
-    old = launch.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}"]))
+    old = folder.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}"]))
     name = _fake_run(runs, old.model_dump(mode="json"))
     run_uri = storage.join(runs, name)
     # how long, how fast, where it logs and how often it saves, on how many workers: allowed
-    new = launch.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "train.steps=800", "train.lr=5e-4",
+    new = folder.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "train.steps=800", "train.lr=5e-4",
                                                "tracking.log_every=50", "checkpoint.every_steps=100",
                                                "resources.workers=1"]))
-    tags = launch.check_resume(new, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
+    tags = folder.check_resume(new, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
     assert tags == {"ditforge.resume_changed.train.steps": "400 → 800",
                     "ditforge.resume_changed.train.lr": "0.001 → 0.0005",
                     "ditforge.resume_changed.tracking.log_every": "10 → 50",
@@ -48,11 +48,11 @@ def test_resumable_changes_are_tagged_and_run_defining_ones_refused(tmp_path):
                     "ditforge.resume_changed.resources.workers": "2 → 1"}
     assert run_digest(new.model_dump(mode="json")) == run_digest(old.model_dump(mode="json"))
     # another model, patch, objective or data set: refused, naming each field and both ways out
-    bad = launch.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "model.size=S", "model.patch=4",
+    bad = folder.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "model.size=S", "model.patch=4",
                                                "objective.kind=ddpm", "sample.sampler=ddim",
                                                "data.train=s3://ditforge/data/other", "deepspeed.zero_stage=3"]))
-    with pytest.raises(launch.SubmitError) as e:
-        launch.check_resume(bad, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
+    with pytest.raises(folder.RunError) as e:
+        folder.check_resume(bad, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"demo.yaml: train.resume: auto would continue run {name} (step 10)")
     for field in ("model.size (T → S)", "model.patch (2 → 4)", "objective.kind (rectified_flow → ddpm)",
@@ -61,7 +61,7 @@ def test_resumable_changes_are_tagged_and_run_defining_ones_refused(tmp_path):
     assert "sample.sampler" not in msg  # how it samples does not define the run
     assert "--set train.resume=never" in msg and "--force-resume" in msg
     assert run_digest(bad.model_dump(mode="json")) != run_digest(old.model_dump(mode="json"))
-    forced = launch.check_resume(bad, name, run_uri, [10], "--resume", "demo.yaml", force=True)
+    forced = folder.check_resume(bad, name, run_uri, [10], "--resume", "demo.yaml", force=True)
     assert forced["ditforge.resume_forced"] == "data.train, deepspeed.zero_stage, model.patch, model.size, objective.kind"
     assert forced["ditforge.resume_changed.model.size"] == "T → S"
 
@@ -127,7 +127,7 @@ def test_submit_refuses_what_would_fail_in_the_workers(embedded, tiny_latents, t
 
 def test_submit_refuses_to_continue_a_run_with_another_model(embedded, tiny_latents, tmp_path, capsys):
     runs = f"file://{tmp_path}/runs"
-    spec = launch.resolve_paths(load_job(DEMO, [f"data.train={tiny_latents}", f"checkpoint.uri={runs}"]))
+    spec = folder.resolve_paths(load_job(DEMO, [f"data.train={tiny_latents}", f"checkpoint.uri={runs}"]))
     name = _fake_run(runs, spec.model_dump(mode="json"))
     line = _refused(capsys, DEMO, f"data.train={tiny_latents}", f"checkpoint.uri={runs}", "model.size=S")
     assert f"train.resume: auto would continue run {name} (step 10)" in line and "model.size (T → S)" in line, line

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ditforge import storage
-from ditforge.train import checkpoint, reshard
+from ditforge.runs import folder
 from ditforge.train.export import export
 
 from . import reshard_harness
@@ -42,7 +42,7 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("stage,n,k", CASES, ids=[f"zero{s}-{n}to{k}" for s, n, k in CASES])
 def test_resume_at_another_world_size_is_exact(saved, tmp_path, stage, n, k):
     uri, before = saved(stage, n)
-    manifest = json.loads(storage.read_bytes(storage.join(checkpoint.resolve(uri), checkpoint.MANIFEST)))
+    manifest = json.loads(storage.read_bytes(storage.join(folder.resolve(uri), folder.MANIFEST)))
     assert (manifest["world_size"], manifest["zero_stage"]) == (n, stage)
     after = reshard_harness.run(k, stage, "load", uri, str(tmp_path / "after.pt"))
     assert before["tensors"].keys() == after["tensors"].keys() and len(before["tensors"]) > 0
@@ -68,13 +68,13 @@ def test_resume_at_another_world_size_is_exact(saved, tmp_path, stage, n, k):
 
 def test_manifest_without_what_resharding_needs_is_one_line(tmp_path):
     uri = "s3://b/runs/r/step_00000040"
-    with pytest.raises(reshard.ReshardError, match=r"^s3://b/runs/r/step_00000040: .*no zero_stage.*workers=2$"):
-        reshard.plan(uri, {"world_size": 2}, 1, 2)
-    with pytest.raises(reshard.ReshardError, match="no world_size"):
-        reshard.plan(uri, {"zero_stage": 2}, 1, 2)
+    with pytest.raises(folder.ReshardError, match=r"^s3://b/runs/r/step_00000040: .*no zero_stage.*workers=2$"):
+        folder.reshard_plan(uri, {"world_size": 2}, 1, 2)
+    with pytest.raises(folder.ReshardError, match="no world_size"):
+        folder.reshard_plan(uri, {"zero_stage": 2}, 1, 2)
     for world in (1, 2):  # another stage is refused at any world size: DeepSpeed would fail deep inside
-        with pytest.raises(reshard.ReshardError, match="saved with ZeRO-2, the job asks for ZeRO-3"):
-            reshard.plan(uri, {"world_size": 2, "zero_stage": 2}, world, 3)
-    assert reshard.plan(uri, {"world_size": 2}, 2, 2) is False  # same size: nothing to reshard, old manifests load
-    assert reshard.plan(uri, {"world_size": 2, "zero_stage": 0}, 3, 0) is False  # ZeRO-0: every rank has it all
-    assert reshard.plan(uri, {"world_size": 2, "zero_stage": 3}, 3, 3) is True
+        with pytest.raises(folder.ReshardError, match="saved with ZeRO-2, the job asks for ZeRO-3"):
+            folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 2}, world, 3)
+    assert folder.reshard_plan(uri, {"world_size": 2}, 2, 2) is False  # same size: nothing to reshard, old manifests load
+    assert folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 0}, 3, 0) is False  # ZeRO-0: every rank has it all
+    assert folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 3}, 3, 3) is True

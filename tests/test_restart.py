@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from ditforge import storage
-from ditforge.cluster.launch import jobs_client
+from ditforge.cluster.jobs import jobs_client
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
-from ditforge.train.checkpoint import PROCS, complete_steps
+from ditforge.runs.folder import PROCS, complete_steps
 from ditforge.train.export import export
 
 from .conftest import REPO, run_cli

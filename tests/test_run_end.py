@@ -14,7 +14,7 @@ from PIL import Image
 from ditforge import storage
 from ditforge.data import shards
 from ditforge.data.loader import LatentLoader
-from ditforge.train.checkpoint import MANIFEST, complete_steps, join_step
+from ditforge.runs.folder import MANIFEST, complete_steps, join_step
 
 from .loops import dit_spec, metric, records, run_loop
 from .test_loader import make_latents

@@ -144,7 +144,7 @@ def test_embedded_ray_wants_its_token_even_on_loopback(embedded):
     (tests/test_multihost.py measures it), so the embedded head always runs with token auth: a
     request without the token, or with a wrong one, is refused; the platform's client gets in."""
     from ditforge import credentials
-    from ditforge.cluster.launch import jobs_client
+    from ditforge.cluster.jobs import jobs_client
 
     jobs = f"{embedded.ray_dashboard}/api/jobs/"
     for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
@@ -215,7 +215,7 @@ def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     import shutil
     import tempfile
 
-    from ditforge.cluster.launch import jobs_client
+    from ditforge.cluster.jobs import jobs_client
     from ditforge.spec import EmbeddedCluster, ServicePorts
 
     monkeypatch.setenv("DITFORGE_HOME", str(tmp_path / "home"))

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ditforge import storage
-from ditforge.cluster.launch import jobs_client
+from ditforge.cluster.jobs import jobs_client
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE

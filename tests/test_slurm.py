@@ -35,7 +35,7 @@ from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.data.parallel import ray_session
 from ditforge.models.vae import IdentityVAE
-from ditforge.train.checkpoint import complete_steps
+from ditforge.runs.folder import complete_steps
 
 from . import slurm as test_slurm
 from .conftest import REPO

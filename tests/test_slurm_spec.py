@@ -89,7 +89,7 @@ class FakeSlurm:
 
 def test_more_nodes_than_the_partition_is_refused_before_sbatch(monkeypatch, tmp_path):
     from ditforge.cluster import slurm
-    from ditforge.cluster.launch import SubmitError
+    from ditforge.cluster.jobs import SubmitError
 
     # sinfo prints one line per partition and node state; the default partition carries a '*'
     fake = FakeSlurm("debug* 1\ndebug* 1\ngpu 4\n")
@@ -102,7 +102,7 @@ def test_more_nodes_than_the_partition_is_refused_before_sbatch(monkeypatch, tmp
 
 def test_a_reason_that_never_clears_cancels_and_fails_in_one_line(monkeypatch, tmp_path):
     from ditforge.cluster import slurm
-    from ditforge.cluster.launch import SubmitError
+    from ditforge.cluster.jobs import SubmitError
 
     fake = FakeSlurm("debug* 2\n", squeue="PENDING|InvalidQOS")
     monkeypatch.setattr(slurm, "_slurm", fake)

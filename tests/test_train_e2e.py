@@ -13,7 +13,7 @@ from ditforge import storage
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
-from ditforge.train.checkpoint import MANIFEST, complete_steps
+from ditforge.runs.folder import MANIFEST, complete_steps
 
 from .conftest import REPO, run_cli
 

@@ -12,7 +12,7 @@ import torch
 
 from ditforge import storage
 from ditforge.data import shards, synthetic
-from ditforge.train.checkpoint import complete_steps, join_step
+from ditforge.runs.folder import complete_steps, join_step
 
 from .loops import metric, records, run_loop
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ditforge import storage
 from ditforge.data import ingest
 from ditforge.data.encode import encode_dataset, parse_vae
-from ditforge.train.checkpoint import complete_steps
+from ditforge.runs.folder import complete_steps
 
 from .conftest import REPO, run_cli
 
@@ -56,7 +56,7 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, tmp_p
 
     from ditforge import cli
     from ditforge.data import synthetic
-    from ditforge.train.checkpoint import join_step
+    from ditforge.runs.folder import join_step
     from ditforge.train.export import export
 
     root = f"s3://ditforge/tests/vdt-{uuid.uuid4().hex[:8]}"

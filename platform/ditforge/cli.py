@@ -34,19 +34,20 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .cluster.launch import SubmitError
+        from .cluster.jobs import SubmitError
         from .cluster.render import RenderError
         from .data.shards import DataError
         from .services import ServiceError
         from .spec import SpecError
         from .storage import URIError
         from .models.convert import PretrainedError
+        from .runs.folder import RunError
         from .train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
         except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint,
-                PretrainedError) as e:
+                PretrainedError, RunError) as e:
             print_error(e)
             raise typer.Exit(2)
 
@@ -138,7 +139,7 @@ def follow(rec: dict) -> str:
     """A progress bar fed by the run's `train/step` metric until the Ray job ends."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import client_for
+    from .cluster.jobs import client_for
 
     client, mlf = client_for(rec), MlflowClient(rec["tracking_uri"])
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -180,7 +181,7 @@ def _job_error(rec: dict) -> str | None:
 
 
 def _find(job_id: str) -> dict:
-    from .cluster.launch import SubmitError, record
+    from .cluster.jobs import SubmitError, record
 
     rec = record(job_id)
     if rec is None:
@@ -194,7 +195,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     """Jobs with their state, step, loss, samples/s and MLflow link."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import all_records
+    from .cluster.jobs import all_records
 
     recs = [_find(job)] if job else all_records()
     table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
@@ -218,7 +219,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 
 def _state(rec: dict) -> str:
     """The Ray job's state; for a job on a Slurm allocation, with the Slurm job's beside it."""
-    from .cluster.launch import client_for
+    from .cluster.jobs import client_for
 
     if rec.get("slurm_job_id"):
         from .cluster import slurm
@@ -235,7 +236,7 @@ def _state(rec: dict) -> str:
 @user_errors
 def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
     """Print a job's driver and worker logs."""
-    from .cluster.launch import client_for
+    from .cluster.jobs import client_for
 
     rec = _find(job)
     from .credentials import redact
@@ -312,7 +313,7 @@ def export_cmd(
     """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
     folder diffusers' DiTPipeline.from_pretrained loads (--format diffusers)."""
     from . import storage
-    from .cluster.launch import SubmitError
+    from .cluster.jobs import SubmitError
     from .spec import SpecError
     from .train.export import export, export_diffusers
 
@@ -347,8 +348,8 @@ def register(
 ):
     """Register a finished run's newest complete checkpoint in MLflow again (after a failed registration)."""
     from . import services, storage
-    from .cluster.launch import SubmitError
-    from .train.driver import register as do_register
+    from .cluster.jobs import SubmitError
+    from .runs.register import register as do_register
 
     try:
         model = do_register(storage.absolute(run), tracking_uri or services.endpoints().mlflow)
@@ -362,7 +363,7 @@ def _fetch_model(model: str, weights: str, tracking_uri: str | None = None):
     import tempfile
 
     from . import services, storage
-    from .cluster.launch import SubmitError
+    from .cluster.jobs import SubmitError
     from .spec import SpecError
     from .train.export import FILES, load_model
 
@@ -657,7 +658,8 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
                   f"({', '.join(n['address'] for n in h['nodes'])})", highlight=False)
         out.print(h["dashboard"], highlight=False)
     elif spec.kind == "address":
-        from .cluster.launch import connect, jobs_client
+        from .cluster.jobs import jobs_client
+        from .cluster.launch import connect
 
         t = connect(spec)
         jobs_client(t.dashboard, t.token_env).list_jobs()  # reachable, and the token (if any) is accepted

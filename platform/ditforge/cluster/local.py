@@ -118,7 +118,7 @@ def _stop_jobs(c: LocalCluster, timeout: float = 20.0) -> None:
         return
     from ray.job_submission import JobStatus
 
-    from .launch import jobs_client
+    from .jobs import jobs_client
 
     try:
         client = jobs_client(dashboard(c), "RAY_AUTH_TOKEN")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .. import storage
 from ..spec import JobSpec, SlurmCluster
-from .launch import SubmitError, Target
+from .jobs import SubmitError, Target
 
 # Ray's ports on every node, as offsets from `ports_from` (one Ray node per Slurm node).
 PORTS = {"gcs": 0, "dashboard": 1, "client": 2, "node_manager": 3, "object_manager": 4, "agent_listen": 5,
@@ -93,7 +93,7 @@ def render(c: SlurmCluster, out: str | Path, job: JobSpec | None = None) -> tupl
     state = Path(out).resolve()
     files = [write_state(c, state), state / "cluster.json"]
     if job is not None:  # mode job with a bare spec: the allocation opens the run itself
-        from .launch import resolve_paths
+        from ..runs.folder import resolve_paths
 
         import yaml
 
@@ -298,10 +298,10 @@ def status(c: SlurmCluster) -> list[dict]:
 def submit_job(spec: JobSpec, c: SlurmCluster, *, resume: str | None = None, source: str | None = None) -> dict:
     """One allocation for this job: open (or continue) its MLflow run, write job.json beside the
     batch script in a folder of its own, sbatch. The record's job id is `slurm-<id>`."""
-    from ..train import checkpoint
-    from .launch import _latest_unfinished, new_run, records_dir, resolve_paths
+    from ..runs import folder
+    from .jobs import write_record
 
-    spec = resolve_paths(spec)
+    spec = folder.resolve_paths(spec)
     # A signal from Slurm (preemption, time limit) must leave a checkpoint: that is the point of
     # running on a cluster that can take the nodes back.
     spec.checkpoint.on_stop = True
@@ -310,23 +310,14 @@ def submit_job(spec: JobSpec, c: SlurmCluster, *, resume: str | None = None, sou
         from .. import services
 
         tracking_uri = services.endpoints().mlflow
-    resume_from = None
-    if resume is None and spec.train.resume == "auto":
-        resume = _latest_unfinished(spec)
-    elif resume is None and spec.train.resume != "never":
-        try:
-            resume_from = checkpoint.resolve(storage.absolute(spec.train.resume))
-        except FileNotFoundError as e:
-            raise SubmitError(f"train.resume: {e}") from None
-    if resume:  # continue that run, in its own MLflow run
-        run_uri = storage.join(spec.checkpoint.uri, resume)
-        try:
-            info = json.loads(storage.read_bytes(storage.join(run_uri, "run.json")))
-        except FileNotFoundError:
-            raise SubmitError(f"--resume {resume}: no run named '{resume}' under {spec.checkpoint.uri}") from None
-        run_name, mlflow_run_id = resume, info["mlflow_run_id"]
+    cont = folder.continuation(spec, resume)
+    if cont.run_name:  # continue that run, in the same MLflow run (an allocation requeued goes on in it too)
+        if cont.newest:
+            folder.check_reshard(cont.newest, spec, f"--resume {cont.run_name}")
+        run_name, run_uri, mlflow_run_id = cont.run_name, cont.run_uri, cont.info["mlflow_run_id"]
     else:
-        run_name, run_uri, mlflow_run_id = new_run(spec, tracking_uri, source, resume_from)
+        run_name, run_uri, mlflow_run_id = folder.new_run(spec, tracking_uri, source, cont.resume_from)
+    resume_from = cont.resume_from
     job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "resume_from": resume_from,
            "spec_digest": spec.digest()}
@@ -340,7 +331,7 @@ def submit_job(spec: JobSpec, c: SlurmCluster, *, resume: str | None = None, sou
            "cluster": c.kind, "cluster_name": c.name, "token_env": "RAY_AUTH_TOKEN", "checkpoint_on_stop": True,
            "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
            "experiment": spec.tracking.experiment}
-    (records_dir() / f"{rec['job_id']}.json").write_text(json.dumps(rec, indent=2))
+    write_record(rec)
     return rec
 
 
@@ -361,7 +352,7 @@ def record_state(rec: dict) -> str:
     rj = ray_job(rec)
     if rj and st == "RUNNING":
         try:
-            from .launch import jobs_client
+            from .jobs import jobs_client
 
             ray_state = str(jobs_client(rj["dashboard"], "RAY_AUTH_TOKEN").get_job_status(rj["job_id"]).value)
         except Exception:

@@ -239,13 +239,13 @@ def run_head(c: SlurmCluster, state: Path) -> int:
 
 def stop_running_jobs(dashboard: str, grace: float = 120) -> None:
     """Standing mode, SIGUSR1: each running ditforge job saves a checkpoint and leaves."""
-    from .. import storage
-    from .launch import STOP_MARKER, jobs_client
+    from ..runs import folder
+    from .jobs import jobs_client
 
     client = jobs_client(dashboard, "RAY_AUTH_TOKEN")
     running = [j for j in client.list_jobs() if not j.status.is_terminal() and (j.metadata or {}).get("ditforge.run_uri")]
     for j in running:
-        storage.write_bytes(storage.join(j.metadata["ditforge.run_uri"], STOP_MARKER), b"{}")
+        folder.request_stop(j.metadata["ditforge.run_uri"], by="slurm")
     deadline = time.time() + grace
     while any(not client.get_job_status(j.submission_id).is_terminal() for j in running) and time.time() < deadline:
         time.sleep(1.0)
@@ -267,19 +267,17 @@ def _load_job(state: Path) -> dict:
 def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart: int) -> tuple[int, bool]:
     from mlflow.tracking import MlflowClient
 
-    from .. import storage
     from ..credentials import use_mlflow_credentials
     from ..spec import JobSpec
-    from ..train.checkpoint import complete_steps
-    from .launch import STOP_MARKER, Target, jobs_client, submit_to_ray
+    from ..runs import folder
+    from .jobs import Target, jobs_client, submit_to_ray
 
     job = _load_job(state)
     spec = JobSpec.model_validate(job["spec"])
-    stop_marker = storage.join(job["run_uri"], STOP_MARKER)
     use_mlflow_credentials()
     mlf = MlflowClient(job["tracking_uri"])
-    if storage.exists(stop_marker):  # the stop that ended the previous allocation is done
-        storage.remove(stop_marker)
+    if folder.stop_marked(job["run_uri"]):  # the stop that ended the previous allocation is done
+        folder.clear_stop(job["run_uri"])
     if restart:  # the same MLflow run goes on
         mlf.update_run(job["mlflow_run_id"], status="RUNNING")
         mlf.set_tag(job["mlflow_run_id"], "ditforge.stopped", "false")
@@ -294,7 +292,7 @@ def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart:
         if sig.any and asked is None:
             asked = sig.got[0]
             log(f"signal {signal.Signals(asked).name}: asking the run to save a checkpoint and stop")
-            storage.write_bytes(stop_marker, json.dumps({"requested_at": time.time(), "by": "slurm"}).encode())
+            folder.request_stop(job["run_uri"], by="slurm")
         if asked == signal.SIGUSR1 and signal.SIGTERM in sig.got:  # Slurm ends the job now: no more waiting
             break
         time.sleep(1.0)
@@ -302,8 +300,8 @@ def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart:
         (state / f"ray-{restart}.log").write_text(client.get_job_logs(ray_id))
     except Exception:
         pass
-    done = complete_steps(job["run_uri"])
-    finished = bool(done) and done[-1] >= spec.train.steps and st == "SUCCEEDED" and not storage.exists(stop_marker)
+    done = folder.complete_steps(job["run_uri"])
+    finished = bool(done) and done[-1] >= spec.train.steps and st == "SUCCEEDED" and not folder.stop_marked(job["run_uri"])
     log(f"{ray_id} ended {st}; newest complete checkpoint: step {done[-1] if done else '-'} of {spec.train.steps}")
     requeue = asked == signal.SIGUSR1 and c.requeue and not finished
     return (0 if finished or requeue else 1), requeue

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .. import storage
+from ..runs.folder import MANIFEST, RANKS, reshard_plan, all_steps, complete_steps, step_tag, stop_marked
 
-MANIFEST = "manifest.json"
 # torch.distributed's collective timeout in the workers (the driver passes it to TorchConfig).
 # Every wait below that other ranks may sit in a collective through is bounded well under it.
 PG_TIMEOUT_S = 1800.0
@@ -34,36 +34,6 @@ PG_MARGIN_S = 120.0
 
 class FinalCheckpointFailed(RuntimeError):
     """The last save of a run could not be completed before `checkpoint.final_timeout_s`."""
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_steps(run_uri: str) -> list[int]:
-    """Steps whose folder has a manifest, oldest first."""
-    steps = []
-    for name in storage.listdir(run_uri):
-        if name.startswith("step_") and name[5:].isdigit() and storage.exists(storage.join(run_uri, name, MANIFEST)):
-            steps.append(int(name[5:]))
-    return sorted(steps)
-
-
-def all_steps(run_uri: str) -> list[int]:
-    return sorted(int(n[5:]) for n in storage.listdir(run_uri) if n.startswith("step_") and n[5:].isdigit())
-
-
-def resolve(uri: str) -> str:
-    """A run folder → its newest complete step folder; a step folder → itself, if complete."""
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    if name.startswith("step_"):
-        if not storage.exists(storage.join(uri, MANIFEST)):
-            raise FileNotFoundError(f"{uri}: incomplete checkpoint (no {MANIFEST})")
-        return uri
-    steps = complete_steps(uri)
-    if not steps:
-        raise FileNotFoundError(f"{uri}: no complete checkpoint")
-    return storage.join(uri, step_tag(steps[-1]))
 
 
 @dataclass
@@ -222,7 +192,7 @@ class Checkpointer:
                 storage.put_file(f, storage.join(dest, rel))
                 files[rel] = {"bytes": f.stat().st_size, "sha256": storage.sha256_file(f), "rank": self.rank}
         stats.bytes = sum(m["bytes"] for m in files.values())
-        storage.write_bytes(storage.join(dest, "_ranks", f"rank_{self.rank}.json"), json.dumps(files).encode())
+        storage.write_bytes(storage.join(dest, RANKS, f"rank_{self.rank}.json"), json.dumps(files).encode())
         self._own_done.set()  # this rank's part is there: `wait` may go on to its barrier
         if self.rank == 0:  # the others' markers come through storage; the manifest goes last
             self._write_manifest(step, dest)
@@ -236,7 +206,7 @@ class Checkpointer:
             for r in range(self.world):
                 if r not in parts:
                     try:
-                        parts[r] = json.loads(storage.read_bytes(storage.join(dest, "_ranks", f"rank_{r}.json")))
+                        parts[r] = json.loads(storage.read_bytes(storage.join(dest, RANKS, f"rank_{r}.json")))
                     except FileNotFoundError:
                         pass
             if len(parts) < self.world:
@@ -336,7 +306,7 @@ def load(engine, step_uri: str) -> tuple[dict, Path]:
     manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
     world = dist.get_world_size() if dist.is_initialized() else 1
     # refused before anything is downloaded or handed to DeepSpeed
-    needs = reshard.plan(step_uri, manifest, world, engine.zero_optimization_stage())
+    needs = reshard_plan(step_uri, manifest, world, engine.zero_optimization_stage())
     folder, manifest = download(step_uri, local_root)  # refuses unsafe pickles before DeepSpeed reads them
     if needs:
         root, seconds = reshard.to_universal(folder, local_root / "_universal")
@@ -371,47 +341,6 @@ def rank_state(folder: Path, rank: int, client_state: dict) -> dict:
     return {"data": client_state["data"]}
 
 
-def newest_complete(run_uri: str) -> str | None:
-    """The newest complete step folder of a run, or None (also when the store cannot be read)."""
-    try:
-        steps = complete_steps(run_uri)
-    except OSError:
-        return None
-    return join_step(run_uri, steps[-1]) if steps else None
-
-
-def join_step(run_uri: str, step: int) -> str:
-    return storage.join(run_uri, step_tag(step))
-
-
-def discard_after(run_uri: str, step: int) -> list[int]:
-    """Rank 0, on (re)start, before any save: remove step folders newer than the one resumed
-    from. They are incomplete (left by a killed attempt), and a stale `_ranks/` marker in one
-    would let the manifest of the same step, saved again, be written before that rank's new
-    upload is done."""
-    stale = [s for s in all_steps(run_uri) if s > step]
-    for s in stale:
-        storage.remove(join_step(run_uri, s))
-    return stale
-
-
-PROCS = "_procs"
-
-
-def record_process(run_uri: str, name: str) -> None:
-    """`<run>/_procs/<name>.json`: this process's pid, host and Ray node, rewritten on every
-    (re)start. What operators (and the fault tests) read to find, signal or kill a run's driver
-    and workers without asking Ray."""
-    import os
-    import socket
-
-    import ray
-
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-            "started": time.time()}
-    storage.write_bytes(storage.join(run_uri, PROCS, f"{name}.json"), json.dumps(info).encode())
-
-
 def stop_requested(run_uri: str, device: torch.device) -> bool:
     """Collective: has `ditforge stop` left a STOP marker in the run folder? Rank 0 looks (one
     object-store request) and tells the others, so every rank leaves the loop at the same step."""
@@ -419,7 +348,7 @@ def stop_requested(run_uri: str, device: torch.device) -> bool:
     if dist.get_rank() == 0:
         try:
             # one attempt: during a storage outage this must not hold up every logging step
-            flag[0] = float(storage.exists(storage.join(run_uri, "STOP"), attempts=1))
+            flag[0] = float(stop_marked(run_uri, attempts=1))
         except OSError:
             pass  # storage blip: look again at the next logging step
     dist.broadcast(flag, src=0)

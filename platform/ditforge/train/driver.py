@@ -10,12 +10,12 @@ import argparse
 import os
 import signal
 import sys
-import time
 import traceback
 
 from mlflow.tracking import MlflowClient
 
 from ..credentials import redact, use_mlflow_credentials
+from .tracking import end_run
 
 
 def scaling_config(spec):
@@ -42,7 +42,7 @@ def read_job(path: str) -> dict:
         data = yaml.safe_load(f)  # YAML is a superset of JSON
     if "run_name" in data:
         return data
-    from ..cluster.launch import new_run, resolve_paths
+    from ..runs.folder import new_run, resolve_paths
     from ..spec import JobSpec, check_roots
 
     spec = JobSpec.model_validate(data)
@@ -88,33 +88,6 @@ def _raise_killed(signum, frame):
     raise Killed(f"killed by signal {signum}")
 
 
-def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2.0, **kwargs):
-    """The driver's last MLflow calls come after a whole run: one network blip must not lose them.
-    (MLflow's own HTTP retries are on in the driver; this covers an outage that outlasts them.)"""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if i == attempts - 1:
-                raise
-            wait = base_delay_s * 2**i
-            print(f"ditforge: {what} failed ({type(e).__name__}: {str(e)[:200]}); retrying in {wait:.0f}s",
-                  file=sys.stderr, flush=True)
-            time.sleep(wait)
-
-
-def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
-    """FINISHED, FAILED or KILLED, with the error as the `ditforge.error` tag; never raises (the
-    job's own outcome is what the caller reports)."""
-    try:
-        if error:
-            retry_final(client.set_tag, run_id, "ditforge.error", redact(error)[:500], what="tagging the run")
-        retry_final(client.set_terminated, run_id, status, what=f"ending the MLflow run as {status}")
-    except Exception as e:
-        print(f"ditforge: could not end MLflow run {run_id} as {status}: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
-
-
 def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
     """Place the workers and train; → (the MLflow run's final status, exit code). Raises on failure."""
     import ray
@@ -123,15 +96,15 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
 
     from .. import storage
     from ..cluster import capacity
-    from ..cluster.launch import STOP_MARKER
+    from ..runs import folder, register
     from ..spec import JobSpec
-    from .checkpoint import PG_TIMEOUT_S, record_process
+    from .checkpoint import PG_TIMEOUT_S
     from .vae_trainer import train_vae_loop
     from .worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
     ray.init()
-    record_process(job["run_uri"], "driver")  # where `kill` finds this job's driver (see README)
+    folder.record_process(job["run_uri"], "driver")  # where `kill` finds this job's driver (see README)
     # A fixed-size cluster never grows: an impossible placement group would wait forever there.
     missing = None if capacity.autoscaling() else capacity.shortfall(spec.resources, capacity.nodes_in_cluster())
     if missing:
@@ -147,68 +120,18 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
                              failure_config=FailureConfig(max_failures=spec.train.max_failures)),
     )
     trainer.fit()  # raises the worker's error (TrainingFailedError), shown in `ditforge status` via the tag
-    if storage.exists(storage.join(job["run_uri"], STOP_MARKER)):  # left early for `ditforge stop`
+    if folder.stop_marked(job["run_uri"]):  # left early for `ditforge stop`
         client.set_tag(job["mlflow_run_id"], "ditforge.stopped", "true")
         print(f"ditforge: run {job['run_name']} stopped on request", flush=True)
         return "KILLED", 0
     if spec.tracking.register_model and spec.task == "dit":  # a VAE job's result is its vae.path
         try:
-            finalize(job, client)
+            register.finalize(job, client)
         except Exception as e:
             raise RuntimeError(f"registration: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                f"(the checkpoint is complete; redo with: ditforge register {job['run_uri']})") from e
     print(f"ditforge: run {job['run_name']} finished", flush=True)
     return "FINISHED", 0
-
-
-def finalize(job: dict, client: MlflowClient) -> str:
-    """Export the final checkpoint's consolidated weights into the MLflow run and register them;
-    → `models:/NAME/VERSION`. Every MLflow call retries (it comes after a whole run)."""
-    import tempfile
-
-    from . import pyfunc
-    from .export import export
-
-    run_id, name = job["mlflow_run_id"], job["spec"]["name"]
-    with tempfile.TemporaryDirectory() as d:
-        cfg = export(job["run_uri"], f"file://{d}/export")
-        # an MLflow pyfunc model (MLmodel, signature, the export as its artifacts): see train/pyfunc.py
-        pyfunc.save(f"{d}/export", f"{d}/model")
-        retry_final(client.log_artifacts, run_id, f"{d}/model", "model", what="uploading the model")
-    run = retry_final(client.get_run, run_id, what="reading the run")
-    source = f"{run.info.artifact_uri}/model"
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        retry_final(client.create_registered_model, name, tags={"ditforge.job": name}, what="creating the model")
-    tags = {"checkpoint_uri": cfg["checkpoint"], "spec_digest": job.get("spec_digest", ""),
-            "step": str(cfg["step"]), "final_loss": str(run.data.metrics.get("train/loss", "")), "run": job["run_name"]}
-    mv = retry_final(client.create_model_version, name, source, run_id=run_id, tags=tags, what="registering the model")
-    retry_final(client.set_tag, run_id, "ditforge.model", f"models:/{name}/{mv.version}", what="tagging the run")
-    print(f"ditforge: registered models:/{name}/{mv.version} (from {cfg['checkpoint']})", flush=True)
-    return f"models:/{name}/{mv.version}"
-
-
-def register(run_uri: str, tracking_uri: str) -> str:
-    """Redo a failed registration from a finished run's folder (`ditforge register RUN_URI`): its
-    newest complete checkpoint, into the MLflow run named in its run.json; the run then ends FINISHED."""
-    import json
-
-    from .. import storage
-
-    info = json.loads(storage.read_bytes(storage.join(run_uri, "run.json")))
-    use_mlflow_credentials()
-    client = MlflowClient(tracking_uri)
-    digest = client.get_run(info["mlflow_run_id"]).data.tags.get("ditforge.spec_digest", "")
-    job = {"mlflow_run_id": info["mlflow_run_id"], "spec": {"name": info["job"]}, "run_uri": run_uri,
-           "run_name": info["run_name"], "spec_digest": digest}
-    model = finalize(job, client)
-    try:
-        client.delete_tag(info["mlflow_run_id"], "ditforge.error")  # the failure it records is mended
-    except Exception:
-        pass  # no such tag
-    end_run(client, info["mlflow_run_id"], "FINISHED")
-    return model
 
 
 if __name__ == "__main__":

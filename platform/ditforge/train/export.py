@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import storage
 from ..models.dit import DiT, DiTConfig
+from ..runs.folder import resolve
 from . import checkpoint
 from .ema import SHARD_LAYOUT, consolidate_shards
 
@@ -36,7 +37,7 @@ def consolidate(folder: Path, tag_root: Path, tag: str) -> dict[str, torch.Tenso
 
 
 def export(src: str, out: str) -> dict:
-    step_uri = checkpoint.resolve(src)
+    step_uri = resolve(src)
     tmp = Path(tempfile.mkdtemp(prefix="ditforge-export-"))
     try:
         folder, manifest = checkpoint.download(step_uri, tmp)

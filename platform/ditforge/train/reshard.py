@@ -19,40 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import time
 from pathlib import Path
-
-
-class ReshardError(RuntimeError):
-    """A checkpoint that cannot be resumed at the asked world size / ZeRO stage (one line)."""
-
-
-def check(step_uri: str, world: int, zero_stage: int) -> bool:
-    """`plan` for a step folder on storage (what `ditforge submit` asks before submitting)."""
-    from .. import storage
-    from .checkpoint import MANIFEST
-
-    return plan(step_uri, json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST))), world, zero_stage)
-
-
-def plan(step_uri: str, manifest: dict, world: int, zero_stage: int) -> bool:
-    """True when loading `manifest`'s checkpoint with `world` ranks needs a reshard; raises
-    ReshardError naming the checkpoint when it cannot be done."""
-    saved_stage = manifest.get("zero_stage")
-    saved_world = manifest.get("world_size")
-    if saved_world is None:
-        raise ReshardError(f"{step_uri}: its manifest.json has no world_size: cannot tell whether it needs "
-                           f"resharding for {world} workers")
-    if saved_stage is not None and saved_stage != zero_stage:
-        raise ReshardError(f"{step_uri}: saved with ZeRO-{saved_stage}, the job asks for ZeRO-{zero_stage}: resume "
-                           f"it with deepspeed.zero_stage: {saved_stage}")
-    if saved_world == world:
-        return False
-    if saved_stage is None:
-        raise ReshardError(f"{step_uri}: saved with {saved_world} workers, but its manifest.json has no zero_stage "
-                           f"(written before ditforge could reshard): resume it with resources.workers={saved_world}")
-    return saved_stage > 0
 
 
 def to_universal(folder: Path, out_root: Path) -> tuple[Path, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -233,3 +234,30 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
                 f.write(redact(src.read()))
             client.log_artifact(run_id, source, "spec")
     return run_id
+
+
+def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2.0, **kwargs):
+    """The driver's last MLflow calls come after a whole run: one network blip must not lose them.
+    (MLflow's own HTTP retries are on in the driver; this covers an outage that outlasts them.)"""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if i == attempts - 1:
+                raise
+            wait = base_delay_s * 2**i
+            print(f"ditforge: {what} failed ({type(e).__name__}: {str(e)[:200]}); retrying in {wait:.0f}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """FINISHED, FAILED or KILLED, with the error as the `ditforge.error` tag; never raises (the
+    job's own outcome is what the caller reports)."""
+    try:
+        if error:
+            retry_final(client.set_tag, run_id, "ditforge.error", redact(error)[:500], what="tagging the run")
+        retry_final(client.set_terminated, run_id, status, what=f"ending the MLflow run as {status}")
+    except Exception as e:
+        print(f"ditforge: could not end MLflow run {run_id} as {status}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..data import shards
 from ..models.vae import KLAutoencoder, save_own_vae, vae_loss
-from . import checkpoint
+from ..runs.folder import join_step
 from .engine import build_engine
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
 from .session import Session, worker_session
@@ -128,7 +128,7 @@ def _train_vae(run: Session) -> None:
             save(step)
         if guard.exceeded():
             run.ckpt.wait()
-            raise NonFiniteLoss(guard.message(step, checkpoint.join_step(run.run_uri, step)))
+            raise NonFiniteLoss(guard.message(step, join_step(run.run_uri, step)))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)

@@ -30,9 +30,9 @@ from ..models.convert import load_into
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
 from ..models.vae import build_vae
 from ..objectives import build_objective
+from ..runs.folder import join_step
 from ..spec import JobSpec
 from . import batch as batch_plan
-from . import checkpoint
 from .ema import EMA
 from .engine import build_engine, convert_fp8, precision, scale_lr, uses_bf16
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
@@ -197,7 +197,7 @@ def _train(run: Session) -> None:
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
         if guard.exceeded():  # the weights are still the last good step's: they were just saved
             run.ckpt.wait()
-            raise NonFiniteLoss(guard.message(step, checkpoint.join_step(run.run_uri, step)))
+            raise NonFiniteLoss(guard.message(step, join_step(run.run_uri, step)))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)
