@@ -115,6 +115,6 @@ def test_local_cluster_lifecycle(cluster_yaml, s3_prefix):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "stopped: cluster-pytest-head, cluster-pytest-node1, cluster-pytest-node2"
     assert local.leftover_pids(c) == []
-    assert all(services._pid(n) is None for n in local.node_names(c))
+    assert all(services.running(n) is None for n in local.node_names(c))
     assert not any(_listening(p) for p in (6391, 8276, 10012, 22000, 22100, 22200))
-    assert services._http_ok(services.endpoints().mlflow + "/health")
+    assert services.http_ok(services.endpoints().mlflow + "/health")

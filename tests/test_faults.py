@@ -66,7 +66,7 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     _wait_for_step(rec, 10)
     # The object store goes away for longer than one save's retries (s3fs's own and ours, ~15 s),
     # so at least one save fails outright.
-    services._stop_group("s3")
+    services.stop_process("s3")
     t0 = time.time()
     # What every storage call does meanwhile: retry with backoff (0.5 + 1 + 2 + 4 s between 5
     # attempts), then fail with one error naming the cause, not hang.
@@ -91,7 +91,7 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
         except FileNotFoundError:
             refused[s] = True
     mlflow_port = int(embedded.mlflow.rsplit(":", 1)[1])
-    services._stop_group("mlflow")  # now the tracking server goes away
+    services.stop_process("mlflow")  # now the tracking server goes away
     time.sleep(12)
     services.start_mlflow(mlflow_port)
 

@@ -244,7 +244,7 @@ def test_stream_rides_out_an_s3_outage_or_fails_naming_the_shard(s3_prefix, caps
     impatient = LatentLoader(s3_prefix, bs, 0, 1, seed, storage_timeout_s=2)  # manifests read while S3 is up
     batches = iter(loader)
     head = [next(batches)[2] for _ in range(2)]  # the first shard; the reader is a few shards ahead
-    services._stop_group("s3")
+    services.stop_process("s3")
     restart = threading.Timer(15, services.start_s3)  # a ~15 s outage
     try:
         restart.start()

@@ -129,13 +129,12 @@ def test_embedded_services_listen_on_loopback_only(embedded):
     Ray's core gRPC servers (GCS 6379, raylet, object manager, workers) bind every interface
     (Ray hardcodes 0.0.0.0 / ::), and `ray start` swaps --node-ip-address=127.0.0.1 for the
     machine's IP: see README, Security defaults."""
-    run = storage.home() / "run"
     for name in ("s3", "mlflow"):
-        socks = _listening(int((run / f"{name}.pid").read_text()))
+        socks = _listening(services.running(name))
         assert socks, name
         assert {ip for _, ip, _ in socks} == {"127.0.0.1"}, (name, socks)
     dash = int(embedded.ray_dashboard.rsplit(":", 1)[1])
-    ray_socks = _listening(int((run / "ray.pid").read_text()))
+    ray_socks = _listening(services.running("ray"))
     assert {ip for _, ip, port in ray_socks if port == dash} == {"127.0.0.1"}, ray_socks
 
 
@@ -202,7 +201,7 @@ def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp
         exp = MlflowClient(url).create_experiment("auth-test")
         assert MlflowClient(url).get_experiment(exp).name == "auth-test"
     finally:
-        services._stop_group("mlflow")
+        services.stop_process("mlflow")
         for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             os.environ.pop(k, None)
     log = (tmp_path / "home" / "logs" / "mlflow.log").read_text()
@@ -240,7 +239,7 @@ def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
             assert e.value.code in (401, 403), e.value.code
         assert jobs_client(dash, "RAY_AUTH_TOKEN").list_jobs() == []  # the token from the environment
     finally:
-        services._stop_group("ray")
+        services.stop_process("ray")
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -74,8 +74,8 @@ def test_restart_keeps_data(s3_prefix, embedded):
     """The S3 server keeps its data on disk under .ditforge/: a stop/start loses nothing."""
     uri = storage.join(s3_prefix, "persist.txt")
     storage.write_bytes(uri, b"still here")
-    services._stop_group("s3")
-    assert not services._http_ok(embedded.s3 + "/")
+    services.stop_process("s3")
+    assert not services.http_ok(embedded.s3 + "/")
     services.start_s3()
     assert storage.read_bytes(uri) == b"still here"
     assert os.path.isdir(storage.home() / "s3" / "data")

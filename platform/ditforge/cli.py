@@ -758,7 +758,7 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
     spec = cluster_spec or load_cluster(None)
     if spec.kind == "embedded":
         services_status()
-        if services._ray_ready(services.endpoints().ray_dashboard):
+        if services.ray_ready(services.endpoints().ray_dashboard):
             _nodes_table(services.endpoints().ray_gcs)
         return
     if spec.kind == "slurm":

@@ -49,9 +49,10 @@ def read(record: Path) -> psutil.Process | None:
         return None
 
 
-def alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process | int) -> bool:
     """Running, and not a zombie (a dead child of ours that nobody has waited for yet)."""
     try:
+        p = p if isinstance(p, psutil.Process) else psutil.Process(p)
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False

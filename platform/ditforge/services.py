@@ -3,8 +3,10 @@
 All bind to 127.0.0.1 unless the cluster spec's `host` says 0.0.0.0; then each runs with
 authentication (S3 keys, MLflow basic auth, Ray token auth) or does not start at all. They keep
 their state under `$DITFORGE_HOME` (`.ditforge/`) so a restart loses
-nothing, and are reused when already up. Each runs in its own session with a pid file, so
-`ditforge services down` can stop it and its children cleanly.
+nothing, and are reused when already up. Each runs in its own session, recorded by pid and start
+time (procs.py), so `ditforge services down` stops it and its children, and never a stranger that
+was given the same pid later. `dirs`, `spawn`, `wait_ready`, `running` and `stop_process` are the
+supervision that the local cluster and `cluster join` use for their Ray nodes too.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import credentials, storage
+import psutil
+
+from . import credentials, procs, storage
 from .spec import EmbeddedCluster
 
 BUCKET = "ditforge"
@@ -48,7 +50,7 @@ class Endpoints:
         return self.__dict__.copy()
 
 
-def _dirs() -> dict[str, Path]:
+def dirs() -> dict[str, Path]:
     h = storage.home()
     d = {"home": h, "run": h / "run", "logs": h / "logs", "s3": h / "s3", "mlflow": h / "mlflow"}
     for p in d.values():
@@ -127,7 +129,7 @@ def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
 # --------------------------------------------------------------------------------- helpers
 
 
-def _http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout):
             return True
@@ -137,79 +139,48 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _pid(name: str) -> int | None:
-    f = storage.home() / "run" / f"{name}.pid"
-    if not f.exists():
-        return None
-    try:
-        pid = int(f.read_text())
-        os.kill(pid, 0)
-        return pid
-    except (ValueError, ProcessLookupError, PermissionError):
-        return None
+def record_path(name: str) -> Path:
+    """`run/<name>.pid`: the service's pid *and* start time (procs.py), so a reused pid is not it."""
+    return storage.home() / "run" / f"{name}.pid"
 
 
-def _spawn(name: str, argv: list[str], env: dict) -> int:
-    d = _dirs()
-    log = open(d["logs"] / f"{name}.log", "ab")
-    # own session: survives the CLI process, and `down` can signal the whole group
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            cwd=d["home"], start_new_session=True)
-    (d["run"] / f"{name}.pid").write_text(str(proc.pid))
-    return proc.pid
+def running(name: str) -> int | None:
+    """The pid of the recorded service if that very process still runs, else None."""
+    p = procs.read(record_path(name))
+    return p.pid if p else None
 
 
-def _wait(name: str, ready, timeout: float, pid: int | None = None, why=None) -> None:
-    """`why`: what is still wrong (a check's reason), said in the error instead of only the log's tail."""
+def spawn(name: str, argv: list[str], env: dict) -> psutil.Process:
+    """Start a service in its own session (it survives the CLI, and its whole group can be
+    stopped), output to `logs/<name>.log`, recorded in `run/<name>.pid`."""
+    d = dirs()
+    return procs.spawn(record_path(name), argv, env, d["logs"] / f"{name}.log", d["home"])
+
+
+def wait_ready(name: str, ready, timeout: float, proc: psutil.Process | None = None, why=None) -> None:
+    """Until `ready()`, or ServiceError when `proc` exits or `timeout` passes. `why`: what is still
+    wrong (a check's reason), said in the error instead of only the log's tail."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if ready():
             return
-        if pid is not None and not _alive(pid):
+        if proc is not None and not procs.alive(proc):
             break
         time.sleep(0.5)
     log = storage.home() / "logs" / f"{name}.log"
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
     reason = why() if why is not None else None
-    state = "exited" if pid is not None and not _alive(pid) else f"did not become ready in {timeout:.0f}s"
+    state = "exited" if proc is not None and not procs.alive(proc) else f"did not become ready in {timeout:.0f}s"
     raise ServiceError(f"{name} {state}{': ' + reason if reason else ''} "
                        f"(log: {log}{': ' + tail[0] if tail else ''})")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie child of ours counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+def stop_process(name: str, timeout: float = 30.0) -> bool:
+    """Stop the recorded service and its group (SIGTERM, SIGKILL after `timeout`); whether it ran."""
+    return procs.stop(record_path(name), timeout)
 
 
-def _stop_group(name: str, timeout: float = 30.0) -> bool:
-    pid = _pid(name)
-    pidfile = storage.home() / "run" / f"{name}.pid"
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
-        return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.time() + timeout
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.2)
-    pidfile.unlink(missing_ok=True)
-    return True
-
-
-def _bin(name: str) -> str:
+def bin_path(name: str) -> str:
     here = Path(sys.executable).parent / name  # the venv's console scripts, first
     if here.exists():
         return str(here)
@@ -219,7 +190,7 @@ def _bin(name: str) -> str:
     return found
 
 
-def _base_env() -> dict:
+def base_env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DITFORGE_HOME"] = str(storage.home())
@@ -233,7 +204,7 @@ def _base_env() -> dict:
 
 def s3_credentials() -> dict:
     """The embedded server's keys, generated on first start into a file only the user can read."""
-    d = _dirs()
+    d = dirs()
     path = d["s3"] / "credentials.json"
     if not path.exists():
         creds = {"access_key_id": "DF" + secrets.token_hex(9).upper(), "secret_access_key": secrets.token_urlsafe(30),
@@ -248,7 +219,7 @@ def s3_check() -> str | None:
     """None when the S3 server works (a probe object put, read back and deleted), else why not.
     Its port answering proves little: a SeaweedFS that lost its unix sockets answers every PUT
     with 500 InternalError while its port still answers."""
-    if not _http_ok(f"http://127.0.0.1:{S3_PORT}/"):
+    if not http_ok(f"http://127.0.0.1:{S3_PORT}/"):
         return f"nothing answers on 127.0.0.1:{S3_PORT}"
     key = f"{BUCKET}/.health/{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -275,29 +246,29 @@ def start_s3(host: str = "127.0.0.1") -> str:
     url = f"http://127.0.0.1:{S3_PORT}"  # a 0.0.0.0 bind answers on loopback too
     creds = s3_credentials()
     why = s3_check()
-    if why is None and _pid("s3") and (credentials.is_loopback(host) or _pid("s3-relay")):
+    if why is None and running("s3") and (credentials.is_loopback(host) or running("s3-relay")):
         return url
     if why is None and _adopt("s3", f"-dir={storage.home() / 's3' / 'data'}"):
         return url
-    if _pid("s3"):
+    if running("s3"):
         _say(f"s3: running but failing its check ({why}): restarting it")
-    _stop_group("s3-relay")
-    _stop_group("s3")  # waits until it has exited: its leveldb lock is free again
-    d = _dirs()
-    env = _base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
+    stop_process("s3-relay")
+    stop_process("s3")  # waits until it has exited: its leveldb lock is free again
+    d = dirs()
+    env = base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
     data = d["s3"] / "data"
     data.mkdir(exist_ok=True)
     # `weed mini` binds all its ports (master, volume, filer, WebDAV, Iceberg, admin, ...: no
     # authentication on most) to one address: always loopback. Only S3 checks keys, so only S3 is
     # served beyond loopback, through the relay.
     relayed = not credentials.is_loopback(host)
-    pid = _spawn("s3", [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    proc = spawn("s3", [bin_path("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                         f"-s3.port={S3_INNER_PORT if relayed else S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
     if relayed:
-        _wait("s3", lambda: _http_ok(f"http://127.0.0.1:{S3_INNER_PORT}/"), 90, pid)
-        relay = _spawn("s3-relay", [sys.executable, "-m", "ditforge.relay", host, str(S3_PORT), str(S3_INNER_PORT)], env)
-        _wait("s3-relay", _s3_ready, 30, relay)
-    _wait("s3", _s3_ready, 90, pid)
+        wait_ready("s3", lambda: http_ok(f"http://127.0.0.1:{S3_INNER_PORT}/"), 90, proc)
+        relay = spawn("s3-relay", [sys.executable, "-m", "ditforge.relay", host, str(S3_PORT), str(S3_INNER_PORT)], env)
+        wait_ready("s3-relay", _s3_ready, 30, relay)
+    wait_ready("s3", _s3_ready, 90, proc)
     return url
 
 
@@ -337,7 +308,7 @@ def mlflow_check(url: str, auth: dict | None = None) -> str | None:
         creds = None
     if creds:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode())
-    if not _http_ok(f"{url}/health"):
+    if not http_ok(f"{url}/health"):
         return "its /health does not answer"
     try:
         # Generous: with basic auth every request verifies a password hash (slow on a busy machine).
@@ -354,25 +325,25 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
     """`auth`: {"username", "password"} turns on MLflow's basic-auth app (required beyond loopback)."""
     url = f"http://127.0.0.1:{port}"
     why = mlflow_check(url, auth)
-    if why is None and _pid("mlflow"):
+    if why is None and running("mlflow"):
         return url
     if why is None and _adopt("mlflow", str(storage.home() / "mlflow" / "mlflow.db")):
         return url
     if why and why.startswith(("its API answered 401", "its API answered 403")):
         raise ServiceError(f"mlflow at {url}: {why} to this machine's credentials (MLFLOW_TRACKING_USERNAME / "
                            f"MLFLOW_TRACKING_PASSWORD, or ${credentials.MLFLOW_CREDENTIALS_ENV})")
-    if _pid("mlflow"):
+    if running("mlflow"):
         _say(f"mlflow: running but failing its check ({why}): restarting it")
-    _stop_group("mlflow")
-    if _http_ok(f"{url}/health"):
+    stop_process("mlflow")
+    if http_ok(f"{url}/health"):
         raise ServiceError(f"port {port} already serves an MLflow that is not ours: stop it or set ports.mlflow")
-    d = _dirs()
+    d = dirs()
     creds = s3_credentials()
-    env = _base_env() | {
+    env = base_env() | {
         "AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
         "MLFLOW_S3_ENDPOINT_URL": creds["endpoint_url"],
     }
-    argv = [_bin("mlflow"), "server", "--host", host, "--port", str(port),
+    argv = [bin_path("mlflow"), "server", "--host", host, "--port", str(port),
             "--backend-store-uri", f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
     if auth:
@@ -380,23 +351,23 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(d["mlflow"] / "flask_secret_key"),  # CSRF
                 "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"]}
         argv += ["--app-name", "basic-auth"]
-    pid = _spawn("mlflow", argv, env)
-    _wait("mlflow", lambda: mlflow_check(url, auth) is None, 120, pid, why=lambda: mlflow_check(url, auth))
+    proc = spawn("mlflow", argv, env)
+    wait_ready("mlflow", lambda: mlflow_check(url, auth) is None, 120, proc, why=lambda: mlflow_check(url, auth))
     return url
 
 
 # ------------------------------------------------------------------------------------ Ray
 
 
-def _ray_ready(dash: str) -> bool:
-    return _http_ok(f"{dash}/api/version")
+def ray_ready(dash: str) -> bool:
+    return http_ok(f"{dash}/api/version")
 
 
 def ray_check(dash: str, cpus: float | None = None) -> str | None:
     """None when the head answers and its node is registered with its resources (`cpus` CPUs, when
     given), else why not. The dashboard answers before the head's node has registered: a capacity
     check then saw a cluster of 0 CPU."""
-    if not _ray_ready(dash):
+    if not ray_ready(dash):
         return f"its dashboard does not answer at {dash}"
     from .cluster import capacity
 
@@ -416,19 +387,21 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     ep = endpoints(cluster)
     why = ray_check(ep.ray_dashboard, cluster.cpus)
     if why is None:
+        if not running("ray"):  # a head of ours whose record is gone or older than procs.py
+            _adopt("ray", f"start --head --block --port={cluster.ports.ray_gcs}", cwd=storage.home())
         return ep.ray_dashboard
-    if _pid("ray") and _ray_ready(ep.ray_dashboard):
+    if running("ray") and ray_ready(ep.ray_dashboard):
         # A head still starting registers its node within seconds; one that does not is broken.
         try:
-            _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30,
+            wait_ready("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30,
                   why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
             return ep.ray_dashboard
         except ServiceError:
             _say(f"ray: running but failing its check ({ray_check(ep.ray_dashboard, cluster.cpus)}): restarting it")
-    _stop_group("ray")
+    stop_process("ray")
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so
     # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
-    argv = [_bin("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
+    argv = [bin_path("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
             f"--node-ip-address={advertised(cluster.host)}", f"--dashboard-host={cluster.host}",
             f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
             "--disable-usage-stats", *extra_args]
@@ -436,30 +409,30 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     # listen on every interface of a machine with a routable address whatever --node-ip-address
     # says (README "Several machines"), so the token is what keeps other machines out.
     credentials.use_ray_token(create=True)
-    env = _base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
-    pid = _spawn("ray", argv, env)
-    _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, pid,
-          why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
+    env = base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+    proc = spawn("ray", argv, env)
+    wait_ready("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, proc,
+               why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
     return ep.ray_dashboard
 
 
 # ------------------------------------------------------------------------------ lifecycle
 
 
-def _adopt(name: str, marker: str) -> int | None:
-    """A server of ours that lost its pid file (e.g. two `up`s raced): find it by its command line,
-    which names this home's state folder, and take it back under management."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+def _adopt(name: str, marker: str, cwd: Path | None = None) -> int | None:
+    """A server of ours that lost its record (e.g. two `up`s raced): find it by its command line,
+    which names this home's state folder (or by `cwd`, this home, where `spawn` starts them), and
+    take it back under management."""
+    for p in psutil.process_iter(["cmdline"]):
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            leader = int(proc.name) == os.getpgid(int(proc.name))
-        except (OSError, ProcessLookupError):
+            cmd = " ".join(p.info["cmdline"] or [])
+            leader = p.pid == os.getpgid(p.pid)
+            ours = cwd is None or (marker in cmd and Path(p.cwd()) == Path(cwd).resolve())
+        except (psutil.Error, OSError):
             continue
-        if marker in cmd and leader:
-            (storage.home() / "run" / f"{name}.pid").write_text(proc.name)
-            return int(proc.name)
+        if marker in cmd and leader and ours:
+            procs.write(record_path(name), p.pid)
+            return p.pid
     return None
 
 
@@ -468,7 +441,7 @@ def _lock():
     """Serialise `up`/`down` across processes: two CLIs starting the same server would fight."""
     import fcntl
 
-    f = open(_dirs()["run"] / "services.lock", "w")
+    f = open(dirs()["run"] / "services.lock", "w")
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
         yield
@@ -485,10 +458,10 @@ def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints
 
 
 def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
-    _dirs()
+    dirs()
     saved = storage.home() / "run" / "ports.json"
     was = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else cluster.host
-    if was != cluster.host and any(_pid(n) for n in ("s3", "mlflow", "ray")):
+    if was != cluster.host and any(running(n) for n in ("s3", "mlflow", "ray")):
         raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
                            "stop them first (`ditforge services down`)")
     saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
@@ -509,7 +482,7 @@ def down() -> list[str]:
 def _down() -> list[str]:
     stopped = []
     for name in ("ray", "mlflow", "s3-relay", "s3"):
-        if _stop_group(name):
+        if stop_process(name):
             stopped.append(name)
     return stopped
 
@@ -518,5 +491,5 @@ def status() -> list[dict]:
     """Each service with the result of its real check (`up`), and why it fails (`check`)."""
     ep = endpoints()
     checks = {"s3": s3_check(), "mlflow": mlflow_check(ep.mlflow), "ray": ray_check(ep.ray_dashboard)}
-    return [{"service": name, "url": url, "pid": _pid(name), "up": checks[name] is None, "check": checks[name]}
+    return [{"service": name, "url": url, "pid": running(name), "up": checks[name] is None, "check": checks[name]}
             for name, url in (("s3", ep.s3), ("mlflow", ep.mlflow), ("ray", ep.ray_dashboard))]

@@ -20,7 +20,7 @@ import os
 import re
 import time
 
-from .. import credentials, services, storage
+from .. import credentials, procs, services, storage
 
 NODE = "node"  # service name: run/node.pid, run/node.json, logs/node.log
 GCS_PORT = 6379
@@ -62,7 +62,7 @@ def check_head(host: str, port: int, token: str | None, timeout: float = 10.0) -
 def joined() -> dict | None:
     """The head this machine is joined to, while its node runs ({"head", "pid", ...}), else None."""
     f = storage.home() / "run" / f"{NODE}.json"
-    pid = services._pid(NODE)
+    pid = services.running(NODE)
     if not pid or not f.exists():
         return None
     return json.loads(f.read_text()) | {"pid": pid}
@@ -81,33 +81,33 @@ def join(head: str, num_cpus: int | None = None, num_gpus: int | None = None, re
     why = check_head(host, port, token, timeout=min(5.0, timeout))
     if why:
         raise JoinError(why)
-    argv = [services._bin("ray"), "start", f"--address={host}:{port}", "--block", "--disable-usage-stats"]
+    argv = [services.bin_path("ray"), "start", f"--address={host}:{port}", "--block", "--disable-usage-stats"]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         argv.append(f"--num-gpus={num_gpus}")
     if resources:
         argv.append(f"--resources={json.dumps(resources)}")
-    env = services._base_env() | {"RAY_AUTH_MODE": "token"}
-    # services._base_env drops the AWS_* keys (the embedded server has its own); a joined node's
+    env = services.base_env() | {"RAY_AUTH_MODE": "token"}
+    # services.base_env drops the AWS_* keys (the embedded server has its own); a joined node's
     # workers need exactly the ones given to `join`, to reach the head's S3.
     env |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env.pop("RAY_ADDRESS", None)
     log = storage.home() / "logs" / f"{NODE}.log"
-    services._dirs()
+    services.dirs()
     log.write_text("")  # this join's lines only: the wait below reads them
-    pid = services._spawn(NODE, argv, env)
+    proc = services.spawn(NODE, argv, env)
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = log.read_text(errors="replace")
         if "Ray runtime started" in text:
             rec = {"head": f"{host}:{port}", "started_at": time.time()}
             (storage.home() / "run" / f"{NODE}.json").write_text(json.dumps(rec))
-            return rec | {"pid": pid}
-        if not services._alive(pid):
+            return rec | {"pid": proc.pid}
+        if not procs.alive(proc):
             break
         time.sleep(0.3)
-    services._stop_group(NODE, timeout=10)
+    services.stop_process(NODE, timeout=10)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     tail = credentials.redact(lines[-1].strip()) if lines else "no output"
     raise JoinError(f"the node did not start within {timeout:.0f}s (log: {log}: {tail})")
@@ -116,7 +116,7 @@ def join(head: str, num_cpus: int | None = None, num_gpus: int | None = None, re
 def leave() -> str | None:
     """Stop this machine's node (its raylet and workers); returns the head it had joined, or None."""
     now = joined()
-    services._stop_group(NODE)
+    services.stop_process(NODE)
     (storage.home() / "run" / f"{NODE}.json").unlink(missing_ok=True)
     return now["head"] if now else None
 

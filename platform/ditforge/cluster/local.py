@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import services, storage
+from .. import procs, services, storage
 from ..services import ServiceError
 from ..spec import LocalCluster
 
@@ -54,18 +54,18 @@ def _argv(c: LocalCluster, i: int) -> list[str]:
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-gpus=0", f"--temp-dir={temp_dir(c)}",
               f"--object-store-memory={c.object_store_mb * 1024 * 1024}", "--disable-usage-stats", *_node_ports(c, i)]
     if i == 0:
-        return [services._bin("ray"), "start", "--head", f"--port={c.ports.gcs}", "--dashboard-host=127.0.0.1",
+        return [services.bin_path("ray"), "start", "--head", f"--port={c.ports.gcs}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={c.ports.dashboard}", f"--ray-client-server-port={c.ports.client}",
                 f"--num-cpus={c.head_cpus}", f"--resources={json.dumps({f'{c.name}-head': 1})}", *common]
     # One log monitor (the head's) for the shared session log dir: one per raylet would each
     # forward every worker's lines, and `ditforge logs` would show each line N+1 times.
-    return [services._bin("ray"), "start", f"--address={gcs(c)}", f"--num-cpus={c.cpus_per_node}",
+    return [services.bin_path("ray"), "start", f"--address={gcs(c)}", f"--num-cpus={c.cpus_per_node}",
             f"--resources={json.dumps({f'{c.name}-node{i}': 1})}", "--include-log-monitor=false", *common]
 
 
 def alive_nodes(c: LocalCluster) -> list[dict]:
     """Ray's view: the alive nodes with their total resources (empty if the head is down)."""
-    if not services._http_ok(f"{dashboard(c)}/api/version"):
+    if not services.http_ok(f"{dashboard(c)}/api/version"):
         return []
     from ray.util.state import list_nodes
 
@@ -80,7 +80,7 @@ def alive_nodes(c: LocalCluster) -> list[dict]:
 
 
 def is_up(c: LocalCluster) -> bool:
-    return all(services._pid(n) for n in node_names(c)) and len(alive_nodes(c)) == c.nodes + 1
+    return all(services.running(n) for n in node_names(c)) and len(alive_nodes(c)) == c.nodes + 1
 
 
 def up(c: LocalCluster) -> str:
@@ -90,21 +90,21 @@ def up(c: LocalCluster) -> str:
         return dashboard(c)
     down(c)  # half a cluster (a node died, a port moved): start clean
     shutil.rmtree(temp_dir(c), ignore_errors=True)
-    env = services._base_env()
+    env = services.base_env()
     env.pop("RAY_ADDRESS", None)  # raylets must join this head, not whatever the shell points at
     # A SIGTERM'd node drains for 30 s by default (for Serve proxies); nothing here needs it.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"
     env["RAY_AUTH_MODE"] = "token"  # like the embedded head: its ports listen beyond loopback
     names = node_names(c)
-    pid = services._spawn(names[0], _argv(c, 0), env)
-    services._wait(names[0], lambda: services._http_ok(f"{dashboard(c)}/api/version"), 120, pid)
+    head = services.spawn(names[0], _argv(c, 0), env)
+    services.wait_ready(names[0], lambda: services.http_ok(f"{dashboard(c)}/api/version"), 120, head)
     # One raylet at a time: raylets sharing a session dir pick their socket names (raylet.1, …)
     # by looking at what exists, and two starting together take the same one.
     for i, name in enumerate(names[1:], start=1):
-        pid = services._spawn(name, _argv(c, i), env)
+        node = services.spawn(name, _argv(c, i), env)
         deadline = time.time() + 120
         while len(alive_nodes(c)) < i + 1:
-            if not services._alive(pid) or time.time() > deadline:
+            if not procs.alive(node) or time.time() > deadline:
                 down(c)
                 raise ServiceError(f"local cluster '{c.name}': {name} did not join the head "
                                    f"(log: {storage.home() / 'logs' / (name + '.log')})")
@@ -114,7 +114,7 @@ def up(c: LocalCluster) -> str:
 
 def _stop_jobs(c: LocalCluster, timeout: float = 20.0) -> None:
     """Ask Ray to stop the cluster's running jobs: their drivers run in sessions of their own."""
-    if not services._http_ok(f"{dashboard(c)}/api/version"):
+    if not services.http_ok(f"{dashboard(c)}/api/version"):
         return
     from ray.job_submission import JobStatus
 
@@ -156,13 +156,13 @@ def leftover_pids(c: LocalCluster) -> list[int]:
 def down(c: LocalCluster) -> list[str]:
     """Stop this cluster's jobs and nodes (workers first, then the head); returns what was stopped."""
     _stop_jobs(c)
-    running = {n: p for n in node_names(c) if (p := services._pid(n))}
+    running = {n: p for n in node_names(c) if (p := services.running(n))}
     for pid in running.values():  # all nodes at once: each may take a few seconds to wind down
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    stopped = [n for n in node_names(c) if services._stop_group(n)] + [n for n in running if not services._pid(n)]
+    stopped = [n for n in node_names(c) if services.stop_process(n)] + [n for n in running if not services.running(n)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = leftover_pids(c)
         for pid in pids:
@@ -172,7 +172,7 @@ def down(c: LocalCluster) -> list[str]:
                 pass
         deadline = time.time() + 10
         while pids and time.time() < deadline:
-            pids = [p for p in pids if services._alive(p)]
+            pids = [p for p in pids if procs.alive(p)]
             time.sleep(0.2)
     return sorted(set(stopped), key=node_names(c).index)
 
@@ -185,7 +185,7 @@ def status(c: LocalCluster) -> list[dict]:
     for i, name in enumerate(node_names(c)):
         mark = f"{c.name}-head" if i == 0 else f"{c.name}-node{i}"
         ray_node = next((n for n in nodes if mark in n["resources"]), heads[0] if i == 0 and heads else None)
-        rows.append({"node": name, "pid": services._pid(name), "alive": ray_node is not None,
+        rows.append({"node": name, "pid": services.running(name), "alive": ray_node is not None,
                      "node_id": ray_node["node_id"] if ray_node else None,
                      "resources": {k: v for k, v in (ray_node or {}).get("resources", {}).items()
                                    if not k.startswith(("node:", "object_store_memory", "memory"))}})

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import procs
 from ..spec import SlurmCluster
 from .slurm import PORTS
 
@@ -120,13 +121,6 @@ def leftovers() -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the process group `proc` leads (a `ray start --block` and its daemons), then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -150,7 +144,7 @@ def sweep(timeout: float = 10) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.time() + timeout
-        while any(_alive(p) for p in pids) and time.time() < deadline:
+        while any(procs.alive(p) for p in pids) and time.time() < deadline:
             time.sleep(0.2)
 
 
@@ -190,7 +184,7 @@ def run_head(c: SlurmCluster, state: Path) -> int:
     try:
         from .. import services
 
-        while not services._http_ok(f"{dashboard}/api/version"):
+        while not services.http_ok(f"{dashboard}/api/version"):
             if head.poll() is not None or sig.any:
                 raise SystemExit(f"ditforge: the Ray head did not start (exit {head.returncode})")
             time.sleep(0.5)
