@@ -66,7 +66,7 @@ def _check_uri(value: str) -> str:
 
 def _no_password(value: str | None) -> str | None:
     """Specs are logged, saved with checkpoints and sent to MLflow: they must not hold secrets."""
-    from .credentials import has_userinfo_password
+    from ..credentials import has_userinfo_password
 
     if value and has_userinfo_password(value):
         # the value itself is not repeated: it holds the secret
@@ -226,7 +226,7 @@ class VideoTasksSpec(Strict):
         return self
 
     def weights(self) -> dict[str, float]:
-        from .models.tasks import TASKS
+        from ..models.tasks import TASKS
 
         return {t: getattr(self, t) for t in TASKS}
 
