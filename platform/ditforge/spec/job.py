@@ -1,81 +1,16 @@
-"""Job and cluster specs: typed pydantic models loaded from YAML.
-
-Order of precedence (as in lingua): model defaults, then the YAML file, then `--set a.b=value`
-overrides. Every validation problem becomes one `SpecError` line naming the file and the field
-path, so the CLI can print it and exit 2 before anything starts.
-"""
+"""The job spec: `JobSpec` and its sections (data, vae, model, objective, train, deepspeed,
+resources, checkpoint, tracking, sample, eval), each checked on its own and against the others."""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
 import json
-import os
-import re
-import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-URI_SCHEMES = ("file", "s3", "gs")
-
-
-class SpecError(Exception):
-    """One user-facing line: `<file>: <field.path>: <reason>`."""
-
-    def __init__(self, file: str, field: str, reason: str):
-        self.file, self.field, self.reason = file, field, reason
-        super().__init__(f"{file}: {field}: {reason}" if field else f"{file}: {reason}")
-
-    @property
-    def lines(self) -> list[str]:
-        """Each problem's line (the CLI prints each as `error: <line>`)."""
-        return [str(self)]
-
-
-class SpecErrors(SpecError):
-    """Every problem of one spec, in file order; behaves as the first one where one is expected."""
-
-    def __init__(self, problems: list[SpecError]):
-        self.problems = problems
-        super().__init__(problems[0].file, problems[0].field, problems[0].reason)
-
-    @property
-    def lines(self) -> list[str]:
-        return [str(p) for p in self.problems]
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines)
-
-
-class Strict(BaseModel):
-    # Unknown keys are errors: a typo like `zero_stag: 3` must not silently train with stage 2.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _check_uri(value: str) -> str:
-    scheme = value.split("://", 1)[0] if "://" in value else None
-    if scheme is None:
-        raise ValueError(f"'{value}' is not a URI: write file://PATH, s3://BUCKET/PATH or gs://BUCKET/PATH")
-    if scheme not in URI_SCHEMES:
-        raise ValueError(f"unknown URI scheme '{scheme}://' (known: {', '.join(s + '://' for s in URI_SCHEMES)})")
-    return value
-
-
-def _no_password(value: str | None) -> str | None:
-    """Specs are logged, saved with checkpoints and sent to MLflow: they must not hold secrets."""
-    from ..credentials import has_userinfo_password
-
-    if value and has_userinfo_password(value):
-        # the value itself is not repeated: it holds the secret
-        raise ValueError("holds a password (scheme://user:PASSWORD@host): give credentials through the "
-                         "environment or a named file (see README, Security defaults), never in a spec")
-    return value
-
-
-# ---------------------------------------------------------------------------------------- job
+from .errors import Strict, check_uri, no_password
 
 
 class AutoBatchSpec(Strict):
@@ -103,7 +38,7 @@ class DataSpec(Strict):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="bad samples a rank may skip per epoch, as a fraction")
     storage_timeout_s: float = Field(300, gt=0, description="how long the loader retries a store that does not answer")
 
-    _uri = field_validator("train")(_check_uri)
+    _uri = field_validator("train")(check_uri)
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -138,7 +73,7 @@ class VAESpec(Strict):
     @field_validator("path")
     @classmethod
     def _path_uri(cls, v: str | None) -> str | None:
-        return _check_uri(v) if v and "://" in v else v  # a plain folder stays allowed (diffusers)
+        return check_uri(v) if v and "://" in v else v  # a plain folder stays allowed (diffusers)
 
     @model_validator(mode="after")
     def _path(self) -> "VAESpec":
@@ -146,7 +81,7 @@ class VAESpec(Strict):
             raise ValueError(f"path: required for vae.kind '{self.kind}'")
         if self.kind == "own":
             try:
-                _check_uri(self.path)
+                check_uri(self.path)
             except ValueError as e:
                 raise ValueError(f"path: {e}") from None
         return self
@@ -260,7 +195,7 @@ class TrainSpec(Strict):
     @field_validator("resume")
     @classmethod
     def _resume(cls, v: str) -> str:
-        return v if v in ("auto", "never") else _check_uri(v)
+        return v if v in ("auto", "never") else check_uri(v)
 
 
 class DeepSpeedSpec(BaseModel):
@@ -293,7 +228,7 @@ class DeepSpeedSpec(BaseModel):
             if key == "zero_optimization" and isinstance(value, dict):
                 problems += [f"zero_optimization.{sub}: set by ditforge itself ({ZERO_OWN[sub]})"
                              for sub in value if sub in ZERO_OWN]
-        if problems:  # one line each (see _reword)
+        if problems:  # one line each (see load._reword)
             raise ValueError("\n".join(problems))
         return self
 
@@ -313,20 +248,6 @@ DEEPSPEED_OWN = {
 ZERO_OWN = {"stage": "use deepspeed.zero_stage", "reduce_bucket_size": "use deepspeed.bucket_mb",
             "allgather_bucket_size": "use deepspeed.bucket_mb", "overlap_comm": "use deepspeed.overlap_comm",
             "contiguous_gradients": "always on"}
-# Pass-through keys that name a local file or folder (monitor outputs, NVMe offload, profiler
-# files): each must lie inside the allowed roots, like the spec's own path fields.
-_DS_PATH_KEY = re.compile(r"(^|_)(path|dir|directory|file|folder)s?$", re.I)  # output_path, nvme_path, log_dir
-
-
-def deepspeed_paths(extra: dict, where: str = "deepspeed") -> list[tuple[str, Any]]:
-    """(field.path, value) of every path-like key under the `deepspeed:` pass-through keys."""
-    out = []
-    for key, value in extra.items():
-        if isinstance(value, dict):
-            out += deepspeed_paths(value, f"{where}.{key}")
-        elif _DS_PATH_KEY.search(str(key)):
-            out.append((f"{where}.{key}", value))
-    return out
 
 
 class ResourcesSpec(Strict):
@@ -389,7 +310,7 @@ class CheckpointSpec(Strict):
     # other ranks wait through meanwhile.
     final_timeout_s: float = Field(900, gt=0, le=1500, description="the last save retries with backoff this long")
 
-    _uri = field_validator("uri")(_check_uri)
+    _uri = field_validator("uri")(check_uri)
 
 
 class TrackingSpec(Strict):
@@ -400,7 +321,7 @@ class TrackingSpec(Strict):
     system_metrics: bool = True
     register_model: bool = True
 
-    _uri = field_validator("uri")(_no_password)
+    _uri = field_validator("uri")(no_password)
 
 
 class SampleSpec(Strict):
@@ -451,7 +372,7 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
-        problems = []  # every inconsistency, one line each (see _reword)
+        problems = []  # every inconsistency, one line each (see load._reword)
         gpu_only = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
         if self.model.attention in gpu_only and not self.resources.use_gpu:
             problems.append(f"model.attention: {self.model.attention} needs resources.use_gpu: true "
@@ -509,59 +430,6 @@ class JobSpec(Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Fields that may change when a run is continued (`resume: auto`, `--resume RUN`): how long and how
-# fast it trains, where and how often it logs, samples and saves, and on how many workers. Every
-# other field defines the run (model, patch, VAE, data set, objective, seed, precision, EMA, ...):
-# a change there is refused, since the checkpoint would be loaded into another experiment.
-RESUMABLE = ("train.steps", "train.lr", "train.warmup", "train.weight_decay", "train.grad_clip", "train.resume",
-             "train.max_failures", "train.max_nonfinite_steps", "train.debug_nan_steps",
-             "data.batch_size", "data.shuffle_buffer", "data.max_bad_fraction", "data.storage_timeout_s",
-             "model.compile", "model.attention", "model.grad_checkpointing",
-             "deepspeed", "resources", "checkpoint", "tracking", "sample", "eval")
-RUN_DEFINING = ("deepspeed.zero_stage",)  # inside a resumable section, still defining: shards differ per stage
-
-
-def _flat(d: dict, at: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{at}.{k}" if at else str(k)
-        if isinstance(v, dict) and v:
-            out |= _flat(v, key)
-        else:
-            out[key] = v
-    return out
-
-
-def _resumable(field: str) -> bool:
-    def under(prefixes):
-        return any(field == p or field.startswith(p + ".") for p in prefixes)
-    return under(RESUMABLE) and not under(RUN_DEFINING)
-
-
-def run_fields(spec: dict) -> dict[str, Any]:
-    """The run-defining fields of a resolved spec dump, flattened (`model.size` → 'S')."""
-    return {k: v for k, v in _flat(spec).items() if not _resumable(k)}
-
-
-def run_digest(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(run_fields(spec), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def spec_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """(run-defining, resumable) fields that differ between two spec dumps: field → (old, new).
-    Both are completed with the defaults first, so an older spec that left a field out compares
-    by its default."""
-    def complete(d: dict) -> dict:
-        try:
-            return _flat(JobSpec.model_validate(d).model_dump(mode="json"))
-        except ValidationError:  # a spec of an older version: compare what it says
-            return _flat(d)
-
-    a, b = complete(old), complete(new)
-    diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    return ({k: v for k, v in diff.items() if not _resumable(k)}, {k: v for k, v in diff.items() if _resumable(k)})
-
-
 def spec_warnings(spec: JobSpec) -> list[str]:
     """Allowed, but probably not what was meant: one `field.path: reason` line each (printed as
     `warning:`; the exit code stays 0)."""
@@ -570,550 +438,3 @@ def spec_warnings(spec: JobSpec) -> list[str]:
         out.append(f"deepspeed.zero_stage: 3 with model.size {spec.model.size}: too small to shard sensibly "
                    "(gathering the weights every step costs more than the memory it saves); stage 2 fits it")
     return out
-
-
-# ------------------------------------------------------------------------------------ cluster
-
-
-class ServicePorts(Strict):
-    mlflow: int = Field(5005, gt=0, lt=65536)
-    ray_dashboard: int = Field(8265, gt=0, lt=65536)
-    ray_gcs: int = Field(6379, gt=0, lt=65536)
-
-
-class ClusterSpec(Strict):
-    """Base of every cluster kind; `load_cluster` picks the subclass from `kind`."""
-
-    kind: str
-    name: str = Field("ditforge", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
-                      description="lower-case letters, digits and '-': it names cloud and Kubernetes objects")
-
-
-class EmbeddedCluster(ClusterSpec):
-    # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1 unless `host` says
-    # otherwise; then each must run with authentication (see services.require_auth).
-    kind: Literal["embedded"] = "embedded"
-    cpus: int = Field(4, ge=0, description="logical CPUs the embedded Ray head offers (0: a head that only "
-                                           "coordinates; its jobs' workers run on joined hosts)")
-    ports: ServicePorts = ServicePorts()
-    host: str = Field("127.0.0.1", description="address the services bind: 127.0.0.1 (default, this machine "
-                                               "only) or 0.0.0.0 (every interface: needs credentials)")
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        import ipaddress
-
-        try:
-            ip = ipaddress.ip_address(v)
-        except ValueError:
-            raise ValueError(f"'{v}' is not an IP address (127.0.0.1 or 0.0.0.0)") from None
-        # Clients on this machine reach a wildcard bind through 127.0.0.1; a single other interface
-        # would need every client (and the S3 endpoint in the key file) to name it.
-        if not (ip.is_loopback or ip.is_unspecified):
-            raise ValueError(f"{v}: bind 127.0.0.1 (this machine) or 0.0.0.0 (every interface, with authentication)")
-        return v
-
-
-class LocalPorts(Strict):
-    # Away from the embedded head's 6379 / 8265 / 10001, so both can run on one machine.
-    gcs: int = Field(6390, gt=0, lt=65536)
-    dashboard: int = Field(8275, gt=0, lt=65536)
-    client: int = Field(10011, gt=0, lt=65536)
-    nodes_from: int = Field(21000, ge=1024, lt=60000, description="node i (0 = head) uses ports nodes_from+100*i … +99")
-
-
-class LocalCluster(ClusterSpec):
-    """A simulated multi-node cluster: one head and `nodes` worker raylets on 127.0.0.1."""
-
-    kind: Literal["local"] = "local"
-    name: str = Field("local", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-    nodes: int = Field(2, ge=1, le=8, description="worker raylets besides the head")
-    cpus_per_node: int = Field(1, gt=0)
-    head_cpus: int = Field(0, ge=0, description="0: the head runs only the job driver, never a training worker")
-    object_store_mb: int = Field(256, ge=80, description="per raylet; Ray's default (30% of RAM each) is too much x N")
-    ports: LocalPorts = LocalPorts()
-
-    @model_validator(mode="after")
-    def _ports(self) -> "LocalCluster":
-        last = self.ports.nodes_from + 100 * (self.nodes + 1)
-        if last >= 65536:
-            raise ValueError(f"ports.nodes_from: {self.ports.nodes_from} leaves no room for {self.nodes + 1} nodes x 100 ports")
-        for name in ("gcs", "dashboard", "client"):
-            if self.ports.nodes_from <= getattr(self.ports, name) < last:
-                raise ValueError(f"ports.{name}: {getattr(self.ports, name)} falls inside the node port range "
-                                 f"{self.ports.nodes_from}-{last - 1}")
-        return self
-
-
-class AddressCluster(ClusterSpec):
-    """An existing Ray cluster, reached through its Jobs API."""
-
-    kind: Literal["address"] = "address"
-    address: str | None = Field(None, description="dashboard http(s)://head:8265, or ray://head:10001")
-    token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
-    tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
-
-    _no_secret = field_validator("address", "tracking_uri")(_no_password)
-
-    @model_validator(mode="after")
-    def _address(self) -> "AddressCluster":
-        if not self.address:
-            raise ValueError("address: required when kind is 'address' (e.g. http://head:8265)")
-        if not self.address.startswith(("http://", "https://", "ray://")):
-            raise ValueError(f"address: '{self.address}' must start with http://, https:// or ray://")
-        return self
-
-
-# Ray's accelerator type names (what `resources.accelerator_type` asks for) → GCP accelerator names.
-GCP_ACCELERATORS = {"T4": "nvidia-tesla-t4", "L4": "nvidia-l4", "V100": "nvidia-tesla-v100", "P100": "nvidia-tesla-p100",
-                    "A100": "nvidia-tesla-a100", "A100-80G": "nvidia-a100-80gb", "H100": "nvidia-h100-80gb",
-                    "H200": "nvidia-h200-141gb"}
-
-
-class HeadGroup(Strict):
-    instance_type: str = Field(description="AWS instance type or GCP machine type")
-    cpus: int | None = Field(None, gt=0, description="CPUs Ray advertises (GCP needs it; AWS detects it)")
-    gpus: int = Field(0, ge=0)
-    gpu_type: str | None = Field(None, description="Ray accelerator type: A100, H100, L4, …")
-    disk_gb: int = Field(200, ge=20)
-
-
-class WorkerGroup(HeadGroup):
-    name: str = Field("workers", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
-    min_workers: int = Field(0, ge=0)
-    max_workers: int = Field(2, ge=0)
-    spot: bool = Field(False, description="AWS spot / GCP preemptible instances")
-
-    @model_validator(mode="after")
-    def _range(self) -> "WorkerGroup":
-        if self.min_workers > self.max_workers:
-            raise ValueError(f"min_workers: {self.min_workers} is larger than max_workers ({self.max_workers})")
-        return self
-
-
-class CloudCluster(ClusterSpec):
-    """Head and worker node groups, rendered to a Ray cluster-launcher YAML for `ray up`."""
-
-    region: str
-    image: str = Field("rayproject/ray:2.60.0-py311-gpu", description="Docker image every node runs Ray in")
-    setup_commands: list[str] = Field(default_factory=list, description="run on every node after the image starts")
-    idle_timeout_minutes: int = Field(5, ge=1)
-    ssh_user: str = "ubuntu"
-    head: HeadGroup
-    workers: list[WorkerGroup] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _groups(self) -> "CloudCluster":
-        names = [w.name for w in self.workers]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"workers: group name '{sorted(dup)[0]}' is used twice")
-        return self
-
-
-class AWSCluster(CloudCluster):
-    kind: Literal["aws"] = "aws"
-    region: str = "us-west-2"
-    availability_zone: str | None = None
-    ami: str | None = Field(None, description="AMI id; default: Ray's deep-learning AMI for the region")
-    iam_instance_profile: str | None = Field(None, description="worker S3 access by IAM role, never by keys")
-
-
-class GCPCluster(CloudCluster):
-    kind: Literal["gcp"] = "gcp"
-    region: str = "us-central1"
-    availability_zone: str = "us-central1-a"
-    project_id: str
-    source_image: str = "projects/deeplearning-platform-release/global/images/family/common-cu124"
-    service_account: str | None = Field(None, description="e-mail of the service account nodes run as (GCS access)")
-
-    @model_validator(mode="after")
-    def _gcp(self) -> "GCPCluster":
-        groups = [("head", self.head)] + [(f"workers.{i}", w) for i, w in enumerate(self.workers)]
-        for where, g in groups:
-            if g.cpus is None:
-                raise ValueError(f"{where}.cpus: required on GCP (Ray cannot detect a machine type's CPUs there)")
-            if g.gpus and g.gpu_type not in GCP_ACCELERATORS:
-                raise ValueError(f"{where}.gpu_type: {g.gpu_type!r} is not one of {', '.join(GCP_ACCELERATORS)}")
-        return self
-
-
-class KubeGroup(Strict):
-    cpus: int = Field(gt=0)
-    memory_gb: int = Field(gt=0)
-    gpus: int = Field(0, ge=0)
-    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. {cloud.google.com/gke-accelerator: nvidia-l4}")
-
-
-class KubeWorkerGroup(KubeGroup):
-    name: str = Field("workers", pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
-    replicas: int = Field(1, ge=0)
-    min_replicas: int = Field(0, ge=0)
-    max_replicas: int = Field(4, ge=0)
-
-    @model_validator(mode="after")
-    def _range(self) -> "KubeWorkerGroup":
-        if not self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError(f"replicas: {self.replicas} must lie in min_replicas..max_replicas "
-                             f"({self.min_replicas}..{self.max_replicas})")
-        return self
-
-
-class KubeStorage(Strict):
-    # Credentials are named, never given: the Secret is created out of band (kubectl create secret …).
-    secret: str | None = Field(None, description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    endpoint_url: str | None = Field(None, description="S3 endpoint (not a secret), e.g. http://minio.storage:9000")
-    volume_claim: str | None = Field(None, description="a shared PersistentVolumeClaim mounted on every pod")
-    mount_path: str = "/data"
-
-
-class KubernetesCluster(ClusterSpec):
-    """Rendered to KubeRay RayCluster / RayJob manifests for `kubectl apply`."""
-
-    kind: Literal["kubernetes"] = "kubernetes"
-    namespace: str = "default"
-    image: str = Field(description="a Ray 2.60 image with ditforge installed (pip install .)")
-    head: KubeGroup
-    workers: list[KubeWorkerGroup] = Field(min_length=1)
-    storage: KubeStorage = KubeStorage()
-    tracking_uri: str | None = Field(None, description="MLflow server the pods can reach")
-
-    _no_secret = field_validator("tracking_uri")(_no_password)
-
-
-# Slurm's time formats (sbatch --time): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2})$")
-_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.,:=+-]+$")  # partition, account, QoS: no spaces, no shell
-
-
-class SlurmCluster(ClusterSpec):
-    """A Ray cluster inside one Slurm allocation: the batch script starts a Ray head on the first
-    node and a Ray worker node on each other node (srun). `mode: standing` holds the allocation
-    until `ditforge cluster down` (scancel); `mode: job` runs one job and ends with it."""
-
-    kind: Literal["slurm"] = "slurm"
-    mode: Literal["standing", "job"] = Field("standing", description="standing: until `cluster down`; "
-                                                                       "job: one allocation per `ditforge submit`")
-    partition: str | None = None
-    nodes: int = Field(2, ge=1, le=4096)
-    cpus_per_node: int = Field(8, gt=0, description="--cpus-per-task (one task per node); Ray's CPUs per node")
-    gpus_per_node: int = Field(0, ge=0, description="--gres=gpu[:type]:N; Ray's GPUs per node")
-    gpu_type: str | None = Field(None, description="GRES type name at your site (e.g. a100, h100)")
-    mem_per_node_gb: int | None = Field(None, gt=0, description="--mem; default: the partition's")
-    time_limit: str = Field("04:00:00", description="--time: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = Field(None, description="--constraint (node features, e.g. 'a100&ib')")
-    exclusive: bool = Field(False, description="--exclusive: whole nodes, no other job beside Ray")
-    sbatch_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --reservation=r1")
-    setup: list[str] = Field(default_factory=list, description="shell lines run on the nodes before Ray starts "
-                                                               "(module load …, source venv/bin/activate)")
-    python: str = Field("python", description="the interpreter with ditforge installed, after `setup`")
-    # Preemption and the time limit: Slurm sends SIGUSR1 this long before it ends the job; the
-    # run saves a checkpoint (as on `ditforge stop`) and the allocation is requeued.
-    signal_grace_s: int = Field(180, ge=10, le=65535, description="--signal=B:USR1@N")
-    requeue: bool = Field(True, description="--requeue: a preempted / timed-out allocation resumes the run")
-    ports_from: int = Field(26000, ge=1024, lt=65436, description="Ray uses ports P…P+99 on every node")
-    object_store_mb: int | None = Field(None, ge=80, description="per node; default: Ray's (30% of memory)")
-    tracking_uri: str | None = Field(None, description="MLflow server the nodes can reach")
-    state_dir: str | None = Field(None, description="a folder on a file system the login and compute nodes "
-                                                    "share; default $DITFORGE_HOME/slurm/<name>")
-    up_timeout_s: float = Field(900, gt=0, description="how long `cluster up` waits for the allocation to start")
-
-    _no_secret = field_validator("tracking_uri")(_no_password)
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time(cls, v: str) -> str:
-        if not _SLURM_TIME.match(v):
-            raise ValueError(f"'{v}' is not a Slurm time (M, M:S, H:M:S, D-H, D-H:M or D-H:M:S, e.g. 04:00:00)")
-        return v
-
-    @field_validator("partition", "account", "qos", "gpu_type")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _SLURM_NAME.match(v):
-            raise ValueError(f"'{v}': letters, digits and _ . , : = + - only")
-        return v
-
-    @field_validator("sbatch_args")
-    @classmethod
-    def _args(cls, v: list[str]) -> list[str]:
-        for a in v:
-            if not a.startswith("--") or any(c in a for c in "\n\r"):
-                raise ValueError(f"'{a}': one long sbatch option per item, e.g. --reservation=r1")
-        return v
-
-    @field_validator("setup")
-    @classmethod
-    def _setup(cls, v: list[str]) -> list[str]:
-        if any("\n" in line for line in v):
-            raise ValueError("one shell line per item")
-        return v
-
-    @model_validator(mode="after")
-    def _gpus(self) -> "SlurmCluster":
-        if self.gpu_type and not self.gpus_per_node:
-            raise ValueError(f"gpu_type: {self.gpu_type} needs gpus_per_node of 1 or more")
-        return self
-
-
-CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {
-    "embedded": EmbeddedCluster, "local": LocalCluster, "address": AddressCluster,
-    "aws": AWSCluster, "gcp": GCPCluster, "kubernetes": KubernetesCluster, "slurm": SlurmCluster,
-}
-
-
-# ------------------------------------------------------------------------------------ loading
-
-
-def _reword(err: dict, data: Any, model: type[BaseModel]) -> tuple[str, str]:
-    loc = [str(p) for p in err["loc"]]
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        known = _known_fields(model, err["loc"][:-1])
-        close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else (f" (known: {', '.join(known)})" if known else "")
-        return ".".join(loc), f"unknown key{hint}"
-    if kind == "missing":
-        return ".".join(loc), "required field is missing"
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-        # model-level validators name their own field as "field.path: reason"
-        if ": " in msg and re.fullmatch(r"[A-Za-z_][\w.]*", msg.split(": ", 1)[0]):
-            field, reason = msg.split(": ", 1)
-            return ".".join([*loc, field]), reason
-    if kind == "literal_error":
-        got = err.get("input")
-        return ".".join(loc), f"{got!r} is not allowed; {msg[0].lower()}{msg[1:]}"
-    got = err.get("input")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        return ".".join(loc), f"{msg[0].lower()}{msg[1:]} (got {got!r})"
-    return ".".join(loc), f"{msg[0].lower()}{msg[1:]}"
-
-
-def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc:
-        if isinstance(part, int):  # an item of a list of models: its fields are the model's
-            continue
-        field = model.model_fields.get(str(part))
-        ann = field.annotation if field else None
-        if typing.get_origin(ann) is list:
-            ann = typing.get_args(ann)[0]
-        elif typing.get_args(ann):  # an optional section (`X | None`): its model's fields
-            ann = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return sorted(model.model_fields)
-
-
-def parse_set(items: list[str] | None, where: str = "--set") -> dict:
-    """`["train.steps=50", "model.size=S"]` → nested dict; values are parsed as YAML scalars."""
-    out: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SpecError(where, item, "expected key.path=value")
-        key, raw = item.split("=", 1)
-        if not key or any(not p for p in key.split(".")):
-            raise SpecError(where, key or item, "expected key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SpecError(where, key, "conflicts with another --set")
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice in one mapping is an error: PyYAML would keep the
-    last one silently, so half of a duplicated `train:` section would vanish."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice in one mapping",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    name = str(path)
-    if not p.exists():
-        raise SpecError(name, "", "no such file")
-    if p.is_dir():
-        raise SpecError(name, "", "is a directory, not a YAML file")
-    if not p.is_file():  # a FIFO or device would block or stream forever
-        raise SpecError(name, "", "cannot read: not a regular file")
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(name, "", f"cannot read: {e.__class__.__name__}: {' '.join(str(e).split())}") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(name, where, f"YAML syntax error: {problem}") from None
-    if data is None:
-        raise SpecError(name, "", "file is empty")
-    if not isinstance(data, dict):
-        raise SpecError(name, "", f"top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def yaml_lines(path: str | Path) -> dict[tuple[str, ...], tuple[int, int]]:
-    """Field path (list items by index) → (line, column) where it starts, to order problems as in the file."""
-    out: dict[tuple[str, ...], tuple[int, int]] = {}
-
-    def walk(node, at: tuple[str, ...]) -> None:
-        out.setdefault(at, (node.start_mark.line, node.start_mark.column))
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                out.setdefault((*at, str(k.value)), (k.start_mark.line, k.start_mark.column))
-                walk(v, (*at, str(k.value)))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                walk(v, (*at, str(i)))
-
-    try:
-        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return out
-    if root is not None:
-        walk(root, ())
-    return out
-
-
-def _line_of(field: str, lines: dict) -> tuple[float, int]:
-    """A problem's line: its field's, else its nearest enclosing section's (a missing key)."""
-    parts = tuple(field.split(".")) if field else ()
-    for n in range(len(parts), -1, -1):
-        if parts[:n] in lines:
-            return lines[parts[:n]]
-    return float("inf"), 0
-
-
-def build(model: type[BaseModel], data: dict, name: str,
-          lines: dict | None = None) -> BaseModel:
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        problems, seen = [], set()
-        for err in e.errors():
-            # a validator that found several problems gives one line per problem
-            msgs = err["msg"].split("\n") if err["type"] == "value_error" else [err["msg"]]
-            for msg in msgs:
-                field, reason = _reword({**err, "msg": msg if msg.startswith("Value error, ") or err["type"] != "value_error"
-                                         else f"Value error, {msg}"}, data, model)
-                if (field, reason) not in seen:
-                    seen.add((field, reason))
-                    problems.append(SpecError(name, field, reason))
-        problems.sort(key=lambda p: _line_of(p.field, lines or {}))  # stable: pydantic's order within a line
-        raise (SpecErrors(problems) if len(problems) > 1 else problems[0]) from None
-
-
-# ------------------------------------------------------------------------------ path roots
-
-ROOTS_ENV = "DITFORGE_ROOTS"
-# Job-spec fields that may name a local file or folder (file://PATH, or a bare path for the
-# folders handed to diffusers / transformers).
-LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder", "model.init_from")
-
-
-# Where the shipped GPU jobs expect pretrained weights (a read-only mount on cluster nodes).
-MODELS_ROOT = "/models"
-
-
-def allowed_roots() -> list[Path]:
-    """Local folders a job spec may name: the working directory (the project), $DITFORGE_HOME,
-    /models, and each folder in $DITFORGE_ROOTS (os.pathsep-separated). The list is the
-    operator's, from the environment, never from the spec: a spec must not widen its own sandbox."""
-    home = os.environ.get("DITFORGE_HOME") or Path.cwd() / ".ditforge"
-    extra = [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p.strip()]
-    return [Path(p).expanduser().resolve() for p in (Path.cwd(), home, MODELS_ROOT, *extra)]
-
-
-def check_roots(spec: "JobSpec", name: str) -> None:
-    """Every local path in the spec resolves (symlinks and `..` followed) inside an allowed root.
-
-    Runs where specs enter the platform (load_job, a bare spec given to the driver), not on every
-    model_validate: workers re-validate the resolved spec in another working directory."""
-    roots = allowed_roots()
-    problems: list[SpecError] = []
-    fields: list[tuple[str, Any]] = []
-    for field in LOCAL_PATH_FIELDS:
-        node: Any = spec
-        for part in field.split("."):
-            node = getattr(node, part)
-        fields.append((field, node))
-    for field, node in fields + deepspeed_paths(spec.deepspeed.model_extra or {}):
-        if not isinstance(node, str):
-            if node is not None:
-                problems.append(SpecError(name, field, f"expected a local path, got {node!r}"))
-            continue
-        if field.startswith("deepspeed.") and "://" in node and not node.startswith("file://"):
-            problems.append(SpecError(name, field, f"'{node}': DeepSpeed writes here itself, so it must be a local "
-                                                   "path inside the allowed roots"))
-            continue
-        if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
-            continue
-        resolved = Path(node.removeprefix("file://")).expanduser().resolve()
-        if not any(resolved.is_relative_to(r) for r in roots):
-            problems.append(SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
-                                                   f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it"))
-    if problems:
-        lines = yaml_lines(name) if Path(name).is_file() else {}
-        problems.sort(key=lambda p: _line_of(p.field, lines))
-        raise SpecErrors(problems) if len(problems) > 1 else problems[0]
-
-
-def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    data = _merge(read_yaml(path), parse_set(overrides))
-    spec = build(JobSpec, data, str(path), yaml_lines(path))
-    check_roots(spec, str(path))  # type: ignore[arg-type]
-    return spec  # type: ignore[return-value]
-
-
-def build_cluster(data: dict, name: str, lines: dict | None = None) -> ClusterSpec:
-    """The `kind` key picks the model, so errors name fields of that kind only."""
-    kind = data.get("kind", "embedded")
-    if kind not in CLUSTER_KINDS:
-        raise SpecError(name, "kind", f"{kind!r} is not allowed; expected one of {', '.join(CLUSTER_KINDS)}")
-    return build(CLUSTER_KINDS[kind], data, name, lines)  # type: ignore[return-value]
-
-
-def load_cluster(path: str | Path | None, overrides: list[str] | None = None) -> ClusterSpec:
-    if path is None:
-        return build_cluster(parse_set(overrides), "--set")
-    data = _merge(read_yaml(path), parse_set(overrides))
-    return build_cluster(data, str(path), yaml_lines(path))
-
-
-def load_any(path: str | Path) -> BaseModel:
-    """For `ditforge validate`: a file with a `kind` key and no `data` is a cluster spec."""
-    data = read_yaml(path)
-    if "kind" in data and "data" not in data:
-        return build_cluster(data, str(path), yaml_lines(path))
-    spec = build(JobSpec, data, str(path), yaml_lines(path))
-    check_roots(spec, str(path))  # type: ignore[arg-type]
-    return spec
