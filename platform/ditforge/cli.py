@@ -373,10 +373,10 @@ def _fetch_model(model: str, weights: str, tracking_uri: str | None = None):
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
-        from .spec import _no_password
+        from .spec import no_password
 
         try:  # a tracking URI is printed in errors: it must not carry a password
-            tracking_uri = _no_password(tracking_uri) or services.endpoints().mlflow
+            tracking_uri = no_password(tracking_uri) or services.endpoints().mlflow
         except ValueError as e:
             raise SpecError("--tracking-uri", "", str(e)) from None
         mlflow.set_tracking_uri(tracking_uri)

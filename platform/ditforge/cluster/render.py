@@ -143,7 +143,7 @@ def _env(c: KubernetesCluster) -> list[dict]:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": s.secret, "key": key}}})
     if s.endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s.endpoint_url})
-    if s.volume_claim:  # file:// paths in a job spec may point into the shared volume (spec.check_roots)
+    if s.volume_claim:  # file:// paths in a job spec may point into the shared volume (spec/paths.py, check_roots)
         env.append({"name": "DITFORGE_ROOTS", "value": s.mount_path})
     if c.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": c.tracking_uri})
