@@ -25,9 +25,9 @@ def _fake_run(runs: str, spec_dump: dict, step: int = 10) -> str:
     name = f"{spec_dump['name']}-20260101-000000-abcd"
     run = storage.join(runs, name)
     storage.write_bytes(storage.join(run, "run.json"), json.dumps({"run_name": name, "mlflow_run_id": "x"}).encode())
-    folder = storage.join(run, f"step_{step:08d}")
-    storage.write_bytes(storage.join(folder, "spec.yaml"), yaml.safe_dump(spec_dump).encode())
-    storage.write_bytes(storage.join(folder, "manifest.json"), b"{}")
+    step_dir = storage.join(run, f"step_{step:08d}")
+    storage.write_bytes(storage.join(step_dir, "spec.yaml"), yaml.safe_dump(spec_dump).encode())
+    storage.write_bytes(storage.join(step_dir, "manifest.json"), b"{}")
     return name
 
 

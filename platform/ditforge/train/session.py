@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..runs import folder
+from ..runs import folder as run_folder
 from ..spec import JobSpec
 from . import checkpoint
 from .tracking import NullTracker, Tracker
@@ -42,8 +42,8 @@ class Session:
         Collective. → (start step, this rank's state, the downloaded folder or None; the caller
         reads its extra files, then calls `done_resuming`). Restores this rank's torch RNG."""
         start, state, folder = 0, None, None
-        own = folder.complete_steps(self.run_uri)
-        source = folder.join_step(self.run_uri, own[-1]) if own else self.config.get("resume_from")
+        own = run_folder.complete_steps(self.run_uri)
+        source = run_folder.join_step(self.run_uri, own[-1]) if own else self.config.get("resume_from")
         if source:
             state, folder = checkpoint.load(engine, source)
             start = state["step"]
@@ -55,7 +55,7 @@ class Session:
             print(f"[rank {self.rank}] resumed from {source} at step {start} (data position {state['data']})",
                   flush=True)
         if self.rank == 0:  # before any save of this attempt (the caller's next collective orders it)
-            folder.discard_after(self.run_uri, start)
+            run_folder.discard_after(self.run_uri, start)
         self.tracker.tags({"ditforge.resumed_from_step": start})  # a tag: a restart logs it again
         return start, state, folder
 
@@ -78,7 +78,7 @@ class Session:
         if self.world > 1:
             dist.broadcast(ok, src=0)  # only rank 0 knows whether the manifest went out
         if not ok.item():
-            newest = folder.newest_complete(self.run_uri)
+            newest = run_folder.newest_complete(self.run_uri)
             raise checkpoint.FinalCheckpointFailed(
                 f"checkpoint: the final checkpoint (step {step}) could not be written within "
                 f"checkpoint.final_timeout_s ({self.spec.checkpoint.final_timeout_s:.0f}s): "
@@ -112,7 +112,7 @@ def worker_session(config: dict):
     ckpt = checkpoint.Checkpointer(run_uri, rank, world, spec.checkpoint.keep_last, spec.checkpoint.keep_every,
                                    spec.checkpoint.upload_timeout_s, on_done=lambda s: _log_upload(tracker, s),
                                    final_timeout_s=spec.checkpoint.final_timeout_s)
-    folder.record_process(run_uri, f"rank_{rank}")
+    run_folder.record_process(run_uri, f"rank_{rank}")
     try:
         yield Session(spec, config, rank, world, device, tracker, ckpt, run_uri)
     finally:
