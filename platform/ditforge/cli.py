@@ -44,6 +44,13 @@ def user_errors(fn):
         from .runs.folder import RunError
         from .train.checkpoint import UnsafeCheckpoint
 
+        from . import services
+
+        try:  # the services this machine runs may want credentials, and Ray always its token
+            services.use_client_auth()
+        except ValueError as e:  # a credentials file that is not what it should be
+            print_error(e)
+            raise typer.Exit(2)
         try:
             return fn(*args, **kwargs)
         except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint,

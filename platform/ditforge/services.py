@@ -80,10 +80,15 @@ def require_auth(host: str) -> dict:
     return {"username": mlf[0], "password": mlf[1]}
 
 
-def _client_auth(host: str) -> None:
+def use_client_auth(host: str | None = None) -> None:
     """This process talks to services started with authentication: MLflow clients (beyond
     loopback) read their credentials from the environment; Ray's clients (always: the head runs
-    with token auth, see start_ray) send Ray's token."""
+    with token auth, see start_ray) send Ray's token. `host`: where the services are bound
+    (default: what `up` recorded). Called by `up` and once by the CLI, never as a side effect of
+    looking up an address."""
+    if host is None:
+        saved = storage.home() / "run" / "ports.json"
+        host = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else "127.0.0.1"
     if not credentials.is_loopback(host):
         credentials.use_mlflow_credentials()
     credentials.use_ray_token()
@@ -115,7 +120,6 @@ def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
         p = json.loads(saved.read_text())
         mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
         host = p.get("host", "127.0.0.1")
-        _client_auth(host)
     else:
         mlflow, dash, gcs = ports.mlflow, ports.ray_dashboard, ports.ray_gcs
     # Served beyond loopback, the addresses handed to jobs (tracking URI, Jobs API) must work on
@@ -465,8 +469,8 @@ def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
         raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
                            "stop them first (`ditforge services down`)")
     saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
-    credentials.ensure_ray_token()  # before _client_auth, which hands it to this process's Ray clients
-    _client_auth(cluster.host)
+    credentials.ensure_ray_token()  # before use_client_auth, which hands it to this process's Ray clients
+    use_client_auth(cluster.host)
     start_s3(cluster.host)
     start_mlflow(cluster.ports.mlflow, cluster.host, auth or None)
     if ray:
