@@ -34,14 +34,14 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .cluster.launch import SubmitError
-        from .cluster.render import RenderError
-        from .data.shards import DataError
-        from .services import ServiceError
-        from .spec import SpecError
-        from .storage import URIError
-        from .models.convert import PretrainedError
-        from .train.checkpoint import UnsafeCheckpoint
+        from ..cluster.launch import SubmitError
+        from ..cluster.render import RenderError
+        from ..data.shards import DataError
+        from ..services import ServiceError
+        from ..spec import SpecError
+        from ..storage import URIError
+        from ..models.convert import PretrainedError
+        from ..train.checkpoint import UnsafeCheckpoint
 
         try:
             return fn(*args, **kwargs)
@@ -55,7 +55,7 @@ def user_errors(fn):
 
 def print_error(e: Exception) -> None:
     """`error: <line>` on stderr, one per problem (a spec with several problems has several lines)."""
-    from .credentials import redact
+    from ..credentials import redact
 
     for line in getattr(e, "lines", None) or [str(e)]:
         err.print(f"error: {redact(line)}", markup=False, highlight=False, soft_wrap=True)
@@ -68,7 +68,7 @@ def print_error(e: Exception) -> None:
 @user_errors
 def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML files")):
     """Check job and cluster specs; print one line per problem."""
-    from .spec import JobSpec, SpecError, load_any, spec_warnings
+    from ..spec import JobSpec, SpecError, load_any, spec_warnings
 
     bad = 0
     for f in files:
@@ -88,7 +88,7 @@ def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML f
 
 
 def _load(job: Path, cluster: Optional[Path], sets: Optional[List[str]]):
-    from .spec import load_cluster, load_job
+    from ..spec import load_cluster, load_job
 
     # `--set cluster.mode=job` overrides the cluster spec; every other --set, the job spec
     cluster_sets = [x.removeprefix("cluster.") for x in sets or [] if x.startswith("cluster.")]
@@ -108,9 +108,9 @@ def submit(
                                       help="continue the run even though a field that defines it changed"),
 ):
     """Submit a training job through the Ray Jobs API and print its job id."""
-    from .cluster.launch import submit as do_submit
+    from ..cluster.launch import submit as do_submit
 
-    from .spec import spec_warnings
+    from ..spec import spec_warnings
 
     spec, cl = _load(job, cluster, sets)
     for w in spec_warnings(spec):
@@ -138,7 +138,7 @@ def follow(rec: dict) -> str:
     """A progress bar fed by the run's `train/step` metric until the Ray job ends."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import client_for
+    from ..cluster.launch import client_for
 
     client, mlf = client_for(rec), MlflowClient(rec["tracking_uri"])
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -158,7 +158,7 @@ def follow(rec: dict) -> str:
                 break
             time.sleep(1.0)
     if state != "SUCCEEDED":
-        from .credentials import redact
+        from ..credentials import redact
 
         logs = redact(client.get_job_logs(rec["job_id"])).strip().splitlines()
         err.print("\n".join(logs[-25:]), markup=False, highlight=False)
@@ -180,7 +180,7 @@ def _job_error(rec: dict) -> str | None:
 
 
 def _find(job_id: str) -> dict:
-    from .cluster.launch import SubmitError, record
+    from ..cluster.launch import SubmitError, record
 
     rec = record(job_id)
     if rec is None:
@@ -194,7 +194,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
     """Jobs with their state, step, loss, samples/s and MLflow link."""
     from mlflow.tracking import MlflowClient
 
-    from .cluster.launch import all_records
+    from ..cluster.launch import all_records
 
     recs = [_find(job)] if job else all_records()
     table = Table("job", "state", "step", "loss", "samples/s", "mlflow", "error")
@@ -218,10 +218,10 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 
 def _state(rec: dict) -> str:
     """The Ray job's state; for a job on a Slurm allocation, with the Slurm job's beside it."""
-    from .cluster.launch import client_for
+    from ..cluster.launch import client_for
 
     if rec.get("slurm_job_id"):
-        from .cluster import slurm
+        from ..cluster import slurm
 
         if rec.get("job_dir"):  # mode job: its own allocation
             return slurm.record_state(rec)
@@ -235,10 +235,10 @@ def _state(rec: dict) -> str:
 @user_errors
 def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
     """Print a job's driver and worker logs."""
-    from .cluster.launch import client_for
+    from ..cluster.launch import client_for
 
     rec = _find(job)
-    from .credentials import redact
+    from ..credentials import redact
 
     if rec.get("job_dir"):  # a Slurm allocation of its own: its log, then each attempt's Ray job log
         d = Path(rec["job_dir"])
@@ -265,7 +265,7 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 def stop(job: str = typer.Argument(..., help="job id"),
          grace: float = typer.Option(120.0, help="seconds to wait for the final checkpoint before Ray stops the job")):
     """Stop a running job; with `checkpoint.on_stop: true` it saves a final checkpoint first."""
-    from .cluster.launch import stop as do_stop
+    from ..cluster.launch import stop as do_stop
 
     rec = _find(job)
     if rec.get("checkpoint_on_stop"):
@@ -290,7 +290,7 @@ def _stopped_on_request(rec: dict) -> bool:
 @user_errors
 def ui():
     """Print the MLflow UI address of the embedded tracking server (starting it if needed)."""
-    from . import services
+    from .. import services
 
     ep = services.up(ray=False)
     out.print(ep.mlflow, highlight=False)
@@ -311,10 +311,10 @@ def export_cmd(
 ):
     """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
     folder diffusers' DiTPipeline.from_pretrained loads (--format diffusers)."""
-    from . import storage
-    from .cluster.launch import SubmitError
-    from .spec import SpecError
-    from .train.export import export, export_diffusers
+    from .. import storage
+    from ..cluster.launch import SubmitError
+    from ..spec import SpecError
+    from ..train.export import export, export_diffusers
 
     if fmt not in ("ditforge", "diffusers"):
         raise SpecError("--format", fmt, "expected ditforge or diffusers")
@@ -346,9 +346,9 @@ def register(
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the embedded server)"),
 ):
     """Register a finished run's newest complete checkpoint in MLflow again (after a failed registration)."""
-    from . import services, storage
-    from .cluster.launch import SubmitError
-    from .train.driver import register as do_register
+    from .. import services, storage
+    from ..cluster.launch import SubmitError
+    from ..train.driver import register as do_register
 
     try:
         model = do_register(storage.absolute(run), tracking_uri or services.endpoints().mlflow)
@@ -361,10 +361,10 @@ def _fetch_model(model: str, weights: str, tracking_uri: str | None = None):
     """--model (models:/, runs:/, or an export folder URI) → (DiT, model.json dict)."""
     import tempfile
 
-    from . import services, storage
-    from .cluster.launch import SubmitError
-    from .spec import SpecError
-    from .train.export import FILES, load_model
+    from .. import services, storage
+    from ..cluster.launch import SubmitError
+    from ..spec import SpecError
+    from ..train.export import FILES, load_model
 
     if weights not in ("ema", "raw"):
         raise SpecError("--weights", weights, "expected ema or raw")
@@ -372,7 +372,7 @@ def _fetch_model(model: str, weights: str, tracking_uri: str | None = None):
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
 
-        from .spec import _no_password
+        from ..spec import _no_password
 
         try:  # a tracking URI is printed in errors: it must not carry a password
             tracking_uri = _no_password(tracking_uri) or services.endpoints().mlflow
@@ -418,12 +418,12 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object saying what was written"),
 ):
     """Generate a class-conditional sample grid, or (--task) fill in a video around given frames."""
-    from .spec import SampleSpec, SpecError, VAESpec
+    from ..spec import SampleSpec, SpecError, VAESpec
 
     if task is None and (given is not None or k is not None):
         raise SpecError("--given" if given is not None else "--k", "", "needs --task")
     if task is not None:
-        from .data.clips import OUT_EXTS
+        from ..data.clips import OUT_EXTS
 
         if given is None:
             raise SpecError("--task", task, "needs --given PATH (the frames to condition on)")
@@ -434,13 +434,13 @@ def sample(
     s = SampleSpec(**cfg["sample"])
     s = s.model_copy(update={k_: v for k_, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
                                                      seed=seed).items() if v is not None})
-    from .objectives import build_objective
-    from .spec import ObjectiveSpec
+    from ..objectives import build_objective
+    from ..spec import ObjectiveSpec
 
     objective = build_objective(ObjectiveSpec(**cfg.get("objective", {})))  # older exports: rectified flow
     if task is not None:
-        from .data.clips import read_clip, write_clip
-        from .train.sampling import sample_task
+        from ..data.clips import read_clip, write_clip
+        from ..train.sampling import sample_task
 
         clip = read_clip(given)
         frames = sample_task(net, cfg, objective, task, clip, k, s)
@@ -453,7 +453,7 @@ def sample(
             out.print(f"{png}: {task}, {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} from {given} "
                       f"({cfg['weights']} weights, {s.steps} {s.sampler} steps)", highlight=False)
         return
-    from .train.sampling import sample_grid
+    from ..train.sampling import sample_grid
 
     files = sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
     if as_json:
@@ -476,11 +476,11 @@ def bench(
     focus: bool = typer.Option(False, "--focus", help="GPU headline only: XL/2, its ablation, fp8 vs bf16"),
 ):
     """Measure throughput, overhead, memory and checkpoint stalls; write JSON and print a table."""
-    from .bench.run import SECTIONS, run_all, write
+    from ..bench.run import SECTIONS, run_all, write
 
     unknown = set(section or []) - set(SECTIONS)
     if unknown:
-        from .spec import SpecError
+        from ..spec import SpecError
 
         raise SpecError("--section", ",".join(sorted(unknown)), f"unknown section (known: {', '.join(SECTIONS)})")
     # Written after each section too: a GPU run cut short by its time limit keeps what it measured.
@@ -507,8 +507,8 @@ def bench(
 @user_errors
 def services_up(cluster: Optional[Path] = ClusterOpt):
     """Start (or reuse) the S3 server, MLflow and the Ray head, all on 127.0.0.1."""
-    from . import services
-    from .spec import SpecError, load_cluster
+    from .. import services
+    from ..spec import SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind != "embedded":
@@ -524,7 +524,7 @@ def services_up(cluster: Optional[Path] = ClusterOpt):
 @user_errors
 def services_down():
     """Stop the embedded services (their data stays under .ditforge/)."""
-    from . import services
+    from .. import services
 
     stopped = services.down()
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
@@ -533,7 +533,7 @@ def services_down():
 @services_app.command("status")
 @user_errors
 def services_status():
-    from . import services
+    from .. import services
 
     table = Table("service", "url", "pid", "up", "check")
     for s in services.status():
@@ -549,7 +549,7 @@ app.add_typer(data_app, name="data")
 
 def _uri_option(name: str, value: str) -> None:
     """A URI option with an unknown scheme fails here, before Ray or a store is touched."""
-    from .spec import URI_SCHEMES, SpecError
+    from ..spec import URI_SCHEMES, SpecError
 
     if "://" in value and value.split("://", 1)[0] not in URI_SCHEMES:
         raise SpecError(name, "", f"unknown URI scheme '{value.split('://', 1)[0]}://' in {value} "
@@ -571,7 +571,7 @@ def data_ingest(
     seed: int = typer.Option(0, help="generated sets: the seed"),
 ):
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""
-    from .data.ingest import ingest
+    from ..data.ingest import ingest
 
     _uri_option("--out", out_uri)
     m = ingest(source, out_uri, resolution=resolution, fit=fit, frames=frames, stride=stride,
@@ -593,7 +593,7 @@ def data_encode(
     out_uri: str = typer.Option(..., "--out", help="where the latent shards and manifest.json go"),
 ):
     """Encode pixel shards to latent shards with Ray Data (re-running resumes)."""
-    from .data.encode import encode_dataset, parse_vae
+    from ..data.encode import encode_dataset, parse_vae
 
     _uri_option("--out", out_uri)
     m = encode_dataset(in_uri, out_uri, parse_vae(vae))
@@ -605,7 +605,7 @@ def data_encode(
 @user_errors
 def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding manifest.json)")):
     """Check every shard against the manifest's checksums; exit 2 naming the bad ones."""
-    from .data import shards
+    from ..data import shards
 
     bad = shards.verify(uri)
     if bad:
@@ -619,8 +619,8 @@ def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding 
 
 
 def _cluster_files(spec, out_dir: Path, job: Optional[Path]) -> None:
-    from .cluster.render import render
-    from .spec import load_job
+    from ..cluster.render import render
+    from ..spec import load_job
 
     files, command = render(spec, out_dir, load_job(job) if job else None)
     for f in files:
@@ -635,9 +635,9 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
                job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
     """Start a cluster that runs here (embedded, local); for aws / gcp / kubernetes write the
     rendered files and print the command that starts it."""
-    from . import services
-    from .cluster import local
-    from .spec import load_cluster
+    from .. import services
+    from ..cluster import local
+    from ..spec import load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind == "embedded":
@@ -649,7 +649,7 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
             dash = local.up(spec)
         out.print(dash, highlight=False)
     elif spec.kind == "slurm":
-        from .cluster import slurm
+        from ..cluster import slurm
 
         with err.status(f"waiting for Slurm allocation '{spec.name}' ({spec.nodes} nodes) and Ray on it..."):
             h = slurm.up(spec)
@@ -657,7 +657,7 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
                   f"({', '.join(n['address'] for n in h['nodes'])})", highlight=False)
         out.print(h["dashboard"], highlight=False)
     elif spec.kind == "address":
-        from .cluster.launch import connect, jobs_client
+        from ..cluster.launch import connect, jobs_client
 
         t = connect(spec)
         jobs_client(t.dashboard, t.token_env).list_jobs()  # reachable, and the token (if any) is accepted
@@ -671,15 +671,15 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
 def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
                  out_dir: Path = typer.Option(Path("build/cluster"), "--out")):
     """Stop a cluster started here (local: its head, raylets and jobs; embedded: the services)."""
-    from . import services
-    from .cluster import local
-    from .spec import SpecError, load_cluster
+    from .. import services
+    from ..cluster import local
+    from ..spec import SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind == "local":
         stopped = local.down(spec)
     elif spec.kind == "slurm":
-        from .cluster import slurm
+        from ..cluster import slurm
 
         stopped = slurm.down(spec)
     elif spec.kind == "embedded":
@@ -703,7 +703,7 @@ def cluster_join(head: str = typer.Argument(..., help="the head's address: HOST 
                  resources: Optional[str] = typer.Option(None, "--resources", help='custom resources, JSON: \'{"ssd": 1}\'')):
     """Join this machine to a head served beyond loopback (`services up --cluster cluster/shared.yaml`
     there) as a Ray worker node, with the Ray token of this machine's environment."""
-    from .cluster.join import JoinError, join
+    from ..cluster.join import JoinError, join
 
     res = None
     if resources:
@@ -720,14 +720,14 @@ def cluster_join(head: str = typer.Argument(..., help="the head's address: HOST 
 @user_errors
 def cluster_leave():
     """Stop this machine's node of a joined cluster (nothing else)."""
-    from .cluster.join import leave
+    from ..cluster.join import leave
 
     head = leave()
     out.print(f"left {head}" if head else "not joined to any head", highlight=False)
 
 
 def _nodes_table(gcs: str) -> None:
-    from .cluster.join import nodes
+    from ..cluster.join import nodes
 
     table = Table("node id", "address", "alive", "head", "resources")
     for r in nodes(gcs):
@@ -741,10 +741,10 @@ def _nodes_table(gcs: str) -> None:
 def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster YAML (default: the cluster this machine "
                                                                            "joined, else the embedded one)")):
     """The cluster's nodes: pid, alive in Ray, node id, address and resources."""
-    from . import services
-    from .cluster import local
-    from .cluster.join import joined
-    from .spec import SpecError, load_cluster
+    from .. import services
+    from ..cluster import local
+    from ..cluster.join import joined
+    from ..spec import SpecError, load_cluster
 
     if cluster is None:
         now = joined()
@@ -760,7 +760,7 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
             _nodes_table(services.endpoints().ray_gcs)
         return
     if spec.kind == "slurm":
-        from .cluster import slurm
+        from ..cluster import slurm
 
         rows = slurm.status(spec)
         table = Table("slurm job", "state", "ray node", "address")
@@ -789,7 +789,7 @@ def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, 
                    job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
     """Write the Ray cluster-launcher YAML (aws, gcp), KubeRay manifests (kubernetes) or the batch
     script (slurm; with --job, one that runs that job)."""
-    from .spec import SpecError, load_cluster
+    from ..spec import SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind not in ("aws", "gcp", "kubernetes", "slurm"):
@@ -807,8 +807,8 @@ def model_info(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Parameters, forward GFLOPs per sample (counted), latent shape and token count of a job's model."""
-    from .models.info import model_info as info
-    from .spec import load_job
+    from ..models.info import model_info as info
+    from ..spec import load_job
 
     res = info(load_job(job, sets))
     if as_json:
@@ -835,11 +835,11 @@ def demo(
     """The whole pipeline on the embedded default: data → shards → latents → training → samples."""
     from mlflow.tracking import MlflowClient
 
-    from . import services, storage
-    from .cluster.launch import submit as do_submit
-    from .data.encode import encode_dataset
-    from .data.ingest import ingest_shapes
-    from .spec import EmbeddedCluster, load_job
+    from .. import services, storage
+    from ..cluster.launch import submit as do_submit
+    from ..data.encode import encode_dataset
+    from ..data.ingest import ingest_shapes
+    from ..spec import EmbeddedCluster, load_job
 
     t0 = time.time()
     spec = load_job(job, sets)
@@ -847,7 +847,7 @@ def demo(
         ep = services.up(EmbeddedCluster())
     err.print(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}", highlight=False)
     if spec.data.frames > 1:  # a video job: the generated moving-shapes clips it names
-        from .data.ingest import ingest
+        from ..data.ingest import ingest
 
         # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
         pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
@@ -913,6 +913,3 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
-
-if __name__ == "__main__":
-    main()
