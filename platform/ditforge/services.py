@@ -388,7 +388,8 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
 # ------------------------------------------------------------------------------------ Ray
 
 
-def _ray_ready(dash: str) -> bool:
+def ray_ready(dash: str) -> bool:
+    """The Ray dashboard (Jobs API) at DASH answers."""
     return _http_ok(f"{dash}/api/version")
 
 
@@ -396,7 +397,7 @@ def ray_check(dash: str, cpus: float | None = None) -> str | None:
     """None when the head answers and its node is registered with its resources (`cpus` CPUs, when
     given), else why not. The dashboard answers before the head's node has registered: a capacity
     check then saw a cluster of 0 CPU."""
-    if not _ray_ready(dash):
+    if not ray_ready(dash):
         return f"its dashboard does not answer at {dash}"
     from .cluster import capacity
 
@@ -417,7 +418,7 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     why = ray_check(ep.ray_dashboard, cluster.cpus)
     if why is None:
         return ep.ray_dashboard
-    if _pid("ray") and _ray_ready(ep.ray_dashboard):
+    if _pid("ray") and ray_ready(ep.ray_dashboard):
         # A head still starting registers its node within seconds; one that does not is broken.
         try:
             _wait("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30,

@@ -64,7 +64,7 @@ def _check_uri(value: str) -> str:
     return value
 
 
-def _no_password(value: str | None) -> str | None:
+def no_password(value: str | None) -> str | None:
     """Specs are logged, saved with checkpoints and sent to MLflow: they must not hold secrets."""
     from .credentials import has_userinfo_password
 
@@ -400,7 +400,7 @@ class TrackingSpec(Strict):
     system_metrics: bool = True
     register_model: bool = True
 
-    _uri = field_validator("uri")(_no_password)
+    _uri = field_validator("uri")(no_password)
 
 
 class SampleSpec(Strict):
@@ -654,7 +654,7 @@ class AddressCluster(ClusterSpec):
     token_env: str | None = Field(None, description="environment variable holding a bearer token for the dashboard")
     tracking_uri: str | None = Field(None, description="MLflow server the cluster's workers can reach")
 
-    _no_secret = field_validator("address", "tracking_uri")(_no_password)
+    _no_secret = field_validator("address", "tracking_uri")(no_password)
 
     @model_validator(mode="after")
     def _address(self) -> "AddressCluster":
@@ -779,7 +779,7 @@ class KubernetesCluster(ClusterSpec):
     storage: KubeStorage = KubeStorage()
     tracking_uri: str | None = Field(None, description="MLflow server the pods can reach")
 
-    _no_secret = field_validator("tracking_uri")(_no_password)
+    _no_secret = field_validator("tracking_uri")(no_password)
 
 
 # Slurm's time formats (sbatch --time): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
@@ -821,7 +821,7 @@ class SlurmCluster(ClusterSpec):
                                                     "share; default $DITFORGE_HOME/slurm/<name>")
     up_timeout_s: float = Field(900, gt=0, description="how long `cluster up` waits for the allocation to start")
 
-    _no_secret = field_validator("tracking_uri")(_no_password)
+    _no_secret = field_validator("tracking_uri")(no_password)
 
     @field_validator("time_limit")
     @classmethod
