@@ -112,8 +112,8 @@ def test_a_reason_that_never_clears_cancels_and_fails_in_one_line(monkeypatch, t
 
 
 def test_set_cluster_fields_go_to_the_cluster_spec():
-    from ditforge.cli import _load
+    from ditforge.cli.common import load_specs
 
-    job, cl = _load(REPO / "jobs" / "demo-image.yaml", REPO / "cluster" / "slurm.yaml",
-                    ["cluster.mode=job", "cluster.nodes=4", "train.steps=70"])
+    job, cl = load_specs(REPO / "jobs" / "demo-image.yaml", REPO / "cluster" / "slurm.yaml",
+                         ["cluster.mode=job", "cluster.nodes=4", "train.steps=70"])
     assert (cl.mode, cl.nodes, job.train.steps) == ("job", 4, 70)

@@ -1,0 +1,5 @@
+"""`python -m ditforge.cli`: the same as the `ditforge` entry point."""
+
+from . import main
+
+main()
