@@ -96,3 +96,41 @@ def test_no_private_name_is_used_across_modules():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 found.append(f"{module}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     assert not found, "\n".join(found)
+
+
+IMPORT_ALL = """
+import importlib, json, logging, os, pkgutil
+import deepspeed, mlflow, mlflow.pyfunc, ray, ray.train, torch  # their own import-time settings are theirs
+import ditforge
+before = dict(os.environ)
+loggers = ("ray", "mlflow", "deepspeed", "torch", "")
+levels = {n: logging.getLogger(n).level for n in loggers}
+for m in pkgutil.walk_packages(ditforge.__path__, "ditforge."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+from ditforge import services
+services.endpoints()  # a look-up: the saved ports say 0.0.0.0, and credentials exist
+print(json.dumps({"env": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)),
+                  "loggers": [n for n in loggers if logging.getLogger(n).level != levels[n]]}))
+"""
+
+
+def test_importing_any_module_or_looking_up_an_address_changes_nothing(tmp_path):
+    """No import-time side effects (environment, logging), and `services.endpoints()` does not
+    hand credentials to the process: `use_client_auth` does that, when asked."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True)
+    (home / "run" / "ports.json").write_text(json.dumps({"mlflow": 5005, "ray_dashboard": 8265, "ray_gcs": 6379,
+                                                          "host": "0.0.0.0"}))
+    creds = tmp_path / "mlflow.json"
+    creds.write_text(json.dumps({"username": "u", "password": "p"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    env |= {"DITFORGE_HOME": str(home), "DITFORGE_MLFLOW_CREDENTIALS": str(creds)}
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"env": [], "loggers": []}
