@@ -28,8 +28,9 @@ lint: install
 docs: install
 	$(BIN)/mkdocs build --strict
 
+# The unit tier: no services, no Ray, no servers (tests/conftest.py refuses a unit test that asks for one).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q tests/unit
 
 # The fault-injection suite alone (killed workers and drivers, S3 and MLflow outages); `test` runs it too.
 fault: install

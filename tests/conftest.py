@@ -1,5 +1,11 @@
-"""Shared fixtures. The embedded services (S3, MLflow, Ray) are started once per session and
-reused; they keep state under $DITFORGE_HOME (default: the repository's .ditforge/)."""
+"""Shared fixtures of both tiers: `tests/unit` (no services, no Ray, no servers: `make test-fast`)
+and `tests/e2e` (the embedded services, Ray jobs, several hosts).
+
+The embedded services (S3, MLflow, Ray) start once per session, the first time an e2e test asks
+for them, under a DITFORGE_HOME of the session's own: never the working copy's `.ditforge/`,
+whose services and runs are the developer's. They are stopped when the session ends, and the home
+is removed when every test passed. `DITFORGE_TEST_HOME=DIR` pins the home (its services are then
+reused by the next session, and left running)."""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("DITFORGE_HOME", str(REPO / ".ditforge"))
+PINNED_HOME = os.environ.get("DITFORGE_TEST_HOME")
+TEST_HOME = Path(PINNED_HOME or tempfile.mkdtemp(prefix="ditforge-tests-"))
+os.environ["DITFORGE_HOME"] = str(TEST_HOME)
 # Tests put file:// data under pytest's tmp_path: allow the temp folder as a spec path root.
 os.environ.setdefault("DITFORGE_ROOTS", tempfile.gettempdir())
 
@@ -38,6 +46,18 @@ sys.addaudithook(_watch_sqlite)
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if not PINNED_HOME:
+        import shutil
+
+        from ditforge import services
+
+        stopped = services.down()
+        if stopped:
+            session.config.get_terminal_writer().line(f"stopped the session's services: {', '.join(stopped)}")
+        if exitstatus == 0:
+            shutil.rmtree(TEST_HOME, ignore_errors=True)
+        else:
+            session.config.get_terminal_writer().line(f"the session's DITFORGE_HOME (logs): {TEST_HOME}")
     if STRAY_DB.exists():
         where = ("\nfirst opened in this process by:\n" + _stray_callers[0]) if _stray_callers else \
             " (not by the pytest process itself: a subprocess, e.g. a `ditforge` CLI run from the repository)"
@@ -47,7 +67,16 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+UNIT = REPO / "tests" / "unit"
+SERVERS = ("embedded", "s3_prefix", "hosts")  # fixtures that start servers
+
+
 def pytest_collection_modifyitems(config, items):
+    unit_with_servers = [i.nodeid for i in items
+                         if Path(str(i.path)).is_relative_to(UNIT) and set(SERVERS) & set(getattr(i, "fixturenames", ()))]
+    if unit_with_servers:
+        raise pytest.UsageError(f"tests/unit may not start servers ({', '.join(SERVERS)}): move these to tests/e2e: "
+                                + ", ".join(unit_with_servers))
     import torch
 
     if torch.cuda.is_available():
