@@ -7,7 +7,7 @@ state (fp32, exp_avg, exp_avg_sq, step), and an engine with `checkpoint.load_uni
 own partitions from them, for any data-parallel size. It covers ZeRO-1, 2 and 3 with one code
 path; DeepSpeed's older `zero_optimization.elastic_checkpoint` covers ZeRO-1/2 only. The
 conversion only moves bytes (no arithmetic), so the weights, moments and step after a resume are
-the saved ones bit for bit (tests/unit/test_reshard.py). ZeRO-0 needs nothing: every rank holds the
+the saved ones bit for bit (tests/e2e/test_reshard.py). ZeRO-0 needs nothing: every rank holds the
 whole state.
 
 What resharding needs from our manifest: `world_size` (to know a reshard is needed) and

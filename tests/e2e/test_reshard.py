@@ -2,7 +2,7 @@
 
 N gloo processes train and save through the real Checkpointer; K processes load through the
 real `checkpoint.load`; the consolidated fp32 weights, AdamW moments, step counts and LR schedule
-must be equal (`torch.equal`, no tolerance). See tests/unit/reshard_harness.py.
+must be equal (`torch.equal`, no tolerance). See tests/e2e/reshard_harness.py.
 """
 
 from __future__ import annotations

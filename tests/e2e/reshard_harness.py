@@ -106,7 +106,7 @@ def run(world: int, stage: int, mode: str, run_uri: str, out: str, steps: int = 
     return torch.load(out, weights_only=False)
 
 
-if __name__ == "__main__":  # python tests/unit/reshard_harness.py STAGE N K DIR: one case by hand
+if __name__ == "__main__":  # python tests/e2e/reshard_harness.py STAGE N K DIR: one case by hand
     stage, n, k, d = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     a = run(n, stage, "save", f"file://{d}/run", f"{d}/a.pt")
     b = run(k, stage, "load", f"file://{d}/run", f"{d}/b.pt")
