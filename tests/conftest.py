@@ -103,7 +103,11 @@ def embedded():
     """The embedded services, up (started if needed, reused if already running)."""
     from ditforge import services
 
-    return services.up()
+    try:
+        return services.up()
+    except services.ServiceError as e:  # most often: the working copy's own services hold the ports
+        raise services.ServiceError(f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
+                                    f"`make demo`'s), stop them first (`make down`)") from None
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ GROUPS = ("services", "cluster", "data")  # verbs with sub-commands
 RUN_BY = {
     "make test": ".ci/run",  # CI itself
     "make test-fast": "tests/e2e/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
+    "make down": "tests/e2e/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make fault": "tests/e2e/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
     "make bench": "tests/e2e/test_bench.py::test_make_bench_quick_runs_every_section",
     "make docs": ".ci/run",  # CI builds the docs with --strict before the tests
@@ -123,13 +124,14 @@ def test_every_relative_import_resolves():
 
 
 def test_make_targets_run_what_the_readme_says():
-    """`make test-fast`, `make fault`, `make bench` (dry run: the command each would run)."""
+    """`make test-fast`, `make fault`, `make bench`, `make down` (dry run: the command each would run)."""
     def recipe(*args: str) -> str:
         out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()[-1]
 
-    assert recipe("test-fast").endswith('pytest -q -m "not slow"')
+    assert recipe("test-fast").endswith("pytest -q tests/unit")
+    assert recipe("down").endswith("ditforge services down")
     assert recipe("fault").endswith("pytest -q -rs --durations=0 -m fault")
     assert recipe("bench").endswith("ditforge bench --json bench.json")
     assert recipe("bench", "BENCH_ARGS=--quick").endswith("ditforge bench --json bench.json --quick")
