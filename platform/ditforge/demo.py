@@ -69,6 +69,6 @@ def run(job: Path, sets: list[str] | None, images: int, *, follow: Callable[[dic
         "model": run.data.tags.get("ditforge.model"), "seconds": round(time.time() - t0, 1),
     }
     task_metrics = {k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")}
-    if task_metrics:  # a video-task job: each task's PSNR next to its baseline (train/task_quality.py)
+    if task_metrics:  # a video-task job: each task's PSNR next to its baseline (evaluate/task_quality.py)
         result["tasks"] = task_metrics
     return result

@@ -4,7 +4,7 @@
 
 trains jobs/video-vdt-moving-shapes.yaml's model, objective, task mixture, optimiser settings and
 global batch in one process (no Ray: the same objective, masks and EMA as the worker, one rank with
-both workers' batch), scoring every task against its baseline along the way (train/task_quality.py,
+both workers' batch), scoring every task against its baseline along the way (evaluate/task_quality.py,
 with the 3D direction classifier), and asserts at the end that every task beats its baseline.
 Set DITFORGE_VDT_STEPS to train fewer steps than the job, DITFORGE_VDT_EVAL_EVERY to score more
 or less often (default 250)."""
@@ -22,7 +22,7 @@ from ditforge.models.dit import DiT, dit_config
 from ditforge.models.vae import build_vae
 from ditforge.objectives import build_objective
 from ditforge.spec import load_job
-from ditforge.train import quality, task_quality
+from ditforge.evaluate import quality, task_quality
 from ditforge.train.ema import EMA
 
 from ..conftest import REPO

@@ -9,7 +9,7 @@ import pytest
 
 from ditforge.cluster.capacity import shortfall
 from ditforge.spec import ResourcesSpec, load_job
-from ditforge.train.driver import scaling_config
+from ditforge.runs.driver import scaling_config
 
 from ..conftest import REPO, run_cli
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ditforge import storage
 from ditforge.data import shards
 from ditforge.runs.folder import complete_steps, join_step
-from ditforge.train.export import export
+from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
 

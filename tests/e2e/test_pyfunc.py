@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ditforge.models.dit import DiT, dit_config
 from ditforge.spec import ModelSpec, ObjectiveSpec, SampleSpec, VAESpec
-from ditforge.train import pyfunc
+from ditforge.inference import pyfunc
 
 from ..conftest import run_cli
 

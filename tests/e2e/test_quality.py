@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from ditforge.train import quality
+from ditforge.evaluate import quality
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def test_classifier_scores_large_samples_at_its_own_size():
     classifier never trains on (or holds) full-size clips: 1200 clips of 16 x 256 x 256 are 15 GB."""
     import torch.nn.functional as F
 
-    from ditforge.train.quality import MAX_SIZE, Classifier
+    from ditforge.evaluate.quality import MAX_SIZE, Classifier
 
     torch.manual_seed(0)
     clf = Classifier(4, video=True, size=16).eval()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ditforge import storage
 from ditforge.runs import folder
-from ditforge.train.export import export
+from ditforge.inference.export import export
 
 from . import reshard_harness
 

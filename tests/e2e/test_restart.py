@@ -26,7 +26,7 @@ from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
 from ditforge.runs.folder import PROCS, complete_steps
-from ditforge.train.export import export
+from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
 

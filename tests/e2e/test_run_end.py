@@ -25,7 +25,8 @@ pytestmark = pytest.mark.timeout(600)
 def _record_sampling(rank: int, out: Path) -> None:
     """In each rank: note whether the final checkpoint was complete when sampling began, and
     how many chunks this rank generated."""
-    from ditforge.train import sampling, worker
+    from ditforge.inference import sampling
+    from ditforge.train import worker
 
     run_uri = (out / "run_uri.txt").read_text()
     sample, chunks = worker._sample, sampling.generate_chunks

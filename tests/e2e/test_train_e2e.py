@@ -148,7 +148,7 @@ def test_zero3_two_workers(latents, tmp_path):
     assert sum("model_states" in f for f in manifest["files"]) == 2
     assert len(losses(rec)) == 6
     # consolidation from ZeRO-3 shards gives the full weights
-    from ditforge.train.export import export
+    from ditforge.inference.export import export
 
     out = f"file://{tmp_path}/z3"
     export(rec["run_uri"], out)
@@ -173,7 +173,7 @@ def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path)
     import torch
     from diffusers import DiTPipeline, FlowMatchEulerDiscreteScheduler
 
-    from ditforge.train.export import load_model
+    from ditforge.inference.export import load_model
 
     client = MlflowClient(zero2_run["tracking_uri"])
     model_uri = client.get_run(zero2_run["mlflow_run_id"]).data.tags["ditforge.model"]

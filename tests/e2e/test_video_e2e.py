@@ -57,7 +57,7 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, tmp_p
     from ditforge import cli
     from ditforge.data import synthetic
     from ditforge.runs.folder import join_step
-    from ditforge.train.export import export
+    from ditforge.inference.export import export
 
     root = f"s3://ditforge/tests/vdt-{uuid.uuid4().hex[:8]}"
     ingest.ingest("moving-shapes", f"{root}/pixels", limit=32, frames=4, resolution=16, shard_size=8, progress=False)

@@ -120,7 +120,7 @@ def test_kubernetes_manifests(tmp_path, monkeypatch):
                 assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "ditforge-s3", "key": key}}}
             assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.storage.svc:9000"
     # the job: its spec mounted from the ConfigMap, read by the driver
-    assert job["spec"]["entrypoint"] == "python -m ditforge.train.driver /etc/ditforge/job.yaml"
+    assert job["spec"]["entrypoint"] == "python -m ditforge.runs.driver /etc/ditforge/job.yaml"
     mounted = yaml.safe_load(configmap["data"]["job.yaml"])
     assert mounted["name"] == "demo-image" and mounted["tracking"]["uri"] == "http://mlflow.ml.svc:5000"
     head_pod = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -93,7 +93,7 @@ def test_ddpm_dit_matches_diffusers_transformer_and_differs_without_the_shift():
 def test_export_diffusers_folder_loads_in_dit_pipeline_offline(tmp_path, tiny_vae, monkeypatch):
     from diffusers import DDIMScheduler, DiTPipeline
 
-    from ditforge.train.export import write_diffusers
+    from ditforge.inference.export import write_diffusers
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = _dit()
@@ -121,7 +121,7 @@ def test_export_diffusers_folder_loads_in_dit_pipeline_offline(tmp_path, tiny_va
 def test_export_flow_model_gets_a_flow_match_scheduler(tmp_path, monkeypatch):
     from diffusers import DiTPipeline, FlowMatchEulerDiscreteScheduler
 
-    from ditforge.train.export import write_diffusers
+    from ditforge.inference.export import write_diffusers
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = _dit(seed=2)
@@ -153,7 +153,7 @@ def test_export_flow_model_gets_a_flow_match_scheduler(tmp_path, monkeypatch):
 
 
 def test_import_round_trip_from_diffusers_folder(tmp_path, tiny_vae):
-    from ditforge.train.export import write_diffusers
+    from ditforge.inference.export import write_diffusers
 
     model = _dit(seed=3)
     folder = _export_folder(tmp_path, model, ObjectiveSpec(kind="ddpm"), VAESpec(kind="diffusers", path=str(tiny_vae)))

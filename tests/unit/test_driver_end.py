@@ -11,12 +11,13 @@ import sys
 import pytest
 
 from ditforge.runs import folder, register
-from ditforge.train import driver, tracking
+from ditforge.runs import driver
+from ditforge.train import tracking
 
 
 def test_importing_the_training_modules_leaves_mlflow_retries_alone():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    code = ("import os, ditforge.train.tracking, ditforge.train.driver, ditforge.train.worker; "
+    code = ("import os, ditforge.train.tracking, ditforge.runs.driver, ditforge.train.worker; "
             "print(sorted(k for k in os.environ if k.startswith('MLFLOW_HTTP_REQUEST')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from ditforge.cluster.capacity import shortfall
 from ditforge.spec import JobSpec, ResourcesSpec
-from ditforge.train.driver import scaling_config
+from ditforge.runs.driver import scaling_config
 
 ELASTIC = {"name": "e", "data": {"train": "s3://ditforge/x"}, "train": {"max_failures": 3},
            "resources": {"workers": 4, "min_workers": 2, "resize_interval_s": 15}}

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shapes(n: int, res: int = 16) -> torch.Tensor:
-    from ditforge.train.quality import real_pixels
+    from ditforge.evaluate.quality import real_pixels
 
     return real_pixels("shapes", range(n), res, 1, seed=0)[0]
 

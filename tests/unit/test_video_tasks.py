@@ -176,7 +176,7 @@ def test_samplers_keep_given_tokens_clean_with_cfg(kind, sampler):
 
 
 def test_baselines_copy_blend_and_fill():
-    from ditforge.train import task_quality as tq
+    from ditforge.evaluate import task_quality as tq
 
     T = 5
     px = torch.stack([torch.full((3, 4, 4), float(t)) for t in range(T)], dim=1)[None]  # frame t is all t
@@ -305,7 +305,7 @@ def test_score_tasks_reports_each_task_and_its_baseline(tmp_path):
 
     from ditforge.models.vae import IdentityVAE
     from ditforge.spec import SampleSpec
-    from ditforge.train import task_quality as tq
+    from ditforge.evaluate import task_quality as tq
 
     torch.manual_seed(0)
     net = DiT(DiTConfig(in_channels=12, size="T", num_classes=8, given_tokens=True))

@@ -26,7 +26,7 @@ def export_cmd(
     from .. import storage
     from ..cluster.jobs import SubmitError
     from ..spec import SpecError
-    from ..train.export import export, export_diffusers
+    from ..inference.export import export, export_diffusers
 
     if fmt not in ("ditforge", "diffusers"):
         raise SpecError("--format", fmt, "expected ditforge or diffusers")
@@ -128,7 +128,7 @@ def sample(
     objective = build_objective(ObjectiveSpec(**cfg.get("objective", {})))  # older exports: rectified flow
     if task is not None:
         from ..data.clips import read_clip, write_clip
-        from ..train.sampling import sample_task
+        from ..inference.sampling import sample_task
 
         clip = read_clip(given)
         frames = sample_task(net, cfg, objective, task, clip, k, s)
@@ -141,7 +141,7 @@ def sample(
             out.print(f"{png}: {task}, {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} from {given} "
                       f"({cfg['weights']} weights, {s.steps} {s.sampler} steps)", highlight=False)
         return
-    from ..train.sampling import sample_grid
+    from ..inference.sampling import sample_grid
 
     files = sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
     if as_json:

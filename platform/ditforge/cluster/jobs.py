@@ -87,7 +87,7 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
         if not spec.resources.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         job_id = client.submit_job(
-            entrypoint="python -m ditforge.train.driver job.json",
+            entrypoint="python -m ditforge.runs.driver job.json",
             submission_id=f"ditforge-{run_name}-{secrets.token_hex(3)}",
             # py_modules ships this checkout's ditforge, so the cluster runs the code that submitted
             # (on a remote cluster, the rest of the stack comes from its image).

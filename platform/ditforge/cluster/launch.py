@@ -41,7 +41,7 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
 
 def check_capacity(spec: JobSpec, cluster: ClusterSpec, target: Target) -> None:
     """Fail before submitting when the job cannot fit a cluster of known, fixed size; on other
-    clusters the driver checks again against what it finds (see train/driver.py)."""
+    clusters the driver checks again against what it finds (see runs/driver.py)."""
     if not isinstance(cluster, (EmbeddedCluster, LocalCluster)):
         return
     missing = capacity.shortfall(spec.resources, capacity.nodes_from_dashboard(target.dashboard))

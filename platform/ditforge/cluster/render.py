@@ -215,7 +215,7 @@ def rayjob(c: KubernetesCluster, job: JobSpec) -> list[dict]:
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": cm_name, "namespace": c.namespace, "labels": {"app.kubernetes.io/managed-by": "ditforge"}},
         "spec": {
-            "entrypoint": "python -m ditforge.train.driver /etc/ditforge/job.yaml",
+            "entrypoint": "python -m ditforge.runs.driver /etc/ditforge/job.yaml",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
             "submissionMode": "K8sJobMode",

@@ -251,7 +251,7 @@ def _load_job(state: Path) -> dict:
     f = state / "job.json"
     if f.exists():
         return json.loads(f.read_text())
-    from ..train.driver import read_job
+    from ..runs.driver import read_job
 
     job = read_job(str(state / "job.yaml"))
     write_json(f, job)

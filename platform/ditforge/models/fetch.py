@@ -1,6 +1,6 @@
 """A trained model from where it is kept: an MLflow model (models:/NAME/VERSION, runs:/ID/model,
 mlflow-artifacts:/...) fetched from a given tracking server, or an export folder (file://, s3://, gs://).
-Either way a `train/export.py` folder: model.json beside raw / EMA safetensors."""
+Either way a `inference/export.py` folder: model.json beside raw / EMA safetensors."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = Non
     fetched from TRACKING_URI, which must then be given, without a password (it is printed in errors)."""
     from .. import storage
     from ..spec import no_password
-    from ..train.export import FILES, load_model
+    from ..inference.export import FILES, load_model
 
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights {weights!r}: expected ema or raw")

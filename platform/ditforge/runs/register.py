@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import credentials
-from ..train import pyfunc
-from ..train.export import export
+from ..inference import pyfunc
+from ..inference.export import export
 from ..train.tracking import end_run, retry_final
 from .folder import read_info
 
@@ -22,7 +22,7 @@ def finalize(job: dict, client: Any) -> str:
     run_id, name = job["mlflow_run_id"], job["spec"]["name"]
     with tempfile.TemporaryDirectory() as d:
         cfg = export(job["run_uri"], f"file://{d}/export")
-        # an MLflow pyfunc model (MLmodel, signature, the export as its artifacts): see train/pyfunc.py
+        # an MLflow pyfunc model (MLmodel, signature, the export as its artifacts): see inference/pyfunc.py
         pyfunc.save(f"{d}/export", f"{d}/model")
         retry_final(client.log_artifacts, run_id, f"{d}/model", "model", what="uploading the model")
     run = retry_final(client.get_run, run_id, what="reading the run")

@@ -346,7 +346,7 @@ class EvalSpec(Strict):
     batch_size: int = Field(64, gt=0, description="samples generated (and decoded) at a time per worker")
 
     # Video tasks (train.video_tasks) on moving-shapes: PSNR of each task's generated frames against
-    # the held-out truth, next to a no-model baseline (train/task_quality.py).
+    # the held-out truth, next to a no-model baseline (evaluate/task_quality.py).
     tasks: bool = Field(True, description="score each trained video task (moving-shapes data)")
     task_clips: int = Field(32, gt=0, description="held-out clips per task")
 

@@ -36,7 +36,7 @@ from . import batch as batch_plan
 from .ema import EMA
 from .engine import build_engine, convert_fp8, precision, scale_lr, uses_bf16
 from .nonfinite import NonFiniteGuard, NonFiniteLoss
-from .sampling import gather_chunks, generate_chunks, sample_grid
+from ..inference.sampling import gather_chunks, generate_chunks, sample_grid
 from .step import step_generator, train_step
 from .session import Session, worker_session
 
@@ -299,7 +299,7 @@ def _sampling_weights(engine, ema):
 
 def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, world: int,
             step: int) -> None:
-    """Collective: every rank generates and decodes its share of the grid (train/sampling.py)."""
+    """Collective: every rank generates and decodes its share of the grid (inference/sampling.py)."""
     with _sampling_weights(engine, ema) as model:
         out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
         for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, uses_bf16(spec),
@@ -311,12 +311,12 @@ def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker
 
 def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, world: int,
               step: int):
-    """Generated-set quality (train/quality.py): class accuracy and Fréchet distance, to MLflow.
+    """Generated-set quality (evaluate/quality.py): class accuracy and Fréchet distance, to MLflow.
     Collective: each rank generates, decodes and classifies its share in chunks of
     `eval.batch_size` on its device; only the classifier's features travel to rank 0. For a
     video-task model on moving-shapes, rank 0 then scores each task against its baseline on
-    `eval.task_clips` held-out clips (train/task_quality.py)."""
-    from . import quality
+    `eval.task_clips` held-out clips (evaluate/task_quality.py)."""
+    from ..evaluate import quality
 
     vae = build_vae(spec.vae)
     frames = latent_shape[1] * vae.temporal_downsample if len(latent_shape) == 4 else 1
@@ -346,7 +346,7 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
                 print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
                       f"FD {metrics['quality/fd']:.3f}", flush=True)
         if run_tasks and rank == 0:
-            from . import task_quality
+            from ..evaluate import task_quality
 
             if hasattr(vae, "net"):
                 vae.net.cpu()  # task scoring decodes on the CPU

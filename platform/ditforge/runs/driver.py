@@ -1,6 +1,6 @@
 """The Ray job's entry point: place the workers with Ray Train and run `worker.train_loop` on each.
 
-`ditforge submit` runs `python -m ditforge.train.driver job.json` through the Ray Jobs API; the
+`ditforge submit` runs `python -m ditforge.runs.driver job.json` through the Ray Jobs API; the
 job file (resolved spec, run name, MLflow run id) travels in the job's working_dir.
 """
 
@@ -15,7 +15,7 @@ import traceback
 from mlflow.tracking import MlflowClient
 
 from ..credentials import redact, use_mlflow_credentials
-from .tracking import end_run
+from ..train.tracking import end_run
 
 
 def scaling_config(spec):
@@ -42,7 +42,7 @@ def read_job(path: str) -> dict:
         data = yaml.safe_load(f)  # YAML is a superset of JSON
     if "run_name" in data:
         return data
-    from ..runs.folder import new_run, resolve_paths
+    from .folder import new_run, resolve_paths
     from ..spec import JobSpec, check_roots
 
     spec = JobSpec.model_validate(data)
@@ -96,11 +96,11 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
 
     from .. import storage
     from ..cluster import capacity
-    from ..runs import folder, register
+    from . import folder, register
     from ..spec import JobSpec
-    from .checkpoint import PG_TIMEOUT_S
-    from .vae_trainer import train_vae_loop
-    from .worker import train_loop
+    from ..train.checkpoint import PG_TIMEOUT_S
+    from ..train.vae_trainer import train_vae_loop
+    from ..train.worker import train_loop
 
     spec = JobSpec.model_validate(job["spec"])
     ray.init()

@@ -1,6 +1,6 @@
 """Per-task quality of a video-task model (VDT mask modeling), with no download.
 
-Held-out moving-shapes clips (train/quality.py's reference seed, never a training seed) have a
+Held-out moving-shapes clips (evaluate/quality.py's reference seed, never a training seed) have a
 known truth: each task gets its conditions from a clip, the model fills in the rest, and the
 generated pixels are compared with the true ones:
 
@@ -9,7 +9,7 @@ generated pixels are compared with the true ones:
   frame copies the nearest given frame, or blends the two given frames around it linearly
   (prediction: copy the last given frame; interpolation: linear blend; image-to-video: repeat the
   image); `complete` fills each frame's hole with the mean colour of its given pixels;
-- `tasks/<task>/direction_accuracy` (with the 3D classifier of train/quality.py): how often the
+- `tasks/<task>/direction_accuracy` (with the 3D classifier of evaluate/quality.py): how often the
   classifier reads the clip's true direction of motion from the generated frames alone (and
   `..._baseline` for the baseline's frames).
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from .. import storage
 from ..models.dit import DiT, DiTConfig
 from ..runs.folder import resolve
-from . import checkpoint
-from .ema import SHARD_LAYOUT, consolidate_shards
+from ..train import checkpoint
+from ..train.ema import SHARD_LAYOUT, consolidate_shards
 
 FILES = ("model.json", "raw.safetensors", "ema.safetensors")
 
