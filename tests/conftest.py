@@ -59,11 +59,15 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             session.config.get_terminal_writer().line(f"the session's DITFORGE_HOME (logs): {TEST_HOME}")
     if STRAY_DB.exists():
-        where = ("\nfirst opened in this process by:\n" + _stray_callers[0]) if _stray_callers else \
-            " (not by the pytest process itself: a subprocess, e.g. a `ditforge` CLI run from the repository)"
+        where = (
+            ("\nfirst opened in this process by:\n" + _stray_callers[0])
+            if _stray_callers
+            else " (not by the pytest process itself: a subprocess, e.g. a `ditforge` CLI run from the repository)"
+        )
         session.config.get_terminal_writer().line(
-            f"error: {STRAY_DB} exists after the tests: an MLflow client fell back to its default local store"
-            f"{where}", red=True)
+            f"error: {STRAY_DB} exists after the tests: an MLflow client fell back to its default local store{where}",
+            red=True,
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -72,11 +76,16 @@ SERVERS = ("embedded", "s3_prefix", "hosts")  # fixtures that start servers
 
 
 def pytest_collection_modifyitems(config, items):
-    unit_with_servers = [i.nodeid for i in items
-                         if Path(str(i.path)).is_relative_to(UNIT) and set(SERVERS) & set(getattr(i, "fixturenames", ()))]
+    unit_with_servers = [
+        i.nodeid
+        for i in items
+        if Path(str(i.path)).is_relative_to(UNIT) and set(SERVERS) & set(getattr(i, "fixturenames", ()))
+    ]
     if unit_with_servers:
-        raise pytest.UsageError(f"tests/unit may not start servers ({', '.join(SERVERS)}): move these to tests/e2e: "
-                                + ", ".join(unit_with_servers))
+        raise pytest.UsageError(
+            f"tests/unit may not start servers ({', '.join(SERVERS)}): move these to tests/e2e: "
+            + ", ".join(unit_with_servers)
+        )
     import torch
 
     if torch.cuda.is_available():
@@ -106,8 +115,10 @@ def embedded():
     try:
         return services.up()
     except services.ServiceError as e:  # most often: the working copy's own services hold the ports
-        raise services.ServiceError(f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
-                                    f"`make demo`'s), stop them first (`make down`)") from None
+        raise services.ServiceError(
+            f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
+            f"`make demo`'s), stop them first (`make down`)"
+        ) from None
 
 
 @pytest.fixture
@@ -118,8 +129,14 @@ def s3_prefix(embedded):
 
 def run_cli(*args: str, timeout: float = 900, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `ditforge ARGS...` as a user would, in a subprocess."""
-    return subprocess.run([sys.executable, "-m", "ditforge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "ditforge.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture

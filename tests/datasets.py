@@ -15,10 +15,17 @@ def make_latents(uri: str, sizes: list[int], shapes: list[tuple[int, ...]] | Non
         shape = shapes[i % len(shapes)]
         samples = []
         for _ in range(n):
-            samples.append({"__key__": f"{k:06d}", "latent.npy": shards.npy_bytes(np.full(shape, k, np.float32)),
-                            "cls": str(k % 10), "txt": ""})
+            samples.append(
+                {
+                    "__key__": f"{k:06d}",
+                    "latent.npy": shards.npy_bytes(np.full(shape, k, np.float32)),
+                    "cls": str(k % 10),
+                    "txt": "",
+                }
+            )
             k += 1
-        entries.append(shards.write_shard(uri, f"shard-{i:06d}.tar", samples, bucket="x".join(map(str, shape)),
-                                          shape=list(shape)))
+        entries.append(
+            shards.write_shard(uri, f"shard-{i:06d}.tar", samples, bucket="x".join(map(str, shape)), shape=list(shape))
+        )
     shards.write_manifest(uri, {"kind": "latents", "latent_shape": list(shapes[0]), "shards": entries})
     return shards.read_manifest(uri)

@@ -106,8 +106,12 @@ class Hosts:
             _ip("link", "add", self._veth[i], "type", "veth", "peer", "name", "eth0", "netns", ns)
             _ip("link", "set", self._veth[i], "master", self.bridge)
             _ip("link", "set", self._veth[i], "up")
-            for cmd in (["addr", "add", f"{self.addr(i)}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
-                        ["link", "set", "lo", "up"], ["route", "add", "default", "dev", "eth0"]):
+            for cmd in (
+                ["addr", "add", f"{self.addr(i)}/24", "dev", "eth0"],
+                ["link", "set", "eth0", "up"],
+                ["link", "set", "lo", "up"],
+                ["route", "add", "default", "dev", "eth0"],
+            ):
                 _ip("-n", ns, *cmd)
 
     # ------------------------------------------------------------------------------ queries
@@ -121,9 +125,14 @@ class Hosts:
 
     def env(self, i: int, secrets: bool = True, **extra: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP)}
-        env |= {"HOME": str(self.dir(i, "home")), "DITFORGE_HOME": str(self.dir(i, "ditforge")),
-                "TMPDIR": "/tmp", "DITFORGE_ROOTS": "/tmp", "TORCH_EXTENSIONS_DIR": self._torch_ext,
-                "PYTHONUNBUFFERED": "1"}
+        env |= {
+            "HOME": str(self.dir(i, "home")),
+            "DITFORGE_HOME": str(self.dir(i, "ditforge")),
+            "TMPDIR": "/tmp",
+            "DITFORGE_ROOTS": "/tmp",
+            "TORCH_EXTENSIONS_DIR": self._torch_ext,
+            "PYTHONUNBUFFERED": "1",
+        }
         if secrets:
             env |= self.secrets
         return env | extra
@@ -132,14 +141,35 @@ class Hosts:
         argv = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
         # A mount namespace per command, /tmp replaced by the host's own: commands of one host
         # share it (same folder), hosts do not.
-        return ["ip", "netns", "exec", self.ns[i], "unshare", "-m", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" /tmp && cd "$HOME" && exec "$@"', str(self.dir(i, "tmp")), *argv]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.ns[i],
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$0" /tmp && cd "$HOME" && exec "$@"',
+            str(self.dir(i, "tmp")),
+            *argv,
+        ]
 
-    def run(self, i: int, cmd, env: dict | None = None, timeout: float = 120, secrets: bool = True,
-            check: bool = False) -> subprocess.CompletedProcess:
+    def run(
+        self, i: int, cmd, env: dict | None = None, timeout: float = 120, secrets: bool = True, check: bool = False
+    ) -> subprocess.CompletedProcess:
         """Run `cmd` (a list, or a string split like a shell would) on host i and wait."""
-        return subprocess.run(self._argv(i, cmd), env=self.env(i, secrets) | (env or {}), capture_output=True,
-                              text=True, timeout=timeout, check=check, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self._argv(i, cmd),
+            env=self.env(i, secrets) | (env or {}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            stdin=subprocess.DEVNULL,
+        )
 
     def popen(self, i: int, cmd, env: dict | None = None, secrets: bool = True, **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)

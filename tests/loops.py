@@ -77,8 +77,15 @@ class _Runtime:
 
 
 def _rank_main(rank: int, world: int, port: int, loop: str, config: dict, out: str, setup) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        DS_ACCELERATOR="cpu",
+    )
     import importlib
 
     import ray
@@ -117,16 +124,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_loop(loop: str, spec: dict, run_uri: str, out: Path, world: int = 2, setup=None,
-             resume_from: str | None = None) -> dict[int, str | None]:
+def run_loop(
+    loop: str, spec: dict, run_uri: str, out: Path, world: int = 2, setup=None, resume_from: str | None = None
+) -> dict[int, str | None]:
     """Run `loop` ("module.function") on `world` ranks; → {rank: None if it returned, else its
     error (first line: `Type: message`)}. `setup(rank, out)`: a module-level function run in
     each rank before the loop (fault injection by monkeypatching)."""
     from ditforge.spec import JobSpec
 
     out.mkdir(parents=True, exist_ok=True)
-    config = {"spec": JobSpec.model_validate(spec).model_dump(mode="json"), "run_uri": run_uri,
-              "tracking_uri": "unused://", "mlflow_run_id": "unused", "resume_from": resume_from}
+    config = {
+        "spec": JobSpec.model_validate(spec).model_dump(mode="json"),
+        "run_uri": run_uri,
+        "tracking_uri": "unused://",
+        "mlflow_run_id": "unused",
+        "resume_from": resume_from,
+    }
     for f in out.glob("rank_*.*"):
         f.unlink()
     mp.spawn(_rank_main, args=(world, free_port(), loop, config, str(out), setup), nprocs=world, join=True)
@@ -140,14 +153,18 @@ def run_loop(loop: str, spec: dict, run_uri: str, out: Path, world: int = 2, set
 
 def dit_spec(data: str, run_root: str, **sections) -> dict:
     """A tiny class-conditional DiT job over `data` (latents (4, 4, 4)), checkpoints under `run_root`."""
-    spec = {"name": "loop-test", "data": {"train": data, "batch_size": 4, "max_bad_fraction": 0.5},
-            "model": {"size": "T", "patch": 2, "num_classes": 10},
-            "train": {"steps": 4, "lr": 1e-3, "warmup": 1, "ema_decay": 0.9},
-            "deepspeed": {"zero_stage": 2}, "resources": {"workers": 2, "cpus_per_worker": 1},
-            "checkpoint": {"uri": run_root, "every_steps": 2, "keep_last": 5},
-            "tracking": {"log_every": 1, "system_metrics": False},
-            "sample": {"per_class": 2, "steps": 2, "batch_size": 4, "max_classes": 3},
-            "eval": {"quality": False}}
+    spec = {
+        "name": "loop-test",
+        "data": {"train": data, "batch_size": 4, "max_bad_fraction": 0.5},
+        "model": {"size": "T", "patch": 2, "num_classes": 10},
+        "train": {"steps": 4, "lr": 1e-3, "warmup": 1, "ema_decay": 0.9},
+        "deepspeed": {"zero_stage": 2},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"uri": run_root, "every_steps": 2, "keep_last": 5},
+        "tracking": {"log_every": 1, "system_metrics": False},
+        "sample": {"per_class": 2, "steps": 2, "batch_size": 4, "max_classes": 3},
+        "eval": {"quality": False},
+    }
     for k, v in sections.items():
         spec[k] = {**spec.get(k, {}), **v}
     return spec

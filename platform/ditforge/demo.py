@@ -17,9 +17,15 @@ class JobEnded(Exception):
         super().__init__(f"job {rec['job_id']} {state}")
 
 
-def run(job: Path, sets: list[str] | None, images: int, *, follow: Callable[[dict], str],
-        say: Callable[[str], None] = lambda line: None,
-        waiting: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext()) -> dict:
+def run(
+    job: Path,
+    sets: list[str] | None,
+    images: int,
+    *,
+    follow: Callable[[dict], str],
+    say: Callable[[str], None] = lambda line: None,
+    waiting: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext(),
+) -> dict:
     """Run the demo of job spec JOB (with --set SETS) on IMAGES generated images (or clips, for a video
     job) and return its results: MLflow run and link, checkpoints, loss over the steps, samples, model.
 
@@ -44,8 +50,14 @@ def run(job: Path, sets: list[str] | None, images: int, *, follow: Callable[[dic
 
         # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
         pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
-        ingest("moving-shapes", pixels, limit=images, resolution=spec.data.resolution, frames=spec.data.frames,
-               shard_size=64)  # enough shards for every worker to read its own
+        ingest(
+            "moving-shapes",
+            pixels,
+            limit=images,
+            resolution=spec.data.resolution,
+            frames=spec.data.frames,
+            shard_size=64,
+        )  # enough shards for every worker to read its own
         say(f"data: {images} moving-shapes clips ({spec.data.frames} frames) → {pixels}")
     else:
         pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
@@ -62,13 +74,20 @@ def run(job: Path, sets: list[str] | None, images: int, *, follow: Callable[[dic
     hist = sorted(client.get_metric_history(rec["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
     run = client.get_run(rec["mlflow_run_id"])
     result = {
-        "mlflow_run_id": rec["mlflow_run_id"], "tracking_uri": rec["tracking_uri"], "mlflow_url": run_link(rec),
-        "checkpoint_uri": rec["run_uri"], "steps": hist[-1].step if hist else 0,
-        "initial_loss": hist[0].value if hist else None, "final_loss": hist[-1].value if hist else None,
+        "mlflow_run_id": rec["mlflow_run_id"],
+        "tracking_uri": rec["tracking_uri"],
+        "mlflow_url": run_link(rec),
+        "checkpoint_uri": rec["run_uri"],
+        "steps": hist[-1].step if hist else 0,
+        "initial_loss": hist[0].value if hist else None,
+        "final_loss": hist[-1].value if hist else None,
         "samples": f"{run.info.artifact_uri}/samples/step_{spec.train.steps:08d}.png",
-        "model": run.data.tags.get("ditforge.model"), "seconds": round(time.time() - t0, 1),
+        "model": run.data.tags.get("ditforge.model"),
+        "seconds": round(time.time() - t0, 1),
     }
-    task_metrics = {k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")}
+    task_metrics = {
+        k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")
+    }
     if task_metrics:  # a video-task job: each task's PSNR next to its baseline (evaluate/task_quality.py)
         result["tasks"] = task_metrics
     return result

@@ -22,8 +22,15 @@ import psutil
 def spawn(record: Path, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> psutil.Process:
     """Start `argv` in a new session, output appended to `log`, and record it in `record`."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return write(record, proc.pid)
 
 

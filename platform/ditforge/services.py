@@ -70,13 +70,19 @@ def require_auth(host: str) -> dict:
         raise ServiceError(f"host {host}: {e}") from None
     missing = []
     if not mlf:
-        missing.append("MLflow credentials (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a JSON "
-                       f"file named by ${credentials.MLFLOW_CREDENTIALS_ENV})")
+        missing.append(
+            "MLflow credentials (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a JSON "
+            f"file named by ${credentials.MLFLOW_CREDENTIALS_ENV})"
+        )
     if not credentials.ray_token():
-        missing.append("a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: `ray get-auth-token --generate`)")
+        missing.append(
+            "a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token: `ray get-auth-token --generate`)"
+        )
     if missing:
-        raise ServiceError(f"host {host}: refusing to serve beyond this machine without authentication; "
-                           f"missing {' and '.join(missing)}")
+        raise ServiceError(
+            f"host {host}: refusing to serve beyond this machine without authentication; "
+            f"missing {' and '.join(missing)}"
+        )
     return {"username": mlf[0], "password": mlf[1]}
 
 
@@ -126,8 +132,12 @@ def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
     # every host of the cluster, not only here. S3 stays 127.0.0.1 here: each host names its own
     # endpoint (AWS_ENDPOINT_URL_S3), and this machine's key file says 127.0.0.1.
     addr = advertised(host)
-    return Endpoints(s3=f"http://127.0.0.1:{S3_PORT}", mlflow=f"http://{addr}:{mlflow}",
-                     ray_dashboard=f"http://{addr}:{dash}", ray_gcs=f"{addr}:{gcs}")
+    return Endpoints(
+        s3=f"http://127.0.0.1:{S3_PORT}",
+        mlflow=f"http://{addr}:{mlflow}",
+        ray_dashboard=f"http://{addr}:{dash}",
+        ray_gcs=f"{addr}:{gcs}",
+    )
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -175,8 +185,7 @@ def wait_ready(name: str, ready, timeout: float, proc: psutil.Process | None = N
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
     reason = why() if why is not None else None
     state = "exited" if proc is not None and not procs.alive(proc) else f"did not become ready in {timeout:.0f}s"
-    raise ServiceError(f"{name} {state}{': ' + reason if reason else ''} "
-                       f"(log: {log}{': ' + tail[0] if tail else ''})")
+    raise ServiceError(f"{name} {state}{': ' + reason if reason else ''} (log: {log}{': ' + tail[0] if tail else ''})")
 
 
 def stop_process(name: str, timeout: float = 30.0) -> bool:
@@ -211,8 +220,11 @@ def s3_credentials() -> dict:
     d = dirs()
     path = d["s3"] / "credentials.json"
     if not path.exists():
-        creds = {"access_key_id": "DF" + secrets.token_hex(9).upper(), "secret_access_key": secrets.token_urlsafe(30),
-                 "endpoint_url": f"http://127.0.0.1:{S3_PORT}"}
+        creds = {
+            "access_key_id": "DF" + secrets.token_hex(9).upper(),
+            "secret_access_key": secrets.token_urlsafe(30),
+            "endpoint_url": f"http://127.0.0.1:{S3_PORT}",
+        }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(creds, f)
@@ -234,7 +246,9 @@ def s3_check() -> str | None:
         fs.rm_file(key)
         return None
     except Exception as e:
-        return f"probe put/get/delete failed: {credentials.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+        return (
+            f"probe put/get/delete failed: {credentials.redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}"
+        )
 
 
 def _s3_ready() -> bool:
@@ -259,15 +273,30 @@ def start_s3(host: str = "127.0.0.1") -> str:
     stop_process("s3-relay")
     stop_process("s3")  # waits until it has exited: its leveldb lock is free again
     d = dirs()
-    env = base_env() | {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"]}
+    env = base_env() | {
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+    }
     data = d["s3"] / "data"
     data.mkdir(exist_ok=True)
     # `weed mini` binds all its ports (master, volume, filer, WebDAV, Iceberg, admin, ...: no
     # authentication on most) to one address: always loopback. Only S3 checks keys, so only S3 is
     # served beyond loopback, through the relay.
     relayed = not credentials.is_loopback(host)
-    proc = spawn("s3", [bin_path("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                        f"-s3.port={S3_INNER_PORT if relayed else S3_PORT}", f"-bucket={BUCKET}", "-admin.ui=false"], env)
+    proc = spawn(
+        "s3",
+        [
+            bin_path("weed"),
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={S3_INNER_PORT if relayed else S3_PORT}",
+            f"-bucket={BUCKET}",
+            "-admin.ui=false",
+        ],
+        env,
+    )
     if relayed:
         wait_ready("s3", lambda: http_ok(f"http://127.0.0.1:{S3_INNER_PORT}/"), 90, proc)
         relay = spawn("s3-relay", [sys.executable, "-m", "ditforge.relay", host, str(S3_PORT), str(S3_INNER_PORT)], env)
@@ -293,10 +322,12 @@ def _mlflow_auth_config(d: dict, username: str) -> Path:
     without logging in. The admin password is not in it: it reaches the server as
     MLFLOW_AUTH_ADMIN_PASSWORD, only in its environment."""
     ini = d["mlflow"] / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                   f"database_uri = sqlite:///{d['mlflow'] / 'basic_auth.db'}\n"
-                   f"admin_username = {username}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    ini.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{d['mlflow'] / 'basic_auth.db'}\n"
+        f"admin_username = {username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     return ini
 
 
@@ -334,8 +365,10 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
     if why is None and _adopt("mlflow", str(storage.home() / "mlflow" / "mlflow.db")):
         return url
     if why and why.startswith(("its API answered 401", "its API answered 403")):
-        raise ServiceError(f"mlflow at {url}: {why} to this machine's credentials (MLFLOW_TRACKING_USERNAME / "
-                           f"MLFLOW_TRACKING_PASSWORD, or ${credentials.MLFLOW_CREDENTIALS_ENV})")
+        raise ServiceError(
+            f"mlflow at {url}: {why} to this machine's credentials (MLFLOW_TRACKING_USERNAME / "
+            f"MLFLOW_TRACKING_PASSWORD, or ${credentials.MLFLOW_CREDENTIALS_ENV})"
+        )
     if running("mlflow"):
         _say(f"mlflow: running but failing its check ({why}): restarting it")
     stop_process("mlflow")
@@ -344,16 +377,31 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
     d = dirs()
     creds = s3_credentials()
     env = base_env() | {
-        "AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
         "MLFLOW_S3_ENDPOINT_URL": creds["endpoint_url"],
     }
-    argv = [bin_path("mlflow"), "server", "--host", host, "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
-            "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
+    argv = [
+        bin_path("mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{d['mlflow'] / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{BUCKET}/mlflow",
+        "--workers",
+        "1",
+    ]
     if auth:
-        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(d, auth["username"])),
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(d["mlflow"] / "flask_secret_key"),  # CSRF
-                "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"], "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"]}
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_config(d, auth["username"])),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret_file(d["mlflow"] / "flask_secret_key"),  # CSRF
+            "MLFLOW_AUTH_ADMIN_USERNAME": auth["username"],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"],
+        }
         argv += ["--app-name", "basic-auth"]
     proc = spawn("mlflow", argv, env)
     wait_ready("mlflow", lambda: mlflow_check(url, auth) is None, 120, proc, why=lambda: mlflow_check(url, auth))
@@ -397,26 +445,45 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     if running("ray") and ray_ready(ep.ray_dashboard):
         # A head still starting registers its node within seconds; one that does not is broken.
         try:
-            wait_ready("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 30,
-                  why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
+            wait_ready(
+                "ray",
+                lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None,
+                30,
+                why=lambda: ray_check(ep.ray_dashboard, cluster.cpus),
+            )
             return ep.ray_dashboard
         except ServiceError:
             _say(f"ray: running but failing its check ({ray_check(ep.ray_dashboard, cluster.cpus)}): restarting it")
     stop_process("ray")
     # --block keeps `ray start` in the foreground as the parent of the head's processes, so
     # `down` stops exactly this head (a bare `ray stop` would kill every Ray on the machine).
-    argv = [bin_path("ray"), "start", "--head", "--block", f"--port={cluster.ports.ray_gcs}",
-            f"--node-ip-address={advertised(cluster.host)}", f"--dashboard-host={cluster.host}",
-            f"--dashboard-port={cluster.ports.ray_dashboard}", f"--num-cpus={cluster.cpus}", "--num-gpus=0",
-            "--disable-usage-stats", *extra_args]
+    argv = [
+        bin_path("ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={cluster.ports.ray_gcs}",
+        f"--node-ip-address={advertised(cluster.host)}",
+        f"--dashboard-host={cluster.host}",
+        f"--dashboard-port={cluster.ports.ray_dashboard}",
+        f"--num-cpus={cluster.cpus}",
+        "--num-gpus=0",
+        "--disable-usage-stats",
+        *extra_args,
+    ]
     # Token auth even on loopback: Ray's GCS, raylet, object-manager, agent and worker gRPC servers
     # listen on every interface of a machine with a routable address whatever --node-ip-address
     # says (README "Several machines"), so the token is what keeps other machines out.
     credentials.use_ray_token(create=True)
     env = base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
     proc = spawn("ray", argv, env)
-    wait_ready("ray", lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None, 120, proc,
-               why=lambda: ray_check(ep.ray_dashboard, cluster.cpus))
+    wait_ready(
+        "ray",
+        lambda: ray_check(ep.ray_dashboard, cluster.cpus) is None,
+        120,
+        proc,
+        why=lambda: ray_check(ep.ray_dashboard, cluster.cpus),
+    )
     return ep.ray_dashboard
 
 
@@ -466,8 +533,9 @@ def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
     saved = storage.home() / "run" / "ports.json"
     was = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else cluster.host
     if was != cluster.host and any(running(n) for n in ("s3", "mlflow", "ray")):
-        raise ServiceError(f"host {cluster.host}: the services run bound to {was}; "
-                           "stop them first (`ditforge services down`)")
+        raise ServiceError(
+            f"host {cluster.host}: the services run bound to {was}; stop them first (`ditforge services down`)"
+        )
     saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
     credentials.ensure_ray_token()  # before use_client_auth, which hands it to this process's Ray clients
     use_client_auth(cluster.host)
@@ -495,5 +563,7 @@ def status() -> list[dict]:
     """Each service with the result of its real check (`up`), and why it fails (`check`)."""
     ep = endpoints()
     checks = {"s3": s3_check(), "mlflow": mlflow_check(ep.mlflow), "ray": ray_check(ep.ray_dashboard)}
-    return [{"service": name, "url": url, "pid": running(name), "up": checks[name] is None, "check": checks[name]}
-            for name, url in (("s3", ep.s3), ("mlflow", ep.mlflow), ("ray", ep.ray_dashboard))]
+    return [
+        {"service": name, "url": url, "pid": running(name), "up": checks[name] is None, "check": checks[name]}
+        for name, url in (("s3", ep.s3), ("mlflow", ep.mlflow), ("ray", ep.ray_dashboard))
+    ]

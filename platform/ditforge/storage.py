@@ -60,8 +60,11 @@ def s3_options() -> dict:
     opts["use_listings_cache"] = False
     # One retry loop, ours (`retry` below): botocore's and s3fs's own loops nested inside it turned
     # a 5-attempt retry into minutes of hanging on a store that is down.
-    opts["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 5,
-                             "read_timeout": 120}
+    opts["config_kwargs"] = {
+        "retries": {"max_attempts": 1, "mode": "standard"},
+        "connect_timeout": 5,
+        "read_timeout": 120,
+    }
     opts["skip_instance_cache"] = True
     return opts
 
@@ -99,7 +102,7 @@ def check(uri: str) -> None:
 def absolute(uri: str) -> str:
     """Make `file://relative/path` absolute, so that workers with another cwd find it."""
     if uri.startswith("file://"):
-        return "file://" + str(Path(uri[len("file://"):]).expanduser().resolve())
+        return "file://" + str(Path(uri[len("file://") :]).expanduser().resolve())
     return uri.rstrip("/")
 
 
@@ -142,8 +145,9 @@ class StorageUnavailable(OSError):
     """The store did not answer through all retries."""
 
 
-def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, deadline_s: float | None = None,
-          on_retry=None, **kwargs):
+def retry(
+    fn, *args, attempts: int = 6, base_delay: float = 0.5, deadline_s: float | None = None, on_retry=None, **kwargs
+):
     """Object stores blip: retry with exponential backoff, then raise StorageUnavailable (an
     OSError, so callers need to know only one kind of failure). `deadline_s`: keep trying for
     that many seconds instead of `attempts` times (waits capped at 10 s, so a store that comes
@@ -156,7 +160,7 @@ def retry(fn, *args, attempts: int = 6, base_delay: float = 0.5, deadline_s: flo
             raise  # answers, not blips: retrying them only delays the caller by seconds
         except _transient() as e:
             wait = min(base_delay * 2**i, 10.0)
-            if (i == attempts - 1 if deadline_s is None else time.monotonic() - start + wait > deadline_s):
+            if i == attempts - 1 if deadline_s is None else time.monotonic() - start + wait > deadline_s:
                 if isinstance(e, OSError):
                     raise
                 raise StorageUnavailable(f"{type(e).__name__}: {e}") from e

@@ -63,10 +63,24 @@ def test_every_task_beats_its_baseline(tmp_path):
             print(f"[vdt] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if step % every == 0 or step == steps:
             with ema.swapped_in(model):
-                table, _ = task_quality.score_tasks(model, obj, vae, vt.trained(), tuple(latents.shape[1:]), res,
-                                                    frames, sample_spec, vt.k[1], spec.eval.task_clips,
-                                                    torch.device("cpu"), classifier)
-            print(f"\n[vdt] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s "
-                  + json.dumps({k.removeprefix("tasks/"): round(v, 3) for k, v in table.items()}), flush=True)
+                table, _ = task_quality.score_tasks(
+                    model,
+                    obj,
+                    vae,
+                    vt.trained(),
+                    tuple(latents.shape[1:]),
+                    res,
+                    frames,
+                    sample_spec,
+                    vt.k[1],
+                    spec.eval.task_clips,
+                    torch.device("cpu"),
+                    classifier,
+                )
+            print(
+                f"\n[vdt] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s "
+                + json.dumps({k.removeprefix("tasks/"): round(v, 3) for k, v in table.items()}),
+                flush=True,
+            )
     for task in task_quality.EVAL_TASKS:
         assert table[f"tasks/{task}/psnr"] > table[f"tasks/{task}/baseline_psnr"], (task, table)

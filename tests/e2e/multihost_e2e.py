@@ -97,8 +97,11 @@ def head(hosts):
     up_s = time.time() - t0
     creds = json.loads((hosts.dir(0, "ditforge") / "s3" / "credentials.json").read_text())
     addr = hosts.addr(0)
-    s3_env = {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
-              "AWS_ENDPOINT_URL_S3": f"http://{addr}:8333"}
+    s3_env = {
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
+        "AWS_ENDPOINT_URL_S3": f"http://{addr}:8333",
+    }
     yield {"addr": addr, "shared": shared, "s3_env": s3_env, "up_s": up_s, "stdout": r.stdout}
     _cli(hosts, 0, "services", "down", timeout=300)
 
@@ -120,8 +123,13 @@ def test_a_stranger_gets_nothing_from_the_head(hosts, head):
     assert not WEED_INTERNAL & set(open_ports), open_ports
 
     # S3: anonymous and wrong keys are refused
-    for headers in ({}, {"Authorization": "AWS4-HMAC-SHA256 Credential=DFWRONG/20260101/us-east-1/s3/aws4_request, "
-                                          "SignedHeaders=host, Signature=" + "0" * 64}):
+    for headers in (
+        {},
+        {
+            "Authorization": "AWS4-HMAC-SHA256 Credential=DFWRONG/20260101/us-east-1/s3/aws4_request, "
+            "SignedHeaders=host, Signature=" + "0" * 64
+        },
+    ):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(f"http://{addr}:8333/ditforge", headers=headers), timeout=30)
         assert e.value.code == 403
@@ -135,8 +143,12 @@ def test_a_stranger_gets_nothing_from_the_head(hosts, head):
     wrong = {"Authorization": "Bearer " + "0" * 64}
     for method, body in (("GET", None), ("POST", json.dumps({"entrypoint": "touch /tmp/pwned"}).encode())):
         for headers in ({}, wrong):
-            req = urllib.request.Request(f"http://{addr}:8265/api/jobs/", data=body, method=method,
-                                         headers=headers | {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://{addr}:8265/api/jobs/",
+                data=body,
+                method=method,
+                headers=headers | {"Content-Type": "application/json"},
+            )
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(req, timeout=30)
             assert e.value.code in (401, 403), (method, headers, e.value.code)
@@ -149,8 +161,10 @@ def test_a_stranger_gets_nothing_from_the_head(hosts, head):
             except Exception as e:  # still trying after 90 s: it ran nothing either
                 assert "TimeoutExpired" in type(e).__name__, e
     # Joining as a node: one line, exit 2, within 30 s, without the token or with a wrong one
-    for env, why in (({}, "wants a token and this machine has none"),
-                     ({"RAY_AUTH_TOKEN": "0" * 64}, "refused this machine's token")):
+    for env, why in (
+        ({}, "wants a token and this machine has none"),
+        ({"RAY_AUTH_TOKEN": "0" * 64}, "refused this machine's token"),
+    ):
         t = time.time()
         r = _cli(hosts, 2, "cluster", "join", addr, env=env, secrets=False, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stdout + r.stderr
@@ -241,11 +255,34 @@ def test_training_across_hosts(hosts, head):
     print(f"data on the head's S3: {time.time() - t0:.0f}s")
     job = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "jobs" / "demo-image.yaml")
     t0 = time.time()
-    r = _cli(hosts, 0, "submit", job, "--cluster", str(head["shared"]), "--wait",
-             "--set", "data.train=s3://ditforge/multihost/latents", "--set", "checkpoint.uri=s3://ditforge/multihost/runs",
-             "--set", "train.steps=20", "--set", "train.warmup=2", "--set", "checkpoint.every_steps=10",
-             "--set", "tracking.log_every=5", "--set", "tracking.experiment=multihost",
-             "--set", "resources.placement=STRICT_SPREAD", "--set", "deepspeed.zero_stage=2", timeout=1200)
+    r = _cli(
+        hosts,
+        0,
+        "submit",
+        job,
+        "--cluster",
+        str(head["shared"]),
+        "--wait",
+        "--set",
+        "data.train=s3://ditforge/multihost/latents",
+        "--set",
+        "checkpoint.uri=s3://ditforge/multihost/runs",
+        "--set",
+        "train.steps=20",
+        "--set",
+        "train.warmup=2",
+        "--set",
+        "checkpoint.every_steps=10",
+        "--set",
+        "tracking.log_every=5",
+        "--set",
+        "tracking.experiment=multihost",
+        "--set",
+        "resources.placement=STRICT_SPREAD",
+        "--set",
+        "deepspeed.zero_stage=2",
+        timeout=1200,
+    )
     print(f"job across hosts: {time.time() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job_id = r.stdout.strip().splitlines()[-1]

@@ -22,9 +22,16 @@ import torch.multiprocessing as mp
 def _spec(stage: int, world: int):
     from ditforge.spec import JobSpec
 
-    return JobSpec.model_validate({"name": "reshard", "data": {"train": "file:///unused", "batch_size": 4},
-                                   "model": {"size": "T"}, "deepspeed": {"zero_stage": stage},
-                                   "resources": {"workers": world}, "train": {"warmup": 5, "steps": 50}})
+    return JobSpec.model_validate(
+        {
+            "name": "reshard",
+            "data": {"train": "file:///unused", "batch_size": 4},
+            "model": {"size": "T"},
+            "deepspeed": {"zero_stage": stage},
+            "resources": {"workers": world},
+            "train": {"warmup": 5, "steps": 50},
+        }
+    )
 
 
 def _state(engine) -> dict:
@@ -42,8 +49,13 @@ def _state(engine) -> dict:
             full[f"exp_avg_sq/{n}"] = safe_get_full_optimizer_state(p, "exp_avg_sq").detach().clone()
     opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     adam_steps = sorted({float(s["step"]) for s in opt.state.values() if "step" in s})
-    return {"tensors": full, "adam_steps": adam_steps, "global_steps": engine.global_steps,
-            "sched": engine.lr_scheduler.last_epoch, "lr": engine.get_lr()}
+    return {
+        "tensors": full,
+        "adam_steps": adam_steps,
+        "global_steps": engine.global_steps,
+        "sched": engine.lr_scheduler.last_epoch,
+        "lr": engine.get_lr(),
+    }
 
 
 def _save(engine, run_uri: str, rank: int, world: int, step: int) -> None:
@@ -53,18 +65,32 @@ def _save(engine, run_uri: str, rank: int, world: int, step: int) -> None:
     from ditforge.models.dit import DiTConfig
     from ditforge.train import checkpoint
 
-    model_json = json.dumps({"dit": dataclasses.asdict(DiTConfig(in_channels=4, size="T", patch=2, num_classes=10)),
-                             "latent_shape": [4, 8, 8]}).encode()
+    model_json = json.dumps(
+        {
+            "dit": dataclasses.asdict(DiTConfig(in_channels=4, size="T", patch=2, num_classes=10)),
+            "latent_shape": [4, 8, 8],
+        }
+    ).encode()
     ck = checkpoint.Checkpointer(run_uri, rank, world)
-    ck.save(engine, step, {"step": step, "data": {"epoch": 0, "batch": step, "world": world}},
-            files={"model.json": model_json} if rank == 0 else None)
+    ck.save(
+        engine,
+        step,
+        {"step": step, "data": {"epoch": 0, "batch": step, "world": world}},
+        files={"model.json": model_json} if rank == 0 else None,
+    )
     ck.wait()
     assert ck.history[-1].ok, ck.history[-1].error
 
 
 def _worker(rank: int, world: int, port: int, stage: int, mode: str, run_uri: str, out: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from ditforge.models.dit import DiT, DiTConfig

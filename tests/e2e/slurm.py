@@ -43,9 +43,17 @@ def _sbin(name: str) -> str:
 
 
 class Slurm:
-    def __init__(self, root: Path, controller: tuple[str, Callable[[list[str]], list[str]]],
-                 nodes: list[tuple[str, str, Callable[[list[str]], list[str]]]], *, cpus: int = 2,
-                 partition: str = "debug", port: int = 16817, kill_wait: int = 10):
+    def __init__(
+        self,
+        root: Path,
+        controller: tuple[str, Callable[[list[str]], list[str]]],
+        nodes: list[tuple[str, str, Callable[[list[str]], list[str]]]],
+        *,
+        cpus: int = 2,
+        partition: str = "debug",
+        port: int = 16817,
+        kill_wait: int = 10,
+    ):
         self.root, self.controller, self.nodes, self.partition = Path(root), controller, nodes, partition
         self.root.mkdir(parents=True, exist_ok=True)
         self.conf = self.root / "slurm.conf"
@@ -55,11 +63,16 @@ class Slurm:
             self._munge()
             self._write_conf(cpus, port, kill_wait)
             self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-            self._start("slurmctld", controller[1], [_sbin("slurmctld"), "-f", str(self.conf)],
-                        self.root / "slurmctld.pid")
+            self._start(
+                "slurmctld", controller[1], [_sbin("slurmctld"), "-f", str(self.conf)], self.root / "slurmctld.pid"
+            )
             for name, _addr, wrap in nodes:
-                self._start(f"slurmd-{name}", wrap, [_sbin("slurmd"), "-f", str(self.conf), "-N", name],
-                            self.root / f"slurmd-{name}.pid")
+                self._start(
+                    f"slurmd-{name}",
+                    wrap,
+                    [_sbin("slurmd"), "-f", str(self.conf), "-N", name],
+                    self.root / f"slurmd-{name}.pid",
+                )
             self._wait_idle(len(nodes))
         except BaseException:
             self.stop()
@@ -72,9 +85,25 @@ class Slurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         pid = self.root / "munged.pid"
-        subprocess.run([_sbin("munged"), "--key-file", str(key), "--socket", str(self.socket), "--pid-file", str(pid),
-                        "--log-file", str(self.root / "munged.log"), "--seed-file", str(self.root / "munge.seed"),
-                        "--force"], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                _sbin("munged"),
+                "--key-file",
+                str(key),
+                "--socket",
+                str(self.socket),
+                "--pid-file",
+                str(pid),
+                "--log-file",
+                str(self.root / "munged.log"),
+                "--seed-file",
+                str(self.root / "munge.seed"),
+                "--force",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         self.pids["munged"] = pid
         self._until(lambda: self.socket.exists(), 10, "munged did not open its socket")
 
@@ -85,25 +114,43 @@ class Slurm:
             "ClusterName=ditforge-test",
             # the controller's name must be this machine's short host name (namespace hosts share it)
             f"SlurmctldHost={socket.gethostname().split('.')[0]}({ctl_addr})",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={self.socket}", "CredType=cred/munge",
-            f"SlurmctldPort={port}", f"SlurmdPort={port + 1}",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool-%n",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd-%n.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={self.socket}",
+            "CredType=cred/munge",
+            f"SlurmctldPort={port}",
+            f"SlurmdPort={port + 1}",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool-%n",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
             "SlurmdParameters=config_overrides",
-            "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
-            "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
-            f"KillWait={kill_wait}", "InactiveLimit=0", "MinJobAge=600", "SlurmdTimeout=60",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            f"KillWait={kill_wait}",
+            "InactiveLimit=0",
+            "MinJobAge=600",
+            "SlurmdTimeout=60",
             "SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
         ]
         for name, addr, _ in self.nodes:
             (r / f"spool-{name}").mkdir(exist_ok=True)
             lines.append(f"NodeName={name} NodeAddr={addr} CPUs={cpus} State=UNKNOWN")
-        lines.append(f"PartitionName={self.partition} Nodes={','.join(n for n, _, _ in self.nodes)} "
-                     "Default=YES MaxTime=INFINITE State=UP")
+        lines.append(
+            f"PartitionName={self.partition} Nodes={','.join(n for n, _, _ in self.nodes)} "
+            "Default=YES MaxTime=INFINITE State=UP"
+        )
         (r / "state").mkdir(exist_ok=True)
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -114,9 +161,16 @@ class Slurm:
         # mounted on /sys/fs/cgroup, which is so after `ip netns exec` (it mounts a fresh /sys): an
         # tmpfs there with the machine's `name=systemd` v1 hierarchy under it (in that command's own
         # mount namespace) satisfies the cgroup/v1 plugin, which then stays unused.
-        argv = ["sh", "-c", 'mountpoint -q /sys/fs/cgroup || { mount -t tmpfs none /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; }; exec "$@"', "sh", *argv]
-        r = subprocess.run(wrap(argv), capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "SLURM_CONF": str(self.conf)})
+        argv = [
+            "sh",
+            "-c",
+            'mountpoint -q /sys/fs/cgroup || { mount -t tmpfs none /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd; }; exec "$@"',
+            "sh",
+            *argv,
+        ]
+        r = subprocess.run(
+            wrap(argv), capture_output=True, text=True, timeout=60, env={**os.environ, "SLURM_CONF": str(self.conf)}
+        )
         if r.returncode:
             raise RuntimeError(f"{name} did not start: {r.stderr.strip() or r.stdout.strip()}")
         self._until(lambda: _read_pid(pid_file) is not None, 30, f"{name} wrote no pid file ({pid_file})")
@@ -141,7 +195,13 @@ class Slurm:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster, run on the controller's host (the login node)."""
-        r = subprocess.run(self.controller[1]([_sbin(argv[0]), *argv[1:]]), capture_output=True, text=True, env=self.env, timeout=timeout)
+        r = subprocess.run(
+            self.controller[1]([_sbin(argv[0]), *argv[1:]]),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
         if check and r.returncode:
             raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
         return r

@@ -21,11 +21,35 @@ JOB = str(REPO / "jobs" / "demo-image.yaml")
 
 
 def _submit(data: str, tmp_path, *sets: str):
-    args = ["submit", JOB, "--wait", "--set", f"data.train={data}", "--set", f"checkpoint.uri=file://{tmp_path}/runs",
-            "--set", "data.batch_size=4", "--set", "train.steps=8", "--set", "train.warmup=1",
-            "--set", "checkpoint.every_steps=8", "--set", "tracking.log_every=4", "--set", "tracking.experiment=tests",
-            "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "eval.quality=false",
-            "--set", "train.resume=never"]
+    args = [
+        "submit",
+        JOB,
+        "--wait",
+        "--set",
+        f"data.train={data}",
+        "--set",
+        f"checkpoint.uri=file://{tmp_path}/runs",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.warmup=1",
+        "--set",
+        "checkpoint.every_steps=8",
+        "--set",
+        "tracking.log_every=4",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "sample.per_class=1",
+        "--set",
+        "sample.steps=2",
+        "--set",
+        "eval.quality=false",
+        "--set",
+        "train.resume=never",
+    ]
     for s in sets:
         args += ["--set", s]
     r = run_cli(*args)

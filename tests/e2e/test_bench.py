@@ -15,8 +15,18 @@ from ditforge.train.step import step_generator
 
 from ..conftest import run_cli
 
-KEYS = {"name", "device", "samples_per_s", "step_s", "tflops", "mfu", "baseline_samples_per_s", "ratio_to_baseline",
-        "peak_mem_bytes", "attention_backend"}
+KEYS = {
+    "name",
+    "device",
+    "samples_per_s",
+    "step_s",
+    "tflops",
+    "mfu",
+    "baseline_samples_per_s",
+    "ratio_to_baseline",
+    "peak_mem_bytes",
+    "attention_backend",
+}
 
 
 def _make_bench_quick() -> list[str]:
@@ -27,8 +37,13 @@ def _make_bench_quick() -> list[str]:
 
     from ..conftest import REPO
 
-    out = subprocess.run(["make", "-n", "--no-print-directory", "bench", "BENCH_ARGS=--quick"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", "bench", "BENCH_ARGS=--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     words = shlex.split(out.stdout.strip().splitlines()[-1])
     assert words[0].endswith("/ditforge") and words[1] == "bench" and "--quick" in words, words
     return words[1:]
@@ -48,9 +63,14 @@ def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     assert result["errors"] == {} and result["quick"] is True, result["errors"]
     assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint"}
     data = {f"{c['bench']}.{c['metric']}": c for c in result["configs"] if c["section"] == "data"}
-    assert {"data.ingest.images_per_s_per_core", "data.stream.samples_per_s_local", "data.stream.samples_per_s_s3",
-            "train.consume.samples_per_s", "data.tar_read.samples_per_s_own",
-            "data.tar_read.samples_per_s_webdataset"} <= set(data), sorted(data)
+    assert {
+        "data.ingest.images_per_s_per_core",
+        "data.stream.samples_per_s_local",
+        "data.stream.samples_per_s_s3",
+        "train.consume.samples_per_s",
+        "data.tar_read.samples_per_s_own",
+        "data.tar_read.samples_per_s_webdataset",
+    } <= set(data), sorted(data)
     assert all(c["value"] > 0 and not c.get("error") for c in data.values()), data
     ckpt = [c for c in result["configs"] if c["section"] == "checkpoint" and c["name"] != "checkpoint-reshard"]
     assert ckpt and all(c["checkpoint_MB"] > 0 and c["stall_s"] >= 0 for c in ckpt), ckpt

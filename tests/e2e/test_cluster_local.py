@@ -63,11 +63,32 @@ def test_local_cluster_lifecycle(cluster_yaml, s3_prefix):
 
     print(f"submit returns at {time.time() - t0:.0f}s")
     # submit returns at once with the job id
-    r = run_cli("submit", str(REPO / "jobs" / "demo-image.yaml"), "--cluster", str(cluster_yaml),
-                "--set", f"data.train={s3_prefix}/latents", "--set", f"checkpoint.uri={s3_prefix}/runs",
-                "--set", "train.steps=1000", "--set", "train.warmup=2", "--set", "checkpoint.every_steps=1000",
-                "--set", "checkpoint.on_stop=true", "--set", "tracking.log_every=2", "--set", "tracking.experiment=tests",
-                "--set", "resources.placement=SPREAD", "--set", "deepspeed.zero_stage=2")
+    r = run_cli(
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--cluster",
+        str(cluster_yaml),
+        "--set",
+        f"data.train={s3_prefix}/latents",
+        "--set",
+        f"checkpoint.uri={s3_prefix}/runs",
+        "--set",
+        "train.steps=1000",
+        "--set",
+        "train.warmup=2",
+        "--set",
+        "checkpoint.every_steps=1000",
+        "--set",
+        "checkpoint.on_stop=true",
+        "--set",
+        "tracking.log_every=2",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "resources.placement=SPREAD",
+        "--set",
+        "deepspeed.zero_stage=2",
+    )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().splitlines()[-1]
     rec = json.loads((storage.home() / "jobs" / f"{job}.json").read_text())

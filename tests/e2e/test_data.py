@@ -59,15 +59,25 @@ def test_image_folder_with_planted_bad_files_and_resume(tmp_path):
     src = tmp_path / "photos"
     (src / "cat").mkdir(parents=True)
     (src / "dog").mkdir()
-    good = {"cat/a.jpg": img_bytes(64, 48, "JPEG"), "cat/b.png": img_bytes(40, 40, "PNG", 1),
-            "cat/c.webp": img_bytes(30, 60, "WEBP", 2), "dog/d.jpg": img_bytes(80, 40, "JPEG", 3),
-            "dog/e.png": img_bytes(33, 47, "PNG", 4), "dog/f.jpg": img_bytes(100, 100, "JPEG", 5)}
+    good = {
+        "cat/a.jpg": img_bytes(64, 48, "JPEG"),
+        "cat/b.png": img_bytes(40, 40, "PNG", 1),
+        "cat/c.webp": img_bytes(30, 60, "WEBP", 2),
+        "dog/d.jpg": img_bytes(80, 40, "JPEG", 3),
+        "dog/e.png": img_bytes(33, 47, "PNG", 4),
+        "dog/f.jpg": img_bytes(100, 100, "JPEG", 5),
+    }
     for rel, data in good.items():
         (src / rel).write_bytes(data)
     (src / "cat/a.txt").write_text("a tabby cat")
-    bad = {"cat/empty.jpg": b"", "cat/noise.png": b"\x89PNG\r\n\x1a\n" + bytes(range(200)),
-           "dog/trunc.jpg": img_bytes(64, 64, "JPEG", 6)[:300], "dog/notes.bmp": img_bytes(8, 8, "BMP"),
-           "dog/fake.jpg": b"this is not a jpeg", "cat/badcap.jpg": img_bytes(32, 32, "JPEG", 7)}
+    bad = {
+        "cat/empty.jpg": b"",
+        "cat/noise.png": b"\x89PNG\r\n\x1a\n" + bytes(range(200)),
+        "dog/trunc.jpg": img_bytes(64, 64, "JPEG", 6)[:300],
+        "dog/notes.bmp": img_bytes(8, 8, "BMP"),
+        "dog/fake.jpg": b"this is not a jpeg",
+        "cat/badcap.jpg": img_bytes(32, 32, "JPEG", 7),
+    }
     for rel, data in bad.items():
         (src / rel).write_bytes(data)
     (src / "cat/badcap.txt").write_bytes(b"caf\xe9 \xff")  # Latin-1, not UTF-8
@@ -80,7 +90,9 @@ def test_image_folder_with_planted_bad_files_and_resume(tmp_path):
     assert reasons["cat/empty.jpg"] == "zero-byte file"
     assert reasons["dog/notes.bmp"] == "unsupported extension '.bmp'"
     assert "caption is not UTF-8" in reasons["cat/badcap.jpg"]
-    assert all(reasons[k].startswith("not a decodable image") for k in ("cat/noise.png", "dog/trunc.jpg", "dog/fake.jpg"))
+    assert all(
+        reasons[k].startswith("not a decodable image") for k in ("cat/noise.png", "dog/trunc.jpg", "dog/fake.jpg")
+    )
     assert m["classes"] == ["cat", "dog"] and m["ingest_version"] == ingest.INGEST_VERSION
     # Aspect-ratio buckets: 64x48 is 4:3, 30x60 is 1:2, 80x40 is 2:1; each shard holds one shape.
     assert {"img-32x32", "img-24x40", "img-48x24", "img-24x48"} <= set(m["buckets"])
@@ -108,11 +120,11 @@ def test_image_folder_with_planted_bad_files_and_resume(tmp_path):
 def test_video_folder_duration_buckets_and_bad_videos(tmp_path):
     src = tmp_path / "clips"
     src.mkdir()
-    (src / "long.mp4").write_bytes(video_bytes(20, "mp4", "mpeg4"))   # ≥ 15 frames: 8 at stride 2
+    (src / "long.mp4").write_bytes(video_bytes(20, "mp4", "mpeg4"))  # ≥ 15 frames: 8 at stride 2
     (src / "mid.webm").write_bytes(video_bytes(9, "webm", "libvpx"))  # 9 frames → 5 picked → bucket 4
     (src / "anim.gif").write_bytes(video_bytes(16, "gif", "gif"))
     (src / "anim.txt").write_text("a flickering square")
-    (src / "blip.gif").write_bytes(video_bytes(1, "gif", "gif"))      # 1 frame: shorter than any bucket
+    (src / "blip.gif").write_bytes(video_bytes(1, "gif", "gif"))  # 1 frame: shorter than any bucket
     (src / "broken.mp4").write_bytes(video_bytes(20, "mp4", "mpeg4")[:200])
     out = f"file://{tmp_path}/vid"
     m = ingest.ingest(str(src), out, resolution=32, frames=8, stride=2, shard_size=8, progress=False)
@@ -138,7 +150,9 @@ def test_generated_sets_and_webdataset_source(tmp_path):
     for t in range(2):
         with wds.TarWriter(str(wd / f"part-{t:04d}.tar")) as sink:
             for i in range(5):
-                sink.write({"__key__": f"img{t}_{i}", "jpg": img_bytes(48, 48, "JPEG", i), "cls": str(i), "txt": f"pic {i}"})
+                sink.write(
+                    {"__key__": f"img{t}_{i}", "jpg": img_bytes(48, 48, "JPEG", i), "cls": str(i), "txt": f"pic {i}"}
+                )
             sink.write({"__key__": f"meta{t}", "json": b"{}"})
     out = f"file://{tmp_path}/from-wd"
     m = ingest.ingest(f"{wd}/part-{{0000..0001}}.tar", out, shard_size=4, progress=False)
@@ -171,7 +185,9 @@ def test_limit_takes_the_first_inputs_of_a_webdataset_and_a_folder(tmp_path, s3_
         (folder / f"p{i}.png").write_bytes(img_bytes(32, 32, "PNG", i))
     m = ingest.ingest(str(folder), f"file://{tmp_path}/pics-out", limit=2, progress=False)
     assert m["total_samples"] == 2 and sorted(s["json"] for s in samples_of(f"file://{tmp_path}/pics-out")) == [
-        b'{"src": "p0.png"}', b'{"src": "p1.png"}']
+        b'{"src": "p0.png"}',
+        b'{"src": "p1.png"}',
+    ]
 
 
 def test_encode_round_trip_and_resume_on_s3(s3_prefix):

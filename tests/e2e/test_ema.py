@@ -50,8 +50,14 @@ def _write_ema_files(ema: EMA, model, rank: int, world: int, folder: Path) -> Pa
 
 
 def _worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
@@ -66,18 +72,30 @@ def _worker(rank: int, world: int, port: int, out: str):
         torch.manual_seed(0)
         model = DiT(DiTConfig(in_channels=4, num_classes=3))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-            "train_micro_batch_size_per_gpu": 4,
-            # threshold 0: partition every weight (by default small ones stay whole on each rank)
-            "zero_optimization": {"stage": 3 if stage == "3p" else stage,
-                                  **({} if stage == "3p" else {"stage3_param_persistence_threshold": 0})},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            config={
+                "train_micro_batch_size_per_gpu": 4,
+                # threshold 0: partition every weight (by default small ones stay whole on each rank)
+                "zero_optimization": {
+                    "stage": 3 if stage == "3p" else stage,
+                    **({} if stage == "3p" else {"stage3_param_persistence_threshold": 0}),
+                },
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            },
+        )
         ema = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)
         assert ema.partitioned == (stage == 3)  # "3p": all persistent, so averaged whole
         assert ema.masters == (stage == 3)  # ZeRO-3's fp32 master slices are what is averaged
         g = torch.Generator().manual_seed(100 + rank)  # different data per rank: averaging matters
         for _ in range(4):
-            x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g), torch.randint(0, 3, (4,), generator=g)
+            x, t, y = (
+                torch.randn(4, 4, 8, 8, generator=g),
+                torch.rand(4, generator=g),
+                torch.randint(0, 3, (4,), generator=g),
+            )
             loss = (engine(x, t, y) - x).square().mean()
             engine.backward(loss)
             engine.step()
@@ -88,8 +106,9 @@ def _worker(rank: int, world: int, port: int, out: str):
         if rank == 0:
             # what export does; "3p" keeps every weight whole, so it writes ema.safetensors too
             assert (folder / "ema.safetensors").exists() == (stage != 3)
-            results[f"export{stage}"] = (load_file(str(folder / "ema.safetensors")) if stage != 3
-                                         else consolidate_shards(folder))
+            results[f"export{stage}"] = (
+                load_file(str(folder / "ema.safetensors")) if stage != 3 else consolidate_shards(folder)
+            )
         again = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)  # a resume at the same world size
         assert again.load_shards(engine.module, folder, ema.num_updates)
         assert all(torch.equal(again.shadow[n], ema.shadow[n]) for n in ema.names)
@@ -133,8 +152,14 @@ def test_ema_under_zero3_equals_ema_without_zero(tmp_path):
 def _fragments_worker(rank: int, world: int, port: int, out: str):
     """bf16 training under ZeRO 0-2 (DeepSpeed's bf16 optimizer keeps fp32 masters, cut across the
     ranks): the EMA averages each rank's master fragments, not the bf16 weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
@@ -148,9 +173,17 @@ def _fragments_worker(rank: int, world: int, port: int, out: str):
         torch.manual_seed(0)
         model = DiT(DiTConfig(in_channels=4, num_classes=3))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-            "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            config={
+                "train_micro_batch_size_per_gpu": 4,
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            },
+        )
         ema = EMA(engine.module, decay=0.8, optimizer=engine.optimizer)
         assert ema.fragments and "fragments" in ema.source
         params = dict(engine.module.named_parameters())

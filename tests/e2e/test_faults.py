@@ -56,10 +56,30 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     encode_dataset(f"{data}/pixels", f"{data}/latents", IdentityVAE(2), progress=False)
     runs = f"s3://ditforge/tests/faults-{uuid.uuid4().hex[:8]}"
     steps = 120
-    r = run_cli("submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", f"data.train={data}/latents",
-                "--set", f"checkpoint.uri={runs}", "--set", f"train.steps={steps}", "--set", "checkpoint.every_steps=5",
-                "--set", "checkpoint.keep_last=50", "--set", "tracking.log_every=1", "--set", "train.resume=never",
-                "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "tracking.experiment=tests")
+    r = run_cli(
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--set",
+        f"data.train={data}/latents",
+        "--set",
+        f"checkpoint.uri={runs}",
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "checkpoint.every_steps=5",
+        "--set",
+        "checkpoint.keep_last=50",
+        "--set",
+        "tracking.log_every=1",
+        "--set",
+        "train.resume=never",
+        "--set",
+        "sample.per_class=1",
+        "--set",
+        "sample.steps=2",
+        "--set",
+        "tracking.experiment=tests",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads((storage.home() / "jobs" / f"{r.stdout.strip().splitlines()[-1]}.json").read_text())
 

@@ -37,9 +37,20 @@ COVERED = {
     "video-dit-b-256x16f": "tests/e2e/test_jobs_e2e.py::test_video_dit_b_256x16f",
 }
 # Scale only: few steps on one CPU worker. The end-of-run work runs as written, with smaller counts.
-SMALL = ["train.steps=4", "train.warmup=1", "checkpoint.every_steps=4", "tracking.log_every=2",
-         "tracking.experiment=tests-jobs", "train.resume=never", "resources.workers=1", "resources.use_gpu=false",
-         "resources.cpus_per_worker=1", "sample.steps=2", "sample.per_class=1", "eval.steps=2"]
+SMALL = [
+    "train.steps=4",
+    "train.warmup=1",
+    "checkpoint.every_steps=4",
+    "tracking.log_every=2",
+    "tracking.experiment=tests-jobs",
+    "train.resume=never",
+    "resources.workers=1",
+    "resources.use_gpu=false",
+    "resources.cpus_per_worker=1",
+    "sample.steps=2",
+    "sample.per_class=1",
+    "eval.steps=2",
+]
 
 
 def test_every_shipped_spec_has_an_end_to_end_test():
@@ -53,8 +64,9 @@ def root(embedded):
 
 
 def _submit(job: str, *sets: str) -> dict:
-    r = run_cli("submit", str(JOBS / f"{job}.yaml"), "--wait", *[a for s in [*SMALL, *sets] for a in ("--set", s)],
-                timeout=1200)
+    r = run_cli(
+        "submit", str(JOBS / f"{job}.yaml"), "--wait", *[a for s in [*SMALL, *sets] for a in ("--set", s)], timeout=1200
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rec = json.loads((storage.home() / "jobs" / f"{r.stdout.strip().splitlines()[-1]}.json").read_text())
     client = MlflowClient(rec["tracking_uri"])
@@ -95,22 +107,33 @@ def test_demo_command_runs_the_demo_spec_end_to_end(demo):
 def test_make_demo_runs_the_demo_command():
     import subprocess
 
-    out = subprocess.run(["make", "-n", "--no-print-directory", "demo"], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1].endswith("/ditforge demo"), out.stdout
 
 
 def test_image_dit_s_shapes(shapes):
-    done = _submit("image-dit-s-shapes", f"data.train={shapes}/shapes-latents", f"checkpoint.uri={shapes}/runs",
-                   "model.size=T", "eval.per_class=2")
+    done = _submit(
+        "image-dit-s-shapes",
+        f"data.train={shapes}/shapes-latents",
+        f"checkpoint.uri={shapes}/runs",
+        "model.size=T",
+        "eval.per_class=2",
+    )
     _sampled_and_registered(done)
     assert "quality/class_accuracy" in done["run"].data.metrics  # the generated-set evaluation ran
 
 
 def test_vae_shapes(shapes):
     vae = f"{shapes}/vae"
-    _submit("vae-shapes", f"data.train={shapes}/shapes-pixels", f"vae.path={vae}", f"checkpoint.uri={shapes}/runs",
-            "vae.base_channels=8")
+    _submit(
+        "vae-shapes",
+        f"data.train={shapes}/shapes-pixels",
+        f"vae.path={vae}",
+        f"checkpoint.uri={shapes}/runs",
+        "vae.base_channels=8",
+    )
     assert storage.exists(storage.join(vae, "config.json"))  # a VAE job's result is its vae.path
 
 
@@ -119,17 +142,37 @@ def test_image_dit_xl2_256(root, tmp_path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=256, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=256,
+        scaling_factor=0.18215,
+    )
     vae.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
     data = f"{root}/xl2"
     ingest.ingest_shapes(f"{data}-pixels", limit=8, resolution=256, shard_size=8, progress=False)
-    encode_dataset(f"{data}-pixels", f"{data}-latents",
-                   parse_vae(f"diffusers,path=file://{tmp_path / 'vae'},downsample=8,latent_channels=4"), progress=False)
-    done = _submit("image-dit-xl2-256", f"data.train={data}-latents", f"vae.path=file://{tmp_path / 'vae'}",
-                   f"checkpoint.uri={root}/runs", "model.size=T", "train.precision=fp32", "data.batch_size=4",
-                   "sample.max_classes=4")
+    encode_dataset(
+        f"{data}-pixels",
+        f"{data}-latents",
+        parse_vae(f"diffusers,path=file://{tmp_path / 'vae'},downsample=8,latent_channels=4"),
+        progress=False,
+    )
+    done = _submit(
+        "image-dit-xl2-256",
+        f"data.train={data}-latents",
+        f"vae.path=file://{tmp_path / 'vae'}",
+        f"checkpoint.uri={root}/runs",
+        "model.size=T",
+        "train.precision=fp32",
+        "data.batch_size=4",
+        "sample.max_classes=4",
+    )
     _sampled_and_registered(done)
 
 
@@ -137,11 +180,16 @@ def test_video_dit_s_moving_shapes(root):
     """32 px, 8-frame moving-shapes clips as written (identity latents (12, 8, 16, 16)); the
     end-of-run quality evaluation (the 3D direction classifier) runs as written."""
     data = f"{root}/moving-shapes"
-    ingest.ingest("moving-shapes", f"{data}-pixels", limit=16, frames=8, resolution=32, shard_size=8,
-                  progress=False)
+    ingest.ingest("moving-shapes", f"{data}-pixels", limit=16, frames=8, resolution=32, shard_size=8, progress=False)
     encode_dataset(f"{data}-pixels", f"{data}-latents", parse_vae("identity,downsample=2"), progress=False)
-    done = _submit("video-dit-s-moving-shapes", f"data.train={data}-latents", f"checkpoint.uri={root}/runs",
-                   "model.size=T", "data.batch_size=4", "eval.per_class=1")
+    done = _submit(
+        "video-dit-s-moving-shapes",
+        f"data.train={data}-latents",
+        f"checkpoint.uri={root}/runs",
+        "model.size=T",
+        "data.batch_size=4",
+        "eval.per_class=1",
+    )
     _sampled_and_registered(done)
     assert "quality/class_accuracy" in done["run"].data.metrics
 
@@ -155,22 +203,58 @@ def test_video_dit_b_256x16f(root, tmp_path):
 
     torch.manual_seed(0)
     vae = f"{root}/video-vae"
-    save_own_vae(KLAutoencoder(latent_channels=8, base=8, downsample=8, temporal_downsample=4, video=True), vae,
-                 scale=1.0, shift=0.0)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "green", "blue", "circle", "square", "triangle",
-             "moving", "up", "down", "left", "right"]
+    save_own_vae(
+        KLAutoencoder(latent_channels=8, base=8, downsample=8, temporal_downsample=4, video=True),
+        vae,
+        scale=1.0,
+        shift=0.0,
+    )
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "a",
+        "red",
+        "green",
+        "blue",
+        "circle",
+        "square",
+        "triangle",
+        "moving",
+        "up",
+        "down",
+        "left",
+        "right",
+    ]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     enc = tmp_path / "text-encoder"
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(enc)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(enc)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(enc)
     data = f"{root}/clips-256x16"
-    ingest.ingest("moving-shapes", f"{data}-pixels", limit=4, frames=16, resolution=256, shard_size=4,
-                  progress=False)
-    encode_dataset(f"{data}-pixels", f"{data}-latents",
-                   parse_vae(f"own,path={vae},downsample=8,temporal_downsample=4,latent_channels=8"), progress=False)
-    done = _submit("video-dit-b-256x16f", f"data.train={data}-latents", f"vae.path={vae}",
-                   f"model.text_encoder=file://{enc}", f"checkpoint.uri={root}/runs", "model.size=T",
-                   "train.precision=fp32", "data.batch_size=2", "eval.task_clips=1", "sample.batch_size=2",
-                   "eval.batch_size=2")
+    ingest.ingest("moving-shapes", f"{data}-pixels", limit=4, frames=16, resolution=256, shard_size=4, progress=False)
+    encode_dataset(
+        f"{data}-pixels",
+        f"{data}-latents",
+        parse_vae(f"own,path={vae},downsample=8,temporal_downsample=4,latent_channels=8"),
+        progress=False,
+    )
+    done = _submit(
+        "video-dit-b-256x16f",
+        f"data.train={data}-latents",
+        f"vae.path={vae}",
+        f"model.text_encoder=file://{enc}",
+        f"checkpoint.uri={root}/runs",
+        "model.size=T",
+        "train.precision=fp32",
+        "data.batch_size=2",
+        "eval.task_clips=1",
+        "sample.batch_size=2",
+        "eval.batch_size=2",
+    )
     _sampled_and_registered(done)

@@ -129,8 +129,9 @@ def dirty(tmp_path):
     without `cls` and one with a garbled .npy; video latents with a zero-frame clip; a truncated
     shard; a changed shard. 23 of 48 samples are bad."""
     uri, img, vid = f"file://{tmp_path}/dirty", (4, 2, 2), (4, 2, 2, 2)
-    rows = [[_sample(8 * i + j, np.full(vid if i == 3 else img, 8 * i + j, np.float32)) for j in range(8)]
-            for i in range(6)]
+    rows = [
+        [_sample(8 * i + j, np.full(vid if i == 3 else img, 8 * i + j, np.float32)) for j in range(8)] for i in range(6)
+    ]
     rows[1][2]["latent.npy"] = shards.npy_bytes(np.full(img, np.nan, np.float32))
     rows[1][5]["latent.npy"] = shards.npy_bytes(np.full(img, np.inf, np.float32))
     rows[0][1]["cls"] = "one"
@@ -138,20 +139,38 @@ def dirty(tmp_path):
     del rows[2][4]["cls"]
     rows[2][6]["latent.npy"] = b"\x93NUMPY\x01\x00garbled"
     rows[3][6]["latent.npy"] = shards.npy_bytes(np.zeros((4, 0, 2, 2), np.float32))
-    entries = [shards.write_shard(uri, f"shard-{i:06d}.tar", r, bucket="x".join(map(str, vid if i == 3 else img)),
-                                  shape=list(vid if i == 3 else img)) for i, r in enumerate(rows)]
+    entries = [
+        shards.write_shard(
+            uri,
+            f"shard-{i:06d}.tar",
+            r,
+            bucket="x".join(map(str, vid if i == 3 else img)),
+            shape=list(vid if i == 3 else img),
+        )
+        for i, r in enumerate(rows)
+    ]
     shards.write_manifest(uri, {"kind": "latents", "latent_shape": list(img), "shards": entries})
     raw = (tmp_path / "dirty" / "shard-000004.tar").read_bytes()
     (tmp_path / "dirty" / "shard-000004.tar").write_bytes(raw[: len(raw) // 2])  # cut off mid-upload
     raw = bytearray((tmp_path / "dirty" / "shard-000005.tar").read_bytes())
     raw[700] ^= 0xFF  # one byte changed after the manifest was written
     (tmp_path / "dirty" / "shard-000005.tar").write_bytes(bytes(raw))
-    bad_keys = {"000001", "000007", "000010", "000013", "000020", "000022", "000030"} | {f"{k:06d}" for k in range(32, 48)}
+    bad_keys = {"000001", "000007", "000010", "000013", "000020", "000022", "000030"} | {
+        f"{k:06d}" for k in range(32, 48)
+    }
     return uri, bad_keys
 
 
-EXPECTED = {"truncated_shard": 8, "checksum_mismatch": 8, "missing_key": 1, "unreadable_latent": 1, "nonfinite_latent": 2,
-            "zero_frames": 1, "wrong_shape": 1, "bad_class": 1}
+EXPECTED = {
+    "truncated_shard": 8,
+    "checksum_mismatch": 8,
+    "missing_key": 1,
+    "unreadable_latent": 1,
+    "nonfinite_latent": 2,
+    "zero_frames": 1,
+    "wrong_shape": 1,
+    "bad_class": 1,
+}
 
 
 def test_bad_data_is_skipped_counted_and_keeps_ranks_in_step(dirty, capsys):
@@ -171,7 +190,10 @@ def test_bad_data_is_skipped_counted_and_keeps_ranks_in_step(dirty, capsys):
     assert not seen & bad_keys and seen == {f"{k:06d}" for k in range(48)} - bad_keys
     counts = [ld.skipped_counts() for ld in loaders]
     total = [sum(c) for c in zip(*counts)]  # what the worker's all-reduce gives
-    assert skipped_metrics(total) == {"data/skipped": 23.0, **{f"data/skipped/{r}": float(v) for r, v in EXPECTED.items()}}
+    assert skipped_metrics(total) == {
+        "data/skipped": 23.0,
+        **{f"data/skipped/{r}": float(v) for r, v in EXPECTED.items()},
+    }
     out = capsys.readouterr().out
     assert "shard-000004.tar: truncated" in out and "shard-000005.tar: checksum does not match" in out
 
@@ -198,7 +220,9 @@ def test_run_stops_past_max_bad_fraction(dirty):
     ok = LatentLoader(uri, 2, 0, 1, seed=1, max_bad_fraction=0.48)
     assert len(take(ok, ok.batches_per_epoch(0))) == 24 and ok.skipped_counts()[0] == 23
     strict = LatentLoader(uri, 2, 0, 1, seed=1, max_bad_fraction=0.4)
-    with pytest.raises(shards.DataError, match=r"rank 0 met \d+ bad samples of its 48 in epoch 0 .*max_bad_fraction 0.4"):
+    with pytest.raises(
+        shards.DataError, match=r"rank 0 met \d+ bad samples of its 48 in epoch 0 .*max_bad_fraction 0.4"
+    ):
         take(strict, 24)
 
 
@@ -234,8 +258,11 @@ def test_stream_rides_out_an_s3_outage_or_fails_naming_the_shard(s3_prefix, caps
     try:
         restart.start()
         t0 = time.monotonic()
-        with pytest.raises(storage.StorageUnavailable, match=r"shard-0000\d\d\.tar: the store did not answer .*"
-                                                             r"data.storage_timeout_s: 2"):
+        with pytest.raises(
+            storage.StorageUnavailable,
+            match=r"shard-0000\d\d\.tar: the store did not answer .*"
+            r"data.storage_timeout_s: 2",
+        ):
             next(iter(impatient))
         assert time.monotonic() - t0 < 12  # gave up after its 2 s, not after the outage
         rest = [next(batches)[2] for _ in range(n - 2)]

@@ -32,20 +32,39 @@ def latents(embedded):
     root = f"s3://ditforge/tests/nan-{uuid.uuid4().hex[:8]}"
     rng, entries, shape = np.random.default_rng(0), [], (12, 16, 16)
     for i in range(2):
-        samples = [{"__key__": f"{i}-{k:04d}", "latent.npy": shards.npy_bytes(rng.standard_normal(shape, np.float32)),
-                    "cls": str(k % 10), "txt": ""} for k in range(32)]
-        entries.append(shards.write_shard(f"{root}/latents", shards.shard_name(i), samples, bucket="12x16x16",
-                                          shape=list(shape)))
+        samples = [
+            {
+                "__key__": f"{i}-{k:04d}",
+                "latent.npy": shards.npy_bytes(rng.standard_normal(shape, np.float32)),
+                "cls": str(k % 10),
+                "txt": "",
+            }
+            for k in range(32)
+        ]
+        entries.append(
+            shards.write_shard(f"{root}/latents", shards.shard_name(i), samples, bucket="12x16x16", shape=list(shape))
+        )
     shards.write_manifest(f"{root}/latents", {"kind": "latents", "latent_shape": list(shape), "shards": entries})
     return root
 
 
 def submit(latents: str, *sets: str) -> tuple[dict, object]:
     args = ["submit", JOB, "--wait"]
-    for s in (f"data.train={latents}/latents", f"checkpoint.uri={latents}/runs", "tracking.log_every=1",
-              "tracking.experiment=tests", "tracking.system_metrics=false", "tracking.register_model=false",
-              "eval.quality=false", "sample.per_class=1", "sample.steps=2", "train.resume=never",
-              "checkpoint.keep_last=20", "data.batch_size=8", *sets):
+    for s in (
+        f"data.train={latents}/latents",
+        f"checkpoint.uri={latents}/runs",
+        "tracking.log_every=1",
+        "tracking.experiment=tests",
+        "tracking.system_metrics=false",
+        "tracking.register_model=false",
+        "eval.quality=false",
+        "sample.per_class=1",
+        "sample.steps=2",
+        "train.resume=never",
+        "checkpoint.keep_last=20",
+        "data.batch_size=8",
+        *sets,
+    ):
         args += ["--set", s]
     r = run_cli(*args)
     job_id = r.stdout.strip().splitlines()[-1]
@@ -74,8 +93,14 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_isolated_nan_steps_are_skipped_and_counted(latents, tmp_path):
-    rec, r = submit(latents, "train.steps=6", "train.warmup=1", "checkpoint.every_steps=1",
-                    "train.debug_nan_steps=[3, 5]", "deepspeed.zero_stage=2")
+    rec, r = submit(
+        latents,
+        "train.steps=6",
+        "train.warmup=1",
+        "checkpoint.every_steps=1",
+        "train.debug_nan_steps=[3, 5]",
+        "deepspeed.zero_stage=2",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     client = MlflowClient(rec["tracking_uri"])
     assert client.get_run(rec["mlflow_run_id"]).info.status == "FINISHED"
@@ -97,9 +122,15 @@ def test_isolated_nan_steps_are_skipped_and_counted(latents, tmp_path):
 
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_weights(latents, tmp_path):
     # ZeRO stage 0: only the fused AdamW's found_inf skips the update here (ZeRO 1-3 also check)
-    rec, r = submit(latents, "train.steps=12", "train.warmup=1", "checkpoint.every_steps=3",
-                    "train.debug_nan_steps=[4, 5, 6, 7, 8, 9]", "train.max_nonfinite_steps=3",
-                    "deepspeed.zero_stage=0")
+    rec, r = submit(
+        latents,
+        "train.steps=12",
+        "train.warmup=1",
+        "checkpoint.every_steps=3",
+        "train.debug_nan_steps=[4, 5, 6, 7, 8, 9]",
+        "train.max_nonfinite_steps=3",
+        "deepspeed.zero_stage=0",
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     msg = "the loss was NaN/Inf for 3 consecutive steps up to step 6 (train.max_nonfinite_steps: 3)"
     assert msg in r.stderr

@@ -37,32 +37,62 @@ def test_resumable_changes_are_tagged_and_run_defining_ones_refused(tmp_path):
     name = _fake_run(runs, old.model_dump(mode="json"))
     run_uri = storage.join(runs, name)
     # how long, how fast, where it logs and how often it saves, on how many workers: allowed
-    new = folder.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "train.steps=800", "train.lr=5e-4",
-                                               "tracking.log_every=50", "checkpoint.every_steps=100",
-                                               "resources.workers=1"]))
+    new = folder.resolve_paths(
+        load_job(
+            DEMO,
+            [
+                f"checkpoint.uri={runs}",
+                "train.steps=800",
+                "train.lr=5e-4",
+                "tracking.log_every=50",
+                "checkpoint.every_steps=100",
+                "resources.workers=1",
+            ],
+        )
+    )
     tags = folder.check_resume(new, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
-    assert tags == {"ditforge.resume_changed.train.steps": "400 → 800",
-                    "ditforge.resume_changed.train.lr": "0.001 → 0.0005",
-                    "ditforge.resume_changed.tracking.log_every": "10 → 50",
-                    "ditforge.resume_changed.checkpoint.every_steps": "200 → 100",
-                    "ditforge.resume_changed.resources.workers": "2 → 1"}
+    assert tags == {
+        "ditforge.resume_changed.train.steps": "400 → 800",
+        "ditforge.resume_changed.train.lr": "0.001 → 0.0005",
+        "ditforge.resume_changed.tracking.log_every": "10 → 50",
+        "ditforge.resume_changed.checkpoint.every_steps": "200 → 100",
+        "ditforge.resume_changed.resources.workers": "2 → 1",
+    }
     assert run_digest(new.model_dump(mode="json")) == run_digest(old.model_dump(mode="json"))
     # another model, patch, objective or data set: refused, naming each field and both ways out
-    bad = folder.resolve_paths(load_job(DEMO, [f"checkpoint.uri={runs}", "model.size=S", "model.patch=4",
-                                               "objective.kind=ddpm", "sample.sampler=ddim",
-                                               "data.train=s3://ditforge/data/other", "deepspeed.zero_stage=3"]))
+    bad = folder.resolve_paths(
+        load_job(
+            DEMO,
+            [
+                f"checkpoint.uri={runs}",
+                "model.size=S",
+                "model.patch=4",
+                "objective.kind=ddpm",
+                "sample.sampler=ddim",
+                "data.train=s3://ditforge/data/other",
+                "deepspeed.zero_stage=3",
+            ],
+        )
+    )
     with pytest.raises(folder.RunError) as e:
         folder.check_resume(bad, name, run_uri, [10], "train.resume: auto", "demo.yaml", force=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"demo.yaml: train.resume: auto would continue run {name} (step 10)")
-    for field in ("model.size (T → S)", "model.patch (2 → 4)", "objective.kind (rectified_flow → ddpm)",
-                  "data.train (s3://ditforge/data/shapes-latents → s3://ditforge/data/other)", "deepspeed.zero_stage (2 → 3)"):
+    for field in (
+        "model.size (T → S)",
+        "model.patch (2 → 4)",
+        "objective.kind (rectified_flow → ddpm)",
+        "data.train (s3://ditforge/data/shapes-latents → s3://ditforge/data/other)",
+        "deepspeed.zero_stage (2 → 3)",
+    ):
         assert field in msg, (field, msg)
     assert "sample.sampler" not in msg  # how it samples does not define the run
     assert "--set train.resume=never" in msg and "--force-resume" in msg
     assert run_digest(bad.model_dump(mode="json")) != run_digest(old.model_dump(mode="json"))
     forced = folder.check_resume(bad, name, run_uri, [10], "--resume", "demo.yaml", force=True)
-    assert forced["ditforge.resume_forced"] == "data.train, deepspeed.zero_stage, model.patch, model.size, objective.kind"
+    assert (
+        forced["ditforge.resume_forced"] == "data.train, deepspeed.zero_stage, model.patch, model.size, objective.kind"
+    )
     assert forced["ditforge.resume_changed.model.size"] == "T → S"
 
 
@@ -79,11 +109,27 @@ def tiny_latents(tmp_path_factory):
     """(12, 16, 16) latents, what the demo spec expects, written straight to shards."""
     uri = f"file://{tmp_path_factory.mktemp('latents')}/shapes-latents"
     rng = np.random.default_rng(0)
-    entries = [shards.write_shard(uri, shards.shard_name(i), [
-        {"__key__": f"{i}-{k}", "latent.npy": shards.npy_bytes(rng.standard_normal((12, 16, 16), np.float32)),
-         "cls": str(k % 10)} for k in range(8)], bucket="12x16x16", shape=[12, 16, 16]) for i in range(2)]
-    shards.write_manifest(uri, {"kind": "latents", "latent_shape": [12, 16, 16], "classes": [str(c) for c in range(10)],
-                                "shards": entries})
+    entries = [
+        shards.write_shard(
+            uri,
+            shards.shard_name(i),
+            [
+                {
+                    "__key__": f"{i}-{k}",
+                    "latent.npy": shards.npy_bytes(rng.standard_normal((12, 16, 16), np.float32)),
+                    "cls": str(k % 10),
+                }
+                for k in range(8)
+            ],
+            bucket="12x16x16",
+            shape=[12, 16, 16],
+        )
+        for i in range(2)
+    ]
+    shards.write_manifest(
+        uri,
+        {"kind": "latents", "latent_shape": [12, 16, 16], "classes": [str(c) for c in range(10)], "shards": entries},
+    )
     return uri
 
 
@@ -104,9 +150,11 @@ def test_submit_refuses_what_would_fail_in_the_workers(embedded, tiny_latents, t
     # a generated set not made yet: the line names the field and the commands that make it
     line = _refused(capsys, video, f"data.train=file://{tmp_path}/data/moving-shapes-latents")
     assert "video-dit-s-moving-shapes.yaml: data.train:" in line and "no manifest.json" in line, line
-    assert (f"ditforge data ingest moving-shapes --out file://{tmp_path}/data/moving-shapes-pixels --limit 1024 "
-            f"--resolution 32 --frames 8 && ditforge data encode file://{tmp_path}/data/moving-shapes-pixels "
-            f"--vae {video} --out file://{tmp_path}/data/moving-shapes-latents") in line, line
+    assert (
+        f"ditforge data ingest moving-shapes --out file://{tmp_path}/data/moving-shapes-pixels --limit 1024 "
+        f"--resolution 32 --frames 8 && ditforge data encode file://{tmp_path}/data/moving-shapes-pixels "
+        f"--vae {video} --out file://{tmp_path}/data/moving-shapes-latents"
+    ) in line, line
     # image latents for a video job, latents of another resolution, a pixel set for a DiT job
     line = _refused(capsys, video, f"data.train={tiny_latents}")
     assert "data.train: its latents are [12, 16, 16]" in line and "expects [12, 8, 16, 16]" in line, line
@@ -118,8 +166,9 @@ def test_submit_refuses_what_would_fail_in_the_workers(embedded, tiny_latents, t
     # a VAE, text encoder or resume source that is not there
     line = _refused(capsys, DEMO, f"data.train={tiny_latents}", "vae.kind=own", f"vae.path=file://{tmp_path}/no-vae")
     assert "demo-image.yaml: vae.path: no trained autoencoder" in line, line
-    line = _refused(capsys, DEMO, f"data.train={tiny_latents}", "model.text=transformers",
-                    f"model.text_encoder={tmp_path}/no-t5")
+    line = _refused(
+        capsys, DEMO, f"data.train={tiny_latents}", "model.text=transformers", f"model.text_encoder={tmp_path}/no-t5"
+    )
     assert "model.text_encoder:" in line and "no-t5" in line, line
     line = _refused(capsys, DEMO, f"data.train={tiny_latents}", f"train.resume=file://{tmp_path}/runs/r/step_00000010")
     assert "train.resume:" in line and "incomplete checkpoint" in line, line
@@ -131,8 +180,9 @@ def test_submit_refuses_to_continue_a_run_with_another_model(embedded, tiny_late
     name = _fake_run(runs, spec.model_dump(mode="json"))
     line = _refused(capsys, DEMO, f"data.train={tiny_latents}", f"checkpoint.uri={runs}", "model.size=S")
     assert f"train.resume: auto would continue run {name} (step 10)" in line and "model.size (T → S)" in line, line
-    line = _refused(capsys, DEMO, f"data.train={tiny_latents}", f"checkpoint.uri={runs}", "model.patch=4",
-                    args=("--resume", name))
+    line = _refused(
+        capsys, DEMO, f"data.train={tiny_latents}", f"checkpoint.uri={runs}", "model.patch=4", args=("--resume", name)
+    )
     assert f"--resume would continue run {name}" in line and "model.patch (2 → 4)" in line, line
 
 

@@ -32,11 +32,21 @@ def _export(folder, latent_shape, frames: int = 1):
     model = DiT(dit_config(ModelSpec(size="T", patch=2, num_classes=10, attention="math"), latent_shape[0]))
     folder.mkdir(parents=True)
     save_file(model.state_dict(), str(folder / "ema.safetensors"))
-    (folder / "model.json").write_text(json.dumps({
-        "dit": dataclasses.asdict(model.cfg), "latent_shape": list(latent_shape),
-        "vae": VAESpec(kind="identity", downsample=2).model_dump(mode="json"),
-        "sample": SampleSpec(steps=3).model_dump(mode="json"), "objective": ObjectiveSpec().model_dump(mode="json"),
-        "classes": [], "job": "pyfunc-test", "step": 1, "checkpoint": "file://none"}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "dit": dataclasses.asdict(model.cfg),
+                "latent_shape": list(latent_shape),
+                "vae": VAESpec(kind="identity", downsample=2).model_dump(mode="json"),
+                "sample": SampleSpec(steps=3).model_dump(mode="json"),
+                "objective": ObjectiveSpec().model_dump(mode="json"),
+                "classes": [],
+                "job": "pyfunc-test",
+                "step": 1,
+                "checkpoint": "file://none",
+            }
+        )
+    )
     return folder
 
 
@@ -47,10 +57,27 @@ def remote_mlflow(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--workers", "1",
-                             "--artifacts-destination", f"file://{root}/artifacts"], cwd=root,
-                            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--workers",
+            "1",
+            "--artifacts-destination",
+            f"file://{root}/artifacts",
+        ],
+        cwd=root,
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -95,8 +122,9 @@ print(json.dumps({"dtype": str(out.dtype), "shape": list(out.shape), "row_alone"
 def test_registered_pyfunc_predicts_images_in_a_fresh_process_from_a_remote_server(remote_mlflow, tmp_path):
     uri = _register(remote_mlflow, _export(tmp_path / "export", (12, 16, 16)), tmp_path / "pyfunc", "pyfunc-image")
     # a fresh interpreter that knows only the server and the model URI (nothing of this process)
-    r = subprocess.run([sys.executable, "-c", PREDICT, remote_mlflow, uri], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", PREDICT, remote_mlflow, uri], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["dtype"] == "uint8" and res["shape"] == [2, 32, 32, 3]
@@ -104,8 +132,9 @@ def test_registered_pyfunc_predicts_images_in_a_fresh_process_from_a_remote_serv
     assert '"class"' in res["inputs"] and '"uint8"' in res["outputs"] and "[-1, 32, 32, 3]" in res["outputs"]
     # the CLI samples from the same remote registry (not the embedded server)
     png = tmp_path / "grid.png"
-    r = run_cli("sample", "--model", uri, "--tracking-uri", remote_mlflow, "--out", str(png), "--per-class", "1",
-                "--steps", "2")
+    r = run_cli(
+        "sample", "--model", uri, "--tracking-uri", remote_mlflow, "--out", str(png), "--per-class", "1", "--steps", "2"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     from PIL import Image
 

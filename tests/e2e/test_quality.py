@@ -84,6 +84,8 @@ def test_demo_model_generates_its_classes_well_above_chance(capsys):
         z = sample(obj, model, (len(y), 12, 8, 8), {"y": y}, sampler="euler", steps=20, cfg_scale=4.0, seed=0)
     metrics = quality.score(classifier, vae.decode(z), y, "shapes", 16)
     with capsys.disabled():
-        print(f"\n[quality] demo DiT-T/2, 600 CPU steps: class accuracy {metrics['quality/class_accuracy']:.3f} "
-              f"(chance 0.100), FD {metrics['quality/fd']:.3f}, final loss {loss.item():.3f}, {time.time() - t0:.0f}s")
+        print(
+            f"\n[quality] demo DiT-T/2, 600 CPU steps: class accuracy {metrics['quality/class_accuracy']:.3f} "
+            f"(chance 0.100), FD {metrics['quality/fd']:.3f}, final loss {loss.item():.3f}, {time.time() - t0:.0f}s"
+        )
     assert metrics["quality/class_accuracy"] > 0.3  # 3x chance

@@ -89,8 +89,13 @@ def readme_commands() -> set[str]:
 
 def test_every_readme_command_is_run_by_a_test():
     keys = readme_commands()
-    assert {"make bench", "make docs", "ditforge data verify", "ditforge services status",
-            "python -m ditforge.bench.data"} <= keys
+    assert {
+        "make bench",
+        "make docs",
+        "ditforge data verify",
+        "ditforge services status",
+        "python -m ditforge.bench.data",
+    } <= keys
     missing = keys - set(RUN_BY)
     assert missing == set(NOT_RUN), f"README commands no test runs (add them to RUN_BY with a test): {sorted(missing)}"
     for key, where in RUN_BY.items():
@@ -116,8 +121,9 @@ def test_every_relative_import_resolves():
         for line, base, names in _relative_imports(path):
             targets = [f"{base}.{n}" for n in names] if names else [base]
             for t in targets:
-                found = importlib.util.find_spec(t) is not None or (names and hasattr(
-                    importlib.import_module(base), t.rsplit(".", 1)[1]))
+                found = importlib.util.find_spec(t) is not None or (
+                    names and hasattr(importlib.import_module(base), t.rsplit(".", 1)[1])
+                )
                 if not found:
                     bad.append(f"{path.relative_to(REPO)}:{line}: {t}")
     assert not bad, bad
@@ -125,8 +131,11 @@ def test_every_relative_import_resolves():
 
 def test_make_targets_run_what_the_readme_says():
     """`make test-fast`, `make fault`, `make bench`, `make down` (dry run: the command each would run)."""
+
     def recipe(*args: str) -> str:
-        out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()[-1]
 
@@ -156,8 +165,21 @@ def test_data_encode_and_verify_commands(embedded, tmp_path):
     the suite's Ray head (README: Parallel and resumable) instead of starting a private Ray each."""
     pixels, latents = f"file://{tmp_path}/pixels", f"file://{tmp_path}/latents"
     ray_env = {"RAY_ADDRESS": embedded.ray_gcs}
-    r = run_cli("data", "ingest", "shapes", "--out", pixels, "--limit", "16", "--shard-size", "8", "--resolution", "16",
-                timeout=600, env=ray_env)
+    r = run_cli(
+        "data",
+        "ingest",
+        "shapes",
+        "--out",
+        pixels,
+        "--limit",
+        "16",
+        "--shard-size",
+        "8",
+        "--resolution",
+        "16",
+        timeout=600,
+        env=ray_env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("data", "encode", pixels, "--vae", "identity,downsample=2", "--out", latents, timeout=600, env=ray_env)
     assert r.returncode == 0 and "16 latents (12, 8, 8)" in r.stdout, r.stdout + r.stderr[-2000:]

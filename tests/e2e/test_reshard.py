@@ -75,6 +75,8 @@ def test_manifest_without_what_resharding_needs_is_one_line(tmp_path):
     for world in (1, 2):  # another stage is refused at any world size: DeepSpeed would fail deep inside
         with pytest.raises(folder.ReshardError, match="saved with ZeRO-2, the job asks for ZeRO-3"):
             folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 2}, world, 3)
-    assert folder.reshard_plan(uri, {"world_size": 2}, 2, 2) is False  # same size: nothing to reshard, old manifests load
+    assert (
+        folder.reshard_plan(uri, {"world_size": 2}, 2, 2) is False
+    )  # same size: nothing to reshard, old manifests load
     assert folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 0}, 3, 0) is False  # ZeRO-0: every rank has it all
     assert folder.reshard_plan(uri, {"world_size": 2, "zero_stage": 3}, 3, 3) is True

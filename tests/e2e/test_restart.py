@@ -45,11 +45,25 @@ def base(embedded, tmp_path_factory):
 
 
 def submit(base: dict, name: str, *extra: str, wait: bool = False) -> dict:
-    sets = [f"data.train={base['data']}", "data.batch_size=16", "data.resolution=16",
-            f"checkpoint.uri={base['runs']}/{name}", f"train.steps={STEPS}", "train.warmup=2",
-            f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10", "train.max_failures=1",
-            "tracking.log_every=5", "tracking.experiment=tests", "tracking.system_metrics=false",
-            "tracking.register_model=false", "eval.quality=false", "sample.per_class=1", "sample.steps=2", *extra]
+    sets = [
+        f"data.train={base['data']}",
+        "data.batch_size=16",
+        "data.resolution=16",
+        f"checkpoint.uri={base['runs']}/{name}",
+        f"train.steps={STEPS}",
+        "train.warmup=2",
+        f"checkpoint.every_steps={EVERY}",
+        "checkpoint.keep_last=10",
+        "train.max_failures=1",
+        "tracking.log_every=5",
+        "tracking.experiment=tests",
+        "tracking.system_metrics=false",
+        "tracking.register_model=false",
+        "eval.quality=false",
+        "sample.per_class=1",
+        "sample.steps=2",
+        *extra,
+    ]
     args = ["submit", str(REPO / "jobs" / "demo-image.yaml"), *(["--wait"] if wait else [])]
     for s in sets:
         args += ["--set", s]

@@ -34,8 +34,9 @@ def _record_sampling(rank: int, out: Path) -> None:
     def recording_sample(*a, **k):
         step = a[-1]
         with open(out / f"sampled_rank_{rank}.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "complete": storage.exists(join_step(run_uri, step) + "/" + MANIFEST)})
-                    + "\n")
+            f.write(
+                json.dumps({"step": step, "complete": storage.exists(join_step(run_uri, step) + "/" + MANIFEST)}) + "\n"
+            )
         return sample(*a, **k)
 
     def counting_chunks(*a, **k):
@@ -102,8 +103,9 @@ def test_each_rank_resumes_its_own_skipped_counts(data, first_run):
     assert before[2] == 1.0, before  # summed over ranks: rank 1's one NaN latent
     out_b = root / "b"
     spec = dit_spec(uri, f"file://{root}/runs", train={"steps": 4}, sample={"per_class": 1, "max_classes": 1})
-    res = run_loop("ditforge.train.worker.train_loop", spec, f"file://{root}/runs/b", out_b,
-                   resume_from=join_step(run_uri, 2))
+    res = run_loop(
+        "ditforge.train.worker.train_loop", spec, f"file://{root}/runs/b", out_b, resume_from=join_step(run_uri, 2)
+    )
     assert res == {0: None, 1: None}, res
     after = metric(out_b, "data/skipped")
     assert sorted(after) == [3, 4]

@@ -32,15 +32,18 @@ def _job(tmp_path: Path, body: str) -> Path:
     return f
 
 
-@pytest.mark.parametrize("body, field", [
-    ("data: {train: file://../../../etc}", "data.train"),
-    ("data: {train: file:///etc/ditforge}", "data.train"),
-    ("data: {train: s3://ditforge/x}\ncheckpoint: {uri: 'file://{root}/../outside'}", "checkpoint.uri"),
-    ("data: {train: s3://ditforge/x}\ntrain: {resume: 'file:///var/tmp/runs/r/step_00000010'}", "train.resume"),
-    ("data: {train: s3://ditforge/x}\nvae: {kind: own, path: 'file://{root}/a/../../b'}", "vae.path"),
-    ("data: {train: s3://ditforge/x}\nvae: {kind: diffusers, path: '{root}/../vae'}", "vae.path"),
-    ("data: {train: s3://ditforge/x}\nmodel: {text: transformers, text_encoder: ~/t5}", "model.text_encoder"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ("data: {train: file://../../../etc}", "data.train"),
+        ("data: {train: file:///etc/ditforge}", "data.train"),
+        ("data: {train: s3://ditforge/x}\ncheckpoint: {uri: 'file://{root}/../outside'}", "checkpoint.uri"),
+        ("data: {train: s3://ditforge/x}\ntrain: {resume: 'file:///var/tmp/runs/r/step_00000010'}", "train.resume"),
+        ("data: {train: s3://ditforge/x}\nvae: {kind: own, path: 'file://{root}/a/../../b'}", "vae.path"),
+        ("data: {train: s3://ditforge/x}\nvae: {kind: diffusers, path: '{root}/../vae'}", "vae.path"),
+        ("data: {train: s3://ditforge/x}\nmodel: {text: transformers, text_encoder: ~/t5}", "model.text_encoder"),
+    ],
+)
 def test_spec_paths_cannot_escape_the_roots(tmp_path, monkeypatch, body, field):
     root = tmp_path / "project"
     (root / "a").mkdir(parents=True)
@@ -59,8 +62,13 @@ def test_spec_paths_inside_the_roots_are_accepted(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     monkeypatch.setenv("DITFORGE_HOME", str(root / ".ditforge"))
     monkeypatch.setenv("DITFORGE_ROOTS", str(extra))
-    spec = load_job(_job(tmp_path, f"data: {{train: file://data/../latents}}\ncheckpoint: {{uri: file://{extra}/runs}}\n"
-                                   "vae: {kind: own, path: file://.ditforge/vae}"))
+    spec = load_job(
+        _job(
+            tmp_path,
+            f"data: {{train: file://data/../latents}}\ncheckpoint: {{uri: file://{extra}/runs}}\n"
+            "vae: {kind: own, path: file://.ditforge/vae}",
+        )
+    )
     assert spec.data.train == "file://data/../latents"  # `..` that stays inside is fine
     # a symlink that points outside is followed, and refused
     (root / "link").symlink_to("/etc")
@@ -98,7 +106,9 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
     out = []
     for p in procs:
         try:
-            out += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+            out += [
+                (p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == "LISTEN"
+            ]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
@@ -118,8 +128,12 @@ def test_deepspeed_paths_inside_the_roots_pass_through(tmp_path, monkeypatch):
     from ditforge.train.engine import deepspeed_config
 
     monkeypatch.chdir(tmp_path)
-    spec = load_job(_job(tmp_path, "data: {train: s3://ditforge/x}\n"
-                                   "deepspeed: {tensorboard: {enabled: true, output_path: tb, job_name: j}}"))
+    spec = load_job(
+        _job(
+            tmp_path,
+            "data: {train: s3://ditforge/x}\ndeepspeed: {tensorboard: {enabled: true, output_path: tb, job_name: j}}",
+        )
+    )
     assert deepspeed_config(spec)["tensorboard"] == {"enabled": True, "output_path": "tb", "job_name": "j"}
 
 
@@ -158,8 +172,15 @@ def test_serving_beyond_loopback_without_credentials_is_refused(tmp_path):
     home = tmp_path / "home"
     cluster = tmp_path / "c.yaml"
     cluster.write_text("kind: embedded\nhost: 0.0.0.0\n")
-    env = {"DITFORGE_HOME": str(home), "HOME": str(tmp_path), "MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": "",
-           "RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "", "DITFORGE_MLFLOW_CREDENTIALS": ""}
+    env = {
+        "DITFORGE_HOME": str(home),
+        "HOME": str(tmp_path),
+        "MLFLOW_TRACKING_USERNAME": "",
+        "MLFLOW_TRACKING_PASSWORD": "",
+        "RAY_AUTH_TOKEN": "",
+        "RAY_AUTH_TOKEN_PATH": "",
+        "DITFORGE_MLFLOW_CREDENTIALS": "",
+    }
     r = run_cli("services", "up", "-c", str(cluster), env=env, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.count("\n") == 1 and "refusing to serve beyond this machine without authentication" in r.stderr
@@ -187,7 +208,9 @@ def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp
         assert e.value.code == 401
         wrong = base64.b64encode(b"dfadmin:nope").decode()
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(urllib.request.Request(search, headers={"Authorization": f"Basic {wrong}"}), timeout=30)
+            urllib.request.urlopen(
+                urllib.request.Request(search, headers={"Authorization": f"Basic {wrong}"}), timeout=30
+            )
         assert e.value.code == 401
         # the platform's clients: credentials from a named file, put into MLflow's environment variables
         creds = tmp_path / "mlflow-credentials.json"
@@ -226,10 +249,18 @@ def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     b = 24000 + os.getpid() % 50 * 100  # a port block of its own, away from the other heads' ports
     ports = ServicePorts(mlflow=_free_port(), ray_dashboard=_free_port(), ray_gcs=_free_port())
     cluster = EmbeddedCluster(host="0.0.0.0", cpus=1, ports=ports)
-    extra = (f"--temp-dir={temp}", f"--ray-client-server-port={_free_port()}", f"--node-manager-port={b}",
-             f"--object-manager-port={b + 1}", f"--dashboard-agent-listen-port={b + 2}",
-             f"--dashboard-agent-grpc-port={b + 3}", f"--metrics-export-port={b + 4}",
-             f"--runtime-env-agent-port={b + 5}", f"--min-worker-port={b + 10}", f"--max-worker-port={b + 99}")
+    extra = (
+        f"--temp-dir={temp}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--node-manager-port={b}",
+        f"--object-manager-port={b + 1}",
+        f"--dashboard-agent-listen-port={b + 2}",
+        f"--dashboard-agent-grpc-port={b + 3}",
+        f"--metrics-export-port={b + 4}",
+        f"--runtime-env-agent-port={b + 5}",
+        f"--min-worker-port={b + 10}",
+        f"--max-worker-port={b + 99}",
+    )
     try:
         dash = services.start_ray(cluster, extra)
         jobs = f"{dash}/api/jobs/"
@@ -289,8 +320,14 @@ def test_deepspeed_checkpoint_files_pass_the_safe_loader(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    state = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
-                                      "state": {0: {"exp_avg": torch.ones(3)}}}, "ds_version": "0.19.8"}
+    state = {
+        "optimizer_state_dict": {
+            "loss_scaler": LossScaler(1.0),
+            "zero_stage": ZeroStageEnum.gradients,
+            "state": {0: {"exp_avg": torch.ones(3)}},
+        },
+        "ds_version": "0.19.8",
+    }
     torch.save(state, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     check_pickles(tmp_path, "here")
     assert safe_torch_load(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["ds_version"] == "0.19.8"

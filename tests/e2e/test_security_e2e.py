@@ -33,10 +33,33 @@ def latents(embedded):
 
 
 def _submit(job: Path, latents: str, *sets: str, env: dict | None = None):
-    args = ["submit", str(job), "--wait", "--set", f"data.train={latents}/latents", "--set", f"checkpoint.uri={latents}/runs",
-            "--set", "train.steps=4", "--set", "train.warmup=1", "--set", "checkpoint.every_steps=4",
-            "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests", "--set", "tracking.system_metrics=false",
-            "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "eval.quality=false"]
+    args = [
+        "submit",
+        str(job),
+        "--wait",
+        "--set",
+        f"data.train={latents}/latents",
+        "--set",
+        f"checkpoint.uri={latents}/runs",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.warmup=1",
+        "--set",
+        "checkpoint.every_steps=4",
+        "--set",
+        "tracking.log_every=1",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "tracking.system_metrics=false",
+        "--set",
+        "sample.per_class=1",
+        "--set",
+        "sample.steps=2",
+        "--set",
+        "eval.quality=false",
+    ]
     for s in sets:
         args += ["--set", s]
     r = run_cli(*args, env=env)
@@ -58,9 +81,15 @@ def test_no_secret_in_logs_params_tags_artifacts_or_checkpoints(latents, tmp_pat
     api_key = f"df-api-key-{uuid.uuid4().hex}"  # a variable named *_KEY (WANDB_API_KEY, OPENAI_API_KEY, ...)
     # The CLI gets its S3 keys from the environment, and carries more secrets there (an MLflow
     # password, an API token); the user's YAML even has a token pasted into a comment.
-    env = {"AWS_ACCESS_KEY_ID": creds["access_key_id"], "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_ENDPOINT_URL_S3": creds["endpoint_url"], "MLFLOW_TRACKING_USERNAME": "ditforge",
-           "MLFLOW_TRACKING_PASSWORD": sentinel, "DITFORGE_TEST_API_TOKEN": sentinel, "DITFORGE_TEST_API_KEY": api_key}
+    env = {
+        "AWS_ACCESS_KEY_ID": creds["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_ENDPOINT_URL_S3": creds["endpoint_url"],
+        "MLFLOW_TRACKING_USERNAME": "ditforge",
+        "MLFLOW_TRACKING_PASSWORD": sentinel,
+        "DITFORGE_TEST_API_TOKEN": sentinel,
+        "DITFORGE_TEST_API_KEY": api_key,
+    }
     job = tmp_path / "job.yaml"
     job.write_text((REPO / "jobs" / "demo-image.yaml").read_text() + f"# api token: {sentinel}\n# api key: {api_key}\n")
     r, rec = _submit(job, latents, "train.resume=never", env=env)
@@ -82,8 +111,11 @@ def test_no_secret_in_logs_params_tags_artifacts_or_checkpoints(latents, tmp_pat
     found["mlflow tags"] = json.dumps(run.data.tags).encode()
     import mlflow
 
-    arts = Path(mlflow.artifacts.download_artifacts(run_id=rec["mlflow_run_id"], dst_path=str(tmp_path / "arts"),
-                                                    tracking_uri=rec["tracking_uri"]))
+    arts = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=rec["mlflow_run_id"], dst_path=str(tmp_path / "arts"), tracking_uri=rec["tracking_uri"]
+        )
+    )
     art_files = [f for f in arts.rglob("*") if f.is_file()]
     assert {"job.resolved.yaml", "job.yaml", "raw.safetensors"} <= {f.name for f in art_files}
     found |= {str(f): f.read_bytes() for f in art_files}

@@ -45,8 +45,10 @@ pytestmark = [
     # Not yet seen passing: written on a machine at load average 200-400, where Ray's head did not
     # register its own raylet within Ray's startup timeout inside the allocation. Run on purpose
     # with DITFORGE_SLURM_E2E=1 until it has passed here (see README, "On a Slurm cluster").
-    pytest.mark.skipif(os.environ.get("DITFORGE_SLURM_E2E") != "1",
-                       reason="Slurm end-to-end tests not yet verified: set DITFORGE_SLURM_E2E=1 to run them"),
+    pytest.mark.skipif(
+        os.environ.get("DITFORGE_SLURM_E2E") != "1",
+        reason="Slurm end-to-end tests not yet verified: set DITFORGE_SLURM_E2E=1 to run them",
+    ),
 ]
 STEPS, EVERY = 60, 10
 MLFLOW_PORT = 5099
@@ -61,20 +63,43 @@ def site(hosts, tmp_path_factory):
     shared = hosts.base / "shared"
     for d in ("home", "ditforge", "mlflow"):
         (shared / d).mkdir(parents=True, exist_ok=True)
-    wrap = lambda i: (lambda argv: hosts._argv(i, argv))  # noqa: E731
-    s = test_slurm.Slurm(shared / "slurm", (hosts.addr(0), wrap(0)),
-                         [(f"n{i}", hosts.addr(i), wrap(i)) for i in (1, 2)])
+    wrap = lambda i: lambda argv: hosts._argv(i, argv)  # noqa: E731
+    s = test_slurm.Slurm(
+        shared / "slurm", (hosts.addr(0), wrap(0)), [(f"n{i}", hosts.addr(i), wrap(i)) for i in (1, 2)]
+    )
     mlflow = None
     try:
-        env = {"HOME": str(shared / "home"), "DITFORGE_HOME": str(shared / "ditforge"),
-               "DITFORGE_ROOTS": str(shared), "SLURM_CONF": str(s.conf)}
+        env = {
+            "HOME": str(shared / "home"),
+            "DITFORGE_HOME": str(shared / "ditforge"),
+            "DITFORGE_ROOTS": str(shared),
+            "SLURM_CONF": str(s.conf),
+        }
         # A plain MLflow server on the login node's address (a test convenience on a bridge with
         # no uplink; a site runs its own, with authentication)
-        mlflow = hosts.popen(0, [sys.executable, "-m", "mlflow", "server", "--host", hosts.addr(0), "--port",
-                                 str(MLFLOW_PORT), "--backend-store-uri", f"sqlite:///{shared}/mlflow/mlflow.db",
-                                 "--artifacts-destination", f"{shared}/mlflow/artifacts", "--workers", "1"],
-                             env=env, stdout=open(shared / "mlflow" / "log", "wb"), stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        mlflow = hosts.popen(
+            0,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                hosts.addr(0),
+                "--port",
+                str(MLFLOW_PORT),
+                "--backend-store-uri",
+                f"sqlite:///{shared}/mlflow/mlflow.db",
+                "--artifacts-destination",
+                f"{shared}/mlflow/artifacts",
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=open(shared / "mlflow" / "log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         tracking = f"http://{hosts.addr(0)}:{MLFLOW_PORT}"
         data = f"file://{shared}/data"
         with ray_session(2):  # one private Ray for both steps
@@ -85,12 +110,30 @@ def site(hosts, tmp_path_factory):
         while hosts.run(0, probe).returncode != 0:
             assert time.time() < deadline and mlflow.poll() is None, (shared / "mlflow" / "log").read_text()[-2000:]
             time.sleep(1)
-        spec = {"kind": "slurm", "name": "t2", "partition": "debug", "nodes": 2, "cpus_per_node": 1,
-                "time_limit": "30:00", "ports_from": 26000, "object_store_mb": 100, "tracking_uri": tracking,
-                "signal_grace_s": 60, "up_timeout_s": 300, "python": sys.executable}
+        spec = {
+            "kind": "slurm",
+            "name": "t2",
+            "partition": "debug",
+            "nodes": 2,
+            "cpus_per_node": 1,
+            "time_limit": "30:00",
+            "ports_from": 26000,
+            "object_store_mb": 100,
+            "tracking_uri": tracking,
+            "signal_grace_s": 60,
+            "up_timeout_s": 300,
+            "python": sys.executable,
+        }
         (shared / "slurm.yaml").write_text(yaml.safe_dump(spec))
-        yield {"hosts": hosts, "slurm": s, "shared": shared, "env": env, "yaml": shared / "slurm.yaml",
-               "data": f"{data}/latents", "tracking": tracking}
+        yield {
+            "hosts": hosts,
+            "slurm": s,
+            "shared": shared,
+            "env": env,
+            "yaml": shared / "slurm.yaml",
+            "data": f"{data}/latents",
+            "tracking": tracking,
+        }
     finally:
         jobs = s.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
         if jobs:
@@ -120,12 +163,25 @@ def cli(site, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 def job_sets(site, name: str) -> list[str]:
-    sets = [f"data.train={site['data']}", "data.batch_size=16", "data.resolution=16",
-            f"checkpoint.uri=file://{site['shared']}/runs/{name}", f"train.steps={STEPS}", "train.warmup=2",
-            f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10", "tracking.log_every=5",
-            "tracking.experiment=slurm", "tracking.system_metrics=false", "tracking.register_model=false",
-            "eval.quality=false", "sample.per_class=1", "sample.steps=2", "resources.placement=STRICT_SPREAD",
-            "train.resume=never"]
+    sets = [
+        f"data.train={site['data']}",
+        "data.batch_size=16",
+        "data.resolution=16",
+        f"checkpoint.uri=file://{site['shared']}/runs/{name}",
+        f"train.steps={STEPS}",
+        "train.warmup=2",
+        f"checkpoint.every_steps={EVERY}",
+        "checkpoint.keep_last=10",
+        "tracking.log_every=5",
+        "tracking.experiment=slurm",
+        "tracking.system_metrics=false",
+        "tracking.register_model=false",
+        "eval.quality=false",
+        "sample.per_class=1",
+        "sample.steps=2",
+        "resources.placement=STRICT_SPREAD",
+        "train.resume=never",
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -146,8 +202,9 @@ def standing(site, tmp_path_factory):
         return got
     got["cluster_status"] = cli(site, "cluster", "status", y)
     got["head"] = json.loads((site["shared"] / "ditforge" / "slurm" / "t2" / "head.json").read_text())
-    r = cli(site, "submit", str(REPO / "jobs" / "demo-image.yaml"), "--cluster", y, *job_sets(site, "standing"),
-            "--wait")
+    r = cli(
+        site, "submit", str(REPO / "jobs" / "demo-image.yaml"), "--cluster", y, *job_sets(site, "standing"), "--wait"
+    )
     got["submit"] = r
     job_id = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else None
     if job_id:
@@ -195,8 +252,16 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
     from .test_restart import assert_bit_identical
 
     assert "weights" in standing, "the standing run (the uninterrupted reference) did not finish"
-    r = cli(site, "submit", str(REPO / "jobs" / "demo-image.yaml"), "--cluster", str(site["yaml"]),
-            "--set", "cluster.mode=job", *job_sets(site, "preempt"))
+    r = cli(
+        site,
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--cluster",
+        str(site["yaml"]),
+        "--set",
+        "cluster.mode=job",
+        *job_sets(site, "preempt"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"slurm-\d+", job_id), r.stdout
@@ -211,7 +276,7 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
     # what Slurm sends `signal_grace_s` before the time limit or a preemption (--signal=B:USR1@N)
     s.run("scancel", "--batch", "--signal=USR1", slurm_id)
     deadline = time.time() + 600
-    while (state := s.run("squeue", "-h", "-j", slurm_id, "-o", "%T", check=False).stdout.strip()):
+    while state := s.run("squeue", "-h", "-j", slurm_id, "-o", "%T", check=False).stdout.strip():
         assert time.time() < deadline, state
         time.sleep(1)
     job_dir = Path(rec["job_dir"])

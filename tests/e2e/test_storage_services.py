@@ -34,8 +34,12 @@ def test_credentials_file_is_private_and_keys_are_enforced(embedded):
 
     import s3fs
 
-    wrong = s3fs.S3FileSystem(key=creds["access_key_id"], secret="not-the-secret", skip_instance_cache=True,
-                              client_kwargs={"endpoint_url": embedded.s3, "region_name": "us-east-1"})
+    wrong = s3fs.S3FileSystem(
+        key=creds["access_key_id"],
+        secret="not-the-secret",
+        skip_instance_cache=True,
+        client_kwargs={"endpoint_url": embedded.s3, "region_name": "us-east-1"},
+    )
     with pytest.raises((PermissionError, OSError)):
         wrong.ls("ditforge")
 

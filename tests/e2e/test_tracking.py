@@ -13,8 +13,9 @@ from ditforge.train.tracking import Tracker
 def test_rejected_record_is_dropped_and_later_metrics_arrive(embedded, capsys):
     client = MlflowClient(embedded.mlflow)
     exp = client.get_experiment_by_name("tests")
-    run_id = client.create_run(exp.experiment_id if exp else client.create_experiment("tests"),
-                               run_name=f"tracker-{uuid.uuid4().hex[:6]}").info.run_id
+    run_id = client.create_run(
+        exp.experiment_id if exp else client.create_experiment("tests"), run_name=f"tracker-{uuid.uuid4().hex[:6]}"
+    ).info.run_id
     t = Tracker(embedded.mlflow, run_id, system_metrics=False)
     t.params({"world_size": 2})
     t.log({"train/loss": 1.0}, 1)

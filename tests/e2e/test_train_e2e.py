@@ -31,10 +31,27 @@ def latents(embedded):
 
 def submit(latents: str, *sets: str, resume: str | None = None) -> dict:
     """Submit with --wait; return the job record written by submit."""
-    args = ["submit", JOB, "--wait", "--set", f"data.train={latents}/latents", "--set",
-            f"checkpoint.uri={latents}/runs", "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests",
-            "--set", "sample.per_class=2", "--set", "sample.steps=4", "--set", "tracking.system_metrics=true",
-            "--set", "eval.quality=false"]  # the quality metric has its own test (test_quality.py)
+    args = [
+        "submit",
+        JOB,
+        "--wait",
+        "--set",
+        f"data.train={latents}/latents",
+        "--set",
+        f"checkpoint.uri={latents}/runs",
+        "--set",
+        "tracking.log_every=1",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "sample.per_class=2",
+        "--set",
+        "sample.steps=4",
+        "--set",
+        "tracking.system_metrics=true",
+        "--set",
+        "eval.quality=false",
+    ]  # the quality metric has its own test (test_quality.py)
     if not any(x.startswith("train.resume=") for x in sets):
         args += ["--set", "train.resume=never"]  # tests choose their resume explicitly
     for s in sets:
@@ -64,8 +81,10 @@ def test_zero2_run_logs_to_one_mlflow_run_and_checkpoints_to_s3(zero2_run):
     run = client.get_run(rec["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     # one MLflow run per job, not per worker
-    runs = client.search_runs([run.info.experiment_id], filter_string=f"tags.ditforge.job = 'demo-image' "
-                              f"and attributes.run_name = '{rec['run_name']}'")
+    runs = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.ditforge.job = 'demo-image' and attributes.run_name = '{rec['run_name']}'",
+    )
     assert len(runs) == 1
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["world_size"] == "2"
     for key in ("train/loss", "train/lr", "train/samples_per_s", "train/step_s"):
@@ -98,7 +117,9 @@ def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, 
     short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs)
     assert complete_steps(short["run_uri"]) == [10]
     storage.write_bytes(storage.join(short["run_uri"], "step_00000015", "mp_rank_00_model_states.pt"), b"partial")
-    resumed = submit(latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs)
+    resumed = submit(
+        latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs
+    )
     assert resumed["run_name"] == short["run_name"]
     client = MlflowClient(resumed["tracking_uri"])
     child = client.get_run(resumed["mlflow_run_id"])
@@ -137,11 +158,22 @@ def test_registered_model_samples_and_exports(zero2_run, tmp_path):
 def test_zero3_two_workers(latents, tmp_path):
     # Also `data.batch_size: auto` on CPU workers (its fallback) with gradient accumulation: the
     # demo's 32 samples per worker per step as 2 micro-batches of 16.
-    rec = submit(latents, "train.steps=6", "train.warmup=1", "checkpoint.every_steps=3", "deepspeed.zero_stage=3",
-                 "data.batch_size=auto", "data.auto_batch.fallback=16", "data.global_batch=64")
+    rec = submit(
+        latents,
+        "train.steps=6",
+        "train.warmup=1",
+        "checkpoint.every_steps=3",
+        "deepspeed.zero_stage=3",
+        "data.batch_size=auto",
+        "data.auto_batch.fallback=16",
+        "data.global_batch=64",
+    )
     tags = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags
-    assert (tags["ditforge.batch.micro"], tags["ditforge.batch.accum"], tags["ditforge.batch.source"]) == \
-        ("16", "2", "fallback")
+    assert (tags["ditforge.batch.micro"], tags["ditforge.batch.accum"], tags["ditforge.batch.source"]) == (
+        "16",
+        "2",
+        "fallback",
+    )
     assert complete_steps(rec["run_uri"]) == [3, 6]
     manifest = json.loads(storage.read_bytes(storage.join(rec["run_uri"], "step_00000006", MANIFEST)))
     # ZeRO-3 partitions parameters: every rank writes its own model-state shard
@@ -159,8 +191,16 @@ def test_zero3_two_workers(latents, tmp_path):
 
 
 def test_resume_of_unknown_run_is_one_line(latents):
-    r = run_cli("submit", JOB, "--set", f"data.train={latents}/latents", "--set", f"checkpoint.uri={latents}/runs",
-                "--resume", "no-such-run")
+    r = run_cli(
+        "submit",
+        JOB,
+        "--set",
+        f"data.train={latents}/latents",
+        "--set",
+        f"checkpoint.uri={latents}/runs",
+        "--resume",
+        "no-such-run",
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --resume no-such-run: no run named 'no-such-run' under {latents}/runs"
 
@@ -194,8 +234,9 @@ def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path)
     g = torch.Generator().manual_seed(0)
     x, sigma, y = torch.randn(2, 12, 16, 16, generator=g), torch.tensor([0.3, 0.9]), torch.tensor([3, 7])
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, sigma, y), pipe.transformer(x, timestep=sigma * 1000, class_labels=y).sample,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ours(x, sigma, y), pipe.transformer(x, timestep=sigma * 1000, class_labels=y).sample, atol=1e-5, rtol=0
+        )
 
 
 def test_register_redoes_a_failed_registration(zero2_run):

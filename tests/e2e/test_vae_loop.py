@@ -20,13 +20,17 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def vae_spec(data: str, root, **train) -> dict:
-    return {"name": "vae-loop-test", "task": "vae", "data": {"train": data, "resolution": 16, "batch_size": 4},
-            "vae": {"kind": "own", "path": f"file://{root}/vae", "downsample": 2, "latent_channels": 4,
-                    "base_channels": 8},
-            "train": {"steps": 3, "lr": 1e-3, "warmup": 1, "ema_decay": 0.0, **train},
-            "deepspeed": {"zero_stage": 2}, "resources": {"workers": 2, "cpus_per_worker": 1},
-            "checkpoint": {"uri": f"file://{root}/runs", "every_steps": 2, "on_stop": True},
-            "tracking": {"log_every": 1, "system_metrics": False}}
+    return {
+        "name": "vae-loop-test",
+        "task": "vae",
+        "data": {"train": data, "resolution": 16, "batch_size": 4},
+        "vae": {"kind": "own", "path": f"file://{root}/vae", "downsample": 2, "latent_channels": 4, "base_channels": 8},
+        "train": {"steps": 3, "lr": 1e-3, "warmup": 1, "ema_decay": 0.0, **train},
+        "deepspeed": {"zero_stage": 2},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "checkpoint": {"uri": f"file://{root}/runs", "every_steps": 2, "on_stop": True},
+        "tracking": {"log_every": 1, "system_metrics": False},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,9 @@ def _position(run_uri: str, step: int, rank: int) -> dict:
 def test_vae_job_checkpoints_guards_nan_stops_and_resumes_where_each_rank_was(pixels):
     data, root = pixels
     run_uri = f"file://{root}/runs/vae-a"
-    res = run_loop("ditforge.train.vae_trainer.train_vae_loop", vae_spec(data, root, debug_nan_steps=[3]),
-                   run_uri, root / "a")
+    res = run_loop(
+        "ditforge.train.vae_trainer.train_vae_loop", vae_spec(data, root, debug_nan_steps=[3]), run_uri, root / "a"
+    )
     assert res == {0: None, 1: None}, res
     assert complete_steps(run_uri) == [2, 3]  # every_steps, then the final one
     assert metric(root / "a", "train/skipped_nonfinite")[3] == 1.0  # step 3's NaN loss skipped, counted
@@ -83,6 +88,7 @@ def test_vae_job_on_gpu_all_reduces_device_tensors(pixels):
     data, root = pixels
     spec = vae_spec(data, root, steps=2)
     spec["resources"] = {"workers": 1, "cpus_per_worker": 1, "use_gpu": True}
-    res = run_loop("ditforge.train.vae_trainer.train_vae_loop", spec, f"file://{root}/runs/vae-gpu", root / "gpu",
-                   world=1)
+    res = run_loop(
+        "ditforge.train.vae_trainer.train_vae_loop", spec, f"file://{root}/runs/vae-gpu", root / "gpu", world=1
+    )
     assert res == {0: None}, res

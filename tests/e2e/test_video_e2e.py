@@ -24,12 +24,41 @@ def test_video_job_with_captions(embedded):
     ingest.ingest("moving-shapes", f"{root}/pixels", limit=32, frames=4, shard_size=8, progress=False)
     m = encode_dataset(f"{root}/pixels", f"{root}/latents", parse_vae("identity"), progress=False)
     assert m["latent_shape"] == [12, 4, 16, 16]
-    r = run_cli("submit", str(REPO / "jobs" / "video-dit-s-moving-shapes.yaml"), "--wait",
-                "--set", f"data.train={root}/latents", "--set", f"checkpoint.uri={root}/runs",
-                "--set", "model.size=T", "--set", "model.text=own", "--set", "data.batch_size=4", "--set", "data.frames=4",
-                "--set", "train.steps=6", "--set", "train.warmup=1", "--set", "checkpoint.every_steps=3",
-                "--set", "tracking.log_every=1", "--set", "tracking.experiment=tests", "--set", "train.resume=never",
-                "--set", "sample.per_class=1", "--set", "sample.steps=2", "--set", "eval.quality=false")
+    r = run_cli(
+        "submit",
+        str(REPO / "jobs" / "video-dit-s-moving-shapes.yaml"),
+        "--wait",
+        "--set",
+        f"data.train={root}/latents",
+        "--set",
+        f"checkpoint.uri={root}/runs",
+        "--set",
+        "model.size=T",
+        "--set",
+        "model.text=own",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "data.frames=4",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.warmup=1",
+        "--set",
+        "checkpoint.every_steps=3",
+        "--set",
+        "tracking.log_every=1",
+        "--set",
+        "tracking.experiment=tests",
+        "--set",
+        "train.resume=never",
+        "--set",
+        "sample.per_class=1",
+        "--set",
+        "sample.steps=2",
+        "--set",
+        "eval.quality=false",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rec = json.loads((storage.home() / "jobs" / f"{r.stdout.strip().splitlines()[-1]}.json").read_text())
     client = MlflowClient(rec["tracking_uri"])
@@ -62,10 +91,23 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, tmp_p
     root = f"s3://ditforge/tests/vdt-{uuid.uuid4().hex[:8]}"
     ingest.ingest("moving-shapes", f"{root}/pixels", limit=32, frames=4, resolution=16, shard_size=8, progress=False)
     encode_dataset(f"{root}/pixels", f"{root}/latents", parse_vae("identity"), progress=False)
-    sets = [f"data.train={root}/latents", "data.frames=4", "data.batch_size=4", "train.steps=6", "train.warmup=1",
-            "train.video_tasks.k=[1,1]", "checkpoint.every_steps=3", "tracking.log_every=3",
-            "tracking.experiment=tests", "tracking.system_metrics=false", "sample.per_class=1", "sample.steps=2",
-            "eval.per_class=1", "eval.steps=2", "eval.task_clips=4"]  # the evaluation as the spec has it
+    sets = [
+        f"data.train={root}/latents",
+        "data.frames=4",
+        "data.batch_size=4",
+        "train.steps=6",
+        "train.warmup=1",
+        "train.video_tasks.k=[1,1]",
+        "checkpoint.every_steps=3",
+        "tracking.log_every=3",
+        "tracking.experiment=tests",
+        "tracking.system_metrics=false",
+        "sample.per_class=1",
+        "sample.steps=2",
+        "eval.per_class=1",
+        "eval.steps=2",
+        "eval.task_clips=4",
+    ]  # the evaluation as the spec has it
 
     def submit(*extra):
         args = ["submit", str(REPO / "jobs" / "video-vdt-moving-shapes.yaml"), "--wait"]
@@ -90,8 +132,20 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, tmp_p
     for task in TASKS_SAMPLED:
         out = tmp_path / f"{task}.npy"
         with pytest.raises(SystemExit) as e:  # in-process: the CLI's own code path, without a new interpreter
-            cli.main(["sample", "--model", model, "--task", task, "--given", str(tmp_path / "clip.npy"),
-                      "--out", str(out), "--json"])
+            cli.main(
+                [
+                    "sample",
+                    "--model",
+                    model,
+                    "--task",
+                    task,
+                    "--given",
+                    str(tmp_path / "clip.npy"),
+                    "--out",
+                    str(out),
+                    "--json",
+                ]
+            )
         assert e.value.code == 0, capsys.readouterr().err
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == task
         frames = np.load(out)
@@ -101,8 +155,11 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, tmp_p
             assert np.array_equal(frames[first], clip[first])
 
     # Resume from the step-3 checkpoint into a new run: the same masks, noise and data order.
-    again = submit(f"checkpoint.uri={root}/runs-resumed", f"train.resume={join_step(rec['run_uri'], 3)}",
-                   "tracking.register_model=false")
+    again = submit(
+        f"checkpoint.uri={root}/runs-resumed",
+        f"train.resume={join_step(rec['run_uri'], 3)}",
+        "tracking.register_model=false",
+    )
     got, want = tmp_path / "got", tmp_path / "want"
     export(again["run_uri"], f"file://{got}")
     export(rec["run_uri"], f"file://{want}")

@@ -30,155 +30,430 @@ def cluster(**fields) -> str:
 
 
 AWS = {"kind": "aws", "head": {"instance_type": "m5.large"}, "workers": [{"instance_type": "g5.xlarge"}]}
-GCP = {"kind": "gcp", "project_id": "p", "head": {"instance_type": "n2", "cpus": 4},
-       "workers": [{"instance_type": "g2", "cpus": 4}]}
-KUBE = {"kind": "kubernetes", "image": "img", "head": {"cpus": 2, "memory_gb": 4},
-        "workers": [{"cpus": 2, "memory_gb": 4}]}
+GCP = {
+    "kind": "gcp",
+    "project_id": "p",
+    "head": {"instance_type": "n2", "cpus": 4},
+    "workers": [{"instance_type": "g2", "cpus": 4}],
+}
+KUBE = {
+    "kind": "kubernetes",
+    "image": "img",
+    "head": {"cpus": 2, "memory_gb": 4},
+    "workers": [{"cpus": 2, "memory_gb": 4}],
+}
 
 # (id, files {name: text or None for a folder}, argv ({d} = the test folder), [what the line must name])
 CASES = [
     # --- job specs: types, unknown keys, values --------------------------------------------------
-    ("type-int", {"j.yaml": job(train={"steps": "many"})}, ["validate", "{d}/j.yaml"], ["j.yaml", "train.steps", "'many'"]),
+    (
+        "type-int",
+        {"j.yaml": job(train={"steps": "many"})},
+        ["validate", "{d}/j.yaml"],
+        ["j.yaml", "train.steps", "'many'"],
+    ),
     ("type-list", {"j.yaml": job(data={"batch_size": [1, 2]})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
     ("batch-auto-typo", {"j.yaml": job(data={"batch_size": "atuo"})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
-    ("global-batch", {"j.yaml": job(data={"batch_size": 8, "global_batch": 12})}, ["validate", "{d}/j.yaml"],
-     ["data.global_batch"]),
+    (
+        "global-batch",
+        {"j.yaml": job(data={"batch_size": 8, "global_batch": 12})},
+        ["validate", "{d}/j.yaml"],
+        ["data.global_batch"],
+    ),
     ("fp8-on-cpu", {"j.yaml": job(train={"precision": "fp8"})}, ["submit", "{d}/j.yaml"], ["train.precision", "fp8"]),
     ("type-bool", {"j.yaml": job(resources={"use_gpu": "maybe"})}, ["validate", "{d}/j.yaml"], ["resources.use_gpu"]),
     ("type-section", {"j.yaml": job(model=5)}, ["validate", "{d}/j.yaml"], ["j.yaml", "model"]),
     ("type-name", {"j.yaml": job(name=["a"])}, ["validate", "{d}/j.yaml"], ["j.yaml", "name"]),
-    ("unknown-key", {"j.yaml": job(train={"stpes": 5})}, ["validate", "{d}/j.yaml"],
-     ["train.stpes", "unknown key", "did you mean 'steps'"]),
-    ("unknown-top", {"j.yaml": job(modle={"size": "S"})}, ["validate", "{d}/j.yaml"], ["modle", "did you mean 'model'"]),
-    ("unknown-deep", {"j.yaml": job(checkpoint={"evry_steps": 5})}, ["validate", "{d}/j.yaml"],
-     ["checkpoint.evry_steps", "did you mean 'every_steps'"]),
-    ("deepspeed-typo", {"j.yaml": job(deepspeed={"zero_stag": 3})}, ["validate", "{d}/j.yaml"],
-     ["deepspeed.zero_stag", "did you mean 'zero_stage'"]),
-    ("deepspeed-stage", {"j.yaml": job(deepspeed={"zero_stage": 4})}, ["validate", "{d}/j.yaml"], ["deepspeed.zero_stage", "4"]),
+    (
+        "unknown-key",
+        {"j.yaml": job(train={"stpes": 5})},
+        ["validate", "{d}/j.yaml"],
+        ["train.stpes", "unknown key", "did you mean 'steps'"],
+    ),
+    (
+        "unknown-top",
+        {"j.yaml": job(modle={"size": "S"})},
+        ["validate", "{d}/j.yaml"],
+        ["modle", "did you mean 'model'"],
+    ),
+    (
+        "unknown-deep",
+        {"j.yaml": job(checkpoint={"evry_steps": 5})},
+        ["validate", "{d}/j.yaml"],
+        ["checkpoint.evry_steps", "did you mean 'every_steps'"],
+    ),
+    (
+        "deepspeed-typo",
+        {"j.yaml": job(deepspeed={"zero_stag": 3})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.zero_stag", "did you mean 'zero_stage'"],
+    ),
+    (
+        "deepspeed-stage",
+        {"j.yaml": job(deepspeed={"zero_stage": 4})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.zero_stage", "4"],
+    ),
     # pass-through keys that ditforge sets itself, and pass-through paths outside the allowed roots
-    ("deepspeed-own", {"j.yaml": job(deepspeed={"optimizer": {"type": "Adam"}})}, ["validate", "{d}/j.yaml"],
-     ["deepspeed.optimizer", "set by ditforge itself"]),
-    ("deepspeed-own-zero", {"j.yaml": job(deepspeed={"zero_optimization": {"stage": 1}})}, ["validate", "{d}/j.yaml"],
-     ["deepspeed.zero_optimization.stage", "deepspeed.zero_stage"]),
-    ("deepspeed-monitor-path", {"j.yaml": job(deepspeed={"tensorboard": {"enabled": True, "output_path": "/etc/tb"}})},
-     ["validate", "{d}/j.yaml"], ["deepspeed.tensorboard.output_path", "outside the allowed roots"]),
-    ("deepspeed-nvme-path", {"j.yaml": job(deepspeed={"zero_optimization": {"offload_optimizer": {
-        "device": "nvme", "nvme_path": "file:///var/../etc/nvme"}}})}, ["validate", "{d}/j.yaml"],
-     ["deepspeed.zero_optimization.offload_optimizer.nvme_path", "resolves to /etc/nvme"]),
-    ("deepspeed-remote-path", {"j.yaml": job(deepspeed={"csv_monitor": {"enabled": True, "output_path": "s3://b/m"}})},
-     ["validate", "{d}/j.yaml"], ["deepspeed.csv_monitor.output_path", "local path"]),
-    ("elastic-min-above", {"j.yaml": job(resources={"workers": 2, "min_workers": 3}, train={"max_failures": 2})},
-     ["validate", "{d}/j.yaml"], ["j.yaml", "resources.min_workers", "larger than workers (2)"]),
-    ("elastic-min-zero", {"j.yaml": job(resources={"workers": 2, "min_workers": 0}, train={"max_failures": 2})},
-     ["validate", "{d}/j.yaml"], ["resources.min_workers", "at least 1"]),
-    ("elastic-no-restarts", {"j.yaml": job(resources={"workers": 2, "min_workers": 1})}, ["validate", "{d}/j.yaml"],
-     ["train.max_failures", "elastic"]),
-    ("elastic-vae", {"j.yaml": job(task="vae", vae={"kind": "own", "path": "s3://ditforge/v"}, train={"max_failures": 1},
-                                   resources={"workers": 2, "min_workers": 1})},
-     ["validate", "{d}/j.yaml"], ["resources.min_workers", "vae"]),
-    ("elastic-lr-rule", {"j.yaml": job(resources={"lr_scaling": "cubic"})}, ["validate", "{d}/j.yaml"],
-     ["resources.lr_scaling", "'cubic'"]),
-    ("missing-data", {"j.yaml": yaml.safe_dump({"name": "t"})}, ["validate", "{d}/j.yaml"], ["j.yaml", "data", "missing"]),
-    ("missing-train", {"j.yaml": yaml.safe_dump({"name": "t", "data": {"batch_size": 2}})}, ["validate", "{d}/j.yaml"],
-     ["data.train", "missing"]),
+    (
+        "deepspeed-own",
+        {"j.yaml": job(deepspeed={"optimizer": {"type": "Adam"}})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.optimizer", "set by ditforge itself"],
+    ),
+    (
+        "deepspeed-own-zero",
+        {"j.yaml": job(deepspeed={"zero_optimization": {"stage": 1}})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.zero_optimization.stage", "deepspeed.zero_stage"],
+    ),
+    (
+        "deepspeed-monitor-path",
+        {"j.yaml": job(deepspeed={"tensorboard": {"enabled": True, "output_path": "/etc/tb"}})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.tensorboard.output_path", "outside the allowed roots"],
+    ),
+    (
+        "deepspeed-nvme-path",
+        {
+            "j.yaml": job(
+                deepspeed={
+                    "zero_optimization": {
+                        "offload_optimizer": {"device": "nvme", "nvme_path": "file:///var/../etc/nvme"}
+                    }
+                }
+            )
+        },
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.zero_optimization.offload_optimizer.nvme_path", "resolves to /etc/nvme"],
+    ),
+    (
+        "deepspeed-remote-path",
+        {"j.yaml": job(deepspeed={"csv_monitor": {"enabled": True, "output_path": "s3://b/m"}})},
+        ["validate", "{d}/j.yaml"],
+        ["deepspeed.csv_monitor.output_path", "local path"],
+    ),
+    (
+        "elastic-min-above",
+        {"j.yaml": job(resources={"workers": 2, "min_workers": 3}, train={"max_failures": 2})},
+        ["validate", "{d}/j.yaml"],
+        ["j.yaml", "resources.min_workers", "larger than workers (2)"],
+    ),
+    (
+        "elastic-min-zero",
+        {"j.yaml": job(resources={"workers": 2, "min_workers": 0}, train={"max_failures": 2})},
+        ["validate", "{d}/j.yaml"],
+        ["resources.min_workers", "at least 1"],
+    ),
+    (
+        "elastic-no-restarts",
+        {"j.yaml": job(resources={"workers": 2, "min_workers": 1})},
+        ["validate", "{d}/j.yaml"],
+        ["train.max_failures", "elastic"],
+    ),
+    (
+        "elastic-vae",
+        {
+            "j.yaml": job(
+                task="vae",
+                vae={"kind": "own", "path": "s3://ditforge/v"},
+                train={"max_failures": 1},
+                resources={"workers": 2, "min_workers": 1},
+            )
+        },
+        ["validate", "{d}/j.yaml"],
+        ["resources.min_workers", "vae"],
+    ),
+    (
+        "elastic-lr-rule",
+        {"j.yaml": job(resources={"lr_scaling": "cubic"})},
+        ["validate", "{d}/j.yaml"],
+        ["resources.lr_scaling", "'cubic'"],
+    ),
+    (
+        "missing-data",
+        {"j.yaml": yaml.safe_dump({"name": "t"})},
+        ["validate", "{d}/j.yaml"],
+        ["j.yaml", "data", "missing"],
+    ),
+    (
+        "missing-train",
+        {"j.yaml": yaml.safe_dump({"name": "t", "data": {"batch_size": 2}})},
+        ["validate", "{d}/j.yaml"],
+        ["data.train", "missing"],
+    ),
     ("bad-name", {"j.yaml": job(name="has space")}, ["validate", "{d}/j.yaml"], ["j.yaml", "name"]),
     ("literal", {"j.yaml": job(model={"size": "XXL"})}, ["validate", "{d}/j.yaml"], ["model.size", "'XXL'"]),
     ("negative-lr", {"j.yaml": job(train={"lr": -1})}, ["validate", "{d}/j.yaml"], ["train.lr"]),
     ("zero-frames", {"j.yaml": job(data={"frames": 0})}, ["validate", "{d}/j.yaml"], ["data.frames"]),
-    ("nonfinite-k", {"j.yaml": job(train={"max_nonfinite_steps": 0})}, ["validate", "{d}/j.yaml"],
-     ["train.max_nonfinite_steps"]),
+    (
+        "nonfinite-k",
+        {"j.yaml": job(train={"max_nonfinite_steps": 0})},
+        ["validate", "{d}/j.yaml"],
+        ["train.max_nonfinite_steps"],
+    ),
     ("nan-lr", {"j.yaml": job(train={"lr": ".nan"})}, ["validate", "{d}/j.yaml"], ["train.lr"]),
     # --- URIs ---------------------------------------------------------------------------------
-    ("uri-scheme", {"j.yaml": job(data={"train": "ftp://host/x"})}, ["validate", "{d}/j.yaml"],
-     ["data.train", "unknown URI scheme 'ftp://'"]),
-    ("uri-bare-path", {"j.yaml": job(data={"train": "/tmp/x"})}, ["validate", "{d}/j.yaml"], ["data.train", "not a URI"]),
-    ("uri-checkpoint", {"j.yaml": job(checkpoint={"uri": "http://x/runs"})}, ["validate", "{d}/j.yaml"], ["checkpoint.uri"]),
-    ("uri-resume", {"j.yaml": job(train={"resume": "hdfs://x"})}, ["validate", "{d}/j.yaml"], ["train.resume", "hdfs://"]),
-    ("uri-vae-path", {"j.yaml": job(vae={"kind": "own", "path": "ftp://x/vae"})}, ["validate", "{d}/j.yaml"],
-     ["vae.path", "ftp://"]),
+    (
+        "uri-scheme",
+        {"j.yaml": job(data={"train": "ftp://host/x"})},
+        ["validate", "{d}/j.yaml"],
+        ["data.train", "unknown URI scheme 'ftp://'"],
+    ),
+    (
+        "uri-bare-path",
+        {"j.yaml": job(data={"train": "/tmp/x"})},
+        ["validate", "{d}/j.yaml"],
+        ["data.train", "not a URI"],
+    ),
+    (
+        "uri-checkpoint",
+        {"j.yaml": job(checkpoint={"uri": "http://x/runs"})},
+        ["validate", "{d}/j.yaml"],
+        ["checkpoint.uri"],
+    ),
+    (
+        "uri-resume",
+        {"j.yaml": job(train={"resume": "hdfs://x"})},
+        ["validate", "{d}/j.yaml"],
+        ["train.resume", "hdfs://"],
+    ),
+    (
+        "uri-vae-path",
+        {"j.yaml": job(vae={"kind": "own", "path": "ftp://x/vae"})},
+        ["validate", "{d}/j.yaml"],
+        ["vae.path", "ftp://"],
+    ),
     # --- impossible combinations ----------------------------------------------------------------
-    ("bf16-cpu", {"j.yaml": job(train={"precision": "bf16"})}, ["validate", "{d}/j.yaml"], ["train.precision", "use_gpu"]),
+    (
+        "bf16-cpu",
+        {"j.yaml": job(train={"precision": "bf16"})},
+        ["validate", "{d}/j.yaml"],
+        ["train.precision", "use_gpu"],
+    ),
     ("flash-cpu", {"j.yaml": job(model={"attention": "flash_attn"})}, ["validate", "{d}/j.yaml"], ["model.attention"]),
-    ("sampler", {"j.yaml": job(objective={"kind": "ddpm"}, sample={"sampler": "euler"})}, ["validate", "{d}/j.yaml"],
-     ["sample.sampler", "ddpm"]),
+    (
+        "sampler",
+        {"j.yaml": job(objective={"kind": "ddpm"}, sample={"sampler": "euler"})},
+        ["validate", "{d}/j.yaml"],
+        ["sample.sampler", "ddpm"],
+    ),
     ("warmup", {"j.yaml": job(train={"steps": 10, "warmup": 10})}, ["validate", "{d}/j.yaml"], ["train.warmup"]),
     ("vae-task", {"j.yaml": job(task="vae")}, ["validate", "{d}/j.yaml"], ["vae.kind"]),
-    ("accel-no-gpu", {"j.yaml": job(resources={"accelerator_type": "H100"})}, ["validate", "{d}/j.yaml"],
-     ["resources.accelerator_type"]),
+    (
+        "accel-no-gpu",
+        {"j.yaml": job(resources={"accelerator_type": "H100"})},
+        ["validate", "{d}/j.yaml"],
+        ["resources.accelerator_type"],
+    ),
     ("vae-own-path", {"j.yaml": job(vae={"kind": "own"})}, ["validate", "{d}/j.yaml"], ["vae.path", "required"]),
-    ("text-encoder", {"j.yaml": job(model={"text": "transformers"})}, ["validate", "{d}/j.yaml"], ["model.text_encoder"]),
-    ("nan-step-range", {"j.yaml": job(train={"steps": 5, "warmup": 1, "debug_nan_steps": [9]})}, ["validate", "{d}/j.yaml"],
-     ["train.debug_nan_steps"]),
+    (
+        "text-encoder",
+        {"j.yaml": job(model={"text": "transformers"})},
+        ["validate", "{d}/j.yaml"],
+        ["model.text_encoder"],
+    ),
+    (
+        "nan-step-range",
+        {"j.yaml": job(train={"steps": 5, "warmup": 1, "debug_nan_steps": [9]})},
+        ["validate", "{d}/j.yaml"],
+        ["train.debug_nan_steps"],
+    ),
     # --- files: unreadable, empty, YAML syntax, wrong top level ----------------------------------
     ("missing-file", {}, ["validate", "{d}/nope.yaml"], ["nope.yaml", "no such file"]),
     ("directory", {"dir.yaml": None}, ["validate", "{d}/dir.yaml"], ["dir.yaml", "directory"]),
     ("not-utf8", {"b.yaml": b"name: \xff\xfe\x00"}, ["validate", "{d}/b.yaml"], ["b.yaml", "cannot read"]),
-    ("syntax", {"s.yaml": "name: t\ndata:\n  train: s3://x\n   batch_size: 2\n"}, ["validate", "{d}/s.yaml"],
-     ["s.yaml", "line 4", "YAML syntax error"]),
+    (
+        "syntax",
+        {"s.yaml": "name: t\ndata:\n  train: s3://x\n   batch_size: 2\n"},
+        ["validate", "{d}/s.yaml"],
+        ["s.yaml", "line 4", "YAML syntax error"],
+    ),
     ("syntax-tab", {"s.yaml": "name: t\ndata:\n\ttrain: s3://x\n"}, ["validate", "{d}/s.yaml"], ["s.yaml", "line 3"]),
     ("syntax-unclosed", {"s.yaml": "name: t\ndata: {train: s3://x\n"}, ["validate", "{d}/s.yaml"], ["s.yaml", "line"]),
-    ("duplicate-key", {"s.yaml": "name: t\ndata: {train: s3://x}\ntrain: {steps: 5}\ntrain: {lr: 0.1}\n"},
-     ["validate", "{d}/s.yaml"], ["s.yaml", "line 4", "train", "twice"]),
+    (
+        "duplicate-key",
+        {"s.yaml": "name: t\ndata: {train: s3://x}\ntrain: {steps: 5}\ntrain: {lr: 0.1}\n"},
+        ["validate", "{d}/s.yaml"],
+        ["s.yaml", "line 4", "train", "twice"],
+    ),
     ("empty", {"e.yaml": ""}, ["validate", "{d}/e.yaml"], ["e.yaml", "empty"]),
     ("only-comments", {"e.yaml": "# nothing here\n"}, ["validate", "{d}/e.yaml"], ["e.yaml", "empty"]),
     ("list-top", {"l.yaml": "- name: t\n"}, ["validate", "{d}/l.yaml"], ["l.yaml", "mapping", "list"]),
     ("scalar-top", {"l.yaml": "just words\n"}, ["validate", "{d}/l.yaml"], ["l.yaml", "mapping", "str"]),
     # --- cluster specs ----------------------------------------------------------------------------
     ("cluster-kind", {"c.yaml": cluster(kind="pbs")}, ["validate", "{d}/c.yaml"], ["c.yaml", "kind", "'pbs'"]),
-    ("cluster-typo", {"c.yaml": cluster(kind="local", nodse=2)}, ["validate", "{d}/c.yaml"], ["nodse", "did you mean 'nodes'"]),
+    (
+        "cluster-typo",
+        {"c.yaml": cluster(kind="local", nodse=2)},
+        ["validate", "{d}/c.yaml"],
+        ["nodse", "did you mean 'nodes'"],
+    ),
     ("cluster-range", {"c.yaml": cluster(kind="local", nodes=20)}, ["validate", "{d}/c.yaml"], ["c.yaml", "nodes"]),
-    ("cluster-ports", {"c.yaml": cluster(kind="local", ports={"gcs": 21050})}, ["validate", "{d}/c.yaml"], ["ports.gcs"]),
+    (
+        "cluster-ports",
+        {"c.yaml": cluster(kind="local", ports={"gcs": 21050})},
+        ["validate", "{d}/c.yaml"],
+        ["ports.gcs"],
+    ),
     ("cluster-cpus", {"c.yaml": cluster(kind="embedded", cpus=-1)}, ["validate", "{d}/c.yaml"], ["c.yaml", "cpus"]),
     ("address-missing", {"c.yaml": cluster(kind="address")}, ["validate", "{d}/c.yaml"], ["address", "required"]),
-    ("address-scheme", {"c.yaml": cluster(kind="address", address="ftp://head:8265")}, ["validate", "{d}/c.yaml"],
-     ["address", "ftp://"]),
-    ("aws-range", {"c.yaml": cluster(**{**AWS, "workers": [{"instance_type": "g5", "min_workers": 3, "max_workers": 1}]})},
-     ["validate", "{d}/c.yaml"], ["workers.0.min_workers"]),
-    ("aws-no-workers", {"c.yaml": cluster(**{**AWS, "workers": []})}, ["validate", "{d}/c.yaml"], ["c.yaml", "workers"]),
-    ("gcp-cpus", {"c.yaml": cluster(**{**GCP, "head": {"instance_type": "n2"}})}, ["validate", "{d}/c.yaml"], ["head.cpus"]),
-    ("gcp-gpu-type", {"c.yaml": cluster(**{**GCP, "workers": [{"instance_type": "g2", "cpus": 4, "gpus": 1,
-                                                                  "gpu_type": "Z9"}]})},
-     ["validate", "{d}/c.yaml"], ["workers.0.gpu_type", "'Z9'"]),
-    ("kube-replicas", {"c.yaml": cluster(**{**KUBE, "workers": [{"cpus": 2, "memory_gb": 4, "replicas": 9}]})},
-     ["validate", "{d}/c.yaml"], ["workers.0.replicas"]),
-    ("kube-selector", {"c.yaml": cluster(**{**KUBE, "head": {"cpus": 2, "memory_gb": 4, "node_selector": ["a"]}})},
-     ["validate", "{d}/c.yaml"], ["head.node_selector"]),
+    (
+        "address-scheme",
+        {"c.yaml": cluster(kind="address", address="ftp://head:8265")},
+        ["validate", "{d}/c.yaml"],
+        ["address", "ftp://"],
+    ),
+    (
+        "aws-range",
+        {"c.yaml": cluster(**{**AWS, "workers": [{"instance_type": "g5", "min_workers": 3, "max_workers": 1}]})},
+        ["validate", "{d}/c.yaml"],
+        ["workers.0.min_workers"],
+    ),
+    (
+        "aws-no-workers",
+        {"c.yaml": cluster(**{**AWS, "workers": []})},
+        ["validate", "{d}/c.yaml"],
+        ["c.yaml", "workers"],
+    ),
+    (
+        "gcp-cpus",
+        {"c.yaml": cluster(**{**GCP, "head": {"instance_type": "n2"}})},
+        ["validate", "{d}/c.yaml"],
+        ["head.cpus"],
+    ),
+    (
+        "gcp-gpu-type",
+        {"c.yaml": cluster(**{**GCP, "workers": [{"instance_type": "g2", "cpus": 4, "gpus": 1, "gpu_type": "Z9"}]})},
+        ["validate", "{d}/c.yaml"],
+        ["workers.0.gpu_type", "'Z9'"],
+    ),
+    (
+        "kube-replicas",
+        {"c.yaml": cluster(**{**KUBE, "workers": [{"cpus": 2, "memory_gb": 4, "replicas": 9}]})},
+        ["validate", "{d}/c.yaml"],
+        ["workers.0.replicas"],
+    ),
+    (
+        "kube-selector",
+        {"c.yaml": cluster(**{**KUBE, "head": {"cpus": 2, "memory_gb": 4, "node_selector": ["a"]}})},
+        ["validate", "{d}/c.yaml"],
+        ["head.node_selector"],
+    ),
     # --- CLI: --set, options, commands ------------------------------------------------------------
-    ("set-no-equals", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "train.steps"], ["--set", "train.steps"]),
+    (
+        "set-no-equals",
+        {"j.yaml": job()},
+        ["model-info", "{d}/j.yaml", "--set", "train.steps"],
+        ["--set", "train.steps"],
+    ),
     ("set-empty-key", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "=5"], ["--set", "key.path=value"]),
-    ("set-empty-part", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "train..steps=5"], ["--set", "train..steps"]),
-    ("set-conflict", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "train=1", "--set", "train.steps=2"],
-     ["--set", "train.steps"]),
-    ("set-type", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "train.steps=abc"], ["j.yaml", "train.steps", "'abc'"]),
-    ("set-unknown", {"j.yaml": job()}, ["model-info", "{d}/j.yaml", "--set", "train.step=5"], ["train.step", "did you mean"]),
-    ("set-on-submit", {"j.yaml": job()}, ["submit", "{d}/j.yaml", "--set", "resources.workers=0"], ["resources.workers"]),
-    ("submit-bad-cluster", {"j.yaml": job(), "c.yaml": cluster(kind="local", nodes=0)},
-     ["submit", "{d}/j.yaml", "--cluster", "{d}/c.yaml"], ["c.yaml", "nodes"]),
-    ("gpu-on-embedded", {"j.yaml": job(resources={"use_gpu": True})}, ["submit", "{d}/j.yaml"],
-     ["j.yaml", "resources.use_gpu", "no GPUs"]),
-    ("gpu-on-local", {"j.yaml": job(resources={"use_gpu": True}), "c.yaml": cluster(kind="local")},
-     ["submit", "{d}/j.yaml", "-c", "{d}/c.yaml"], ["j.yaml", "resources.use_gpu", "no GPUs"]),
+    (
+        "set-empty-part",
+        {"j.yaml": job()},
+        ["model-info", "{d}/j.yaml", "--set", "train..steps=5"],
+        ["--set", "train..steps"],
+    ),
+    (
+        "set-conflict",
+        {"j.yaml": job()},
+        ["model-info", "{d}/j.yaml", "--set", "train=1", "--set", "train.steps=2"],
+        ["--set", "train.steps"],
+    ),
+    (
+        "set-type",
+        {"j.yaml": job()},
+        ["model-info", "{d}/j.yaml", "--set", "train.steps=abc"],
+        ["j.yaml", "train.steps", "'abc'"],
+    ),
+    (
+        "set-unknown",
+        {"j.yaml": job()},
+        ["model-info", "{d}/j.yaml", "--set", "train.step=5"],
+        ["train.step", "did you mean"],
+    ),
+    (
+        "set-on-submit",
+        {"j.yaml": job()},
+        ["submit", "{d}/j.yaml", "--set", "resources.workers=0"],
+        ["resources.workers"],
+    ),
+    (
+        "submit-bad-cluster",
+        {"j.yaml": job(), "c.yaml": cluster(kind="local", nodes=0)},
+        ["submit", "{d}/j.yaml", "--cluster", "{d}/c.yaml"],
+        ["c.yaml", "nodes"],
+    ),
+    (
+        "gpu-on-embedded",
+        {"j.yaml": job(resources={"use_gpu": True})},
+        ["submit", "{d}/j.yaml"],
+        ["j.yaml", "resources.use_gpu", "no GPUs"],
+    ),
+    (
+        "gpu-on-local",
+        {"j.yaml": job(resources={"use_gpu": True}), "c.yaml": cluster(kind="local")},
+        ["submit", "{d}/j.yaml", "-c", "{d}/c.yaml"],
+        ["j.yaml", "resources.use_gpu", "no GPUs"],
+    ),
     ("unknown-option", {}, ["validate", "--strict", "x.yaml"], ["ditforge validate", "--strict"]),
     ("unknown-command", {}, ["frobnicate"], ["ditforge", "frobnicate"]),
     ("unknown-subcommand", {}, ["data", "ingestt"], ["ditforge data", "ingestt"]),
     ("missing-argument", {}, ["validate"], ["ditforge validate", "files"]),
     ("missing-option", {}, ["data", "ingest", "shapes"], ["ditforge data ingest", "--out"]),
-    ("option-type", {}, ["data", "ingest", "shapes", "--out", "file://{d}/o", "--shard-size", "lots"],
-     ["ditforge data ingest", "--shard-size", "valid integer"]),
-    ("option-negative", {}, ["data", "ingest", "shapes", "--out", "file://{d}/o", "--shard-size", "-1"], ["--shard-size", "-1"]),
-    ("option-zero-res", {}, ["data", "ingest", "shapes", "--out", "file://{d}/o", "--resolution", "0"], ["--resolution"]),
-    ("option-choice", {}, ["data", "ingest", "shapes", "--out", "file://{d}/o", "--fit", "stretch"], ["--fit", "stretch"]),
+    (
+        "option-type",
+        {},
+        ["data", "ingest", "shapes", "--out", "file://{d}/o", "--shard-size", "lots"],
+        ["ditforge data ingest", "--shard-size", "valid integer"],
+    ),
+    (
+        "option-negative",
+        {},
+        ["data", "ingest", "shapes", "--out", "file://{d}/o", "--shard-size", "-1"],
+        ["--shard-size", "-1"],
+    ),
+    (
+        "option-zero-res",
+        {},
+        ["data", "ingest", "shapes", "--out", "file://{d}/o", "--resolution", "0"],
+        ["--resolution"],
+    ),
+    (
+        "option-choice",
+        {},
+        ["data", "ingest", "shapes", "--out", "file://{d}/o", "--fit", "stretch"],
+        ["--fit", "stretch"],
+    ),
     ("option-uri", {}, ["data", "ingest", "shapes", "--out", "ftp://{d}/o", "--limit", "4"], ["--out", "ftp://"]),
     ("ingest-source", {}, ["data", "ingest", "{d}/no-such-folder", "--out", "file://{d}/o"], ["no-such-folder"]),
-    ("render-embedded", {"c.yaml": cluster(kind="embedded")}, ["cluster", "render", "{d}/c.yaml", "--out", "{d}/r"],
-     ["c.yaml", "kind"]),
-    ("render-bad-job", {"c.yaml": cluster(**KUBE), "j.yaml": job(train={"stepz": 1})},
-     ["cluster", "render", "{d}/c.yaml", "--out", "{d}/r", "--job", "{d}/j.yaml"], ["j.yaml", "train.stepz"]),
+    (
+        "render-embedded",
+        {"c.yaml": cluster(kind="embedded")},
+        ["cluster", "render", "{d}/c.yaml", "--out", "{d}/r"],
+        ["c.yaml", "kind"],
+    ),
+    (
+        "render-bad-job",
+        {"c.yaml": cluster(**KUBE), "j.yaml": job(train={"stepz": 1})},
+        ["cluster", "render", "{d}/c.yaml", "--out", "{d}/r", "--job", "{d}/j.yaml"],
+        ["j.yaml", "train.stepz"],
+    ),
     ("render-missing", {}, ["cluster", "render", "{d}/none.yaml", "--out", "{d}/r"], ["none.yaml", "no such file"]),
     ("bench-section", {}, ["bench", "--section", "nope", "--json", "{d}/b.json"], ["--section", "nope"]),
-    ("sample-weights", {}, ["sample", "--model", "file://{d}/m", "--weights", "best", "--out", "{d}/s.png"], ["--weights", "best"]),
+    (
+        "sample-weights",
+        {},
+        ["sample", "--model", "file://{d}/m", "--weights", "best", "--out", "{d}/s.png"],
+        ["--weights", "best"],
+    ),
     ("stop-unknown", {}, ["stop", "no-such-job"], ["no-such-job"]),
-    ("encode-vae", {}, ["data", "encode", "file://{d}/p", "--vae", "magic", "--out", "file://{d}/l"], ["--vae", "magic"]),
+    (
+        "encode-vae",
+        {},
+        ["data", "encode", "file://{d}/p", "--vae", "magic", "--out", "file://{d}/l"],
+        ["--vae", "magic"],
+    ),
 ]
 
 
@@ -272,8 +547,12 @@ def test_bad_input_subprocess(argv, files, must, tmp_path):
     home.mkdir(), work.mkdir()
     _setup(tmp_path, files)
     before = _tree(tmp_path)
-    r = run_cli(*[a.replace("{d}", str(tmp_path)) for a in argv], cwd=work, timeout=120,
-                env={"DITFORGE_HOME": str(home), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    r = run_cli(
+        *[a.replace("{d}", str(tmp_path)) for a in argv],
+        cwd=work,
+        timeout=120,
+        env={"DITFORGE_HOME": str(home), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
     _check(r.returncode, r.stdout, r.stderr, must, before, [tmp_path])
 
 
@@ -286,9 +565,12 @@ def test_validate_prints_every_problem_in_file_order(sandbox, capsys):
         "model: {size: XXL}\n"
         "train: {steps: many, stpes: 3}\n"
         "data: {batch_size: 0}\n"
-        "deepspeed: {optimizer: {type: Adam}, zero_stag: 3}\n")
-    (sandbox / "c.yaml").write_text("name: c\ndata: {train: s3://a}\nmodel: {attention: flash_attn}\n"
-                                    "train: {precision: bf16, steps: 5, warmup: 9}\n")
+        "deepspeed: {optimizer: {type: Adam}, zero_stag: 3}\n"
+    )
+    (sandbox / "c.yaml").write_text(
+        "name: c\ndata: {train: s3://a}\nmodel: {attention: flash_attn}\n"
+        "train: {precision: bf16, steps: 5, warmup: 9}\n"
+    )
     before = _tree(sandbox)
     with pytest.raises(SystemExit) as e:
         cli.main(["validate", *(str(sandbox / f) for f in ("a.yaml", "b.yaml", "c.yaml"))])
@@ -297,9 +579,19 @@ def test_validate_prints_every_problem_in_file_order(sandbox, capsys):
     lines = [ln.replace(str(sandbox) + "/", "") for ln in got.err.splitlines()]
     assert all(ln.startswith("error: ") for ln in lines), lines
     fields = [ln.split(": ")[2] for ln in lines]
-    assert fields == ["data", "deepspeed.zero_stage",
-                      "model.size", "train.steps", "train.stpes", "data.train", "data.batch_size",
-                      "deepspeed.optimizer", "deepspeed.zero_stag",
-                      "model.attention", "train.precision", "train.warmup"], lines
+    assert fields == [
+        "data",
+        "deepspeed.zero_stage",
+        "model.size",
+        "train.steps",
+        "train.stpes",
+        "data.train",
+        "data.batch_size",
+        "deepspeed.optimizer",
+        "deepspeed.zero_stag",
+        "model.attention",
+        "train.precision",
+        "train.warmup",
+    ], lines
     assert [ln.split(": ")[1] for ln in lines] == ["a.yaml"] * 2 + ["b.yaml"] * 7 + ["c.yaml"] * 3
     assert _tree(sandbox) == before

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from ditforge.spec import JobSpec
-from ditforge.train.batch import (DoesNotFit, accumulation, engine_state_bytes, largest_fitting, plan_batch,
-                                  probe_buckets)
+from ditforge.train.batch import (
+    DoesNotFit,
+    accumulation,
+    engine_state_bytes,
+    largest_fitting,
+    plan_batch,
+    probe_buckets,
+)
 
 GiB = 1 << 30
 
@@ -56,9 +62,17 @@ def test_out_of_memory_and_nothing_fits():
     assert largest_fitting(fake_device(10 * GiB, 1, 11 * GiB, []), 5 * GiB, multiple=8) == 0
 
 
-@pytest.mark.parametrize("global_batch,micro,world,want", [
-    (None, 48, 2, (48, 1)), (256, 80, 1, (64, 4)), (256, 64, 2, (64, 2)), (96, 40, 2, (24, 2)),
-    (30, 64, 3, (10, 1)), (7, 2, 1, (1, 7))])
+@pytest.mark.parametrize(
+    "global_batch,micro,world,want",
+    [
+        (None, 48, 2, (48, 1)),
+        (256, 80, 1, (64, 4)),
+        (256, 64, 2, (64, 2)),
+        (96, 40, 2, (24, 2)),
+        (30, 64, 3, (10, 1)),
+        (7, 2, 1, (1, 7)),
+    ],
+)
 def test_accumulation_keeps_the_global_batch(global_batch, micro, world, want):
     got = accumulation(global_batch, micro, world)
     assert got == want
@@ -93,6 +107,7 @@ def test_probe_buckets_per_bucket_largest_first():
         def m(b):
             seen.append((shape, b))
             return b * size * 1000
+
         return m
 
     shapes = {"small": (4, 16, 16), "big": (4, 32, 32)}
@@ -122,8 +137,9 @@ class _Objective:
 
 
 def _accumulate(out: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -137,13 +153,21 @@ def _accumulate(out: str, port: int) -> None:
     x, y = torch.randn(8, 4, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
     res = {}
     for name, data in (("whole", {"batch_size": 8}), ("split", {"batch_size": 4, "global_batch": 8})):
-        spec = JobSpec.model_validate({"name": "t", "data": {"train": "file:///x", **data},
-                                       "resources": {"workers": 1}, "train": {"warmup": 0, "lr": 1e-3}})
+        spec = JobSpec.model_validate(
+            {
+                "name": "t",
+                "data": {"train": "file:///x", **data},
+                "resources": {"workers": 1},
+                "train": {"warmup": 0, "lr": 1e-3},
+            }
+        )
         micro, accum = accumulation(spec.data.global_batch, spec.data.fixed_batch(), 1)
         torch.manual_seed(0)
         engine = build_engine(DiT(DiTConfig(in_channels=4, size="T", num_classes=3)), spec, micro, accum)
         guard = NonFiniteGuard(engine.client_optimizer, torch.device("cpu"), 10)
-        parts = [(x[i:i + micro], {"y": y[i:i + micro]}, None, None) for i in range(0, 8, micro)]  # (x, cond, gen, given)
+        parts = [
+            (x[i : i + micro], {"y": y[i : i + micro]}, None, None) for i in range(0, 8, micro)
+        ]  # (x, cond, gen, given)
         for step in (1, 2):
             xs, c, _, _ = parts[-1]
             loss, good = train_step(engine, _Objective(), xs, c, None, 0.0, None, guard, step, more=parts[:-1])
@@ -187,8 +211,14 @@ def test_cuda_probe_fits_the_device():
 
     device = torch.device("cuda")
     model = DiT(DiTConfig(in_channels=4, size="T", num_classes=10)).to(device, torch.bfloat16)
-    measure = cuda_measure(model, build_objective(ObjectiveSpec()), (4, 32, 32),
-                           lambda b: {"y": torch.zeros(b, dtype=torch.long, device=device)}, device, torch.bfloat16)
+    measure = cuda_measure(
+        model,
+        build_objective(ObjectiveSpec()),
+        (4, 32, 32),
+        lambda b: {"y": torch.zeros(b, dtype=torch.long, device=device)},
+        device,
+        torch.bfloat16,
+    )
     small = measure(8)
     budget = small * 3
     b = largest_fitting(measure, budget, multiple=8, cap=4096)
@@ -200,10 +230,16 @@ def test_bucket_shapes_from_the_latent_manifest():
 
     from ditforge.train.worker import _bucket_shapes
 
-    m = {"buckets": {"img-32x32": {"shape": [4, 4, 4], "samples": 10}, "img-24x40": {"shape": [4, 3, 5], "samples": 3}},
-         "shards": [{"shape": [4, 4, 4], "samples": 10}]}
-    assert _bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 4, 4))) == {"img-32x32": (4, 4, 4),
-                                                                                 "img-24x40": (4, 3, 5)}
+    m = {
+        "buckets": {"img-32x32": {"shape": [4, 4, 4], "samples": 10}, "img-24x40": {"shape": [4, 3, 5], "samples": 3}},
+        "shards": [{"shape": [4, 4, 4], "samples": 10}],
+    }
+    assert _bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 4, 4))) == {
+        "img-32x32": (4, 4, 4),
+        "img-24x40": (4, 3, 5),
+    }
     m = {"shards": [{"shape": [4, 2, 8, 8], "samples": 5}, {"shape": [4, 1, 8, 8], "samples": 5}]}
-    assert set(_bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 2, 8, 8))).values()) == {(4, 2, 8, 8),
-                                                                                                  (4, 1, 8, 8)}
+    assert set(_bucket_shapes(SimpleNamespace(manifest=m, latent_shape=(4, 2, 8, 8))).values()) == {
+        (4, 2, 8, 8),
+        (4, 1, 8, 8),
+    }

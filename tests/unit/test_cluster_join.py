@@ -33,12 +33,19 @@ def test_no_head_answers():
     assert check_head("127.0.0.1", port, "0" * 64, timeout=3) == f"no Ray head answers at 127.0.0.1:{port} (within 3s)"
 
 
-@pytest.mark.parametrize("args, env, expect", [
-    (["127.0.0.1:{port}"], {"RAY_AUTH_TOKEN": "0" * 64}, "no Ray head answers at 127.0.0.1:{port} (within 5s)"),
-    (["127.0.0.1:{port}"], {"RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "no Ray token on this machine"),
-    (["127.0.0.1", "--resources", "[1]"], {}, "--resources [1]: expected a JSON object of numbers"),
-    (["127.0.0.1", "--num-cpus", "-1"], {}, "--num-cpus"),
-])
+@pytest.mark.parametrize(
+    "args, env, expect",
+    [
+        (["127.0.0.1:{port}"], {"RAY_AUTH_TOKEN": "0" * 64}, "no Ray head answers at 127.0.0.1:{port} (within 5s)"),
+        (
+            ["127.0.0.1:{port}"],
+            {"RAY_AUTH_TOKEN": "", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"},
+            "no Ray token on this machine",
+        ),
+        (["127.0.0.1", "--resources", "[1]"], {}, "--resources [1]: expected a JSON object of numbers"),
+        (["127.0.0.1", "--num-cpus", "-1"], {}, "--num-cpus"),
+    ],
+)
 def test_bad_join_is_one_line_exit_2_within_30s(tmp_path, args, env, expect):
     port = _free_port()
     # The CLI's own start (interpreter, imports) as a baseline: on a machine at load 100+ it alone
@@ -47,8 +54,13 @@ def test_bad_join_is_one_line_exit_2_within_30s(tmp_path, args, env, expect):
     run_cli("cluster", "leave", env={"DITFORGE_HOME": str(tmp_path)})
     start = time.time() - t
     t = time.time()
-    r = run_cli("cluster", "join", *[a.format(port=port) for a in args], env={"DITFORGE_HOME": str(tmp_path), **env},
-                timeout=120)
+    r = run_cli(
+        "cluster",
+        "join",
+        *[a.format(port=port) for a in args],
+        env={"DITFORGE_HOME": str(tmp_path), **env},
+        timeout=120,
+    )
     assert time.time() - t - start < 30
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     assert expect.format(port=port) in r.stderr, r.stderr

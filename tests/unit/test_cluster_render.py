@@ -25,17 +25,40 @@ def test_every_example_cluster_validates():
     assert kinds == {"embedded", "local", "address", "aws", "gcp", "kubernetes", "slurm"}
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"kind": "ec2"}, "kind"),
-    ({"kind": "local", "nodez": 2}, "nodez"),
-    ({"kind": "aws", "head": {"instance_type": "m6i.large"},
-      "workers": [{"instance_type": "g6.xlarge", "min_workers": 3, "max_workers": 1}]}, "workers.0.min_workers"),
-    ({"kind": "gcp", "project_id": "p", "head": {"instance_type": "n2-standard-4", "cpus": 4},
-      "workers": [{"instance_type": "a2-highgpu-1g", "cpus": 12, "gpus": 1, "gpu_type": "A1000"}]}, "workers.0.gpu_type"),
-    ({"kind": "kubernetes", "image": "x", "head": {"cpus": 1, "memory_gb": 2},
-      "workers": [{"cpus": 1, "memory_gb": 2, "replicas": 9, "max_replicas": 4}]}, "workers.0.replicas"),
-    ({"kind": "address", "address": "head:8265"}, "address"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"kind": "ec2"}, "kind"),
+        ({"kind": "local", "nodez": 2}, "nodez"),
+        (
+            {
+                "kind": "aws",
+                "head": {"instance_type": "m6i.large"},
+                "workers": [{"instance_type": "g6.xlarge", "min_workers": 3, "max_workers": 1}],
+            },
+            "workers.0.min_workers",
+        ),
+        (
+            {
+                "kind": "gcp",
+                "project_id": "p",
+                "head": {"instance_type": "n2-standard-4", "cpus": 4},
+                "workers": [{"instance_type": "a2-highgpu-1g", "cpus": 12, "gpus": 1, "gpu_type": "A1000"}],
+            },
+            "workers.0.gpu_type",
+        ),
+        (
+            {
+                "kind": "kubernetes",
+                "image": "x",
+                "head": {"cpus": 1, "memory_gb": 2},
+                "workers": [{"cpus": 1, "memory_gb": 2, "replicas": 9, "max_replicas": 4}],
+            },
+            "workers.0.replicas",
+        ),
+        ({"kind": "address", "address": "head:8265"}, "address"),
+    ],
+)
 def test_bad_cluster_specs_name_the_field(data, field):
     with pytest.raises(SpecError) as e:
         build_cluster(data, "c.yaml")
@@ -98,10 +121,17 @@ def test_kubernetes_manifests(tmp_path, monkeypatch):
     files, command = render(spec, tmp_path, load_job(REPO / "jobs" / "demo-image.yaml"))
     assert command.startswith(f"kubectl apply -f {files[0]}")
     docs = [d for f in files for d in yaml.safe_load_all(f.read_text())]
-    assert [(d["apiVersion"], d["kind"]) for d in docs] == [("ray.io/v1", "RayCluster"), ("v1", "ConfigMap"),
-                                                           ("ray.io/v1", "RayJob")]
+    assert [(d["apiVersion"], d["kind"]) for d in docs] == [
+        ("ray.io/v1", "RayCluster"),
+        ("v1", "ConfigMap"),
+        ("ray.io/v1", "RayJob"),
+    ]
     cluster, configmap, job = docs
-    assert cluster["metadata"] == {"name": "dit-k8s", "namespace": "ml", "labels": {"app.kubernetes.io/managed-by": "ditforge"}}
+    assert cluster["metadata"] == {
+        "name": "dit-k8s",
+        "namespace": "ml",
+        "labels": {"app.kubernetes.io/managed-by": "ditforge"},
+    }
     for rc in (cluster["spec"], job["spec"]["rayClusterSpec"]):
         assert rc["rayVersion"] == "2.60.0" and rc["enableInTreeAutoscaling"] is True
         head = rc["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -129,7 +159,6 @@ def test_kubernetes_manifests(tmp_path, monkeypatch):
     text = "".join(f.read_text() for f in files)
     assert all(d["kind"] != "Secret" for d in docs)
     assert "sentinel-secret-value" not in text and "AKIA-SENTINEL-KEY" not in text
-
 
     if storage.credentials_file().exists():
         secret = json.loads(storage.credentials_file().read_text())["secret_access_key"]

@@ -52,9 +52,18 @@ def tiny_vae(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(str(path), safe_serialization=True)
     return path
@@ -65,10 +74,21 @@ def _export_folder(tmp_path, model: DiT, objective: ObjectiveSpec, vae: VAESpec)
     folder = tmp_path / "ditforge-export"
     folder.mkdir()
     save_file(model.state_dict(), str(folder / "ema.safetensors"))
-    (folder / "model.json").write_text(json.dumps({
-        "dit": dataclasses.asdict(model.cfg), "latent_shape": [4, 8, 8], "vae": vae.model_dump(mode="json"),
-        "sample": SampleSpec().model_dump(mode="json"), "objective": objective.model_dump(mode="json"),
-        "classes": CLASSES, "job": "convert-test", "step": 1, "checkpoint": "file://none"}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "dit": dataclasses.asdict(model.cfg),
+                "latent_shape": [4, 8, 8],
+                "vae": vae.model_dump(mode="json"),
+                "sample": SampleSpec().model_dump(mode="json"),
+                "objective": objective.model_dump(mode="json"),
+                "classes": CLASSES,
+                "job": "convert-test",
+                "step": 1,
+                "checkpoint": "file://none",
+            }
+        )
+    )
     return folder
 
 
@@ -111,10 +131,19 @@ def test_export_diffusers_folder_loads_in_dit_pipeline_offline(tmp_path, tiny_va
     assert table.shape == (1001, 128) and torch.equal(table[1000], model.y_embed.weight[10])
     x, idx, y = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, idx.float() / 1000, y),
-                                   t(x, timestep=idx, class_labels=_diffusers_labels(y)).sample, atol=ATOL, rtol=0)
-    images = pipe(class_labels=[3, 7], num_inference_steps=2, guidance_scale=2.0, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(
+            model(x, idx.float() / 1000, y),
+            t(x, timestep=idx, class_labels=_diffusers_labels(y)).sample,
+            atol=ATOL,
+            rtol=0,
+        )
+    images = pipe(
+        class_labels=[3, 7],
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (2, 16, 16, 3) and images.min() >= 0 and images.max() <= 1
 
 
@@ -136,17 +165,28 @@ def test_export_flow_model_gets_a_flow_match_scheduler(tmp_path, monkeypatch):
     x, _, y = _inputs()
     sigma = torch.tensor([0.0, 0.25, 0.5, 1.0])
     with torch.no_grad():  # flow time σ ∈ [0, 1] reaches the transformer as σ·1000, as the scheduler gives it
-        torch.testing.assert_close(model(x, sigma, y), pipe.transformer(x, timestep=sigma * 1000,
-                                   class_labels=_diffusers_labels(y)).sample, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            model(x, sigma, y),
+            pipe.transformer(x, timestep=sigma * 1000, class_labels=_diffusers_labels(y)).sample,
+            atol=ATOL,
+            rtol=0,
+        )
         # the sampling loop the README gives diffusers users (DiTPipeline's own loop calls
         # scale_model_input, which FlowMatchEulerDiscreteScheduler does not have)
         t, s = pipe.transformer, pipe.scheduler
         yy = torch.tensor([3, 7])
-        z = torch.randn(2, t.config.in_channels, t.config.sample_size, t.config.sample_size,
-                        generator=torch.Generator().manual_seed(0))
+        z = torch.randn(
+            2,
+            t.config.in_channels,
+            t.config.sample_size,
+            t.config.sample_size,
+            generator=torch.Generator().manual_seed(0),
+        )
         s.set_timesteps(3)
         for ts in s.timesteps:
-            v = t(torch.cat([z, z]), timestep=ts.expand(4), class_labels=torch.cat([yy, torch.full_like(yy, 1000)])).sample
+            v = t(
+                torch.cat([z, z]), timestep=ts.expand(4), class_labels=torch.cat([yy, torch.full_like(yy, 1000)])
+            ).sample
             vc, vu = v.chunk(2)
             z = s.step(vu + 2.0 * (vc - vu), ts, z).prev_sample
         assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
@@ -174,8 +214,12 @@ def _to_dit_layout(sd: dict, C: int, p: int) -> dict:
     for k, v in sd.items():
         if k.startswith("blocks."):
             k = k.replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.2.", ".mlp.fc2.").replace(".ada.", ".adaLN_modulation.")
-        k = (k.replace("t_embed.mlp.", "t_embedder.mlp.").replace("y_embed.", "y_embedder.embedding_table.")
-             .replace("final.ada.", "final_layer.adaLN_modulation.").replace("final.linear.", "final_layer.linear."))
+        k = (
+            k.replace("t_embed.mlp.", "t_embedder.mlp.")
+            .replace("y_embed.", "y_embedder.embedding_table.")
+            .replace("final.ada.", "final_layer.adaLN_modulation.")
+            .replace("final.linear.", "final_layer.linear.")
+        )
         out[k] = v
     w = out.pop("patch_embed.weight")
     out["x_embedder.proj.weight"] = w.reshape(w.shape[0], C, p, p)
@@ -193,10 +237,14 @@ def _diffusers_from_dit_layout(sd: dict, depth: int):
     of models/convert.py: the model a diffusers user would make from this checkpoint."""
     from diffusers import DiTTransformer2DModel
 
-    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
-           "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
-           "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
-           "proj_out_2.weight": sd["final_layer.linear.weight"], "proj_out_2.bias": sd["final_layer.linear.bias"]}
+    out = {
+        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": sd["final_layer.linear.weight"],
+        "proj_out_2.bias": sd["final_layer.linear.bias"],
+    }
     for i in range(depth):
         t = f"transformer_blocks.{i}."
         for w in ("weight", "bias"):
@@ -209,8 +257,17 @@ def _diffusers_from_dit_layout(sd: dict, depth: int):
             out[f"{t}ff.net.0.proj.{w}"] = sd[f"blocks.{i}.mlp.fc1.{w}"]
             out[f"{t}ff.net.2.{w}"] = sd[f"blocks.{i}.mlp.fc2.{w}"]
         out[f"{t}norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
-    d = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=depth,
-                              sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6).eval()
+    d = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=8,
+        num_layers=depth,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    ).eval()
     d.load_state_dict(out, strict=True)
     return d
 
@@ -240,13 +297,23 @@ def test_bad_pretrained_weights_are_one_line(tmp_path):
     torch.save({"ema": _to_dit_layout(_dit().state_dict(), 4, 2)}, tmp_path / "train-ckpt.pt")  # DiT train.py layout
     assert "blocks.0.attn.qkv.weight" in read_pretrained(str(tmp_path / "train-ckpt.pt"), 10)
     big = DiT(dit_config(ModelSpec(size="T", patch=4, num_classes=10, attention="math"), 4))
-    with pytest.raises(PretrainedError, match=r"patch_embed.weight has shape \(128, 16\), the spec's model expects \(128, 64\)"):
+    with pytest.raises(
+        PretrainedError, match=r"patch_embed.weight has shape \(128, 16\), the spec's model expects \(128, 64\)"
+    ):
         load_into(big, str(tmp_path / "train-ckpt.pt"))
     (tmp_path / "pickle.pt").write_bytes(b"not a zip")
     with pytest.raises(PretrainedError, match="weights_only=True"):
         read_pretrained(str(tmp_path / "pickle.pt"), 10)
     # through the CLI: exit 2, one line naming the first differing tensor, before anything starts
-    r = run_cli("submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "model.size=S", "--set", f"model.init_from={tmp_path / 'train-ckpt.pt'}")
+    r = run_cli(
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--set",
+        "model.size=S",
+        "--set",
+        f"model.init_from={tmp_path / 'train-ckpt.pt'}",
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'train-ckpt.pt'}: patch_embed.weight has shape (128, 16), the spec's model expects (384, 48)"]
+        f"error: {tmp_path / 'train-ckpt.pt'}: patch_embed.weight has shape (128, 16), the spec's model expects (384, 48)"
+    ]

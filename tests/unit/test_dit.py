@@ -26,14 +26,18 @@ import torch
 from ditforge.models.dit import SIZES, DiT, DiTConfig, forward_flops, param_count, rope_dims, tokenize_bytes
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def param_formula(size: str, C: int, p: int, K: int, pt: int = 1) -> int:
     D, L = SIZES[size]["hidden"], SIZES[size]["depth"]
-    return (C * pt * p * p * D + D) + (256 * D + D + D * D + D) + (K + 1) * D + L * (18 * D * D + 15 * D) \
+    return (
+        (C * pt * p * p * D + D)
+        + (256 * D + D + D * D + D)
+        + (K + 1) * D
+        + L * (18 * D * D + 15 * D)
         + (2 * D * D + 2 * D + D * pt * p * p * C + pt * p * p * C)
+    )
 
 
 def flops_formula(size: str, C: int, p: int, grid: tuple[int, int, int], pt: int = 1, factorised: bool = False) -> int:
@@ -64,7 +68,9 @@ def test_dit_paper_table():
         counted = forward_flops(DiTConfig(in_channels=4, size=size, patch=p, num_classes=1000), (4, 32, 32)) / 2e9
         assert counted == pytest.approx(gmacs, rel=0.01), (size, p)
     with torch.device("meta"):  # 675M for XL/2 (the paper's count includes learn-sigma's extra outputs)
-        assert param_count(DiT(DiTConfig(in_channels=4, size="XL", patch=2, num_classes=1000))) / 1e6 == pytest.approx(675, rel=0.01)
+        assert param_count(DiT(DiTConfig(in_channels=4, size="XL", patch=2, num_classes=1000))) / 1e6 == pytest.approx(
+            675, rel=0.01
+        )
 
 
 def test_video_flops_formula_full_and_factorised():
@@ -76,11 +82,17 @@ def test_video_flops_formula_full_and_factorised():
     assert fact < full  # 4096 tokens: factorising saves the N² attention term
 
 
-@pytest.mark.parametrize("kw", [
-    dict(), dict(pos_embed="rope"), dict(video_attention="factorised", pos_embed="rope"),
-    dict(video_attention="factorised", patch_t=2), dict(text="own", mixer_depth=1),
-    dict(text="external", text_dim=24, pos_embed="rope", video_attention="factorised"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(pos_embed="rope"),
+        dict(video_attention="factorised", pos_embed="rope"),
+        dict(video_attention="factorised", patch_t=2),
+        dict(text="own", mixer_depth=1),
+        dict(text="external", text_dim=24, pos_embed="rope", video_attention="factorised"),
+    ],
+)
 def test_image_and_video_forward_backward_shapes(kw):
     torch.manual_seed(0)
     model = DiT(DiTConfig(in_channels=4, num_classes=3, **kw))

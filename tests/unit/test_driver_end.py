@@ -17,8 +17,10 @@ from ditforge.train import tracking
 
 def test_importing_the_training_modules_leaves_mlflow_retries_alone():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    code = ("import os, ditforge.train.tracking, ditforge.runs.driver, ditforge.train.worker; "
-            "print(sorted(k for k in os.environ if k.startswith('MLFLOW_HTTP_REQUEST')))")
+    code = (
+        "import os, ditforge.train.tracking, ditforge.runs.driver, ditforge.train.worker; "
+        "print(sorted(k for k in os.environ if k.startswith('MLFLOW_HTTP_REQUEST')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
@@ -60,13 +62,19 @@ def test_final_calls_retry_with_backoff(monkeypatch):
     assert waits == [2.0, 4.0]
 
 
-@pytest.mark.parametrize("raised, status, code", [
-    (RuntimeError("TrainingFailedError: ...\nFinalCheckpointFailed: checkpoint: the final checkpoint failed"),
-     "FAILED", 1),
-    (KeyboardInterrupt(), "KILLED", 130),
-    ("SIGTERM", "KILLED", 130),
-    (None, "FINISHED", 0),
-])
+@pytest.mark.parametrize(
+    "raised, status, code",
+    [
+        (
+            RuntimeError("TrainingFailedError: ...\nFinalCheckpointFailed: checkpoint: the final checkpoint failed"),
+            "FAILED",
+            1,
+        ),
+        (KeyboardInterrupt(), "KILLED", 130),
+        ("SIGTERM", "KILLED", 130),
+        (None, "FINISHED", 0),
+    ],
+)
 def test_every_driver_exit_ends_the_mlflow_run(monkeypatch, raised, status, code):
     client = FakeClient()
     monkeypatch.setattr(driver, "read_job", lambda path: {"mlflow_run_id": "r", "tracking_uri": "x"})
@@ -84,8 +92,11 @@ def test_every_driver_exit_ends_the_mlflow_run(monkeypatch, raised, status, code
     assert driver.main(["job.json"]) == code
     assert client.calls[-1] == ("set_terminated", status)
     if status == "FAILED":  # the error's last line, as the tag `ditforge status` shows
-        assert ("set_tag", "ditforge.error", "FinalCheckpointFailed: checkpoint: the final checkpoint failed") \
-            in client.calls
+        assert (
+            "set_tag",
+            "ditforge.error",
+            "FinalCheckpointFailed: checkpoint: the final checkpoint failed",
+        ) in client.calls
 
 
 def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeypatch, tmp_path):
@@ -115,11 +126,19 @@ def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeyp
         raise ConnectionError("registry down")
 
     monkeypatch.setattr(register, "finalize", no_export)
-    spec = JobSpec.model_validate({"name": "j", "data": {"train": f"file://{tmp_path}/d"},
-                                   "checkpoint": {"uri": f"file://{tmp_path}/runs"}})
-    job = {"spec": spec.model_dump(mode="json"), "run_uri": f"file://{tmp_path}/runs/r", "run_name": "r",
-           "mlflow_run_id": "m"}
-    with pytest.raises(RuntimeError, match=r"registration: ConnectionError: registry down .*redo with: "
-                                           r"ditforge register file://.*/runs/r"):
+    spec = JobSpec.model_validate(
+        {"name": "j", "data": {"train": f"file://{tmp_path}/d"}, "checkpoint": {"uri": f"file://{tmp_path}/runs"}}
+    )
+    job = {
+        "spec": spec.model_dump(mode="json"),
+        "run_uri": f"file://{tmp_path}/runs/r",
+        "run_name": "r",
+        "mlflow_run_id": "m",
+    }
+    with pytest.raises(
+        RuntimeError,
+        match=r"registration: ConnectionError: registry down .*redo with: "
+        r"ditforge register file://.*/runs/r",
+    ):
         driver.run_job(job, FakeClient())
     assert seen["torch_config"].timeout_s == int(checkpoint.PG_TIMEOUT_S)

@@ -10,8 +10,12 @@ from ditforge.cluster.capacity import shortfall
 from ditforge.spec import JobSpec, ResourcesSpec
 from ditforge.runs.driver import scaling_config
 
-ELASTIC = {"name": "e", "data": {"train": "s3://ditforge/x"}, "train": {"max_failures": 3},
-           "resources": {"workers": 4, "min_workers": 2, "resize_interval_s": 15}}
+ELASTIC = {
+    "name": "e",
+    "data": {"train": "s3://ditforge/x"},
+    "train": {"max_failures": 3},
+    "resources": {"workers": 4, "min_workers": 2, "resize_interval_s": 15},
+}
 
 
 def test_min_workers_makes_ray_train_elastic():
@@ -29,8 +33,9 @@ def test_an_elastic_job_fits_when_min_workers_fit():
     assert "4 workers" in shortfall(ResourcesSpec(workers=4), [{"CPU": 1}, {"CPU": 1}])
 
 
-@pytest.mark.parametrize("rule,world,factor", [("none", 1, 1.0), ("linear", 2, 0.5), ("linear", 4, 1.0),
-                                               ("sqrt", 1, 0.5)])
+@pytest.mark.parametrize(
+    "rule,world,factor", [("none", 1, 1.0), ("linear", 2, 0.5), ("linear", 4, 1.0), ("sqrt", 1, 0.5)]
+)
 def test_lr_rule(rule, world, factor):
     assert ResourcesSpec(workers=4, min_workers=1, lr_scaling=rule).lr_factor(world) == factor
 
@@ -40,8 +45,13 @@ def test_scale_lr_sets_the_schedule_base_and_the_next_steps_lr():
 
     from ditforge.train.engine import scale_lr
 
-    spec = JobSpec.model_validate({**ELASTIC, "train": {"max_failures": 1, "lr": 1e-3, "warmup": 10},
-                                   "resources": {"workers": 4, "min_workers": 1, "lr_scaling": "linear"}})
+    spec = JobSpec.model_validate(
+        {
+            **ELASTIC,
+            "train": {"max_failures": 1, "lr": 1e-3, "warmup": 10},
+            "resources": {"workers": 4, "min_workers": 1, "lr_scaling": "linear"},
+        }
+    )
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.AdamW([p], lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))

@@ -44,10 +44,13 @@ def test_model_info_cli_json(cli):
 
 def test_spec_errors_name_the_field(tmp_path):
     f = tmp_path / "j.yaml"
-    for body, where in [("objective: {kind: ddpm}\nsample: {sampler: heun}", "sample.sampler"),
-                        ("vae: {kind: own}", "vae.path"), ("task: vae", "vae.kind"),
-                        ("model: {text: transformers}", "model.text_encoder"),
-                        ("model: {video_attention: spatial}", "model.video_attention")]:
+    for body, where in [
+        ("objective: {kind: ddpm}\nsample: {sampler: heun}", "sample.sampler"),
+        ("vae: {kind: own}", "vae.path"),
+        ("task: vae", "vae.kind"),
+        ("model: {text: transformers}", "model.text_encoder"),
+        ("model: {video_attention: spatial}", "model.video_attention"),
+    ]:
         f.write_text(f"name: j\ndata: {{train: file:///tmp/d}}\n{body}\n")
         with pytest.raises(SpecError) as e:
             load_job(f)

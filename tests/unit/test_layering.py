@@ -61,8 +61,10 @@ def _imports(module: str) -> list[tuple[str, str, str | None]]:
 
 
 def test_no_import_cycle_between_modules():
-    graph = {m: {k for imp, _, _ in _imports(m) if (k := _known(imp)) and k != m and not m.startswith(k + ".")}
-             for m in MODULES}
+    graph = {
+        m: {k for imp, _, _ in _imports(m) if (k := _known(imp)) and k != m and not m.startswith(k + ".")}
+        for m in MODULES
+    }
     cycles, state, stack = [], {}, []
 
     def visit(m):
@@ -70,7 +72,7 @@ def test_no_import_cycle_between_modules():
         stack.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == "open":
-                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+                cycles.append(" -> ".join(stack[stack.index(n) :] + [n]))
             elif n not in state:
                 visit(n)
         stack.pop()
@@ -92,8 +94,13 @@ def test_no_private_name_is_used_across_modules():
             elif attr.startswith("_") and not attr.startswith("__") and _known(imp) != module:
                 found.append(f"{module}: from {imp} import {attr}")
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 found.append(f"{module}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     assert not found, "\n".join(found)
 
@@ -125,8 +132,9 @@ def test_importing_any_module_or_looking_up_an_address_changes_nothing(tmp_path)
 
     home = tmp_path / "home"
     (home / "run").mkdir(parents=True)
-    (home / "run" / "ports.json").write_text(json.dumps({"mlflow": 5005, "ray_dashboard": 8265, "ray_gcs": 6379,
-                                                          "host": "0.0.0.0"}))
+    (home / "run" / "ports.json").write_text(
+        json.dumps({"mlflow": 5005, "ray_dashboard": 8265, "ray_gcs": 6379, "host": "0.0.0.0"})
+    )
     creds = tmp_path / "mlflow.json"
     creds.write_text(json.dumps({"username": "u", "password": "p"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}

@@ -13,7 +13,6 @@ from ditforge.objectives.samplers import sample
 from ditforge.spec import ObjectiveSpec
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OBJECTIVES = [
@@ -67,7 +66,9 @@ def test_cfg_dropout_rate():
         return torch.zeros_like(x)
 
     obj = RectifiedFlow(cfg_dropout=0.25)
-    obj.loss(spy, torch.zeros(20000, 1, 1, 1), {"y": torch.zeros(20000, dtype=torch.long)}, torch.Generator().manual_seed(0))
+    obj.loss(
+        spy, torch.zeros(20000, 1, 1, 1), {"y": torch.zeros(20000, dtype=torch.long)}, torch.Generator().manual_seed(0)
+    )
     assert seen[0].float().mean().item() == pytest.approx(0.25, abs=0.015)
     seen.clear()
     obj.loss(spy, torch.zeros(10, 1, 1, 1), {"y": None}, torch.Generator().manual_seed(0))
@@ -91,8 +92,9 @@ def test_schedules():
     assert cos[500] > lin[500]  # cosine destroys information more slowly in the middle
 
 
-@pytest.mark.parametrize("kind,sampler", [("rectified_flow", "euler"), ("rectified_flow", "heun"),
-                                          ("ddpm", "ddim"), ("ddpm", "ddpm")])
+@pytest.mark.parametrize(
+    "kind,sampler", [("rectified_flow", "euler"), ("rectified_flow", "heun"), ("ddpm", "ddim"), ("ddpm", "ddpm")]
+)
 def test_samplers_are_deterministic_for_a_seed(kind, sampler):
     obj = build_objective(ObjectiveSpec(kind=kind))
     model = tiny()
@@ -101,8 +103,19 @@ def test_samplers_are_deterministic_for_a_seed(kind, sampler):
     torch.nn.init.normal_(model.final.linear.weight, std=0.05)
     model.eval()
     cond = {"y": torch.tensor([0, 1, 2])}
-    run = lambda seed, scale=2.0: sample(obj, model, (3, 4, 8, 8), cond, sampler=sampler, steps=6,  # noqa: E731
-                                         cfg_scale=scale, seed=seed)
+
+    def run(seed, scale=2.0):
+        return sample(
+            obj,
+            model,
+            (3, 4, 8, 8),
+            cond,
+            sampler=sampler,
+            steps=6,
+            cfg_scale=scale,
+            seed=seed,
+        )
+
     a, b, c = run(0), run(0), run(1)
     assert torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.allclose(a, c)
@@ -130,8 +143,9 @@ def test_ddim_recovers_x0_with_an_oracle():
         ab = obj.ab[(t * obj.steps).round().long()].float().view(-1, 1, 1, 1)
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    torch.testing.assert_close(sample(obj, model, (1, 1, 2, 2), {}, sampler="ddim", steps=20, seed=0), x0,
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        sample(obj, model, (1, 1, 2, 2), {}, sampler="ddim", steps=20, seed=0), x0, atol=1e-3, rtol=0
+    )
 
 
 def test_wrong_sampler_for_objective_is_rejected():

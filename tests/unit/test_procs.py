@@ -46,7 +46,7 @@ def test_a_reused_pid_is_not_ours(tmp_path):
 
 
 def test_garbage_and_missing_records(tmp_path):
-    for text in ("", "1234", "{\"pid\": \"x\"}", "[]"):
+    for text in ("", "1234", '{"pid": "x"}', "[]"):
         (tmp_path / "r.json").write_text(text)
         assert procs.read(tmp_path / "r.json") is None
     assert procs.read(tmp_path / "missing.json") is None

@@ -13,18 +13,31 @@ from ditforge.spec import JobSpec
 
 
 def _spec(tmp_path, **train) -> JobSpec:
-    return folder.resolve_paths(JobSpec.model_validate({
-        "name": "j", "data": {"train": f"file://{tmp_path}/data"}, "checkpoint": {"uri": f"file://{tmp_path}/runs"},
-        "train": {"steps": 20, "warmup": 2, **train}, "resources": {"workers": 2}, "deepspeed": {"zero_stage": 2}}))
+    return folder.resolve_paths(
+        JobSpec.model_validate(
+            {
+                "name": "j",
+                "data": {"train": f"file://{tmp_path}/data"},
+                "checkpoint": {"uri": f"file://{tmp_path}/runs"},
+                "train": {"steps": 20, "warmup": 2, **train},
+                "resources": {"workers": 2},
+                "deepspeed": {"zero_stage": 2},
+            }
+        )
+    )
 
 
 def _run(spec: JobSpec, name: str, complete: list[int], half: list[int] = (), world: int = 2, stage: int = 2) -> str:
     uri = storage.join(spec.checkpoint.uri, name)
-    storage.write_bytes(storage.join(uri, folder.RUN_INFO), json.dumps({"run_name": name, "mlflow_run_id": f"m-{name}",
-                                                                         "job": spec.name}).encode())
+    storage.write_bytes(
+        storage.join(uri, folder.RUN_INFO),
+        json.dumps({"run_name": name, "mlflow_run_id": f"m-{name}", "job": spec.name}).encode(),
+    )
     for s in complete:
-        storage.write_bytes(storage.join(folder.join_step(uri, s), folder.MANIFEST),
-                            json.dumps({"step": s, "world_size": world, "zero_stage": stage}).encode())
+        storage.write_bytes(
+            storage.join(folder.join_step(uri, s), folder.MANIFEST),
+            json.dumps({"step": s, "world_size": world, "zero_stage": stage}).encode(),
+        )
     for s in half:  # a killed save: one rank's marker, no manifest
         storage.write_bytes(storage.join(folder.join_step(uri, s), folder.RANKS, "rank_1.json"), b"{}")
     return uri
@@ -37,8 +50,11 @@ def test_auto_continues_the_newest_unfinished_run_and_only_complete_steps_count(
     _run(spec, "j-20260103-000000-cccc", [10, 20])  # finished: nothing to continue
     _run(spec, "other-20260104-000000-dddd", [10])  # another job's run
     cont = folder.continuation(spec, None)
-    assert (cont.run_name, cont.how, cont.info["mlflow_run_id"]) == ("j-20260102-000000-bbbb", "train.resume: auto",
-                                                                     "m-j-20260102-000000-bbbb")
+    assert (cont.run_name, cont.how, cont.info["mlflow_run_id"]) == (
+        "j-20260102-000000-bbbb",
+        "train.resume: auto",
+        "m-j-20260102-000000-bbbb",
+    )
     assert cont.steps == [10] and folder.all_steps(newest) == [10, 15]
     assert cont.newest == folder.join_step(newest, 10) == folder.resolve(newest)
     assert folder.discard_after(newest, 10) == [15] and folder.all_steps(newest) == [10]
@@ -52,11 +68,14 @@ def test_never_and_a_name_win_over_auto(tmp_path):
     assert cont.run_name == "j-20260101-000000-aaaa" and cont.how == "--resume"
 
 
-@pytest.mark.parametrize("name, message", [
-    ("../elsewhere", "a run name (letters, digits, '_', '.', '-'), not a path"),
-    ("s3://b/x", "not a path"),
-    ("j-nope", "no run named 'j-nope' under file://"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("../elsewhere", "a run name (letters, digits, '_', '.', '-'), not a path"),
+        ("s3://b/x", "not a path"),
+        ("j-nope", "no run named 'j-nope' under file://"),
+    ],
+)
 def test_a_bad_run_name_is_one_line(tmp_path, name, message):
     with pytest.raises(folder.RunError, match=r"^--resume ") as e:
         folder.continuation(_spec(tmp_path), name)

@@ -13,20 +13,23 @@ from ditforge.spec import SlurmCluster, SpecError, build_cluster, load_cluster
 from ..conftest import REPO, run_cli
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"nodes": 0}, "nodes"),
-    ({"time_limit": "4h"}, "time_limit"),
-    ({"time_limit": "1-2:3:4:5"}, "time_limit"),
-    ({"gpu_type": "a100"}, "gpu_type"),
-    ({"partition": "gpu; rm -rf /"}, "partition"),
-    ({"account": "my lab"}, "account"),
-    ({"sbatch_args": ["-w node1"]}, "sbatch_args"),
-    ({"setup": ["module load a\nmodule load b"]}, "setup"),
-    ({"mode": "batch"}, "mode"),
-    ({"ports_from": 80}, "ports_from"),
-    ({"tracking_uri": "http://u:secret@mlflow:5000"}, "tracking_uri"),
-    ({"partitions": "gpu"}, "partitions"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"nodes": 0}, "nodes"),
+        ({"time_limit": "4h"}, "time_limit"),
+        ({"time_limit": "1-2:3:4:5"}, "time_limit"),
+        ({"gpu_type": "a100"}, "gpu_type"),
+        ({"partition": "gpu; rm -rf /"}, "partition"),
+        ({"account": "my lab"}, "account"),
+        ({"sbatch_args": ["-w node1"]}, "sbatch_args"),
+        ({"setup": ["module load a\nmodule load b"]}, "setup"),
+        ({"mode": "batch"}, "mode"),
+        ({"ports_from": 80}, "ports_from"),
+        ({"tracking_uri": "http://u:secret@mlflow:5000"}, "tracking_uri"),
+        ({"partitions": "gpu"}, "partitions"),
+    ],
+)
 def test_bad_slurm_specs_name_the_field(data, field):
     with pytest.raises(SpecError) as e:
         build_cluster({"kind": "slurm", **data}, "s.yaml")
@@ -48,9 +51,20 @@ def test_validate_one_line_per_problem_exit_2(tmp_path):
 def test_sbatch_options_follow_the_spec():
     c = load_cluster(REPO / "cluster" / "slurm.yaml")
     opts = sbatch_options(c)
-    for want in ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=64", "--gres=gpu:a100:8", "--mem=480G",
-                 "--time=1-00:00:00", "--partition=gpu", "--account=my-lab", "--qos=normal", "--constraint=ib",
-                 "--signal=B:USR1@300", "--requeue"):
+    for want in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=64",
+        "--gres=gpu:a100:8",
+        "--mem=480G",
+        "--time=1-00:00:00",
+        "--partition=gpu",
+        "--account=my-lab",
+        "--qos=normal",
+        "--constraint=ib",
+        "--signal=B:USR1@300",
+        "--requeue",
+    ):
         assert want in opts, (want, opts)
     plain = sbatch_options(SlurmCluster(nodes=1, gpus_per_node=0, requeue=False))
     assert "--no-requeue" in plain and not any(o.startswith(("--gres", "--mem", "--partition")) for o in plain)
@@ -114,6 +128,9 @@ def test_a_reason_that_never_clears_cancels_and_fails_in_one_line(monkeypatch, t
 def test_set_cluster_fields_go_to_the_cluster_spec():
     from ditforge.cli.common import load_specs
 
-    job, cl = load_specs(REPO / "jobs" / "demo-image.yaml", REPO / "cluster" / "slurm.yaml",
-                         ["cluster.mode=job", "cluster.nodes=4", "train.steps=70"])
+    job, cl = load_specs(
+        REPO / "jobs" / "demo-image.yaml",
+        REPO / "cluster" / "slurm.yaml",
+        ["cluster.mode=job", "cluster.nodes=4", "train.steps=70"],
+    )
     assert (cl.mode, cl.nodes, job.train.steps) == ("job", 4, 70)

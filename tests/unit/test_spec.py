@@ -18,63 +18,91 @@ data: {train: s3://ditforge/x}
 
 # (yaml text, expected "field: reason" after the file name)
 BAD = [
-    ("name: t\ndata: {train: s3://b/x}\ndeepspeed: {zero_stage: 5}\n",
-     "deepspeed.zero_stage: 5 is not allowed; input should be 0, 1, 2 or 3"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {steps: -3}\n",
-     "train.steps: input should be greater than 0"),
-    ("name: t\ndata: {train: s3://b/x}\nresources: {workers: 0}\n",
-     "resources.workers: input should be greater than 0"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {stpes: 10}\n",
-     "train.stpes: unknown key (did you mean 'steps'?)"),
-    ("name: t\ndata: {train: s3://b/x}\nmodle: {size: S}\n",
-     "modle: unknown key (did you mean 'model'?)"),
-    ("name: t\n",
-     "data: required field is missing"),
-    ("name: t\ndata: {batch_size: 4}\n",
-     "data.train: required field is missing"),
-    ("name: t\ndata: {train: s3://b/x, batch_size: many}\n",
-     "data.batch_size: 'many' is not allowed; give a positive integer or auto"),
-    ("name: t\ndata: {train: s3://b/x, batch_size: 0}\n",
-     "data.batch_size: 0 is not allowed; give a positive integer or auto"),
-    ("name: t\ndata: {train: s3://b/x, batch_size: 8, global_batch: 20}\nresources: {workers: 2}\n",
-     "data.global_batch: 20 is not a multiple of data.batch_size 8 x 2 workers = 16"),
-    ("name: t\ndata: {train: s3://b/x, batch_size: auto, global_batch: 7}\nresources: {workers: 2}\n",
-     "data.global_batch: 7 is not a multiple of 2 workers = 2"),
-    ("name: t\ndata: {train: s3://b/x, batch_size: auto, auto_batch: {memory_fraction: 1.5}}\n",
-     "data.auto_batch.memory_fraction: input should be less than or equal to 1"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {precision: fp8}\n",
-     "train.precision: fp8 needs resources.use_gpu: true and a GPU of compute capability 8.9+ (Ada, Hopper or "
-     "later); CPU trains in fp32"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {precision: fp8}\nresources: {use_gpu: true, accelerator_type: A100}\n",
-     "train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); resources.accelerator_type A100 "
-     "has no fp8 tensor cores"),
-    ("name: t\ndata: {train: ftp://b/x}\n",
-     "data.train: unknown URI scheme 'ftp://' (known: file://, s3://, gs://)"),
-    ("name: t\ndata: {train: /just/a/path}\n",
-     "data.train: '/just/a/path' is not a URI: write file://PATH, s3://BUCKET/PATH or gs://BUCKET/PATH"),
-    ("name: t\ndata: {train: s3://b/x}\nmodel: {size: XXL}\n",
-     "model.size: 'XXL' is not allowed; input should be 'T', 'S', 'B', 'L' or 'XL'"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {precision: bf16}\n",
-     "train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {steps: 10, warmup: 10}\n",
-     "train.warmup: 10 must be smaller than train.steps (10)"),
-    ("name: 'bad name!'\ndata: {train: s3://b/x}\n",
-     "name: string should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'"),
-    ("name: t\ndata: {train: s3://b/x}\ntrain: {lr: 0}\n",
-     "train.lr: input should be greater than 0"),
-    ("name: t\ndata: {train: s3://b/x}\ncheckpoint: {uri: 'hdfs://x'}\n",
-     "checkpoint.uri: unknown URI scheme 'hdfs://' (known: file://, s3://, gs://)"),
-    ("name: t\ndata: {train: s3://b/x}\nresources: {use_gpu: maybe}\n",
-     "resources.use_gpu: input should be a valid boolean, unable to interpret input (got 'maybe')"),
-    ("name: t\ndata: [1, 2]\n",
-     "data: input should be a valid dictionary or instance of DataSpec (got [1, 2])"),
-    ("name: t\ndata: {train: s3://b/x\n",
-     "line 3, column 1: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
-    ("- just\n- a list\n",
-     "top level must be a mapping of keys, got list"),
+    (
+        "name: t\ndata: {train: s3://b/x}\ndeepspeed: {zero_stage: 5}\n",
+        "deepspeed.zero_stage: 5 is not allowed; input should be 0, 1, 2 or 3",
+    ),
+    ("name: t\ndata: {train: s3://b/x}\ntrain: {steps: -3}\n", "train.steps: input should be greater than 0"),
+    (
+        "name: t\ndata: {train: s3://b/x}\nresources: {workers: 0}\n",
+        "resources.workers: input should be greater than 0",
+    ),
+    ("name: t\ndata: {train: s3://b/x}\ntrain: {stpes: 10}\n", "train.stpes: unknown key (did you mean 'steps'?)"),
+    ("name: t\ndata: {train: s3://b/x}\nmodle: {size: S}\n", "modle: unknown key (did you mean 'model'?)"),
+    ("name: t\n", "data: required field is missing"),
+    ("name: t\ndata: {batch_size: 4}\n", "data.train: required field is missing"),
+    (
+        "name: t\ndata: {train: s3://b/x, batch_size: many}\n",
+        "data.batch_size: 'many' is not allowed; give a positive integer or auto",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x, batch_size: 0}\n",
+        "data.batch_size: 0 is not allowed; give a positive integer or auto",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x, batch_size: 8, global_batch: 20}\nresources: {workers: 2}\n",
+        "data.global_batch: 20 is not a multiple of data.batch_size 8 x 2 workers = 16",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x, batch_size: auto, global_batch: 7}\nresources: {workers: 2}\n",
+        "data.global_batch: 7 is not a multiple of 2 workers = 2",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x, batch_size: auto, auto_batch: {memory_fraction: 1.5}}\n",
+        "data.auto_batch.memory_fraction: input should be less than or equal to 1",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\ntrain: {precision: fp8}\n",
+        "train.precision: fp8 needs resources.use_gpu: true and a GPU of compute capability 8.9+ (Ada, Hopper or "
+        "later); CPU trains in fp32",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\ntrain: {precision: fp8}\nresources: {use_gpu: true, accelerator_type: A100}\n",
+        "train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); resources.accelerator_type A100 "
+        "has no fp8 tensor cores",
+    ),
+    ("name: t\ndata: {train: ftp://b/x}\n", "data.train: unknown URI scheme 'ftp://' (known: file://, s3://, gs://)"),
+    (
+        "name: t\ndata: {train: /just/a/path}\n",
+        "data.train: '/just/a/path' is not a URI: write file://PATH, s3://BUCKET/PATH or gs://BUCKET/PATH",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\nmodel: {size: XXL}\n",
+        "model.size: 'XXL' is not allowed; input should be 'T', 'S', 'B', 'L' or 'XL'",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\ntrain: {precision: bf16}\n",
+        "train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\ntrain: {steps: 10, warmup: 10}\n",
+        "train.warmup: 10 must be smaller than train.steps (10)",
+    ),
+    (
+        "name: 'bad name!'\ndata: {train: s3://b/x}\n",
+        "name: string should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'",
+    ),
+    ("name: t\ndata: {train: s3://b/x}\ntrain: {lr: 0}\n", "train.lr: input should be greater than 0"),
+    (
+        "name: t\ndata: {train: s3://b/x}\ncheckpoint: {uri: 'hdfs://x'}\n",
+        "checkpoint.uri: unknown URI scheme 'hdfs://' (known: file://, s3://, gs://)",
+    ),
+    (
+        "name: t\ndata: {train: s3://b/x}\nresources: {use_gpu: maybe}\n",
+        "resources.use_gpu: input should be a valid boolean, unable to interpret input (got 'maybe')",
+    ),
+    ("name: t\ndata: [1, 2]\n", "data: input should be a valid dictionary or instance of DataSpec (got [1, 2])"),
+    (
+        "name: t\ndata: {train: s3://b/x\n",
+        "line 3, column 1: YAML syntax error: expected ',' or '}', but got '<stream end>'",
+    ),
+    ("- just\n- a list\n", "top level must be a mapping of keys, got list"),
     ("", "file is empty"),
     ("kind: embedded\ncpus: -1\n", "cpus: input should be greater than or equal to 0"),
-    ("kind: moon\n", "kind: 'moon' is not allowed; expected one of embedded, local, address, aws, gcp, kubernetes, slurm"),
+    (
+        "kind: moon\n",
+        "kind: 'moon' is not allowed; expected one of embedded, local, address, aws, gcp, kubernetes, slurm",
+    ),
     ("kind: address\n", "address: required when kind is 'address' (e.g. http://head:8265)"),
     ("kind: embedded\nports: {mlflow: 70000}\n", "ports.mlflow: input should be less than 65536"),
 ]
@@ -137,12 +165,15 @@ def test_deepspeed_section_passes_extra_keys_through(tmp_path: Path):
     from ditforge.train.engine import deepspeed_config
 
     f = tmp_path / "job.yaml"
-    f.write_text(GOOD_JOB + textwrap.dedent("""\
+    f.write_text(
+        GOOD_JOB
+        + textwrap.dedent("""\
         deepspeed:
           zero_stage: 3
           zero_optimization: {reduce_scatter: false}
           communication_data_type: fp32
-    """))
+    """)
+    )
     cfg = deepspeed_config(load_job(f))
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_scatter"] is False  # a key ditforge does not set passes through

@@ -39,12 +39,19 @@ def test_unknown_scheme_is_one_line_exit_2_wherever_a_uri_enters(tmp_path):
         (["data", "encode", f"file://{tmp_path}/pixels", "--out", "ftp2://x/lat"], "ftp2://x/lat"),
         (["data", "verify", "ftp2://x/lat"], "ftp2://x/lat"),
         (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "data.train=ftp2://x/lat"], "data.train"),
-        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "checkpoint.uri=ftp2://x/runs"],
-         "checkpoint.uri"),
-        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "train.resume=ftp2://x/runs/r"],
-         "train.resume"),
-        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "vae.kind=own", "--set", "vae.path=ftp2://x/vae"],
-         "vae.path"),
+        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "checkpoint.uri=ftp2://x/runs"], "checkpoint.uri"),
+        (["submit", str(REPO / "jobs" / "demo-image.yaml"), "--set", "train.resume=ftp2://x/runs/r"], "train.resume"),
+        (
+            [
+                "submit",
+                str(REPO / "jobs" / "demo-image.yaml"),
+                "--set",
+                "vae.kind=own",
+                "--set",
+                "vae.path=ftp2://x/vae",
+            ],
+            "vae.path",
+        ),
     ]
     for argv, uri in calls:  # in-process (a subprocess per call costs seconds of imports)
         _one_line_error(CliRunner().invoke(app, argv), uri, "unknown URI scheme 'ftp2://'")
@@ -58,11 +65,22 @@ def test_spec_and_storage_know_the_same_schemes():
 def _service_account(path, email: str) -> str:
     """A service-account key file as Google issues them (a fresh RSA key, never used online)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    path.write_text(json.dumps({"type": "service_account", "project_id": "proj", "private_key_id": "k1",
-                                "private_key": pem, "client_email": email, "client_id": "1",
-                                "token_uri": "https://oauth2.googleapis.com/token"}))
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    path.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "proj",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": email,
+                "client_id": "1",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        )
+    )
     return str(path)
 
 
@@ -92,8 +110,10 @@ def test_gs_without_gcsfs_names_the_uri_and_the_extra(monkeypatch, tmp_path):
     with pytest.raises(storage.URIError, match=r"gs://b/x: gs:// needs gcsfs.*pip install 'ditforge\[gcs\]'"):
         storage.filesystem("gs://b/x")
     # The CLI, in a process where gcsfs cannot be imported: exit 2, one line, nothing written.
-    code = ("import sys; sys.modules['gcsfs'] = None; from ditforge.cli import main; "
-            "sys.argv = ['ditforge', 'data', 'ingest', 'shapes', '--limit', '4', '--out', 'gs://b/out']; main()")
+    code = (
+        "import sys; sys.modules['gcsfs'] = None; from ditforge.cli import main; "
+        "sys.argv = ['ditforge', 'data', 'ingest', 'shapes', '--limit', '4', '--out', 'gs://b/out']; main()"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     _one_line_error(r, "gs://b/out", "pip install 'ditforge[gcs]'")
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,8 @@ from ditforge.data import shards
 
 FORMATS = [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]
 names = st.text(alphabet="abcdefghij0123456789_-/", min_size=1, max_size=120).filter(
-    lambda s: not s.startswith("/") and "//" not in s and not s.endswith("/"))
+    lambda s: not s.startswith("/") and "//" not in s and not s.endswith("/")
+)
 members = st.lists(st.tuples(names, st.binary(max_size=1500)), min_size=0, max_size=6)
 
 

@@ -15,8 +15,11 @@ def test_local_transformers_encoder_conditions_the_dit(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "enc")
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path / "enc")
+    BertModel(
+        BertConfig(
+            vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(tmp_path / "enc")
     enc = TextEncoder(f"file://{tmp_path / 'enc'}", max_length=8)
     emb = enc.encode(["a red circle", "a blue star moving up"])
     assert emb.shape == (2, 8, 32) and enc.dim == 32

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditforge.models.vae import DiffusersVAE, IdentityVAE, KLAutoencoder, build_vae, load_own_vae, save_own_vae, vae_loss
+from ditforge.models.vae import (
+    DiffusersVAE,
+    IdentityVAE,
+    KLAutoencoder,
+    build_vae,
+    load_own_vae,
+    save_own_vae,
+    vae_loss,
+)
 from ditforge.spec import VAESpec
 
 
@@ -25,7 +33,7 @@ def test_image_vae_reconstruction_error_falls_during_training():
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     mses = []
     for step in range(60):
-        batch = x[(step * 16) % 64:(step * 16) % 64 + 16]
+        batch = x[(step * 16) % 64 : (step * 16) % 64 + 16]
         loss, mse = vae_loss(net, batch, kl_weight=1e-6, gen=torch.Generator().manual_seed(step))
         opt.zero_grad()
         loss.backward()
@@ -73,9 +81,16 @@ def test_diffusers_autoencoderkl_loader_round_trip(tmp_path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    tiny = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)
+    tiny = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
     tiny.save_pretrained(tmp_path / "vae")
     vae = build_vae(VAESpec(kind="diffusers", path=str(tmp_path / "vae")))
     assert isinstance(vae, DiffusersVAE) and vae.scale == 0.5 and vae.shift == 0.1

@@ -96,15 +96,19 @@ def test_patch_masking_and_given_tokens_compose():
     x0 = torch.randn(2, 3, 4, 8, 8)
     given = torch.zeros(2, *GRID, dtype=torch.bool)
     given[:, 0] = True
-    loss = RectifiedFlow("uniform", 0.0).loss(net, x0, {}, torch.Generator().manual_seed(0), mask_ratio=0.5,
-                                              given=given)
+    loss = RectifiedFlow("uniform", 0.0).loss(
+        net, x0, {}, torch.Generator().manual_seed(0), mask_ratio=0.5, given=given
+    )
     loss.backward()
     assert torch.isfinite(loss) and net.given_embed.grad is not None
 
 
-VARIANTS = [dict(video_attention="full", pos_embed="sincos"), dict(video_attention="factorised", pos_embed="rope"),
-            dict(video_attention="factorised", pos_embed="sincos", text="own", text_len=8),
-            dict(video_attention="full", pos_embed="rope", patch_t=2)]
+VARIANTS = [
+    dict(video_attention="full", pos_embed="sincos"),
+    dict(video_attention="factorised", pos_embed="rope"),
+    dict(video_attention="factorised", pos_embed="sincos", text="own", text_len=8),
+    dict(video_attention="full", pos_embed="rope", patch_t=2),
+]
 
 
 @pytest.mark.parametrize("kw", VARIANTS)
@@ -143,8 +147,9 @@ def test_model_without_given_tokens_refuses_a_mask():
         net(torch.randn(1, 3, 4, 8, 8), torch.zeros(1), given=torch.zeros(1, *GRID, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("kind,sampler", [("rectified_flow", "euler"), ("rectified_flow", "heun"),
-                                          ("ddpm", "ddim"), ("ddpm", "ddpm")])
+@pytest.mark.parametrize(
+    "kind,sampler", [("rectified_flow", "euler"), ("rectified_flow", "heun"), ("ddpm", "ddim"), ("ddpm", "ddpm")]
+)
 def test_samplers_keep_given_tokens_clean_with_cfg(kind, sampler):
     torch.manual_seed(0)
     net = DiT(DiTConfig(in_channels=3, size="T", num_classes=4, given_tokens=True))
@@ -161,8 +166,17 @@ def test_samplers_keep_given_tokens_clean_with_cfg(kind, sampler):
     obj = RectifiedFlow() if kind == "rectified_flow" else DDPM(steps=100)
     x_given = torch.randn(2, 3, 4, 8, 8)
     given = tasks.frame_mask("interpolate", 4, 1)[None, :, None, None].expand(2, *GRID)
-    z = sample(obj, net, (2, 3, 4, 8, 8), {"y": torch.tensor([0, 3])}, sampler=sampler, steps=4, cfg_scale=3.0,
-               given=given, x_given=x_given)
+    z = sample(
+        obj,
+        net,
+        (2, 3, 4, 8, 8),
+        {"y": torch.tensor([0, 3])},
+        sampler=sampler,
+        steps=4,
+        cfg_scale=3.0,
+        given=given,
+        x_given=x_given,
+    )
     g = given_latents(given, z).expand_as(z)
     assert torch.equal(z[g], x_given[g])  # given frames come back exactly
     assert not torch.allclose(z[~g], x_given[~g])
@@ -205,13 +219,30 @@ def export_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("vdt-export")
     torch.manual_seed(0)
-    cfg = DiTConfig(in_channels=12, size="T", num_classes=8, given_tokens=True, video_attention="factorised",
-                    pos_embed="rope")
+    cfg = DiTConfig(
+        in_channels=12, size="T", num_classes=8, given_tokens=True, video_attention="factorised", pos_embed="rope"
+    )
     save_file(DiT(cfg).state_dict(), str(d / "raw.safetensors"))
-    (d / "model.json").write_text(json.dumps({
-        "dit": dataclasses.asdict(cfg), "latent_shape": [12, 4, 8, 8], "vae": {"kind": "identity", "downsample": 2},
-        "sample": {"steps": 2}, "objective": {"kind": "rectified_flow"}, "classes": [], "job": "t",
-        "video_tasks": {"predict": 1.0, "interpolate": 1.0, "image_to_video": 1.0, "complete": 1.0, "k": [1, 2]}}))
+    (d / "model.json").write_text(
+        json.dumps(
+            {
+                "dit": dataclasses.asdict(cfg),
+                "latent_shape": [12, 4, 8, 8],
+                "vae": {"kind": "identity", "downsample": 2},
+                "sample": {"steps": 2},
+                "objective": {"kind": "rectified_flow"},
+                "classes": [],
+                "job": "t",
+                "video_tasks": {
+                    "predict": 1.0,
+                    "interpolate": 1.0,
+                    "image_to_video": 1.0,
+                    "complete": 1.0,
+                    "k": [1, 2],
+                },
+            }
+        )
+    )
     return d
 
 
@@ -233,8 +264,20 @@ def test_sample_task_writes_npy_gif_mp4_with_given_frames_in_place(export_dir, t
 
     clip, _, _ = synthetic.moving_shapes_video(3, 16, 4, seed=5)  # (4, 16, 16, 3)
     np.save(tmp_path / "clip.npy", clip)
-    code = cli_main("sample", "--model", f"file://{export_dir}", "--task", "predict", "--k", "2",
-                    "--given", str(tmp_path / "clip.npy"), "--out", str(tmp_path / "o.npy"), "--json")
+    code = cli_main(
+        "sample",
+        "--model",
+        f"file://{export_dir}",
+        "--task",
+        "predict",
+        "--k",
+        "2",
+        "--given",
+        str(tmp_path / "clip.npy"),
+        "--out",
+        str(tmp_path / "o.npy"),
+        "--json",
+    )
     assert code == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["out"] == str(tmp_path / "o.npy") and res["frames"] == 4
@@ -243,16 +286,42 @@ def test_sample_task_writes_npy_gif_mp4_with_given_frames_in_place(export_dir, t
     assert np.array_equal(o[:2], clip[:2]) and not np.array_equal(o[2:], clip[2:])
     # Only the given frames (2 for interpolate with k=1) also work; .gif and .mp4 out.
     np.save(tmp_path / "ends.npy", clip[[0, 3]])
-    assert cli_main("sample", "--model", f"file://{export_dir}", "--task", "interpolate", "--k", "1",
-                    "--given", str(tmp_path / "ends.npy"), "--out", str(tmp_path / "o.mp4")) == 0
+    assert (
+        cli_main(
+            "sample",
+            "--model",
+            f"file://{export_dir}",
+            "--task",
+            "interpolate",
+            "--k",
+            "1",
+            "--given",
+            str(tmp_path / "ends.npy"),
+            "--out",
+            str(tmp_path / "o.mp4"),
+        )
+        == 0
+    )
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert c.streams.video[0].codec_context.name in ("h264", "libx264")
         assert len(list(c.decode(video=0))) == 4
     from PIL import Image
 
     Image.fromarray(clip[0]).save(tmp_path / "first.png")
-    assert cli_main("sample", "--model", f"file://{export_dir}", "--task", "image_to_video",
-                    "--given", str(tmp_path / "first.png"), "--out", str(tmp_path / "o.gif")) == 0
+    assert (
+        cli_main(
+            "sample",
+            "--model",
+            f"file://{export_dir}",
+            "--task",
+            "image_to_video",
+            "--given",
+            str(tmp_path / "first.png"),
+            "--out",
+            str(tmp_path / "o.gif"),
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "o.gif").n_frames == 4
 
 
@@ -275,8 +344,20 @@ def test_sample_task_bad_input_is_one_line(export_dir, tmp_path, capsys):
         assert cli_main("sample", "--model", m, *extra, "--out", str(tmp_path / "x.npy")) == 2, extra
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (extra, lines)
-    assert cli_main("sample", "--model", m, "--task", "predict", "--given", str(tmp_path / "three.npy"),
-                    "--out", str(tmp_path / "x.png")) == 2
+    assert (
+        cli_main(
+            "sample",
+            "--model",
+            m,
+            "--task",
+            "predict",
+            "--given",
+            str(tmp_path / "three.npy"),
+            "--out",
+            str(tmp_path / "x.png"),
+        )
+        == 2
+    )
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -286,16 +367,21 @@ def test_spec_video_tasks_validation():
     base = {"name": "v", "data": {"train": "file:///tmp/x", "frames": 8}, "vae": {"kind": "identity"}}
     ok = build(JobSpec, {**base, "train": {"video_tasks": {"predict": 1, "interpolate": 1, "k": [1, 3]}}}, "j.yaml")
     assert ok.train.video_tasks.trained() == ["predict", "interpolate"]
-    bad = [({"video_tasks": {}}, "train.video_tasks: give at least one task"),
-           ({"video_tasks": {"predict": 1, "k": [2, 1]}}, "train.video_tasks.k: [2, 1] must satisfy"),
-           ({"video_tasks": {"interpolate": 1, "k": [1, 4]}}, "interpolate with k up to 4 needs 9 latent frames"),
-           ({"video_tasks": {"predcit": 1}}, "did you mean 'predict'")]
+    bad = [
+        ({"video_tasks": {}}, "train.video_tasks: give at least one task"),
+        ({"video_tasks": {"predict": 1, "k": [2, 1]}}, "train.video_tasks.k: [2, 1] must satisfy"),
+        ({"video_tasks": {"interpolate": 1, "k": [1, 4]}}, "interpolate with k up to 4 needs 9 latent frames"),
+        ({"video_tasks": {"predcit": 1}}, "did you mean 'predict'"),
+    ]
     for train, want in bad:
         with pytest.raises(SpecError, match=want.replace("[", r"\[").replace("]", r"\]")):
             build(JobSpec, {**base, "train": train}, "j.yaml")
     with pytest.raises(SpecError, match="at least 2 latent token frames"):
-        build(JobSpec, {**base, "data": {"train": "file:///tmp/x", "frames": 1}, "train": {"video_tasks": {"predict": 1}}},
-              "j.yaml")
+        build(
+            JobSpec,
+            {**base, "data": {"train": "file:///tmp/x", "frames": 1}, "train": {"video_tasks": {"predict": 1}}},
+            "j.yaml",
+        )
 
 
 def test_score_tasks_reports_each_task_and_its_baseline(tmp_path):
@@ -309,8 +395,19 @@ def test_score_tasks_reports_each_task_and_its_baseline(tmp_path):
 
     torch.manual_seed(0)
     net = DiT(DiTConfig(in_channels=12, size="T", num_classes=8, given_tokens=True))
-    metrics, examples = tq.score_tasks(net, RectifiedFlow(), IdentityVAE(2), list(tasks.TASKS), (12, 4, 8, 8), 16, 4,
-                                       SampleSpec(steps=1), 1, 4, torch.device("cpu"))
+    metrics, examples = tq.score_tasks(
+        net,
+        RectifiedFlow(),
+        IdentityVAE(2),
+        list(tasks.TASKS),
+        (12, 4, 8, 8),
+        16,
+        4,
+        SampleSpec(steps=1),
+        1,
+        4,
+        torch.device("cpu"),
+    )
     assert set(examples) == set(tq.EVAL_TASKS)
     for task in tq.EVAL_TASKS:
         assert all(torch.isfinite(torch.tensor(metrics[f"tasks/{task}/{m}"])) for m in ("psnr", "baseline_psnr"))

@@ -28,8 +28,9 @@ def shapes(gpu: bool, quick: bool) -> list[dict]:
     return [xl, video]
 
 
-def time_kernel(name: str, B: int, N: int, H: int, Dh: int, device: torch.device, dtype: torch.dtype,
-                reps: int) -> dict:
+def time_kernel(
+    name: str, B: int, N: int, H: int, Dh: int, device: torch.device, dtype: torch.dtype, reps: int
+) -> dict:
     try:
         attention.resolve(name, device, dtype, Dh)
     except ValueError as e:
@@ -67,7 +68,14 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     for s in shapes(gpu, quick):
         kernels = {k: time_kernel(k, s["B"], s["N"], s["H"], s["Dh"], device, dtype, reps) for k in KERNELS}
-        rows.append({"name": f"attention-{s['name']}", "device": device_name(), "torch": torch.__version__,
-                     "dtype": str(dtype).removeprefix("torch."), "shape": {k: s[k] for k in ("B", "N", "H", "Dh")},
-                     "fwd_bwd": kernels})
+        rows.append(
+            {
+                "name": f"attention-{s['name']}",
+                "device": device_name(),
+                "torch": torch.__version__,
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": {k: s[k] for k in ("B", "N", "H", "Dh")},
+                "fwd_bwd": kernels,
+            }
+        )
     return rows

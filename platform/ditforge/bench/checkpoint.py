@@ -30,9 +30,16 @@ from .common import device_name, single_process_group
 
 
 def _spec(size: str) -> JobSpec:
-    return JobSpec.model_validate({"name": "bench", "data": {"train": "file:///unused", "batch_size": 32},
-                                   "model": {"size": size}, "deepspeed": {"zero_stage": 2},
-                                   "resources": {"workers": 1}, "train": {"warmup": 0}})
+    return JobSpec.model_validate(
+        {
+            "name": "bench",
+            "data": {"train": "file:///unused", "batch_size": 32},
+            "model": {"size": size},
+            "deepspeed": {"zero_stage": 2},
+            "resources": {"workers": 1},
+            "train": {"warmup": 0},
+        }
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -53,8 +60,9 @@ def reshard_costs(sizes: tuple[str, ...], repeat: int) -> list[dict]:
         torch.manual_seed(0)
         engine = build_engine(DiT(DiTConfig(in_channels=12, size=size, patch=2, num_classes=10)), _spec(size))
         flow = RectifiedFlow(null_class=10)
-        loss = flow.loss(engine, torch.randn(8, 12, 16, 16), {"y": torch.randint(0, 10, (8,))},
-                         torch.Generator().manual_seed(0))
+        loss = flow.loss(
+            engine, torch.randn(8, 12, 16, 16), {"y": torch.randint(0, 10, (8,))}, torch.Generator().manual_seed(0)
+        )
         engine.backward(loss)
         engine.step()  # moments exist: the checkpoint is the size a real one is
         root = Path(tempfile.mkdtemp(prefix="ditforge-bench-reshard-"))
@@ -75,13 +83,21 @@ def reshard_costs(sizes: tuple[str, ...], repeat: int) -> list[dict]:
         gb = _folder_bytes(root / "step_1") / 1e9
         shutil.rmtree(root, ignore_errors=True)
         reshard_s = _median(convert) + _median(load)
-        results.append({
-            "name": "checkpoint-reshard", "device": device_name(), "model": f"DiT-{size}/2", "zero_stage": 2,
-            "checkpoint_MB": round(gb * 1e3, 2), "plain_resume_s": round(_median(plain), 3),
-            "convert_s": round(_median(convert), 3), "universal_load_s": round(_median(load), 3),
-            "reshard_s": round(reshard_s, 3), "reshard_s_per_GB": round(reshard_s / gb, 1),
-            "reshard_over_plain": round(reshard_s / _median(plain), 2),
-        })
+        results.append(
+            {
+                "name": "checkpoint-reshard",
+                "device": device_name(),
+                "model": f"DiT-{size}/2",
+                "zero_stage": 2,
+                "checkpoint_MB": round(gb * 1e3, 2),
+                "plain_resume_s": round(_median(plain), 3),
+                "convert_s": round(_median(convert), 3),
+                "universal_load_s": round(_median(load), 3),
+                "reshard_s": round(reshard_s, 3),
+                "reshard_s_per_GB": round(reshard_s / gb, 1),
+                "reshard_over_plain": round(reshard_s / _median(plain), 2),
+            }
+        )
     return results
 
 
@@ -111,8 +127,11 @@ def run(quick: bool = False) -> list[dict]:
         step_s = (time.perf_counter() - t0) / n
 
         for target in ("s3", "file"):
-            root = (f"s3://ditforge/bench/{uuid.uuid4().hex[:8]}" if target == "s3"
-                    else f"file://{tempfile.mkdtemp(prefix='ditforge-bench-')}")
+            root = (
+                f"s3://ditforge/bench/{uuid.uuid4().hex[:8]}"
+                if target == "s3"
+                else f"file://{tempfile.mkdtemp(prefix='ditforge-bench-')}"
+            )
             ck = Checkpointer(root, 0, 1, keep_last=10)
             stalls, uploads, sizes = [], [], []
             for i in range(2 if quick else 3):
@@ -137,15 +156,23 @@ def run(quick: bool = False) -> list[dict]:
                     plain_s = time.perf_counter() - t0
             upload_s = sorted(uploads)[len(uploads) // 2]
             stall_s = sorted(stalls)[len(stalls) // 2]
-            results.append({
-                "name": f"checkpoint-save-{target}", "device": device_name(), "model": f"DiT-{size}/2",
-                "checkpoint_MB": round(mb, 2), "upload_s": round(upload_s, 3), "MBps": round(mb / upload_s, 1),
-                "stall_s": round(stall_s, 4), "step_s": round(step_s, 4), "stall_in_steps": round(stall_s / step_s, 3),
-                "plain_s3fs_put_s": round(plain_s, 3) if plain_s else None,
-                "plain_s3fs_MBps": round(mb / plain_s, 1) if plain_s else None,
-                "ratio_to_plain_put": round(plain_s / upload_s, 3) if plain_s else None,
-                "targets": {"stall_in_steps": "< 1", "ratio_to_plain_put": ">= 0.5"},
-            })
+            results.append(
+                {
+                    "name": f"checkpoint-save-{target}",
+                    "device": device_name(),
+                    "model": f"DiT-{size}/2",
+                    "checkpoint_MB": round(mb, 2),
+                    "upload_s": round(upload_s, 3),
+                    "MBps": round(mb / upload_s, 1),
+                    "stall_s": round(stall_s, 4),
+                    "step_s": round(step_s, 4),
+                    "stall_in_steps": round(stall_s / step_s, 3),
+                    "plain_s3fs_put_s": round(plain_s, 3) if plain_s else None,
+                    "plain_s3fs_MBps": round(mb / plain_s, 1) if plain_s else None,
+                    "ratio_to_plain_put": round(plain_s / upload_s, 3) if plain_s else None,
+                    "targets": {"stall_in_steps": "< 1", "ratio_to_plain_put": ">= 0.5"},
+                }
+            )
             if target == "s3":
                 storage.remove(root)
         results += reshard_costs(("T",) if quick else ("T", "S"), 1 if quick else 3)

@@ -33,7 +33,15 @@ BATCH = 32
 
 
 def _row(bench: str, metric: str, value: float, unit: str, **ctx) -> dict:
-    return {"name": f"{bench}-{metric}", "device": device_name(), "bench": bench, "metric": metric, "value": round(float(value), 2), "unit": unit, **ctx}
+    return {
+        "name": f"{bench}-{metric}",
+        "device": device_name(),
+        "bench": bench,
+        "metric": metric,
+        "value": round(float(value), 2),
+        "unit": unit,
+        **ctx,
+    }
 
 
 def _jpeg_folder(root: str, n: int) -> None:
@@ -58,19 +66,41 @@ def bench_ingest(quick: bool, tmp: str) -> list[dict]:
     assert sum(e["samples"] for e in rec["shards"]) == n
     # Per CPU-second as well as per wall-second: on a shared machine the wall clock also counts
     # other people's work; the CPU time is what this work costs one core.
-    rows = [_row("data.ingest", "images_per_s_per_core", n / dt, "images/s/core", images=n, per_cpu_s=round(n / cpu, 1),
-                 input="64x64 JPEG", output="32x32 PNG in tar shards", where="one process, no Ray")]
+    rows = [
+        _row(
+            "data.ingest",
+            "images_per_s_per_core",
+            n / dt,
+            "images/s/core",
+            images=n,
+            per_cpu_s=round(n / cpu, 1),
+            input="64x64 JPEG",
+            output="32x32 PNG in tar shards",
+            where="one process, no Ray",
+        )
+    ]
     if not quick:
         from ..data.parallel import cpus, ray_session
 
         with ray_session():
             cores = cpus()
             t0 = time.perf_counter()
-            ingest.ingest(src, f"file://{tmp}/ingested-ray", resolution=32, shard_size=max(64, n // (4 * cores)),
-                          progress=False)
+            ingest.ingest(
+                src, f"file://{tmp}/ingested-ray", resolution=32, shard_size=max(64, n // (4 * cores)), progress=False
+            )
             dt = time.perf_counter() - t0
-        rows.append(_row("data.ingest", "images_per_s_ray", n / dt, "images/s", images=n, ray_cpus=cores,
-                         per_core=round(n / dt / cores, 1), where="Ray tasks, wall clock without Ray start"))
+        rows.append(
+            _row(
+                "data.ingest",
+                "images_per_s_ray",
+                n / dt,
+                "images/s",
+                images=n,
+                ray_cpus=cores,
+                per_core=round(n / dt / cores, 1),
+                where="Ray tasks, wall clock without Ray start",
+            )
+        )
     return rows
 
 
@@ -79,10 +109,20 @@ def _latent_set(uri: str, n: int, shard_size: int = 256) -> int:
     rng = np.random.default_rng(0)
     entries = []
     for a in range(0, n, shard_size):
-        samples = ({"__key__": f"{i:08d}", "latent.npy": shards.npy_bytes(rng.standard_normal(LATENT_SHAPE, np.float32)),
-                    "cls": str(i % 10), "txt": f"sample {i}"} for i in range(a, min(n, a + shard_size)))
-        entries.append(shards.write_shard(uri, shards.shard_name(a // shard_size), samples,
-                                          bucket="img-32x32", shape=list(LATENT_SHAPE)))
+        samples = (
+            {
+                "__key__": f"{i:08d}",
+                "latent.npy": shards.npy_bytes(rng.standard_normal(LATENT_SHAPE, np.float32)),
+                "cls": str(i % 10),
+                "txt": f"sample {i}",
+            }
+            for i in range(a, min(n, a + shard_size))
+        )
+        entries.append(
+            shards.write_shard(
+                uri, shards.shard_name(a // shard_size), samples, bucket="img-32x32", shape=list(LATENT_SHAPE)
+            )
+        )
     shards.write_manifest(uri, {"kind": "latents", "latent_shape": list(LATENT_SHAPE), "shards": entries})
     return sum(e["bytes"] for e in entries)
 
@@ -97,9 +137,19 @@ def _stream(uri: str, where: str) -> list[dict]:
         x, y, _, _ = next(it)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = n_batches * BATCH
-    return [_row("data.stream", f"samples_per_s_{where}", samples / dt, "samples/s/worker", samples=samples,
-                 per_cpu_s=round(samples / cpu, 1), batch=BATCH, latent_shape=list(LATENT_SHAPE)),
-            _row("data.stream", f"mb_per_s_{where}", nbytes / dt / 1e6, "MB/s/worker")]
+    return [
+        _row(
+            "data.stream",
+            f"samples_per_s_{where}",
+            samples / dt,
+            "samples/s/worker",
+            samples=samples,
+            per_cpu_s=round(samples / cpu, 1),
+            batch=BATCH,
+            latent_shape=list(LATENT_SHAPE),
+        ),
+        _row("data.stream", f"mb_per_s_{where}", nbytes / dt / 1e6, "MB/s/worker"),
+    ]
 
 
 def bench_tar_readers(folder: str) -> list[dict]:
@@ -138,8 +188,17 @@ def bench_tar_readers(folder: str) -> list[dict]:
             best[name] = min(best[name], time.perf_counter() - t0)
     assert counts["own"] == counts["webdataset"], counts
     n = counts["own"]
-    return [_row("data.tar_read", f"samples_per_s_{name}", n / best[name], "samples/s", samples=n,
-                 x_vs_webdataset=round(best["webdataset"] / best[name], 2)) for name in ("own", "webdataset")]
+    return [
+        _row(
+            "data.tar_read",
+            f"samples_per_s_{name}",
+            n / best[name],
+            "samples/s",
+            samples=n,
+            x_vs_webdataset=round(best["webdataset"] / best[name], 2),
+        )
+        for name in ("own", "webdataset")
+    ]
 
 
 def bench_stream(quick: bool, tmp: str) -> list[dict]:
@@ -154,8 +213,15 @@ def bench_stream(quick: bool, tmp: str) -> list[dict]:
         _latent_set(s3, n)
         rows += _stream(s3, "s3")
     except Exception as e:  # S3 server not up: say so rather than fail the other figures
-        rows.append(_row("data.stream", "samples_per_s_s3", float("nan"), "samples/s/worker",
-                         error=f"{type(e).__name__}: {str(e)[:120]} (start it: ditforge services up)"))
+        rows.append(
+            _row(
+                "data.stream",
+                "samples_per_s_s3",
+                float("nan"),
+                "samples/s/worker",
+                error=f"{type(e).__name__}: {str(e)[:120]} (start it: ditforge services up)",
+            )
+        )
     finally:
         try:
             storage.remove(s3)
@@ -193,9 +259,19 @@ def bench_consumption(quick: bool) -> list[dict]:
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(threads)
-    return [_row("train.consume", "samples_per_s", steps * BATCH / dt, "samples/s/worker", model="DiT-T/2",
-                 per_cpu_s=round(steps * BATCH / cpu, 1),
-                 batch=BATCH, threads=1, note="plain torch; the demo logs ~160 samples/s for 2 DeepSpeed workers")]
+    return [
+        _row(
+            "train.consume",
+            "samples_per_s",
+            steps * BATCH / dt,
+            "samples/s/worker",
+            model="DiT-T/2",
+            per_cpu_s=round(steps * BATCH / cpu, 1),
+            batch=BATCH,
+            threads=1,
+            note="plain torch; the demo logs ~160 samples/s for 2 DeepSpeed workers",
+        )
+    ]
 
 
 def run(quick: bool) -> list[dict]:

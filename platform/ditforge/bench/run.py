@@ -12,12 +12,20 @@ import time
 SECTIONS = ["train", "attention", "data", "checkpoint"]  # each a module here with run(quick) -> list[dict]
 
 
-def run_all(quick: bool, sections: list[str] | None = None, focus: bool = False, on_section=None,
-            command: str | None = None) -> dict:
+def run_all(
+    quick: bool, sections: list[str] | None = None, focus: bool = False, on_section=None, command: str | None = None
+) -> dict:
     """`focus`: the sections that take it run only their headline rows (bench/gpu_run.sh's first
     pass). `on_section(result)` after each section, so a run cut short keeps what it measured."""
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "quick": quick, "focus": focus,
-              "meta": meta(command), "configs": [], "errors": {}}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(),
+        "quick": quick,
+        "focus": focus,
+        "meta": meta(command),
+        "configs": [],
+        "errors": {},
+    }
     for name in sections or SECTIONS:
         mod = importlib.import_module(f"ditforge.bench.{name}")
         kwargs = {"focus": focus} if "focus" in inspect.signature(mod.run).parameters else {}
@@ -44,17 +52,28 @@ def meta(command: str | None = None) -> dict:
     except Exception:  # the bench's data section runs without it
         ds = None
     gpu = torch.cuda.is_available()
-    return {"device": device_name(), "device_kind": "cuda" if gpu else "cpu",
-            "cuda": torch.version.cuda if gpu else None, "torch": torch.__version__, "deepspeed": ds,
-            "python": platform.python_version(), "command": command or " ".join(sys.argv), "git_commit": _git_commit()}
+    return {
+        "device": device_name(),
+        "device_kind": "cuda" if gpu else "cpu",
+        "cuda": torch.version.cuda if gpu else None,
+        "torch": torch.__version__,
+        "deepspeed": ds,
+        "python": platform.python_version(),
+        "command": command or " ".join(sys.argv),
+        "git_commit": _git_commit(),
+    }
 
 
 def _git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 

@@ -95,12 +95,19 @@ def _peak(device: torch.device, before: int) -> int:
 
 def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
     d = {
-        "name": "bench", "data": {"train": "file:///unused", "batch_size": v["batch"]},
-        "model": {"size": v["size"], "patch": 2, "num_classes": 1000, "grad_checkpointing": v["ckpt"],
-                  "compile": v["compile"]},
+        "name": "bench",
+        "data": {"train": "file:///unused", "batch_size": v["batch"]},
+        "model": {
+            "size": v["size"],
+            "patch": 2,
+            "num_classes": 1000,
+            "grad_checkpointing": v["ckpt"],
+            "compile": v["compile"],
+        },
         "deepspeed": {"zero_stage": v["zero"], "overlap_comm": v.get("overlap_comm", False)},
         "resources": {"workers": world, "use_gpu": use_gpu},
-        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9999}}
+        "train": {"warmup": 0, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9999},
+    }
     for section, over in v.get("set", {}).items():  # an ablation lever's switches (LEVERS)
         d[section] = {**d.get(section, {}), **over}
     return JobSpec.model_validate(d)
@@ -112,22 +119,47 @@ def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
 # the worker's own `train_step`. `set`: the spec switches it turns on; `needs_cuda`: skipped on CPU;
 # `status`: not measured, and why. A lever whose switch pays stays off until a GPU run shows it does.
 LEVERS = [
-    {"name": "compile_full", "needs_cuda": True, "set": {"model": {"compile": "full"}},
-     "what": "torch.compile of the whole model instead of each block (regional)"},
-    {"name": "bf16_no_overflow_check", "needs_cuda": True, "set": {"deepspeed": {"overflow_check": False}},
-     "what": "deepspeed.overflow_check: false (bf16.check_grad_overflow): no per-step host read of the overflow flag"},
-    {"name": "clip_no_item", "covered_by": "bf16_no_overflow_check",
-     "what": "DeepSpeed 0.19.8 clips with the norm as a device tensor (get_grad_norm_direct, clamp); in bf16 its "
-             "host reads come from the overflow check, so the switch above removes both"},
-    {"name": "no_clip_upper_bound", "needs_cuda": False, "set": {"train": {"grad_clip": 0.0}},
-     "what": "train.grad_clip: 0, the most any cheaper clipping could gain (not a setting to keep)"},
-    {"name": "fused_adamw", "status": "in the baseline",
-     "what": "torch's fused AdamW already steps DeepSpeed's flat fp32 partitions (ZeRO 1-2); foreach would not "
-             "honour the NaN guard's found_inf"},
-    {"name": "cuda_graphs", "needs_cuda": True, "status": "not implemented",
-     "what": "CUDA graphs of the step: DeepSpeed's ZeRO-2 step allocates and buckets on the host"},
-    {"name": "ema_in_optimizer", "status": "not implemented",
-     "what": "the EMA lerp folded into the optimizer's pass over the flat partitions"},
+    {
+        "name": "compile_full",
+        "needs_cuda": True,
+        "set": {"model": {"compile": "full"}},
+        "what": "torch.compile of the whole model instead of each block (regional)",
+    },
+    {
+        "name": "bf16_no_overflow_check",
+        "needs_cuda": True,
+        "set": {"deepspeed": {"overflow_check": False}},
+        "what": "deepspeed.overflow_check: false (bf16.check_grad_overflow): no per-step host read of the overflow flag",
+    },
+    {
+        "name": "clip_no_item",
+        "covered_by": "bf16_no_overflow_check",
+        "what": "DeepSpeed 0.19.8 clips with the norm as a device tensor (get_grad_norm_direct, clamp); in bf16 its "
+        "host reads come from the overflow check, so the switch above removes both",
+    },
+    {
+        "name": "no_clip_upper_bound",
+        "needs_cuda": False,
+        "set": {"train": {"grad_clip": 0.0}},
+        "what": "train.grad_clip: 0, the most any cheaper clipping could gain (not a setting to keep)",
+    },
+    {
+        "name": "fused_adamw",
+        "status": "in the baseline",
+        "what": "torch's fused AdamW already steps DeepSpeed's flat fp32 partitions (ZeRO 1-2); foreach would not "
+        "honour the NaN guard's found_inf",
+    },
+    {
+        "name": "cuda_graphs",
+        "needs_cuda": True,
+        "status": "not implemented",
+        "what": "CUDA graphs of the step: DeepSpeed's ZeRO-2 step allocates and buckets on the host",
+    },
+    {
+        "name": "ema_in_optimizer",
+        "status": "not implemented",
+        "what": "the EMA lerp folded into the optimizer's pass over the flat partitions",
+    },
 ]
 
 
@@ -147,8 +179,13 @@ def ablation(v: dict, rank: int, world: int, device: torch.device) -> list[dict]
                 base = Loops(v, rank, world, device)
             alt = Loops(dict(v, set=lever["set"]), rank, world, device)
             t = _side_by_side(types.SimpleNamespace(baseline=base.ditforge, ditforge=alt.ditforge), v, device, world)
-            row |= {"status": "measured", "set": lever["set"], "step_s": round(t["ditforge"], 5),
-                    "baseline_step_s": round(t["baseline"], 5), "speedup": round(t["baseline"] / t["ditforge"], 3)}
+            row |= {
+                "status": "measured",
+                "set": lever["set"],
+                "step_s": round(t["ditforge"], 5),
+                "baseline_step_s": round(t["baseline"], 5),
+                "speedup": round(t["baseline"] / t["ditforge"], 3),
+            }
             del alt
         except Exception as e:  # a lever that fails (a compile error, OOM) must not hide the others
             row |= {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -193,8 +230,17 @@ class Loops:
 
         def ditforge_step():
             self.step_no += 1
-            return train_step(engine, objective, xd, cond, step_generator(0, self.step_no, rank, device), 0.0, ema,
-                              guard, self.step_no)[0]
+            return train_step(
+                engine,
+                objective,
+                xd,
+                cond,
+                step_generator(0, self.step_no, rank, device),
+                0.0,
+                ema,
+                guard,
+                self.step_no,
+            )[0]
 
         self.ditforge = ditforge_step
         self.baseline = None
@@ -210,8 +256,11 @@ class Loops:
         torch.manual_seed(0)
         with device:  # the plain loop's attention is SDPA's flash kernel (the math kernel on CPU)
             model = DiT(dataclasses.replace(cfg, attention="sdpa_flash" if use_gpu else "math"))
-        net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
-               if world > 1 else model)
+        net = (
+            torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_gpu else None)
+            if world > 1
+            else model
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=use_gpu or None)
         shadow = [p.detach().clone().float() for p in model.parameters()]
         params = list(model.parameters())
@@ -311,8 +360,13 @@ def fp8_curve(v: dict, rank: int, world: int, device: torch.device) -> dict:
     """bf16 and fp8 (train.precision) from the same seed, weights and batch, `steps` steps each through
     the worker's `train_step`: the loss at every step, samples/s after the first 10 (compile).
     The curves agree when every 50-step window's mean loss is within FP8_TOLERANCE (relative)."""
-    out = {"model": f"DiT-{v['size']}/2", "batch_per_worker": v["batch"], "steps": v["steps"], "name": v["name"],
-           "tolerance": FP8_TOLERANCE}
+    out = {
+        "model": f"DiT-{v['size']}/2",
+        "batch_per_worker": v["batch"],
+        "steps": v["steps"],
+        "name": v["name"],
+        "tolerance": FP8_TOLERANCE,
+    }
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return out | {"status": "skipped: needs CUDA (compute capability 8.9+)"}
     curves, rate = {}, {}
@@ -335,11 +389,17 @@ def fp8_curve(v: dict, rank: int, world: int, device: torch.device) -> dict:
             traceback.print_exc()
             return out | {"status": "error", "error": f"{prec}: {type(e).__name__}: {str(e)[:300]}"}
     w = 50
-    means = {p: [sum(c[i:i + w]) / len(c[i:i + w]) for i in range(0, len(c), w)] for p, c in curves.items()}
+    means = {p: [sum(c[i : i + w]) / len(c[i : i + w]) for i in range(0, len(c), w)] for p, c in curves.items()}
     rel = max(abs(a - b) / abs(a) for a, b in zip(means["bf16"], means["fp8"]))
-    return out | {"status": "measured", "samples_per_s": rate, "speedup": round(rate["fp8"] / rate["bf16"], 3),
-                  "window_means": means, "max_rel_window_diff": round(rel, 4), "agree": rel <= FP8_TOLERANCE,
-                  "loss": curves}
+    return out | {
+        "status": "measured",
+        "samples_per_s": rate,
+        "speedup": round(rate["fp8"] / rate["bf16"], 3),
+        "window_means": means,
+        "max_rel_window_diff": round(rel, 4),
+        "agree": rel <= FP8_TOLERANCE,
+        "loss": curves,
+    }
 
 
 # ------------------------------------------------------------------------------ GPU extras
@@ -392,11 +452,22 @@ def profile_step(loops: Loops, device: torch.device, steps: int = 3) -> dict:
     kernels = [e for e in events if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in kernels) or 1
     top = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:12]
-    syncs = {e.key: e.count / steps for e in events
-             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")}
-    return {"top_kernels": [{"name": e.key[:90], "share": round(e.device_time_total / total, 4),
-                             "ms_per_step": round(e.device_time_total / steps / 1e3, 3)} for e in top],
-            "host_syncs_per_step": syncs}
+    syncs = {
+        e.key: e.count / steps
+        for e in events
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")
+    }
+    return {
+        "top_kernels": [
+            {
+                "name": e.key[:90],
+                "share": round(e.device_time_total / total, 4),
+                "ms_per_step": round(e.device_time_total / steps / 1e3, 3),
+            }
+            for e in top
+        ],
+        "host_syncs_per_step": syncs,
+    }
 
 
 def sync_sources(loops: Loops, device: torch.device) -> list[str]:
@@ -421,8 +492,9 @@ def sync_sources(loops: Loops, device: torch.device) -> list[str]:
 
 def _worker(rank: int, cfg: dict, port: int, queue) -> None:
     world, use_gpu = cfg["world"], cfg["device"] == "cuda"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cuda", rank) if use_gpu else torch.device("cpu")
@@ -430,7 +502,7 @@ def _worker(rank: int, cfg: dict, port: int, queue) -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world)
-    put = (lambda kind, row: queue.put((rank, kind, row)))  # noqa: E731
+    put = lambda kind, row: queue.put((rank, kind, row))  # noqa: E731
     try:
         put("peak", measured_peak_tflops(device))
         batch = cfg.get("batch")
@@ -548,25 +620,77 @@ def plan(quick: bool, focus: bool = False) -> list[dict]:
         for size, cap in (("XL", 256), ("B", 512)):
             if focus and size != "XL":
                 continue
-            variants = [dict(t, size=size, ckpt=ckpt, compile=comp, profile=(comp == "blocks" and not ckpt),
-                             name=f"gpu-dit-{size.lower()}2-256-{'ckpt' if ckpt else 'nockpt'}-{comp}")
-                        for ckpt in (False, True) for comp in ("blocks", "off")
-                        if not focus or (comp == "blocks" and not ckpt)]  # the headline variant first
-            configs.append(dict(device="cuda", world=1, threads=8, variants=variants, batch="auto", cap=cap,
-                                ablation=size == "XL",
-                                zero_stages=([{"zero": 0}, {"zero": 1}, {"zero": 2}, {"zero": 2, "overlap_comm": True}]
-                                             if size == "XL" and not focus else []),
-                                zero_variant=dict(t, size=size, ckpt=False, compile="off", rounds=2)))
-        configs.append(dict(device="cuda", world=1, threads=8, variants=[], batch=64,
-                            fp8_curve=dict(size="B", ckpt=False, compile="blocks", zero=2,
-                                           steps=50 if quick else FP8_STEPS, name="gpu-dit-b2-256-bf16-vs-fp8")))
+            variants = [
+                dict(
+                    t,
+                    size=size,
+                    ckpt=ckpt,
+                    compile=comp,
+                    profile=(comp == "blocks" and not ckpt),
+                    name=f"gpu-dit-{size.lower()}2-256-{'ckpt' if ckpt else 'nockpt'}-{comp}",
+                )
+                for ckpt in (False, True)
+                for comp in ("blocks", "off")
+                if not focus or (comp == "blocks" and not ckpt)
+            ]  # the headline variant first
+            configs.append(
+                dict(
+                    device="cuda",
+                    world=1,
+                    threads=8,
+                    variants=variants,
+                    batch="auto",
+                    cap=cap,
+                    ablation=size == "XL",
+                    zero_stages=(
+                        [{"zero": 0}, {"zero": 1}, {"zero": 2}, {"zero": 2, "overlap_comm": True}]
+                        if size == "XL" and not focus
+                        else []
+                    ),
+                    zero_variant=dict(t, size=size, ckpt=False, compile="off", rounds=2),
+                )
+            )
+        configs.append(
+            dict(
+                device="cuda",
+                world=1,
+                threads=8,
+                variants=[],
+                batch=64,
+                fp8_curve=dict(
+                    size="B",
+                    ckpt=False,
+                    compile="blocks",
+                    zero=2,
+                    steps=50 if quick else FP8_STEPS,
+                    name="gpu-dit-b2-256-bf16-vs-fp8",
+                ),
+            )
+        )
     size = "T" if quick else "S"
-    v = dict(size=size, ckpt=False, compile="off", zero=2, warmup=1, steps=2 if quick else 3, rounds=2 if quick else 5,
-             name=f"cpu-dit-{size.lower()}2-32x32-2workers-zero2")
-    configs.append(dict(device="cpu", world=2, threads=1, variants=[v], batch=2 if quick else 8, ablation=True,
-                        zero_stages=[{"zero": z} for z in (0, 1, 2, 3)], zero_variant=dict(v, warmup=1, steps=1, rounds=1),
-                        fp8_curve=dict(size=size, ckpt=False, compile="off", zero=2, steps=FP8_STEPS,
-                                       name="fp8-curve-cpu")))
+    v = dict(
+        size=size,
+        ckpt=False,
+        compile="off",
+        zero=2,
+        warmup=1,
+        steps=2 if quick else 3,
+        rounds=2 if quick else 5,
+        name=f"cpu-dit-{size.lower()}2-32x32-2workers-zero2",
+    )
+    configs.append(
+        dict(
+            device="cpu",
+            world=2,
+            threads=1,
+            variants=[v],
+            batch=2 if quick else 8,
+            ablation=True,
+            zero_stages=[{"zero": z} for z in (0, 1, 2, 3)],
+            zero_variant=dict(v, warmup=1, steps=1, rounds=1),
+            fp8_curve=dict(size=size, ckpt=False, compile="off", zero=2, steps=FP8_STEPS, name="fp8-curve-cpu"),
+        )
+    )
     return configs
 
 
@@ -578,10 +702,18 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
     measured = r["peak"]
     for vr in r["variants"]:
         v = vr["variant"]
-        row = {"name": v["name"], "device": device_name(), "torch": torch.__version__, "model": f"DiT-{v['size']}/2",
-               "latent": list(LATENT),
-               "workers": world, "batch_per_worker": v["batch"], "zero_stage": v["zero"],
-               "activation_checkpointing": v["ckpt"], "compile": v["compile"]}
+        row = {
+            "name": v["name"],
+            "device": device_name(),
+            "torch": torch.__version__,
+            "model": f"DiT-{v['size']}/2",
+            "latent": list(LATENT),
+            "workers": world,
+            "batch_per_worker": v["batch"],
+            "zero_stage": v["zero"],
+            "activation_checkpointing": v["ckpt"],
+            "compile": v["compile"],
+        }
         if "error" in vr:
             rows.append(row | {"error": vr["error"]})
             continue
@@ -590,15 +722,20 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
         ds_s, base_s = vr["step_s"]["ditforge"], vr["step_s"]["baseline"]
         tflops = flops_step / ds_s / 1e12
         row |= {
-            "samples_per_s": round(v["batch"] * world / ds_s, 2), "step_s": round(ds_s, 4),
-            "tflops": round(tflops, 3), "flops_per_sample_step": flops_step // v["batch"],
+            "samples_per_s": round(v["batch"] * world / ds_s, 2),
+            "step_s": round(ds_s, 4),
+            "tflops": round(tflops, 3),
+            "flops_per_sample_step": flops_step // v["batch"],
             "mfu": round(tflops / known, 4) if known else None,
             "mfu_vs_measured_matmul": round(tflops / measured, 4) if measured else None,
-            "peak_tflops_table": known, "peak_tflops_measured_matmul": round(measured, 2) if measured else None,
-            "baseline_samples_per_s": round(v["batch"] * world / base_s, 2), "baseline_step_s": round(base_s, 4),
+            "peak_tflops_table": known,
+            "peak_tflops_measured_matmul": round(measured, 2) if measured else None,
+            "baseline_samples_per_s": round(v["batch"] * world / base_s, 2),
+            "baseline_step_s": round(base_s, 4),
             "baseline_tflops": round(flops_step / base_s / 1e12, 3),
             "ratio_to_baseline": round(base_s / ds_s, 3),
-            "peak_mem_bytes": vr["peak_mem_bytes"], "attention_backend": vr["attention_backend"],
+            "peak_mem_bytes": vr["peak_mem_bytes"],
+            "attention_backend": vr["attention_backend"],
         }
         if "profile" in vr:
             row["profile"] = vr["profile"]
@@ -637,5 +774,7 @@ if __name__ == "__main__":  # the GPU machine: `python -m ditforge.bench.train O
         with open(path, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": rows}, f, indent=2)
 
-    write(run(quick="--quick" in sys.argv, on_rows=write, gpu_only="--gpu-only" in sys.argv, focus="--focus" in sys.argv))
+    write(
+        run(quick="--quick" in sys.argv, on_rows=write, gpu_only="--gpu-only" in sys.argv, focus="--focus" in sys.argv)
+    )
     print(open(path).read())

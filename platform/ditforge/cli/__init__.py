@@ -12,7 +12,9 @@ import typer
 from . import bench, cluster, data, demo, jobs, models, services
 from .common import err
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train latent diffusion transformers on Ray + DeepSpeed.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Train latent diffusion transformers on Ray + DeepSpeed."
+)
 for fn in (jobs.validate, jobs.submit, jobs.status, jobs.logs, jobs.stop, services.ui):
     app.command()(fn)
 app.command("export")(models.export_cmd)
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         code = e.exit_code
     except click.UsageError as e:
         where = e.ctx.command_path if e.ctx else "ditforge"
-        err.print(f"error: {where}: {' '.join(e.format_message().split())}", markup=False, highlight=False,
-                  soft_wrap=True)
+        err.print(
+            f"error: {where}: {' '.join(e.format_message().split())}", markup=False, highlight=False, soft_wrap=True
+        )
         code = 2
     except click.ClickException as e:
         err.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, soft_wrap=True)
@@ -48,4 +51,3 @@ def main(argv: list[str] | None = None) -> None:
     except getattr(click, "Abort", KeyboardInterrupt):  # typer's vendored click has no Abort
         code = 1
     sys.exit(code if isinstance(code, int) else 0)
-

@@ -29,8 +29,13 @@ def bench(
 
         raise SpecError("--section", ",".join(sorted(unknown)), f"unknown section (known: {', '.join(SECTIONS)})")
     # Written after each section too: a GPU run cut short by its time limit keeps what it measured.
-    result = run_all(quick, section, focus, on_section=lambda r: write(r, str(json_path)),
-                     command="ditforge " + " ".join(sys.argv[1:]))
+    result = run_all(
+        quick,
+        section,
+        focus,
+        on_section=lambda r: write(r, str(json_path)),
+        command="ditforge " + " ".join(sys.argv[1:]),
+    )
     write(result, str(json_path))
     for c in result["configs"]:
         table = Table(title=f"{c['section']}: {c['name']}", show_header=False)

@@ -27,9 +27,11 @@ def _cluster_files(spec, out_dir: Path, job: Optional[Path]) -> None:
 
 @app.command("up")
 @user_errors
-def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
-               out_dir: Path = typer.Option(Path("build/cluster"), "--out", help="where rendered files go (aws, gcp, kubernetes)"),
-               job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
+def cluster_up(
+    cluster: Path = typer.Argument(..., help="cluster YAML"),
+    out_dir: Path = typer.Option(Path("build/cluster"), "--out", help="where rendered files go (aws, gcp, kubernetes)"),
+    job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec"),
+):
     """Start a cluster that runs here (embedded, local); for aws / gcp / kubernetes write the
     rendered files and print the command that starts it."""
     from .. import services
@@ -50,8 +52,11 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
 
         with err.status(f"waiting for Slurm allocation '{spec.name}' ({spec.nodes} nodes) and Ray on it..."):
             h = slurm.up(spec)
-        err.print(f"slurm job {h['slurm_job_id']}: Ray on {len(h['nodes'])} nodes "
-                  f"({', '.join(n['address'] for n in h['nodes'])})", highlight=False)
+        err.print(
+            f"slurm job {h['slurm_job_id']}: Ray on {len(h['nodes'])} nodes "
+            f"({', '.join(n['address'] for n in h['nodes'])})",
+            highlight=False,
+        )
         out.print(h["dashboard"], highlight=False)
     elif spec.kind == "address":
         from ..cluster.jobs import jobs_client
@@ -66,8 +71,10 @@ def cluster_up(cluster: Path = typer.Argument(..., help="cluster YAML"),
 
 @app.command("down")
 @user_errors
-def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
-                 out_dir: Path = typer.Option(Path("build/cluster"), "--out")):
+def cluster_down(
+    cluster: Path = typer.Argument(..., help="cluster YAML"),
+    out_dir: Path = typer.Option(Path("build/cluster"), "--out"),
+):
     """Stop a cluster started here (local: its head, raylets and jobs; embedded: the services)."""
     from .. import services
     from ..cluster import local
@@ -86,19 +93,26 @@ def cluster_down(cluster: Path = typer.Argument(..., help="cluster YAML"),
         raise SpecError(str(cluster), "kind", "an address cluster is not ours to stop")
     else:
         cfg = next(iter(sorted(out_dir.glob(f"{spec.name}.*.yaml"))), None)
-        out.print(f"ray down -y {cfg}" if spec.kind in ("aws", "gcp") and cfg else
-                  f"kubectl delete -f {cfg}" if cfg else f"render first: ditforge cluster render {cluster} --out {out_dir}",
-                  highlight=False)
+        out.print(
+            f"ray down -y {cfg}"
+            if spec.kind in ("aws", "gcp") and cfg
+            else f"kubectl delete -f {cfg}"
+            if cfg
+            else f"render first: ditforge cluster render {cluster} --out {out_dir}",
+            highlight=False,
+        )
         return
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
 
 
 @app.command("join")
 @user_errors
-def cluster_join(head: str = typer.Argument(..., help="the head's address: HOST or HOST:PORT (its GCS, default 6379)"),
-                 num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=0, help="CPUs this node offers (default: all)"),
-                 num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs this node offers (default: all)"),
-                 resources: Optional[str] = typer.Option(None, "--resources", help='custom resources, JSON: \'{"ssd": 1}\'')):
+def cluster_join(
+    head: str = typer.Argument(..., help="the head's address: HOST or HOST:PORT (its GCS, default 6379)"),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=0, help="CPUs this node offers (default: all)"),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs this node offers (default: all)"),
+    resources: Optional[str] = typer.Option(None, "--resources", help="custom resources, JSON: '{\"ssd\": 1}'"),
+):
     """Join this machine to a head served beyond loopback (`services up --cluster cluster/shared.yaml`
     there) as a Ray worker node, with the Ray token of this machine's environment."""
     from ..cluster.join import JoinError, join
@@ -109,7 +123,9 @@ def cluster_join(head: str = typer.Argument(..., help="the head's address: HOST 
             res = json.loads(resources)
             assert isinstance(res, dict) and all(isinstance(v, (int, float)) for v in res.values())
         except (ValueError, AssertionError):
-            raise JoinError(f"--resources {resources}: expected a JSON object of numbers, e.g. '{{\"ssd\": 1}}'") from None
+            raise JoinError(
+                f"--resources {resources}: expected a JSON object of numbers, e.g. '{{\"ssd\": 1}}'"
+            ) from None
     rec = join(head, num_cpus, num_gpus, res)
     out.print(f"joined {rec['head']} (node pid {rec['pid']}; `ditforge cluster leave` stops it)", highlight=False)
 
@@ -129,15 +145,23 @@ def _nodes_table(gcs: str) -> None:
 
     table = Table("node id", "address", "alive", "head", "resources")
     for r in nodes(gcs):
-        table.add_row(r["node_id"][:12], r["address"], "yes" if r["alive"] else "no", "yes" if r["head"] else "",
-                      ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())))
+        table.add_row(
+            r["node_id"][:12],
+            r["address"],
+            "yes" if r["alive"] else "no",
+            "yes" if r["head"] else "",
+            ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())),
+        )
     out.print(table)
 
 
 @app.command("status")
 @user_errors
-def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster YAML (default: the cluster this machine "
-                                                                           "joined, else the embedded one)")):
+def cluster_status(
+    cluster: Optional[Path] = typer.Argument(
+        None, help="cluster YAML (default: the cluster this machine joined, else the embedded one)"
+    ),
+):
     """The cluster's nodes: pid, alive in Ray, node id, address and resources."""
     from .. import services
     from ..cluster import local
@@ -169,12 +193,19 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
             raise typer.Exit(1)
         return
     if spec.kind != "local":
-        raise SpecError(str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`")
+        raise SpecError(
+            str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`"
+        )
     table = Table("node", "pid", "alive", "node id", "resources")
     rows = local.status(spec)
     for r in rows:
-        table.add_row(r["node"], str(r["pid"] or "-"), "yes" if r["alive"] else "no", (r["node_id"] or "-")[:12],
-                      ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())))
+        table.add_row(
+            r["node"],
+            str(r["pid"] or "-"),
+            "yes" if r["alive"] else "no",
+            (r["node_id"] or "-")[:12],
+            ", ".join(f"{k}={v:g}" for k, v in sorted(r["resources"].items())),
+        )
     out.print(table)
     if not all(r["alive"] for r in rows):
         raise typer.Exit(1)
@@ -182,14 +213,18 @@ def cluster_status(cluster: Optional[Path] = typer.Argument(None, help="cluster 
 
 @app.command("render")
 @user_errors
-def cluster_render(cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes, slurm)"),
-                   out_dir: Path = typer.Option(..., "--out", help="output folder"),
-                   job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec")):
+def cluster_render(
+    cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes, slurm)"),
+    out_dir: Path = typer.Option(..., "--out", help="output folder"),
+    job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec"),
+):
     """Write the Ray cluster-launcher YAML (aws, gcp), KubeRay manifests (kubernetes) or the batch
     script (slurm; with --job, one that runs that job)."""
     from ..spec import SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind not in ("aws", "gcp", "kubernetes", "slurm"):
-        raise SpecError(str(cluster), "kind", f"{spec.kind} clusters run here: nothing to render (use `ditforge cluster up`)")
+        raise SpecError(
+            str(cluster), "kind", f"{spec.kind} clusters run here: nothing to render (use `ditforge cluster up`)"
+        )
     _cluster_files(spec, out_dir, job)

@@ -41,8 +41,17 @@ def user_errors(fn):
             raise typer.Exit(2)
         try:
             return fn(*args, **kwargs)
-        except (SpecError, DataError, SubmitError, ServiceError, RenderError, URIError, UnsafeCheckpoint,
-                PretrainedError, RunError) as e:
+        except (
+            SpecError,
+            DataError,
+            SubmitError,
+            ServiceError,
+            RenderError,
+            URIError,
+            UnsafeCheckpoint,
+            PretrainedError,
+            RunError,
+        ) as e:
             print_error(e)
             raise typer.Exit(2)
 
@@ -78,8 +87,14 @@ def follow_with_progress(rec: dict) -> str:
 
     from ..runs.follow import follow, job_error, log_tail
 
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    cols = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*cols, console=err) as bar:
         task = bar.add_task(rec["run_name"], total=rec["steps"], info="starting")
 
@@ -90,6 +105,10 @@ def follow_with_progress(rec: dict) -> str:
         state = follow(rec, progress)
     if state != "SUCCEEDED":
         err.print(log_tail(rec), markup=False, highlight=False)
-        err.print(f"job {rec['job_id']} {state}: {job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
-                  markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"job {rec['job_id']} {state}: {job_error(rec) or 'see `ditforge logs ' + rec['job_id'] + '`'}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return state

@@ -38,8 +38,9 @@ def submit(
     sets: Optional[List[str]] = SetOpt,
     resume: Optional[str] = typer.Option(None, help="continue run RUN from its latest complete checkpoint"),
     wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
-    force_resume: bool = typer.Option(False, "--force-resume",
-                                      help="continue the run even though a field that defines it changed"),
+    force_resume: bool = typer.Option(
+        False, "--force-resume", help="continue the run even though a field that defines it changed"
+    ),
 ):
     """Submit a training job through the Ray Jobs API and print its job id."""
     from ..cluster.launch import submit as do_submit
@@ -70,9 +71,15 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
         s = job_status(rec)
         m = s["metrics"]
         step = f"{int(m['train/step'])}/{rec['steps']}" if "train/step" in m else "-"
-        table.add_row(rec["job_id"], s["state"], step, f"{m['train/loss']:.4f}" if "train/loss" in m else "-",
-                      f"{m['train/samples_per_s']:.1f}" if "train/samples_per_s" in m else "-",
-                      s["link"], s["error"])
+        table.add_row(
+            rec["job_id"],
+            s["state"],
+            step,
+            f"{m['train/loss']:.4f}" if "train/loss" in m else "-",
+            f"{m['train/samples_per_s']:.1f}" if "train/samples_per_s" in m else "-",
+            s["link"],
+            s["error"],
+        )
     out.print(table)
 
 
@@ -89,8 +96,10 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 
 
 @user_errors
-def stop(job: str = typer.Argument(..., help="job id"),
-         grace: float = typer.Option(120.0, help="seconds to wait for the final checkpoint before Ray stops the job")):
+def stop(
+    job: str = typer.Argument(..., help="job id"),
+    grace: float = typer.Option(120.0, help="seconds to wait for the final checkpoint before Ray stops the job"),
+):
     """Stop a running job; with `checkpoint.on_stop: true` it saves a final checkpoint first."""
     from ..cluster.launch import stop as do_stop
     from ..runs.follow import find_record, stopped_on_request

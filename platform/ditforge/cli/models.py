@@ -17,8 +17,9 @@ def export_cmd(
     src: str = typer.Argument(..., help="a run (s3://.../runs/RUN), a step folder, or a run name with --runs"),
     dest: str = typer.Option(..., "--out", help="URI of the folder to write (file://, s3://)"),
     runs: Optional[str] = typer.Option(None, help="checkpoint.uri to look RUN up in, when SRC is a bare run name"),
-    fmt: str = typer.Option("ditforge", "--format", help="ditforge (raw + EMA safetensors, model.json) or diffusers "
-                                                          "(a DiTPipeline folder)"),
+    fmt: str = typer.Option(
+        "ditforge", "--format", help="ditforge (raw + EMA safetensors, model.json) or diffusers (a DiTPipeline folder)"
+    ),
     weights: str = typer.Option("ema", help="diffusers format: ema or raw weights"),
 ):
     """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
@@ -46,8 +47,11 @@ def export_cmd(
         raise SubmitError(str(e)) from None
     extra = ""
     if fmt == "diffusers":
-        extra = (f" (DiTPipeline, {cfg['scheduler']}, " +
-                 ("vae/ included)" if cfg["vae_exported"] else f"no vae/: the {cfg['vae']['kind']} VAE has no AutoencoderKL form)"))
+        extra = f" (DiTPipeline, {cfg['scheduler']}, " + (
+            "vae/ included)"
+            if cfg["vae_exported"]
+            else f"no vae/: the {cfg['vae']['kind']} VAE has no AutoencoderKL form)"
+        )
     out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}{extra}", highlight=False)
 
 
@@ -96,13 +100,21 @@ def sample(
     cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
     seed: Optional[int] = typer.Option(None),
     weights: str = typer.Option("ema", help="ema or raw"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
-                                               help="MLflow server for models:/ and runs:/ (default: the embedded one)"),
-    task: Optional[str] = typer.Option(None, help="video task: predict | predict_backward | interpolate | "
-                                                  "image_to_video | complete (needs --given)"),
-    given: Optional[Path] = typer.Option(None, "--given", help="the condition: a video (mp4/webm/gif), an image, "
-                                                               "or a .npy of uint8 frames (T, H, W, 3)"),
-    k: Optional[int] = typer.Option(None, "--k", help="predict / interpolate: given frames (default: the most trained)"),
+    tracking_uri: Optional[str] = typer.Option(
+        None,
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        help="MLflow server for models:/ and runs:/ (default: the embedded one)",
+    ),
+    task: Optional[str] = typer.Option(
+        None, help="video task: predict | predict_backward | interpolate | image_to_video | complete (needs --given)"
+    ),
+    given: Optional[Path] = typer.Option(
+        None, "--given", help="the condition: a video (mp4/webm/gif), an image, or a .npy of uint8 frames (T, H, W, 3)"
+    ),
+    k: Optional[int] = typer.Option(
+        None, "--k", help="predict / interpolate: given frames (default: the most trained)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object saying what was written"),
 ):
     """Generate a class-conditional sample grid, or (--task) fill in a video around given frames."""
@@ -116,12 +128,19 @@ def sample(
         if given is None:
             raise SpecError("--task", task, "needs --given PATH (the frames to condition on)")
         if png is None or png.suffix.lower().lstrip(".") not in OUT_EXTS:
-            raise SpecError("--out", str(png or ""), f"with --task, give a file ending in {', '.join('.' + e for e in OUT_EXTS)}")
+            raise SpecError(
+                "--out", str(png or ""), f"with --task, give a file ending in {', '.join('.' + e for e in OUT_EXTS)}"
+            )
     png = png or Path("samples.png")
     net, cfg = _fetch(model, weights, tracking_uri)
     s = SampleSpec(**cfg["sample"])
-    s = s.model_copy(update={k_: v for k_, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale,
-                                                     seed=seed).items() if v is not None})
+    s = s.model_copy(
+        update={
+            k_: v
+            for k_, v in dict(per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed).items()
+            if v is not None
+        }
+    )
     from ..objectives import build_objective
     from ..spec import ObjectiveSpec
 
@@ -133,23 +152,47 @@ def sample(
         clip = read_clip(given)
         frames = sample_task(net, cfg, objective, task, clip, k, s)
         write_clip(frames, png)
-        result = {"out": str(png), "task": task, "frames": int(frames.shape[0]), "size": list(frames.shape[1:3]),
-                  "given": str(given), "steps": s.steps, "sampler": s.sampler, "weights": cfg["weights"]}
+        result = {
+            "out": str(png),
+            "task": task,
+            "frames": int(frames.shape[0]),
+            "size": list(frames.shape[1:3]),
+            "given": str(given),
+            "steps": s.steps,
+            "sampler": s.sampler,
+            "weights": cfg["weights"],
+        }
         if as_json:
             print(json.dumps(result))
         else:
-            out.print(f"{png}: {task}, {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} from {given} "
-                      f"({cfg['weights']} weights, {s.steps} {s.sampler} steps)", highlight=False)
+            out.print(
+                f"{png}: {task}, {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} from {given} "
+                f"({cfg['weights']} weights, {s.steps} {s.sampler} steps)",
+                highlight=False,
+            )
         return
     from ..inference.sampling import sample_grid
 
     files = sample_grid(net, tuple(cfg["latent_shape"]), s, VAESpec(**cfg["vae"]), str(png), objective=objective)
     if as_json:
-        print(json.dumps({"out": files, "classes": net.cfg.num_classes, "per_class": s.per_class, "steps": s.steps,
-                          "sampler": s.sampler, "weights": cfg["weights"]}))
+        print(
+            json.dumps(
+                {
+                    "out": files,
+                    "classes": net.cfg.num_classes,
+                    "per_class": s.per_class,
+                    "steps": s.steps,
+                    "sampler": s.sampler,
+                    "weights": cfg["weights"],
+                }
+            )
+        )
         return
-    out.print(f"{png}: {net.cfg.num_classes} classes x {s.per_class} samples ({cfg['weights']} weights, "
-              f"{s.steps} {s.sampler} steps, cfg {s.cfg_scale})", highlight=False)
+    out.print(
+        f"{png}: {net.cfg.num_classes} classes x {s.per_class} samples ({cfg['weights']} weights, "
+        f"{s.steps} {s.sampler} steps, cfg {s.cfg_scale})",
+        highlight=False,
+    )
 
 
 @user_errors

@@ -31,8 +31,11 @@ def services_up(cluster: Optional[Path] = ClusterOpt):
 
     spec = load_cluster(cluster)
     if spec.kind != "embedded":
-        raise SpecError(str(cluster), "kind", f"services up starts the embedded cluster; for kind {spec.kind} "
-                                              f"use `ditforge cluster up {cluster}`")
+        raise SpecError(
+            str(cluster),
+            "kind",
+            f"services up starts the embedded cluster; for kind {spec.kind} use `ditforge cluster up {cluster}`",
+        )
     with err.status("starting services (S3, MLflow, Ray)..."):
         ep = services.up(spec)
     for k, v in ep.to_dict().items():

@@ -62,8 +62,9 @@ def record(job_id: str) -> dict | None:
 
 
 def all_records() -> list[dict]:
-    return sorted((json.loads(f.read_text()) for f in (storage.home() / "jobs").glob("*.json")),
-                  key=lambda r: r["submitted_at"])
+    return sorted(
+        (json.loads(f.read_text()) for f in (storage.home() / "jobs").glob("*.json")), key=lambda r: r["submitted_at"]
+    )
 
 
 def write_record(rec: dict) -> None:
@@ -78,8 +79,11 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
     with tempfile.TemporaryDirectory() as wd:
         (Path(wd) / "job.json").write_text(json.dumps(job, indent=2))
         (Path(wd) / "job.yaml").write_text(yaml.safe_dump(job["spec"], sort_keys=False))
-        env = {"DITFORGE_HOME": str(storage.home()), "OMP_NUM_THREADS": str(spec.resources.cpus_per_worker),
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            "DITFORGE_HOME": str(storage.home()),
+            "OMP_NUM_THREADS": str(spec.resources.cpus_per_worker),
+            "PYTHONUNBUFFERED": "1",
+        }
         if isinstance(cluster, EmbeddedCluster) and not credentials.is_loopback(cluster.host):
             # Joined hosts are other machines: each keeps its own DITFORGE_HOME (from `cluster join`),
             # never a path of this one.
@@ -92,6 +96,10 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
             # py_modules ships this checkout's ditforge, so the cluster runs the code that submitted
             # (on a remote cluster, the rest of the stack comes from its image).
             runtime_env={"working_dir": wd, "py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": env},
-            metadata={"ditforge.run": run_name, "ditforge.mlflow_run_id": mlflow_run_id, "ditforge.run_uri": job["run_uri"]},
+            metadata={
+                "ditforge.run": run_name,
+                "ditforge.mlflow_run_id": mlflow_run_id,
+                "ditforge.run_uri": job["run_uri"],
+            },
         )
     return job_id

@@ -43,8 +43,11 @@ def check_head(host: str, port: int, token: str | None, timeout: float = 10.0) -
     import grpc
 
     with grpc.insecure_channel(f"{host}:{port}") as ch:
-        call = ch.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
-                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = ch.unary_unary(
+            "/ray.rpc.NodeInfoGcsService/GetClusterId",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         meta = (("authorization", f"Bearer {token}"),) if token else ()
         try:
             call(b"", timeout=timeout, metadata=meta, wait_for_ready=True)
@@ -52,8 +55,11 @@ def check_head(host: str, port: int, token: str | None, timeout: float = 10.0) -
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.UNAUTHENTICATED:
-                return (f"the Ray head at {host}:{port} refused this machine's token" if token else
-                        f"the Ray head at {host}:{port} wants a token and this machine has none")
+                return (
+                    f"the Ray head at {host}:{port} refused this machine's token"
+                    if token
+                    else f"the Ray head at {host}:{port} wants a token and this machine has none"
+                )
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return f"no Ray head answers at {host}:{port} (within {timeout:.0f}s)"
             return f"the Ray head at {host}:{port} answered {code.name}: {e.details()}"
@@ -68,16 +74,23 @@ def joined() -> dict | None:
     return json.loads(f.read_text()) | {"pid": pid}
 
 
-def join(head: str, num_cpus: int | None = None, num_gpus: int | None = None, resources: dict | None = None,
-         timeout: float = 25.0) -> dict:
+def join(
+    head: str,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: dict | None = None,
+    timeout: float = 25.0,
+) -> dict:
     host, port = parse_head(head)
     now = joined()
     if now:
         raise JoinError(f"already joined to {now['head']} (node pid {now['pid']}): `ditforge cluster leave` first")
     token = credentials.ray_token()
     if not token:
-        raise JoinError(f"{host}:{port}: no Ray token on this machine: copy the head's into RAY_AUTH_TOKEN, "
-                        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ray get-auth-token`)")
+        raise JoinError(
+            f"{host}:{port}: no Ray token on this machine: copy the head's into RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ray get-auth-token`)"
+        )
     why = check_head(host, port, token, timeout=min(5.0, timeout))
     if why:
         raise JoinError(why)
@@ -128,11 +141,20 @@ def nodes(gcs: str, timeout: float = 30.0) -> list[dict]:
     credentials.use_ray_token()
     ray.init(address=gcs, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     try:
-        rows = [{"node_id": n["NodeID"], "address": n["NodeManagerAddress"], "alive": bool(n["Alive"]),
-                 "head": "node:__internal_head__" in n.get("Resources", {}),
-                 "resources": {k: v for k, v in n.get("Resources", {}).items()
-                               if not k.startswith(("node:", "object_store_memory", "memory"))}}
-                for n in ray.nodes()]
+        rows = [
+            {
+                "node_id": n["NodeID"],
+                "address": n["NodeManagerAddress"],
+                "alive": bool(n["Alive"]),
+                "head": "node:__internal_head__" in n.get("Resources", {}),
+                "resources": {
+                    k: v
+                    for k, v in n.get("Resources", {}).items()
+                    if not k.startswith(("node:", "object_store_memory", "memory"))
+                },
+            }
+            for n in ray.nodes()
+        ]
     finally:
         ray.shutdown()
     return sorted(rows, key=lambda r: (not r["head"], not r["alive"], r["address"]))

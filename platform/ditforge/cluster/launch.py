@@ -35,8 +35,10 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
         from . import slurm
 
         return slurm.connect(cluster, own)
-    raise SubmitError(f"cluster kind '{cluster.kind}' is started with its own tool: run `ditforge cluster up` for the "
-                      f"command, then submit with a `kind: address` cluster pointing at its dashboard")
+    raise SubmitError(
+        f"cluster kind '{cluster.kind}' is started with its own tool: run `ditforge cluster up` for the "
+        f"command, then submit with a `kind: address` cluster pointing at its dashboard"
+    )
 
 
 def check_capacity(spec: JobSpec, cluster: ClusterSpec, target: Target) -> None:
@@ -49,8 +51,14 @@ def check_capacity(spec: JobSpec, cluster: ClusterSpec, target: Target) -> None:
         raise SubmitError(f"{spec.name}: resources: {missing} (cluster '{cluster.name}', kind {cluster.kind})")
 
 
-def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, source: str | None = None,
-           force_resume: bool = False) -> dict:
+def submit(
+    spec: JobSpec,
+    cluster: ClusterSpec,
+    *,
+    resume: str | None = None,
+    source: str | None = None,
+    force_resume: bool = False,
+) -> dict:
     """Submit one training job. `resume` (a run name, from `--resume`) wins over `train.resume`.
     Continuing a run checks the spec against the run's own (see `check_resume`)."""
     spec = folder.resolve_paths(spec)
@@ -61,8 +69,10 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         check_spec(spec, latent_shape(spec)[0])
     if spec.resources.use_gpu and isinstance(cluster, (EmbeddedCluster, LocalCluster)):
         # Their Ray nodes start with --num-gpus=0: say so before starting anything.
-        raise SubmitError(f"{source or spec.name}: resources.use_gpu: true, but cluster '{cluster.name}' (kind "
-                          f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs")
+        raise SubmitError(
+            f"{source or spec.name}: resources.use_gpu: true, but cluster '{cluster.name}' (kind "
+            f"{cluster.kind}) has no GPUs: its Ray nodes run on this machine's CPUs"
+        )
     if isinstance(cluster, SlurmCluster) and cluster.mode == "job":
         from . import slurm
 
@@ -81,8 +91,14 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         changed = folder.check_resume(spec, run_name, run_uri, cont.steps, cont.how, source or spec.name, force_resume)
         if cont.newest:
             folder.check_reshard(cont.newest, spec, f"--resume {run_name}")
-        mlflow_run_id = tracking.create_run(target.tracking_uri, spec, run_name, source,
-                                            parent_run_id=cont.info["mlflow_run_id"], resumed_from=cont.newest or "")
+        mlflow_run_id = tracking.create_run(
+            target.tracking_uri,
+            spec,
+            run_name,
+            source,
+            parent_run_id=cont.info["mlflow_run_id"],
+            resumed_from=cont.newest or "",
+        )
         if changed:  # what this continuation changed, next to the run it continues
             from mlflow.tracking import MlflowClient
 
@@ -92,15 +108,32 @@ def submit(spec: JobSpec, cluster: ClusterSpec, *, resume: str | None = None, so
         folder.clear_stop(run_uri)
     else:
         run_name, run_uri, mlflow_run_id = folder.new_run(spec, target.tracking_uri, source, cont.resume_from)
-    job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
-           "mlflow_run_id": mlflow_run_id, "tracking_uri": target.tracking_uri, "resume_from": cont.resume_from,
-           "spec_digest": spec.digest()}
+    job = {
+        "spec": spec.model_dump(mode="json"),
+        "run_name": run_name,
+        "run_uri": run_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": target.tracking_uri,
+        "resume_from": cont.resume_from,
+        "spec_digest": spec.digest(),
+    }
     job_id = submit_to_ray(job, spec, target, cluster)
-    rec = {"job_id": job_id, "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": mlflow_run_id,
-           "tracking_uri": target.tracking_uri, "dashboard": target.dashboard, "cluster": cluster.kind,
-           "cluster_name": cluster.name, "token_env": target.token_env, "checkpoint_on_stop": spec.checkpoint.on_stop,
-           "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
-           "experiment": spec.tracking.experiment}
+    rec = {
+        "job_id": job_id,
+        "run_name": run_name,
+        "run_uri": run_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": target.tracking_uri,
+        "dashboard": target.dashboard,
+        "cluster": cluster.kind,
+        "cluster_name": cluster.name,
+        "token_env": target.token_env,
+        "checkpoint_on_stop": spec.checkpoint.on_stop,
+        "spec_digest": spec.digest(),
+        "steps": spec.train.steps,
+        "submitted_at": time.time(),
+        "experiment": spec.tracking.experiment,
+    }
     if target.slurm_job_id:
         rec["slurm_job_id"] = target.slurm_job_id
     write_record(rec)

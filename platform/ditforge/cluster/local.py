@@ -45,22 +45,52 @@ def node_names(c: LocalCluster) -> list[str]:
 
 def _node_ports(c: LocalCluster, i: int) -> list[str]:
     b = c.ports.nodes_from + 100 * i  # node i's own block: nothing collides with another raylet
-    return [f"--node-manager-port={b}", f"--object-manager-port={b + 1}", f"--dashboard-agent-listen-port={b + 2}",
-            f"--dashboard-agent-grpc-port={b + 3}", f"--metrics-export-port={b + 4}", f"--runtime-env-agent-port={b + 5}",
-            f"--min-worker-port={b + 10}", f"--max-worker-port={b + 99}"]
+    return [
+        f"--node-manager-port={b}",
+        f"--object-manager-port={b + 1}",
+        f"--dashboard-agent-listen-port={b + 2}",
+        f"--dashboard-agent-grpc-port={b + 3}",
+        f"--metrics-export-port={b + 4}",
+        f"--runtime-env-agent-port={b + 5}",
+        f"--min-worker-port={b + 10}",
+        f"--max-worker-port={b + 99}",
+    ]
 
 
 def _argv(c: LocalCluster, i: int) -> list[str]:
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-gpus=0", f"--temp-dir={temp_dir(c)}",
-              f"--object-store-memory={c.object_store_mb * 1024 * 1024}", "--disable-usage-stats", *_node_ports(c, i)]
+    common = [
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir(c)}",
+        f"--object-store-memory={c.object_store_mb * 1024 * 1024}",
+        "--disable-usage-stats",
+        *_node_ports(c, i),
+    ]
     if i == 0:
-        return [services.bin_path("ray"), "start", "--head", f"--port={c.ports.gcs}", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={c.ports.dashboard}", f"--ray-client-server-port={c.ports.client}",
-                f"--num-cpus={c.head_cpus}", f"--resources={json.dumps({f'{c.name}-head': 1})}", *common]
+        return [
+            services.bin_path("ray"),
+            "start",
+            "--head",
+            f"--port={c.ports.gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={c.ports.dashboard}",
+            f"--ray-client-server-port={c.ports.client}",
+            f"--num-cpus={c.head_cpus}",
+            f"--resources={json.dumps({f'{c.name}-head': 1})}",
+            *common,
+        ]
     # One log monitor (the head's) for the shared session log dir: one per raylet would each
     # forward every worker's lines, and `ditforge logs` would show each line N+1 times.
-    return [services.bin_path("ray"), "start", f"--address={gcs(c)}", f"--num-cpus={c.cpus_per_node}",
-            f"--resources={json.dumps({f'{c.name}-node{i}': 1})}", "--include-log-monitor=false", *common]
+    return [
+        services.bin_path("ray"),
+        "start",
+        f"--address={gcs(c)}",
+        f"--num-cpus={c.cpus_per_node}",
+        f"--resources={json.dumps({f'{c.name}-node{i}': 1})}",
+        "--include-log-monitor=false",
+        *common,
+    ]
 
 
 def alive_nodes(c: LocalCluster) -> list[dict]:
@@ -106,8 +136,10 @@ def up(c: LocalCluster) -> str:
         while len(alive_nodes(c)) < i + 1:
             if not procs.alive(node) or time.time() > deadline:
                 down(c)
-                raise ServiceError(f"local cluster '{c.name}': {name} did not join the head "
-                                   f"(log: {storage.home() / 'logs' / (name + '.log')})")
+                raise ServiceError(
+                    f"local cluster '{c.name}': {name} did not join the head "
+                    f"(log: {storage.home() / 'logs' / (name + '.log')})"
+                )
             time.sleep(0.5)
     return dashboard(c)
 
@@ -127,8 +159,11 @@ def _stop_jobs(c: LocalCluster, timeout: float = 20.0) -> None:
             client.stop_job(job)
         deadline = time.time() + timeout
         while running and time.time() < deadline:
-            running = [j for j in running if client.get_job_status(j) not in (JobStatus.STOPPED, JobStatus.SUCCEEDED,
-                                                                             JobStatus.FAILED)]
+            running = [
+                j
+                for j in running
+                if client.get_job_status(j) not in (JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED)
+            ]
             time.sleep(0.5)
     except Exception:
         pass  # a half-dead head: the process sweep below still gets everything
@@ -185,8 +220,17 @@ def status(c: LocalCluster) -> list[dict]:
     for i, name in enumerate(node_names(c)):
         mark = f"{c.name}-head" if i == 0 else f"{c.name}-node{i}"
         ray_node = next((n for n in nodes if mark in n["resources"]), heads[0] if i == 0 and heads else None)
-        rows.append({"node": name, "pid": services.running(name), "alive": ray_node is not None,
-                     "node_id": ray_node["node_id"] if ray_node else None,
-                     "resources": {k: v for k, v in (ray_node or {}).get("resources", {}).items()
-                                   if not k.startswith(("node:", "object_store_memory", "memory"))}})
+        rows.append(
+            {
+                "node": name,
+                "pid": services.running(name),
+                "alive": ray_node is not None,
+                "node_id": ray_node["node_id"] if ray_node else None,
+                "resources": {
+                    k: v
+                    for k, v in (ray_node or {}).get("resources", {}).items()
+                    if not k.startswith(("node:", "object_store_memory", "memory"))
+                },
+            }
+        )
     return rows

@@ -37,8 +37,10 @@ def _node_resources(group) -> dict[str, int]:
 
 
 def _aws_node(c: AWSCluster, group) -> dict:
-    node = {"InstanceType": group.instance_type,
-            "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": group.disk_gb, "VolumeType": "gp3"}}]}
+    node = {
+        "InstanceType": group.instance_type,
+        "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": group.disk_gb, "VolumeType": "gp3"}}],
+    }
     if c.ami:
         node["ImageId"] = c.ami
     if c.iam_instance_profile:
@@ -49,12 +51,22 @@ def _aws_node(c: AWSCluster, group) -> dict:
 
 
 def _gcp_node(c: GCPCluster, group) -> dict:
-    node: dict = {"machineType": group.instance_type,
-                  "disks": [{"boot": True, "autoDelete": True, "type": "PERSISTENT",
-                             "initializeParams": {"diskSizeGb": group.disk_gb, "sourceImage": c.source_image}}]}
+    node: dict = {
+        "machineType": group.instance_type,
+        "disks": [
+            {
+                "boot": True,
+                "autoDelete": True,
+                "type": "PERSISTENT",
+                "initializeParams": {"diskSizeGb": group.disk_gb, "sourceImage": c.source_image},
+            }
+        ],
+    }
     scheduling: dict = {}
     if group.gpus:
-        node["guestAccelerators"] = [{"acceleratorType": GCP_ACCELERATORS[group.gpu_type], "acceleratorCount": group.gpus}]
+        node["guestAccelerators"] = [
+            {"acceleratorType": GCP_ACCELERATORS[group.gpu_type], "acceleratorCount": group.gpus}
+        ]
         node["metadata"] = {"items": [{"key": "install-nvidia-driver", "value": "True"}]}
         scheduling["onHostMaintenance"] = "TERMINATE"  # GPU VMs cannot live-migrate
     if getattr(group, "spot", False):
@@ -62,7 +74,9 @@ def _gcp_node(c: GCPCluster, group) -> dict:
     if scheduling:
         node["scheduling"] = [scheduling]  # the list form of Ray's own GCP examples
     if c.service_account:
-        node["serviceAccounts"] = [{"email": c.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+        node["serviceAccounts"] = [
+            {"email": c.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
+        ]
     return node
 
 
@@ -74,15 +88,25 @@ def ray_up_config(c: CloudCluster) -> dict:
             provider["availability_zone"] = c.availability_zone
         node = lambda g: _aws_node(c, g)  # noqa: E731
     elif isinstance(c, GCPCluster):
-        provider = {"type": "gcp", "region": c.region, "availability_zone": c.availability_zone, "project_id": c.project_id}
+        provider = {
+            "type": "gcp",
+            "region": c.region,
+            "availability_zone": c.availability_zone,
+            "project_id": c.project_id,
+        }
         node = lambda g: _gcp_node(c, g)  # noqa: E731
     else:
         raise TypeError(f"no cluster-launcher config for kind {c.kind!r}")
-    types = {"head": {"resources": _node_resources(c.head), "node_config": node(c.head),
-                      "min_workers": 0, "max_workers": 0}}
+    types = {
+        "head": {"resources": _node_resources(c.head), "node_config": node(c.head), "min_workers": 0, "max_workers": 0}
+    }
     for w in c.workers:
-        types[w.name] = {"resources": _node_resources(w), "node_config": node(w),
-                         "min_workers": w.min_workers, "max_workers": w.max_workers}
+        types[w.name] = {
+            "resources": _node_resources(w),
+            "node_config": node(w),
+            "min_workers": w.min_workers,
+            "max_workers": w.max_workers,
+        }
     return {
         "cluster_name": c.name,
         "max_workers": sum(w.max_workers for w in c.workers),
@@ -90,8 +114,12 @@ def ray_up_config(c: CloudCluster) -> dict:
         "idle_timeout_minutes": c.idle_timeout_minutes,
         "provider": provider,
         "auth": {"ssh_user": c.ssh_user},
-        "docker": {"image": c.image, "container_name": "ray_container", "pull_before_run": True,
-                   "run_options": ["--ulimit nofile=65536:65536", "--shm-size=16g"]},
+        "docker": {
+            "image": c.image,
+            "container_name": "ray_container",
+            "pull_before_run": True,
+            "run_options": ["--ulimit nofile=65536:65536", "--shm-size=16g"],
+        },
         "available_node_types": types,
         "head_node_type": "head",
         "file_mounts": {},
@@ -150,8 +178,13 @@ def _env(c: KubernetesCluster) -> list[dict]:
     return env
 
 
-def _pod(c: KubernetesCluster, g, container: str, ports: list[dict] | None = None,
-         extra_volumes: list[tuple[dict, dict]] = ()) -> dict:
+def _pod(
+    c: KubernetesCluster,
+    g,
+    container: str,
+    ports: list[dict] | None = None,
+    extra_volumes: list[tuple[dict, dict]] = (),
+) -> dict:
     spec_c: dict = {"name": container, "image": c.image, "resources": _container_resources(g, g.gpus), "env": _env(c)}
     if ports:
         spec_c["ports"] = ports
@@ -175,17 +208,28 @@ def _pod(c: KubernetesCluster, g, container: str, ports: list[dict] | None = Non
 
 
 def raycluster_spec(c: KubernetesCluster, extra_head_volumes: list[tuple[dict, dict]] = ()) -> dict:
-    head_ports = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}]
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     autoscale = any(w.min_replicas != w.max_replicas for w in c.workers)
     spec: dict = {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": autoscale,
-        "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0"},
-                          "template": _pod(c, c.head, "ray-head", head_ports, extra_head_volumes)},
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},
+            "template": _pod(c, c.head, "ray-head", head_ports, extra_head_volumes),
+        },
         "workerGroupSpecs": [
-            {"groupName": w.name, "replicas": w.replicas, "minReplicas": w.min_replicas, "maxReplicas": w.max_replicas,
-             "rayStartParams": {}, "template": _pod(c, w, "ray-worker")}
+            {
+                "groupName": w.name,
+                "replicas": w.replicas,
+                "minReplicas": w.min_replicas,
+                "maxReplicas": w.max_replicas,
+                "rayStartParams": {},
+                "template": _pod(c, w, "ray-worker"),
+            }
             for w in c.workers
         ],
     }
@@ -193,9 +237,12 @@ def raycluster_spec(c: KubernetesCluster, extra_head_volumes: list[tuple[dict, d
 
 
 def raycluster(c: KubernetesCluster) -> dict:
-    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": c.name, "namespace": c.namespace, "labels": {"app.kubernetes.io/managed-by": "ditforge"}},
-            "spec": raycluster_spec(c)}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": c.name, "namespace": c.namespace, "labels": {"app.kubernetes.io/managed-by": "ditforge"}},
+        "spec": raycluster_spec(c),
+    }
 
 
 def rayjob(c: KubernetesCluster, job: JobSpec) -> list[dict]:
@@ -207,12 +254,19 @@ def rayjob(c: KubernetesCluster, job: JobSpec) -> list[dict]:
     spec = job.model_copy(deep=True)
     if c.tracking_uri and not spec.tracking.uri:
         spec.tracking.uri = c.tracking_uri
-    configmap = {"apiVersion": "v1", "kind": "ConfigMap",
-                 "metadata": {"name": cm_name, "namespace": c.namespace},
-                 "data": {"job.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)}}
-    vol = ({"name": "job", "configMap": {"name": cm_name}}, {"name": "job", "mountPath": "/etc/ditforge", "readOnly": True})
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": cm_name, "namespace": c.namespace},
+        "data": {"job.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)},
+    }
+    vol = (
+        {"name": "job", "configMap": {"name": cm_name}},
+        {"name": "job", "mountPath": "/etc/ditforge", "readOnly": True},
+    )
     job_manifest = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": {"name": cm_name, "namespace": c.namespace, "labels": {"app.kubernetes.io/managed-by": "ditforge"}},
         "spec": {
             "entrypoint": "python -m ditforge.runs.driver /etc/ditforge/job.yaml",
@@ -232,7 +286,9 @@ def render(c, out: str | Path, job: JobSpec | None = None) -> tuple[list[Path], 
     """Write the rendered files under `out`; return them and the command that starts the cluster."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = f"# rendered by ditforge from ClusterSpec kind={c.kind} name={c.name}; edit the cluster YAML, not this file\n"
+    header = (
+        f"# rendered by ditforge from ClusterSpec kind={c.kind} name={c.name}; edit the cluster YAML, not this file\n"
+    )
     if isinstance(c, (AWSCluster, GCPCluster)):
         config = ray_up_config(c)
         validate_ray_up(config)

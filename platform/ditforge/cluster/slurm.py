@@ -29,8 +29,19 @@ from ..spec import JobSpec, SlurmCluster
 from .jobs import SubmitError, Target
 
 # Ray's ports on every node, as offsets from `ports_from` (one Ray node per Slurm node).
-PORTS = {"gcs": 0, "dashboard": 1, "client": 2, "node_manager": 3, "object_manager": 4, "agent_listen": 5,
-         "agent_grpc": 6, "metrics": 7, "runtime_env_agent": 8, "min_worker": 10, "max_worker": 99}
+PORTS = {
+    "gcs": 0,
+    "dashboard": 1,
+    "client": 2,
+    "node_manager": 3,
+    "object_manager": 4,
+    "agent_listen": 5,
+    "agent_grpc": 6,
+    "metrics": 7,
+    "runtime_env_agent": 8,
+    "min_worker": 10,
+    "max_worker": 99,
+}
 
 
 def state_dir(c: SlurmCluster) -> Path:
@@ -41,14 +52,23 @@ def state_dir(c: SlurmCluster) -> Path:
 
 
 def sbatch_options(c: SlurmCluster) -> list[str]:
-    opts = [f"--job-name=ditforge-{c.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
-            f"--cpus-per-task={c.cpus_per_node}", f"--time={c.time_limit}"]
+    opts = [
+        f"--job-name=ditforge-{c.name}",
+        f"--nodes={c.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={c.cpus_per_node}",
+        f"--time={c.time_limit}",
+    ]
     if c.gpus_per_node:
         opts.append(f"--gres=gpu:{c.gpu_type + ':' if c.gpu_type else ''}{c.gpus_per_node}")
     if c.mem_per_node_gb:
         opts.append(f"--mem={c.mem_per_node_gb}G")
-    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos),
-                        ("constraint", c.constraint)):
+    for flag, value in (
+        ("partition", c.partition),
+        ("account", c.account),
+        ("qos", c.qos),
+        ("constraint", c.constraint),
+    ):
         if value:
             opts.append(f"--{flag}={value}")
     if c.exclusive:
@@ -61,20 +81,22 @@ def sbatch_options(c: SlurmCluster) -> list[str]:
 
 def batch_script(c: SlurmCluster, state: Path) -> str:
     """The batch script: #SBATCH lines, the site's environment set-up, then the node supervisor."""
-    lines = ["#!/bin/bash",
-             f"# rendered by ditforge from ClusterSpec kind=slurm name={c.name} mode={c.mode}; edit the cluster YAML, "
-             "not this file",
-             *[f"#SBATCH {o}" for o in sbatch_options(c)],
-             f"#SBATCH --output={state}/slurm-%j.out",
-             "#SBATCH --open-mode=append      # a requeued allocation appends to the same log",
-             "",
-             "# environment set-up (cluster spec: setup)",
-             *c.setup,
-             "",
-             "# Ray head on this (the first) node, a Ray worker node on each other node (srun), and in",
-             "# mode: job the job itself; on SIGUSR1 the run checkpoints and the allocation requeues.",
-             f"exec {shlex.quote(c.python)} -m ditforge.cluster.slurm_node {shlex.quote(str(state))}",
-             ""]
+    lines = [
+        "#!/bin/bash",
+        f"# rendered by ditforge from ClusterSpec kind=slurm name={c.name} mode={c.mode}; edit the cluster YAML, "
+        "not this file",
+        *[f"#SBATCH {o}" for o in sbatch_options(c)],
+        f"#SBATCH --output={state}/slurm-%j.out",
+        "#SBATCH --open-mode=append      # a requeued allocation appends to the same log",
+        "",
+        "# environment set-up (cluster spec: setup)",
+        *c.setup,
+        "",
+        "# Ray head on this (the first) node, a Ray worker node on each other node (srun), and in",
+        "# mode: job the job itself; on SIGUSR1 the run checkpoints and the allocation requeues.",
+        f"exec {shlex.quote(c.python)} -m ditforge.cluster.slurm_node {shlex.quote(str(state))}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -113,8 +135,10 @@ def _slurm(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 def _what(c: SlurmCluster) -> str:
-    return (f"{c.nodes} nodes x {c.cpus_per_node} CPUs{f' x {c.gpus_per_node} GPUs' if c.gpus_per_node else ''}"
-            f"{f', partition {c.partition}' if c.partition else ''}")
+    return (
+        f"{c.nodes} nodes x {c.cpus_per_node} CPUs{f' x {c.gpus_per_node} GPUs' if c.gpus_per_node else ''}"
+        f"{f', partition {c.partition}' if c.partition else ''}"
+    )
 
 
 def partition_nodes(partition: str | None) -> tuple[str, int] | None:
@@ -134,17 +158,32 @@ def partition_nodes(partition: str | None) -> tuple[str, int] | None:
 
 
 # Reasons a pending job never starts: waiting for them would wait forever.
-IMPOSSIBLE = ("PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
-              "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AssocMaxNodesPerJob",
-              "AssocMaxWallDurationPerJobLimit", "PartitionDown", "PartitionInactive", "AccountNotAllowed",
-              "QOSNotAllowed", "ReqNodeNotAvail,_UnavailableNodes", "JobHeldAdmin")
+IMPOSSIBLE = (
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "QOSMaxNodePerJobLimit",
+    "QOSMaxWallDurationPerJobLimit",
+    "AssocMaxNodesPerJob",
+    "AssocMaxWallDurationPerJobLimit",
+    "PartitionDown",
+    "PartitionInactive",
+    "AccountNotAllowed",
+    "QOSNotAllowed",
+    "ReqNodeNotAvail,_UnavailableNodes",
+    "JobHeldAdmin",
+)
 
 
 def sbatch(c: SlurmCluster, script: Path) -> str:
     part = partition_nodes(c.partition)
     if part and c.nodes > part[1]:  # Slurm would queue it for ever (EnforcePartLimits=NO, its default)
-        raise SubmitError(f"cluster '{c.name}': nodes: {c.nodes}, but partition {part[0]} has {part[1]} "
-                          f"node{'s' if part[1] != 1 else ''}")
+        raise SubmitError(
+            f"cluster '{c.name}': nodes: {c.nodes}, but partition {part[0]} has {part[1]} "
+            f"node{'s' if part[1] != 1 else ''}"
+        )
     r = _slurm("sbatch", "--parsable", str(script))
     if r.returncode:
         why = (r.stderr.strip().splitlines() or ["(no message)"])[-1].removeprefix("sbatch: error: ")
@@ -167,8 +206,18 @@ def job_state(job_id: str) -> tuple[str, str]:
     return "GONE", ""
 
 
-ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "GONE")
+ENDED = (
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "GONE",
+)
 
 
 def _log_tail(state: Path, job_id: str, n: int = 3) -> str:
@@ -218,24 +267,29 @@ def wait_for_head(c: SlurmCluster, state: Path, job_id: str, timeout: float) -> 
             return h
         st, reason = job_state(job_id)
         if st in ENDED:
-            raise SubmitError(f"cluster '{c.name}': allocation {job_id} ended ({st}) before Ray was up"
-                              f"{_log_tail(state, job_id)}")
+            raise SubmitError(
+                f"cluster '{c.name}': allocation {job_id} ended ({st}) before Ray was up{_log_tail(state, job_id)}"
+            )
         if st == "PENDING" and reason in IMPOSSIBLE:
             _slurm("scancel", job_id)
-            raise SubmitError(f"cluster '{c.name}': Slurm cannot start the allocation ({_what(c)}): {reason}; "
-                              f"job {job_id} cancelled")
+            raise SubmitError(
+                f"cluster '{c.name}': Slurm cannot start the allocation ({_what(c)}): {reason}; job {job_id} cancelled"
+            )
         if time.time() > deadline:
             where = f"still {st}{f' ({reason})' if reason and reason != 'None' else ''}"
-            raise SubmitError(f"cluster '{c.name}': allocation {job_id} {where} after {timeout:.0f}s; it stays "
-                              f"queued (`ditforge cluster down` cancels it){_log_tail(state, job_id)}")
+            raise SubmitError(
+                f"cluster '{c.name}': allocation {job_id} {where} after {timeout:.0f}s; it stays "
+                f"queued (`ditforge cluster down` cancels it){_log_tail(state, job_id)}"
+            )
         time.sleep(1.0)
 
 
 def up(c: SlurmCluster) -> dict:
     """Submit the standing allocation (or reuse the running one); returns head.json."""
     if c.mode != "standing":
-        raise SubmitError(f"cluster '{c.name}': mode job runs one allocation per `ditforge submit`; "
-                          "`cluster up` is for mode standing")
+        raise SubmitError(
+            f"cluster '{c.name}': mode job runs one allocation per `ditforge submit`; `cluster up` is for mode standing"
+        )
     state = state_dir(c)
     old = allocation(c)
     if old and job_state(old)[0] not in ENDED:
@@ -261,8 +315,9 @@ def down(c: SlurmCluster, timeout: float = 120) -> list[str]:
     deadline = time.time() + timeout
     while job_state(job_id)[0] not in ENDED:  # COMPLETING: nodes still cleaning up
         if time.time() > deadline:
-            raise SubmitError(f"cluster '{c.name}': allocation {job_id} still {job_state(job_id)[0]} "
-                              f"{timeout:.0f}s after scancel")
+            raise SubmitError(
+                f"cluster '{c.name}': allocation {job_id} still {job_state(job_id)[0]} {timeout:.0f}s after scancel"
+            )
         time.sleep(0.5)
     (state_dir(c) / "head.json").unlink(missing_ok=True)
     return [f"slurm job {job_id}"]
@@ -275,10 +330,16 @@ def connect(c: SlurmCluster, tracking_uri: str | None) -> Target:
     h = head(state_dir(c), job_id) if job_id else None
     st = job_state(job_id)[0] if job_id else "GONE"
     if not h or st != "RUNNING":
-        raise SubmitError(f"cluster '{c.name}': no running allocation ({f'slurm job {job_id} {st}' if job_id else 'none'}"
-                          f"); start it with `ditforge cluster up`, or submit with --set cluster.mode=job")
-    return Target(h["dashboard"], tracking_uri or c.tracking_uri or services.endpoints().mlflow, "RAY_AUTH_TOKEN",
-                  slurm_job_id=job_id)
+        raise SubmitError(
+            f"cluster '{c.name}': no running allocation ({f'slurm job {job_id} {st}' if job_id else 'none'}"
+            f"); start it with `ditforge cluster up`, or submit with --set cluster.mode=job"
+        )
+    return Target(
+        h["dashboard"],
+        tracking_uri or c.tracking_uri or services.endpoints().mlflow,
+        "RAY_AUTH_TOKEN",
+        slurm_job_id=job_id,
+    )
 
 
 def status(c: SlurmCluster) -> list[dict]:
@@ -288,8 +349,9 @@ def status(c: SlurmCluster) -> list[dict]:
         return []
     st, _ = job_state(job_id)
     h = head(state_dir(c), job_id) or {}
-    return [{"slurm_job_id": job_id, "state": st, "node": n["node"], "address": n["address"]}
-            for n in h.get("nodes", [])] or [{"slurm_job_id": job_id, "state": st, "node": "-", "address": "-"}]
+    return [
+        {"slurm_job_id": job_id, "state": st, "node": n["node"], "address": n["address"]} for n in h.get("nodes", [])
+    ] or [{"slurm_job_id": job_id, "state": st, "node": "-", "address": "-"}]
 
 
 # ------------------------------------------------------------------------------ mode: job
@@ -318,19 +380,38 @@ def submit_job(spec: JobSpec, c: SlurmCluster, *, resume: str | None = None, sou
     else:
         run_name, run_uri, mlflow_run_id = folder.new_run(spec, tracking_uri, source, cont.resume_from)
     resume_from = cont.resume_from
-    job = {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri,
-           "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "resume_from": resume_from,
-           "spec_digest": spec.digest()}
+    job = {
+        "spec": spec.model_dump(mode="json"),
+        "run_name": run_name,
+        "run_uri": run_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "resume_from": resume_from,
+        "spec_digest": spec.digest(),
+    }
     ensure_token()
     state = state_dir(c) / "jobs" / f"{run_name}-{secrets.token_hex(2)}"
     script = write_state(c, state)
     (state / "job.json").write_text(json.dumps(job, indent=2))
     slurm_id = sbatch(c, script)
-    rec = {"job_id": f"slurm-{slurm_id}", "slurm_job_id": slurm_id, "job_dir": str(state), "run_name": run_name,
-           "run_uri": run_uri, "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "dashboard": None,
-           "cluster": c.kind, "cluster_name": c.name, "token_env": "RAY_AUTH_TOKEN", "checkpoint_on_stop": True,
-           "spec_digest": spec.digest(), "steps": spec.train.steps, "submitted_at": time.time(),
-           "experiment": spec.tracking.experiment}
+    rec = {
+        "job_id": f"slurm-{slurm_id}",
+        "slurm_job_id": slurm_id,
+        "job_dir": str(state),
+        "run_name": run_name,
+        "run_uri": run_uri,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "dashboard": None,
+        "cluster": c.kind,
+        "cluster_name": c.name,
+        "token_env": "RAY_AUTH_TOKEN",
+        "checkpoint_on_stop": True,
+        "spec_digest": spec.digest(),
+        "steps": spec.train.steps,
+        "submitted_at": time.time(),
+        "experiment": spec.tracking.experiment,
+    }
     write_record(rec)
     return rec
 
@@ -364,6 +445,7 @@ def record_state(rec: dict) -> str:
             run = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).info.status
         except Exception:
             run = "UNKNOWN"
-        ray_state = {"FINISHED": "SUCCEEDED", "FAILED": "FAILED", "KILLED": "STOPPED"}.get(run, "PENDING"
-                                                                                               if st == "PENDING" else run)
+        ray_state = {"FINISHED": "SUCCEEDED", "FAILED": "FAILED", "KILLED": "STOPPED"}.get(
+            run, "PENDING" if st == "PENDING" else run
+        )
     return f"{ray_state} · {slurm}"

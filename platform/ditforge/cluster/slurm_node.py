@@ -60,12 +60,21 @@ def node_ip() -> str:
 
 def ray_args(c: SlurmCluster) -> list[str]:
     p = {k: c.ports_from + v for k, v in PORTS.items()}
-    args = [f"--node-manager-port={p['node_manager']}", f"--object-manager-port={p['object_manager']}",
-            f"--dashboard-agent-listen-port={p['agent_listen']}", f"--dashboard-agent-grpc-port={p['agent_grpc']}",
-            f"--metrics-export-port={p['metrics']}", f"--runtime-env-agent-port={p['runtime_env_agent']}",
-            f"--min-worker-port={p['min_worker']}", f"--max-worker-port={p['max_worker']}",
-            f"--num-cpus={c.cpus_per_node}", f"--num-gpus={c.gpus_per_node}", "--block", "--disable-usage-stats",
-            f"--temp-dir=/tmp/ditforge-ray-{os.environ.get('SLURM_JOB_ID', 'x')}"]
+    args = [
+        f"--node-manager-port={p['node_manager']}",
+        f"--object-manager-port={p['object_manager']}",
+        f"--dashboard-agent-listen-port={p['agent_listen']}",
+        f"--dashboard-agent-grpc-port={p['agent_grpc']}",
+        f"--metrics-export-port={p['metrics']}",
+        f"--runtime-env-agent-port={p['runtime_env_agent']}",
+        f"--min-worker-port={p['min_worker']}",
+        f"--max-worker-port={p['max_worker']}",
+        f"--num-cpus={c.cpus_per_node}",
+        f"--num-gpus={c.gpus_per_node}",
+        "--block",
+        "--disable-usage-stats",
+        f"--temp-dir=/tmp/ditforge-ray-{os.environ.get('SLURM_JOB_ID', 'x')}",
+    ]
     if c.object_store_mb:
         args.append(f"--object-store-memory={c.object_store_mb * 1024 * 1024}")
     return args
@@ -75,11 +84,14 @@ def ray_env() -> dict:
     from .. import credentials
 
     if not credentials.ray_token():
-        raise SystemExit("ditforge: no Ray token on this node (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
-                         "~/.ray/auth_token on the shared home); `ditforge cluster up` makes one")
+        raise SystemExit(
+            "ditforge: no Ray token on this node (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+            "~/.ray/auth_token on the shared home); `ditforge cluster up` makes one"
+        )
     # A busy node can take longer than Ray's 30 s to register a raylet.
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2",
-               RAY_raylet_start_wait_time_s="120")
+    env = dict(
+        os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", RAY_raylet_start_wait_time_s="120"
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -106,8 +118,10 @@ def _ancestors() -> set[int]:
 def leftovers() -> list[int]:
     """Processes of this job on this node, besides this one and its ancestors: what a Ray worker or
     driver left when its raylet went (they inherit SLURM_JOB_ID and SLURMD_NODENAME)."""
-    marks = {f"SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID')}".encode(),
-             f"SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME')}".encode()}
+    marks = {
+        f"SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID')}".encode(),
+        f"SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME')}".encode(),
+    }
     mine, found = _ancestors(), []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) in mine:
@@ -175,10 +189,22 @@ def run_head(c: SlurmCluster, state: Path) -> int:
     ip = node_ip()
     gcs, dashboard = f"{ip}:{c.ports_from + PORTS['gcs']}", f"http://{ip}:{c.ports_from + PORTS['dashboard']}"
     log(f"allocation {job_id} (restart {restart}): Ray head at {gcs}, dashboard {dashboard}")
-    head = subprocess.Popen([_ray_bin(), "start", "--head", f"--node-ip-address={ip}", f"--port={c.ports_from}",
-                             "--dashboard-host=0.0.0.0", f"--dashboard-port={c.ports_from + PORTS['dashboard']}",
-                             f"--ray-client-server-port={c.ports_from + PORTS['client']}", *ray_args(c)],
-                            env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            _ray_bin(),
+            "start",
+            "--head",
+            f"--node-ip-address={ip}",
+            f"--port={c.ports_from}",
+            "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={c.ports_from + PORTS['dashboard']}",
+            f"--ray-client-server-port={c.ports_from + PORTS['client']}",
+            *ray_args(c),
+        ],
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     workers = None
     code, requeue = 1, False
     try:
@@ -189,20 +215,38 @@ def run_head(c: SlurmCluster, state: Path) -> int:
                 raise SystemExit(f"ditforge: the Ray head did not start (exit {head.returncode})")
             time.sleep(0.5)
         if c.nodes > 1:
-            step = ["srun", f"--nodes={c.nodes - 1}", f"--ntasks={c.nodes - 1}", "--ntasks-per-node=1", "--relative=1",
-                    f"--cpus-per-task={c.cpus_per_node}", "--kill-on-bad-exit=0"]
+            step = [
+                "srun",
+                f"--nodes={c.nodes - 1}",
+                f"--ntasks={c.nodes - 1}",
+                "--ntasks-per-node=1",
+                "--relative=1",
+                f"--cpus-per-task={c.cpus_per_node}",
+                "--kill-on-bad-exit=0",
+            ]
             if c.gpus_per_node:
                 step.append(f"--gres=gpu:{c.gpus_per_node}")
-            workers = subprocess.Popen([*step, sys.executable, "-m", "ditforge.cluster.slurm_node", str(state),
-                                        "--worker", gcs], env=env, stdin=subprocess.DEVNULL)
+            workers = subprocess.Popen(
+                [*step, sys.executable, "-m", "ditforge.cluster.slurm_node", str(state), "--worker", gcs],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
         while len(nodes := alive_nodes(dashboard)) < c.nodes:
             if head.poll() is not None or (workers and workers.poll() is not None) or sig.any:
                 raise SystemExit(f"ditforge: only {len(nodes)} of {c.nodes} Ray nodes started")
             time.sleep(1.0)
         nodes.sort(key=lambda n: not n["head"])
-        write_json(state / "head.json", {"slurm_job_id": job_id, "restart": restart, "address": gcs,
-                                         "dashboard": dashboard, "started": time.time(),
-                                         "nodes": [{"node": n["node_id"][:12], "address": n["address"]} for n in nodes]})
+        write_json(
+            state / "head.json",
+            {
+                "slurm_job_id": job_id,
+                "restart": restart,
+                "address": gcs,
+                "dashboard": dashboard,
+                "started": time.time(),
+                "nodes": [{"node": n["node_id"][:12], "address": n["address"]} for n in nodes],
+            },
+        )
         log(f"Ray runs on {len(nodes)} nodes: {', '.join(n['address'] for n in nodes)}")
         if (state / "job.json").exists() or (state / "job.yaml").exists():
             code, requeue = run_job(c, state, dashboard, sig, restart)
@@ -237,7 +281,9 @@ def stop_running_jobs(dashboard: str, grace: float = 120) -> None:
     from .jobs import jobs_client
 
     client = jobs_client(dashboard, "RAY_AUTH_TOKEN")
-    running = [j for j in client.list_jobs() if not j.status.is_terminal() and (j.metadata or {}).get("ditforge.run_uri")]
+    running = [
+        j for j in client.list_jobs() if not j.status.is_terminal() and (j.metadata or {}).get("ditforge.run_uri")
+    ]
     for j in running:
         folder.request_stop(j.metadata["ditforge.run_uri"], by="slurm")
     deadline = time.time() + grace
@@ -295,7 +341,9 @@ def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart:
     except Exception:
         pass
     done = folder.complete_steps(job["run_uri"])
-    finished = bool(done) and done[-1] >= spec.train.steps and st == "SUCCEEDED" and not folder.stop_marked(job["run_uri"])
+    finished = (
+        bool(done) and done[-1] >= spec.train.steps and st == "SUCCEEDED" and not folder.stop_marked(job["run_uri"])
+    )
     log(f"{ray_id} ended {st}; newest complete checkpoint: step {done[-1] if done else '-'} of {spec.train.steps}")
     requeue = asked == signal.SIGUSR1 and c.requeue and not finished
     return (0 if finished or requeue else 1), requeue

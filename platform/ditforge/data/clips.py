@@ -34,8 +34,10 @@ def read_clip(path: str | Path) -> np.ndarray:
             with av.open(str(p)) as container:
                 arr = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
         else:
-            raise DataError(f"--given {path}: unknown extension '.{ext}' (use .npy, an image "
-                            f"({', '.join(sorted(IMAGE_EXTS))}) or a video ({', '.join(sorted(VIDEO_EXTS))}))")
+            raise DataError(
+                f"--given {path}: unknown extension '.{ext}' (use .npy, an image "
+                f"({', '.join(sorted(IMAGE_EXTS))}) or a video ({', '.join(sorted(VIDEO_EXTS))}))"
+            )
     except DataError:
         raise
     except Exception as e:  # numpy, PIL and av raise many types for broken files

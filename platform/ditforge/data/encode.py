@@ -54,8 +54,9 @@ def parse_vae(text: str):
         return VAESpec.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise shards.DataError(f"--vae: {'.'.join(map(str, err['loc'])) or 'vae'}: {err['msg']} "
-                               f"(got {err.get('input')!r})") from None
+        raise shards.DataError(
+            f"--vae: {'.'.join(map(str, err['loc'])) or 'vae'}: {err['msg']} (got {err.get('input')!r})"
+        ) from None
 
 
 def _pixels(sample: dict) -> np.ndarray:
@@ -99,15 +100,23 @@ class ShardEncoder:
         samples = shards.read_shard(self.src, entry)
         latents, stats = [], None
         for a in range(0, len(samples), self.micro_batch):
-            chunk = samples[a: a + self.micro_batch]
+            chunk = samples[a : a + self.micro_batch]
             x = torch.from_numpy(np.stack([_pixels(s) for s in chunk])).to(self.device)
             z = encode_pixels(self.vae, x).float().cpu().numpy()
             latents.extend(z)
             zc = z.astype(np.float64).swapaxes(0, 1).reshape(z.shape[1], -1)  # (C, everything else)
             part = np.stack([zc.sum(1), (zc**2).sum(1), np.full(zc.shape[0], zc.shape[1], np.float64)])
             stats = part if stats is None else stats + part
-        out = ({"__key__": s["__key__"], "latent.npy": shards.npy_bytes(z), "cls": s["cls"], "txt": s["txt"],
-                **({"json": s["json"]} if "json" in s else {})} for s, z in zip(samples, latents))
+        out = (
+            {
+                "__key__": s["__key__"],
+                "latent.npy": shards.npy_bytes(z),
+                "cls": s["cls"],
+                "txt": s["txt"],
+                **({"json": s["json"]} if "json" in s else {}),
+            }
+            for s, z in zip(samples, latents)
+        )
         shape = list(latents[0].shape) if latents else None
         new = shards.write_shard(self.out, entry["name"], out, bucket=entry.get("bucket"), shape=shape)
         record = {"digest": job["digest"], "entry": new, "stats": stats.tolist() if stats is not None else None}
@@ -136,8 +145,10 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
     storage.check(out)  # a bad --out fails now, not after the source was read
     src_manifest = shards.read_manifest(src)
     if src_manifest.get("kind") != "pixels":
-        raise shards.DataError(f"{src}: holds {src_manifest.get('kind')!r} shards; encode reads pixel shards "
-                               "(the output of `ditforge data ingest`)")
+        raise shards.DataError(
+            f"{src}: holds {src_manifest.get('kind')!r} shards; encode reads pixel shards "
+            "(the output of `ditforge data ingest`)"
+        )
     identity = _vae_identity(vae)
     source_sha = [s["sha256"] for s in src_manifest["shards"]]
     try:
@@ -155,11 +166,20 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
             done[j["entry"]["name"]] = rec
     todo = [j for j in jobs if j["entry"]["name"] not in done]
     total = src_manifest["total_samples"]
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    cols = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*cols, console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"encode ({identity}) → {out}", total=total, rate="",
-                            completed=sum(r["entry"]["samples"] for r in done.values()))
+        task = bar.add_task(
+            f"encode ({identity}) → {out}",
+            total=total,
+            rate="",
+            completed=sum(r["entry"]["samples"] for r in done.values()),
+        )
         if todo:
             with ray_session():
                 ctx = ray.data.DataContext.get_current()
@@ -172,15 +192,23 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
                     # ray_remote_args_fn is the only way to pass max_restarts; it still works in
                     # the pinned Ray, which warns about a future removal.
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    ds = ds.map_batches(ShardEncoder, batch_size=1,
-                                        fn_constructor_kwargs={"src": src, "out": out, "vae": vae,
-                                                               "device": "cuda" if n_gpu else "cpu",
-                                                               "micro_batch": micro_batch},
-                                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
-                                        num_gpus=1 if n_gpu else 0, num_cpus=1 if not n_gpu else None,
-                                        # a lost actor fails the run (the re-run resumes) instead of
-                                        # restarting from constructor args that may be gone
-                                        ray_remote_args_fn=lambda: {"max_restarts": 0})
+                    ds = ds.map_batches(
+                        ShardEncoder,
+                        batch_size=1,
+                        fn_constructor_kwargs={
+                            "src": src,
+                            "out": out,
+                            "vae": vae,
+                            "device": "cuda" if n_gpu else "cpu",
+                            "micro_batch": micro_batch,
+                        },
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
+                        num_gpus=1 if n_gpu else 0,
+                        num_cpus=1 if not n_gpu else None,
+                        # a lost actor fails the run (the re-run resumes) instead of
+                        # restarting from constructor args that may be gone
+                        ray_remote_args_fn=lambda: {"max_restarts": 0},
+                    )
                 # Ours is the progress bar; Ray Data would also warn that its own are off.
                 logging.getLogger("ray.data").setLevel(logging.ERROR)
                 t0, n_new = time.perf_counter(), 0
@@ -188,8 +216,11 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
                     rec = json.loads(row["record"])
                     done[rec["entry"]["name"]] = rec
                     n_new += rec["entry"]["samples"]
-                    bar.update(task, advance=rec["entry"]["samples"],
-                               rate=f"{n_new / (time.perf_counter() - t0):.0f} samples/s")
+                    bar.update(
+                        task,
+                        advance=rec["entry"]["samples"],
+                        rate=f"{n_new / (time.perf_counter() - t0):.0f} samples/s",
+                    )
 
     records = [done[j["entry"]["name"]] for j in jobs]
     stats = np.sum([r["stats"] for r in records if r["stats"] is not None], axis=0)  # (3, C): Σz, Σz², n
@@ -204,14 +235,23 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
         b["samples"] += e["samples"]
     common = max(by_bucket.values(), key=lambda b: b["samples"])["shape"]
     manifest = {
-        "kind": "latents", "encode_version": ENCODE_VERSION, "vae": identity,
+        "kind": "latents",
+        "encode_version": ENCODE_VERSION,
+        "vae": identity,
         "vae_spec": vae.model_dump(mode="json") if hasattr(vae, "model_dump") else None,
         # Statistics of the latents as written (after the VAE's own scale/shift). A VAE spec
         # wanting unit-variance latents sets shift = latent_mean, scale = 1 / latent_std.
-        "latent_shape": common, "latent_mean": float(mean), "latent_std": std,
-        "channel_mean": ch_mean.tolist(), "channel_std": ch_std.tolist(),
-        "buckets": by_bucket, "classes": src_manifest.get("classes", []), "source": src,
-        "source_sha256": source_sha, "frames": src_manifest.get("frames"), "shards": entries,
+        "latent_shape": common,
+        "latent_mean": float(mean),
+        "latent_std": std,
+        "channel_mean": ch_mean.tolist(),
+        "channel_std": ch_std.tolist(),
+        "buckets": by_bucket,
+        "classes": src_manifest.get("classes", []),
+        "source": src,
+        "source_sha256": source_sha,
+        "frames": src_manifest.get("frames"),
+        "shards": entries,
     }
     shards.write_manifest(out, manifest)
     return shards.read_manifest(out)

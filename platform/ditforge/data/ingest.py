@@ -48,7 +48,9 @@ class Settings:
             if getattr(self, k) < 1:
                 raise shards.DataError(f"--{k.replace('_', '-')}: must be at least 1, got {getattr(self, k)}")
         if self.resolution % 8:
-            raise shards.DataError(f"--resolution: {self.resolution} is not a multiple of 8 (VAE × patch must divide it)")
+            raise shards.DataError(
+                f"--resolution: {self.resolution} is not a multiple of 8 (VAE × patch must divide it)"
+            )
         if self.source in GENERATED and not self.limit:
             raise shards.DataError(f"--limit: say how many '{self.source}' samples to generate")
 
@@ -90,8 +92,10 @@ def plan(s: Settings) -> tuple[list[dict], list[dict], list[str], str]:
     root = _root(s.source)
     fs, base = storage.filesystem(root)
     if not fs.isdir(base):
-        raise shards.DataError(f"{s.source}: not a folder, a .tar / webdataset pattern, or one of {', '.join(GENERATED)}")
-    files = sorted(p[len(base):].lstrip("/") for p in fs.find(base))
+        raise shards.DataError(
+            f"{s.source}: not a folder, a .tar / webdataset pattern, or one of {', '.join(GENERATED)}"
+        )
+    files = sorted(p[len(base) :].lstrip("/") for p in fs.find(base))
     files = [f for f in files if not f.startswith(shards.PARTS)]
     stems = {f.rsplit(".", 1)[0] for f in files if f.lower().endswith(".txt")}
     items, skipped = [], []
@@ -103,21 +107,30 @@ def plan(s: Settings) -> tuple[list[dict], list[dict], list[str], str]:
             skipped.append({"item": rel, "reason": f"unsupported extension '.{ext}'" if ext else "no extension"})
             continue
         stem = rel.rsplit(".", 1)[0]
-        items.append({"rel": rel, "kind": "video" if ext in media.VIDEO_EXTS else "image",
-                      "caption": f"{stem}.txt" if stem in stems else None})
+        items.append(
+            {
+                "rel": rel,
+                "kind": "video" if ext in media.VIDEO_EXTS else "image",
+                "caption": f"{stem}.txt" if stem in stems else None,
+            }
+        )
     if s.limit:
         items = items[: s.limit]
     if not items:
-        raise shards.DataError(f"{s.source}: no images ({', '.join(sorted(media.IMAGE_EXTS))}) or videos "
-                               f"({', '.join(sorted(media.VIDEO_EXTS))}) found")
+        raise shards.DataError(
+            f"{s.source}: no images ({', '.join(sorted(media.IMAGE_EXTS))}) or videos "
+            f"({', '.join(sorted(media.VIDEO_EXTS))}) found"
+        )
     # Class = the top-level sub-folder, when there is one (ImageNet layout: train/<class>/<file>).
     classes = sorted({it["rel"].split("/", 1)[0] for it in items if "/" in it["rel"]})
     index = {c: i for i, c in enumerate(classes)}
     for i, it in enumerate(items):
         it["key"] = f"{i:08d}"
         it["cls"] = index.get(it["rel"].split("/", 1)[0], -1) if "/" in it["rel"] else -1
-    units = [{"kind": "folder", "root": root, "items": items[a: a + s.shard_size]}
-             for a in range(0, len(items), s.shard_size)]
+    units = [
+        {"kind": "folder", "root": root, "items": items[a : a + s.shard_size]}
+        for a in range(0, len(items), s.shard_size)
+    ]
     return units, skipped, classes, "folder"
 
 
@@ -186,7 +199,11 @@ def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
         for it in unit["items"]:
             try:
                 data = storage.read_bytes(storage.join(unit["root"], it["rel"]))
-                cap = media.caption(storage.read_bytes(storage.join(unit["root"], it["caption"]))) if it["caption"] else ""
+                cap = (
+                    media.caption(storage.read_bytes(storage.join(unit["root"], it["caption"])))
+                    if it["caption"]
+                    else ""
+                )
                 if it["kind"] == "video":
                     pixels = media.video(data, s.resolution, s.fit, s.frames, s.stride)
                 else:
@@ -267,10 +284,18 @@ def ingest_unit(out: str, index: int, unit: dict, s: Settings, digest: str) -> d
         shapes[name] = list(shape)
     entries = []
     for name in sorted(by_bucket):
-        entries.append(shards.write_shard(out, f"shard-{index:06d}-{name}.tar", by_bucket[name],
-                                          bucket=name, shape=shapes[name]))
-    n_in = len(unit["items"]) if unit["kind"] == "folder" else (
-        unit["range"][1] - unit["range"][0] if "range" in unit else sum(e["samples"] for e in entries) + len(skipped))
+        entries.append(
+            shards.write_shard(out, f"shard-{index:06d}-{name}.tar", by_bucket[name], bucket=name, shape=shapes[name])
+        )
+    n_in = (
+        len(unit["items"])
+        if unit["kind"] == "folder"
+        else (
+            unit["range"][1] - unit["range"][0]
+            if "range" in unit
+            else sum(e["samples"] for e in entries) + len(skipped)
+        )
+    )
     record = {"unit": index, "digest": digest, "shards": entries, "skipped": skipped, "inputs": n_in}
     shards.write_part(out, f"unit-{index:06d}", record)
     return record
@@ -279,8 +304,19 @@ def ingest_unit(out: str, index: int, unit: dict, s: Settings, digest: str) -> d
 # ------------------------------------------------------------------------------------ driver
 
 
-def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", frames: int = 8, stride: int = 2,
-           shard_size: int = 256, limit: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+def ingest(
+    source: str,
+    out: str,
+    *,
+    resolution: int = 32,
+    fit: str = "crop",
+    frames: int = 8,
+    stride: int = 2,
+    shard_size: int = 256,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Ingest `source` into shards + manifest at `out`; resumes a previous run's finished units."""
     import ray
     from rich.console import Console
@@ -312,11 +348,17 @@ def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", fr
             done[i] = rec
     todo = [i for i in range(len(units)) if i not in done]
     total = sum(_unit_inputs(u) for u in units)
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    cols = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*cols, console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"ingest {kind} → {out}", total=total, rate="",
-                            completed=sum(_unit_inputs(units[i]) for i in done))
+        task = bar.add_task(
+            f"ingest {kind} → {out}", total=total, rate="", completed=sum(_unit_inputs(units[i]) for i in done)
+        )
         if todo:
             with ray_session():
                 remote = ray.remote(num_cpus=1, max_retries=2)(ingest_unit)
@@ -328,8 +370,11 @@ def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", fr
                         i = pending.pop(ref)
                         done[i] = ray.get(ref)
                         n_new += _unit_inputs(units[i])
-                        bar.update(task, advance=_unit_inputs(units[i]),
-                                   rate=f"{n_new / (time.perf_counter() - t0):.0f} samples/s")
+                        bar.update(
+                            task,
+                            advance=_unit_inputs(units[i]),
+                            rate=f"{n_new / (time.perf_counter() - t0):.0f} samples/s",
+                        )
 
     entries = [e for i in range(len(units)) for e in done[i]["shards"]]
     skipped = listing_skipped + [x for i in range(len(units)) for x in done[i]["skipped"]]
@@ -339,15 +384,29 @@ def ingest(source: str, out: str, *, resolution: int = 32, fit: str = "crop", fr
         bucket_counts[e["bucket"]] += e["samples"]
         bucket_shapes[e["bucket"]] = e["shape"]
     manifest = {
-        "kind": "pixels", "ingest_version": INGEST_VERSION, "source": source, "source_kind": kind,
-        "settings": asdict(s), "plan_digest": plan_digest, "resolution": resolution, "fit": fit,
-        "frames": frames, "stride": stride, "channels": 3, "classes": classes,
+        "kind": "pixels",
+        "ingest_version": INGEST_VERSION,
+        "source": source,
+        "source_kind": kind,
+        "settings": asdict(s),
+        "plan_digest": plan_digest,
+        "resolution": resolution,
+        "fit": fit,
+        "frames": frames,
+        "stride": stride,
+        "channels": 3,
+        "classes": classes,
         "buckets": {b: {"shape": bucket_shapes[b], "samples": n} for b, n in sorted(bucket_counts.items())},
-        "skipped_count": len(skipped), "skipped": skipped, "shards": entries,
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "shards": entries,
     }
     if not entries:
-        raise shards.DataError(f"{source}: every input was skipped ({len(skipped)}), e.g. "
-                               f"{skipped[0]['item']}: {skipped[0]['reason']}" if skipped else f"{source}: no inputs")
+        raise shards.DataError(
+            f"{source}: every input was skipped ({len(skipped)}), e.g. {skipped[0]['item']}: {skipped[0]['reason']}"
+            if skipped
+            else f"{source}: no inputs"
+        )
     shards.write_manifest(out, manifest)
     return shards.read_manifest(out)
 
@@ -362,9 +421,10 @@ def _unit_inputs(unit: dict) -> int:
     return 1  # a webdataset tar: its sample count is unknown until it is read
 
 
-def ingest_shapes(out: str, *, limit: int = 2048, resolution: int = 32, shard_size: int = 256, seed: int = 0,
-                  progress: bool = True) -> dict:
+def ingest_shapes(
+    out: str, *, limit: int = 2048, resolution: int = 32, shard_size: int = 256, seed: int = 0, progress: bool = True
+) -> dict:
     """The generated `shapes` set (the demo's data)."""
-    return ingest("shapes", out, limit=limit, resolution=resolution, shard_size=shard_size, seed=seed,
-                  progress=progress)
-
+    return ingest(
+        "shapes", out, limit=limit, resolution=resolution, shard_size=shard_size, seed=seed, progress=progress
+    )

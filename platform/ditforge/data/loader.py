@@ -50,8 +50,18 @@ from . import shards
 
 PREFETCH = 2  # shards read ahead of the one being consumed
 # Why a sample was skipped; `data/skipped/<reason>` metrics. The first four are whole shards.
-REASONS = ("missing_shard", "truncated_shard", "checksum_mismatch", "unreadable_shard", "missing_key",
-           "unreadable_latent", "nonfinite_latent", "zero_frames", "wrong_shape", "bad_class")
+REASONS = (
+    "missing_shard",
+    "truncated_shard",
+    "checksum_mismatch",
+    "unreadable_shard",
+    "missing_key",
+    "unreadable_latent",
+    "nonfinite_latent",
+    "zero_frames",
+    "wrong_shape",
+    "bad_class",
+)
 
 
 @dataclass
@@ -68,20 +78,34 @@ class Position:
 
 
 class LatentLoader:
-    def __init__(self, uri: str, batch_size: int, rank: int, world: int, seed: int, *,
-                 max_bad_fraction: float = 0.01, storage_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        uri: str,
+        batch_size: int,
+        rank: int,
+        world: int,
+        seed: int,
+        *,
+        max_bad_fraction: float = 0.01,
+        storage_timeout_s: float = 300.0,
+    ):
         self.uri, self.batch_size, self.rank, self.world, self.seed = uri, batch_size, rank, world, seed
         self.max_bad_fraction, self.storage_timeout_s = max_bad_fraction, storage_timeout_s
         self.manifest = shards.read_manifest(uri)
         if self.manifest.get("kind") != "latents":
-            raise shards.DataError(f"{uri}: holds {self.manifest.get('kind')!r} shards, training needs latents "
-                                   "(run the encode step first)")
+            raise shards.DataError(
+                f"{uri}: holds {self.manifest.get('kind')!r} shards, training needs latents (run the encode step first)"
+            )
         if len(self.manifest["shards"]) < world:
-            raise shards.DataError(f"{uri}: {len(self.manifest['shards'])} shards cannot feed {world} workers "
-                                   "(each worker reads its own shards): write smaller shards")
+            raise shards.DataError(
+                f"{uri}: {len(self.manifest['shards'])} shards cannot feed {world} workers "
+                "(each worker reads its own shards): write smaller shards"
+            )
         if self.batches_per_epoch(0) == 0:
-            raise shards.DataError(f"{uri}: no shard holds a full batch of {batch_size} for {world} workers "
-                                   "(batches never span shards): lower data.batch_size or write bigger shards")
+            raise shards.DataError(
+                f"{uri}: no shard holds a full batch of {batch_size} for {world} workers "
+                "(batches never span shards): lower data.batch_size or write bigger shards"
+            )
         self._position = Position(0, 0, world, batch_size)
 
     # ------------------------------------------------------------------------------ position
@@ -97,8 +121,11 @@ class LatentLoader:
             # Another schedule: keep the epoch, continue at the same fraction of it.
             old_n = self.batches_per_epoch(pos.epoch, old_world, old_bs)
             batch = pos.batch * self.batches_per_epoch(pos.epoch) // max(old_n, 1)
-            print(f"[data] resuming a world={old_world} batch_size={old_bs} position {pos.epoch}:{pos.batch} at "
-                  f"world={self.world} batch_size={self.batch_size}: epoch {pos.epoch} batch {batch}", flush=True)
+            print(
+                f"[data] resuming a world={old_world} batch_size={old_bs} position {pos.epoch}:{pos.batch} at "
+                f"world={self.world} batch_size={self.batch_size}: epoch {pos.epoch} batch {batch}",
+                flush=True,
+            )
             pos = Position(pos.epoch, batch, bad=pos.bad, skipped=pos.skipped)
         self._position = Position(pos.epoch, pos.batch, self.world, self.batch_size, pos.bad, dict(pos.skipped))
 
@@ -120,7 +147,7 @@ class LatentLoader:
     def assignment(self, epoch: int, rank: int, world: int | None = None) -> list[dict]:
         order = list(self.manifest["shards"])
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[rank:: world or self.world]
+        return order[rank :: world or self.world]
 
     def batches_per_epoch(self, epoch: int, world: int | None = None, batch_size: int | None = None) -> int:
         world, bs = world or self.world, batch_size or self.batch_size
@@ -168,10 +195,10 @@ class LatentLoader:
 
             try:
                 for t, (i, sk) in enumerate(todo):
-                    for j, _ in todo[t: t + 1 + PREFETCH]:
+                    for j, _ in todo[t : t + 1 + PREFETCH]:
                         fetch(j)
                     samples, bad, note = self._arrange(epoch, assign, i, fetch)
-                    upcoming = {j for j, _ in todo[t + 1:]}
+                    upcoming = {j for j, _ in todo[t + 1 :]}
                     for j in [j for j in futures if j not in upcoming]:
                         del futures[j]  # read for a slot that is done (or as a filler): free it
                     if not put((samples, sk, bad if sk == 0 else None, note)):
@@ -191,7 +218,7 @@ class LatentLoader:
                 samples, sk, bad, note = item
                 bs = self.batch_size
                 for b in range(sk, len(samples) // bs):
-                    yield samples[b * bs: (b + 1) * bs], (bad if b == sk else None), note
+                    yield samples[b * bs : (b + 1) * bs], (bad if b == sk else None), note
         finally:
             stop.set()  # a consumer that stops early must not leave the reader blocked forever
 
@@ -206,13 +233,16 @@ class LatentLoader:
 
         def log(e: BaseException, wait: float) -> None:
             faults.append(e)
-            print(f"[data] rank {self.rank}: reading {name} failed ({type(e).__name__}: {str(e)[:120]}); "
-                  f"retrying in {wait:.1f} s (gives up {self.storage_timeout_s:.0f} s after the first failure)",
-                  flush=True)
+            print(
+                f"[data] rank {self.rank}: reading {name} failed ({type(e).__name__}: {str(e)[:120]}); "
+                f"retrying in {wait:.1f} s (gives up {self.storage_timeout_s:.0f} s after the first failure)",
+                flush=True,
+            )
 
         try:
-            data = storage.retry(fs[0].cat_file, f"{fs[1].rstrip('/')}/{name}", deadline_s=self.storage_timeout_s,
-                                 on_retry=log)
+            data = storage.retry(
+                fs[0].cat_file, f"{fs[1].rstrip('/')}/{name}", deadline_s=self.storage_timeout_s, on_retry=log
+            )
         except FileNotFoundError:
             raise shards.BadShard("missing_shard", f"{where}: listed in the manifest but missing") from None
         except PermissionError as e:  # an answer, not an outage: the keys, not the data, need fixing
@@ -220,10 +250,14 @@ class LatentLoader:
         except OSError as e:  # StorageUnavailable included: the store never answered
             raise storage.StorageUnavailable(
                 f"{where}: the store did not answer for {time.monotonic() - t0:.0f} s "
-                f"(data.storage_timeout_s: {self.storage_timeout_s:g}): {type(e).__name__}: {str(e)[:200]}") from e
+                f"(data.storage_timeout_s: {self.storage_timeout_s:g}): {type(e).__name__}: {str(e)[:200]}"
+            ) from e
         if faults:
-            print(f"[data] rank {self.rank}: read {name} after {len(faults)} failed tries "
-                  f"({time.monotonic() - t0:.1f} s): the store is back", flush=True)
+            print(
+                f"[data] rank {self.rank}: read {name} after {len(faults)} failed tries "
+                f"({time.monotonic() - t0:.1f} s): the store is back",
+                flush=True,
+            )
         good, rejects = [], []
         for s in shards.parse_shard(self.uri, entry, data):
             reason = _check(s, entry.get("shape"))
@@ -260,12 +294,16 @@ class LatentLoader:
                 except shards.BadShard:
                     continue
                 if filler:
-                    random.Random(f"{self.seed}/{epoch}/{entry['name']}/filled-from/{assign[j]['name']}").shuffle(filler)
+                    random.Random(f"{self.seed}/{epoch}/{entry['name']}/filled-from/{assign[j]['name']}").shuffle(
+                        filler
+                    )
                     good, note = filler, f"{note}; its batches are filled from {assign[j]['name']}"
                     break
             else:
-                raise shards.DataError(f"{self.uri}: rank {self.rank} has no usable shard in epoch {epoch} "
-                                       f"(e.g. {note}): run `ditforge data verify {self.uri}`")
+                raise shards.DataError(
+                    f"{self.uri}: rank {self.rank} has no usable shard in epoch {epoch} "
+                    f"(e.g. {note}): run `ditforge data verify {self.uri}`"
+                )
         out = good[:need]
         while len(out) < need:  # repeat good samples, in order, for the bad ones
             out += good[: need - len(out)]
@@ -277,13 +315,17 @@ class LatentLoader:
         for reason, n in bad.items():
             pos.skipped[reason] = pos.skipped.get(reason, 0) + n
         total = sum(e["samples"] for e in self.assignment(pos.epoch, self.rank))
-        print(f"[data] rank {self.rank}: skipped {sum(bad.values())} bad samples "
-              f"({', '.join(f'{r}: {n}' for r, n in sorted(bad.items()))}): {note}", flush=True)
+        print(
+            f"[data] rank {self.rank}: skipped {sum(bad.values())} bad samples "
+            f"({', '.join(f'{r}: {n}' for r, n in sorted(bad.items()))}): {note}",
+            flush=True,
+        )
         if pos.bad > self.max_bad_fraction * total:
             raise shards.DataError(
                 f"{self.uri}: rank {self.rank} met {pos.bad} bad samples of its {total} in epoch {pos.epoch} "
                 f"({pos.bad / total:.1%}), more than data.max_bad_fraction {self.max_bad_fraction:g}; "
-                f"latest: {note}")
+                f"latest: {note}"
+            )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
         """Yields (latents (B, *shape) float32, classes (B,) int64, keys, captions) forever, epoch

@@ -21,8 +21,15 @@ from .. import credentials, services
 
 # Env the workers need to reach storage the same way the driver does. S3 keys are not shipped
 # (runtime_env is visible in the dashboard): a remote cluster gets them from its own environment.
-_PASS_ENV = ("DITFORGE_HOME", "DITFORGE_S3_CREDENTIALS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-             "AWS_PROFILE", "DITFORGE_S3_PROFILE")
+_PASS_ENV = (
+    "DITFORGE_HOME",
+    "DITFORGE_S3_CREDENTIALS",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "DITFORGE_S3_PROFILE",
+)
 
 
 @contextmanager
@@ -39,8 +46,14 @@ def ray_session(num_cpus: int | None = None):
         _attach(address, env)
     else:
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": env}, configure_logging=False)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+                configure_logging=False,
+            )
         except Exception:
             # A private Ray must register within a fixed 30 s, which an overloaded machine can
             # miss; the embedded head, when it is up, has long started.

@@ -59,11 +59,17 @@ def write_shard(uri: str, name: str, samples: Iterable[dict], **extra) -> dict:
         # a 1 KB one per member), so the reader's fast path reads every shard we write.
         with open(local, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="", group="") as tar:
             for s in samples:
-                tar.write({k: v if k == "__key__" else v.encode() if isinstance(v, str) else bytes(v)
-                           for k, v in s.items()})
+                tar.write(
+                    {k: v if k == "__key__" else v.encode() if isinstance(v, str) else bytes(v) for k, v in s.items()}
+                )
                 n += 1
-        entry = {"name": name, "samples": n, "bytes": local.stat().st_size, "sha256": storage.sha256_file(local),
-                 **extra}
+        entry = {
+            "name": name,
+            "samples": n,
+            "bytes": local.stat().st_size,
+            "sha256": storage.sha256_file(local),
+            **extra,
+        }
         storage.put_file(local, storage.join(uri, name))
     return entry
 
@@ -104,8 +110,10 @@ def read_manifest(uri: str) -> dict:
     except json.JSONDecodeError as e:
         raise DataError(f"{uri}/{MANIFEST}: not valid JSON ({e})") from None
     if manifest.get("format_version", 1) > FORMAT_VERSION:
-        raise DataError(f"{uri}/{MANIFEST}: format_version {manifest['format_version']} is newer than this "
-                        f"ditforge reads ({FORMAT_VERSION}): upgrade ditforge")
+        raise DataError(
+            f"{uri}/{MANIFEST}: format_version {manifest['format_version']} is newer than this "
+            f"ditforge reads ({FORMAT_VERSION}): upgrade ditforge"
+        )
     return manifest
 
 
@@ -127,8 +135,10 @@ def parse_shard(uri: str, entry: dict, data: bytes) -> list[dict]:
     """A shard's bytes → its samples, after the checksum check; BadShard says what is wrong."""
     where = f"{uri}/{entry['name']}"
     if len(data) < entry["bytes"]:
-        raise BadShard("truncated_shard", f"{where}: truncated ({len(data)} of {entry['bytes']} bytes); "
-                       "checksum does not match the manifest")
+        raise BadShard(
+            "truncated_shard",
+            f"{where}: truncated ({len(data)} of {entry['bytes']} bytes); checksum does not match the manifest",
+        )
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise BadShard("checksum_mismatch", f"{where}: checksum does not match the manifest (shard changed or corrupt)")
     try:
@@ -185,7 +195,7 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
     out, pos, view = [], 0, memoryview(data)
     pax: dict[bytes, bytes] = {}
     while pos + 512 <= len(data):
-        header = data[pos: pos + 512]
+        header = data[pos : pos + 512]
         if header.count(0) == 512:
             return out  # end-of-archive marker
         kind = header[156:157]
@@ -206,7 +216,7 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
         pos = start + (size + 511) // 512 * 512
         if kind in (b"x", b"g"):
             if kind == b"x":
-                pax = _pax_records(data[start: start + size])
+                pax = _pax_records(data[start : start + size])
                 if pax is None:
                     return None
             continue
@@ -217,7 +227,7 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
         if prefix and b"path" not in pax:
             name = prefix + b"/" + name
         pax = {}
-        out.append((name.decode("utf-8"), bytes(view[start: start + size])))
+        out.append((name.decode("utf-8"), bytes(view[start : start + size])))
     return None  # ran off the end without the end-of-archive marker: truncated
 
 
@@ -232,7 +242,7 @@ def _pax_records(block: bytes) -> dict[bytes, bytes] | None:
             n = int(block[i:sp])
         except ValueError:
             return None
-        key, _, value = block[sp + 1: i + n - 1].partition(b"=")
+        key, _, value = block[sp + 1 : i + n - 1].partition(b"=")
         out[key] = value
         i += n
     return out

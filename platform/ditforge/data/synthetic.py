@@ -13,8 +13,14 @@ from PIL import Image, ImageDraw
 
 CLASSES = ["circle", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar", "star", "ellipse"]
 COLOURS = {
-    "red": (220, 50, 47), "green": (60, 180, 75), "blue": (40, 90, 220), "yellow": (240, 210, 40),
-    "magenta": (200, 60, 200), "cyan": (40, 200, 210), "orange": (245, 130, 48), "white": (240, 240, 240),
+    "red": (220, 50, 47),
+    "green": (60, 180, 75),
+    "blue": (40, 90, 220),
+    "yellow": (240, 210, 40),
+    "magenta": (200, 60, 200),
+    "cyan": (40, 200, 210),
+    "orange": (245, 130, 48),
+    "white": (240, 240, 240),
 }
 
 
@@ -69,7 +75,7 @@ def shape_image(index: int, resolution: int = 32, seed: int = 0) -> tuple[Image.
     img = Image.new("RGB", (S * k, S * k), bg)
     draw_shape(ImageDraw.Draw(img), CLASSES[cls], cx * k, cy * k, r * k, COLOURS[colour])
     img = img.resize((S, S), Image.Resampling.LANCZOS)
-    where = ("left" if cx < S / 3 else "right" if cx > 2 * S / 3 else "centre")
+    where = "left" if cx < S / 3 else "right" if cx > 2 * S / 3 else "centre"
     caption = f"a {colour} {CLASSES[cls]} on the {where}"
     return img, cls, caption
 
@@ -79,7 +85,9 @@ def shape_image(index: int, resolution: int = 32, seed: int = 0) -> tuple[Image.
 DIRECTIONS = ["right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right"]
 
 
-def moving_shapes_video(index: int, resolution: int = 32, frames: int = 8, seed: int = 0) -> tuple[np.ndarray, int, str]:
+def moving_shapes_video(
+    index: int, resolution: int = 32, frames: int = 8, seed: int = 0
+) -> tuple[np.ndarray, int, str]:
     """→ (frames (T, H, W, 3) uint8, class id = direction index, caption), a pure function of
     (seed, index)."""
     rng = np.random.default_rng([seed, 1, index])
@@ -99,7 +107,8 @@ def moving_shapes_video(index: int, resolution: int = 32, frames: int = 8, seed:
     for t in range(frames):
         a = t / max(frames - 1, 1)
         img = Image.new("RGB", (S * k, S * k), bg)
-        draw_shape(ImageDraw.Draw(img), shape, (cx0 + dx * travel * a) * k, (cy0 + dy * travel * a) * k, r * k,
-                   COLOURS[colour])
+        draw_shape(
+            ImageDraw.Draw(img), shape, (cx0 + dx * travel * a) * k, (cy0 + dy * travel * a) * k, r * k, COLOURS[colour]
+        )
         out[t] = np.asarray(img.resize((S, S), Image.Resampling.LANCZOS))
     return out, cls, f"a {colour} {shape} moving {DIRECTIONS[cls]}"

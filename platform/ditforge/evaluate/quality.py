@@ -70,10 +70,18 @@ class Classifier(nn.Module):
         self.body = nn.Sequential(  # small on purpose: it trains in seconds on a shared 2-core CPU
             # Images keep full resolution in the first layer (shape detail is the class); clips
             # halve it at once (motion is the class, and there are T times more pixels).
-            Conv(3, w, 3, stride=s if video else 1, padding=1), Norm(w), nn.SiLU(),
-            Conv(w, 2 * w, 3, stride=s, padding=1), Norm(2 * w), nn.SiLU(),
-            Conv(2 * w, 4 * w, 3, stride=s, padding=1), Norm(4 * w), nn.SiLU(),
-            Conv(4 * w, 4 * w, 3, stride=2, padding=1), Norm(4 * w), nn.SiLU(),
+            Conv(3, w, 3, stride=s if video else 1, padding=1),
+            Norm(w),
+            nn.SiLU(),
+            Conv(w, 2 * w, 3, stride=s, padding=1),
+            Norm(2 * w),
+            nn.SiLU(),
+            Conv(2 * w, 4 * w, 3, stride=s, padding=1),
+            Norm(4 * w),
+            nn.SiLU(),
+            Conv(4 * w, 4 * w, 3, stride=2, padding=1),
+            Norm(4 * w),
+            nn.SiLU(),
         )
         self.head = nn.Linear(4 * w, num_classes)
 
@@ -92,8 +100,9 @@ def _cache_dir() -> Path:
     return Path(home) / "cache" / "quality" if home else Path.home() / ".cache" / "ditforge" / "quality"
 
 
-def train_classifier(name: str, resolution: int, frames: int = 1, *, n: int | None = None, epochs: int = 6,
-                     cache: bool = True, log=print) -> Classifier:
+def train_classifier(
+    name: str, resolution: int, frames: int = 1, *, n: int | None = None, epochs: int = 6, cache: bool = True, log=print
+) -> Classifier:
     video = name == "moving-shapes"
     classes = synthetic.DIRECTIONS if video else synthetic.CLASSES
     n = n or (1200 if video else 2000)
@@ -114,7 +123,7 @@ def train_classifier(name: str, resolution: int, frames: int = 1, *, n: int | No
     for epoch in range(epochs):
         perm = torch.randperm(n)
         for b in range(n // bs):
-            idx = perm[b * bs: (b + 1) * bs]
+            idx = perm[b * bs : (b + 1) * bs]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,18 +165,28 @@ def classify(classifier: Classifier, pixels: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def score_features(classifier: Classifier, feats: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor,
-                   name: str, resolution: int, frames: int = 1) -> dict[str, float]:
+def score_features(
+    classifier: Classifier,
+    feats: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    name: str,
+    resolution: int,
+    frames: int = 1,
+) -> dict[str, float]:
     """Accuracy and FD of generated samples' (features, predictions) against as many real samples."""
     real, _ = real_pixels(name, range(len(feats)), resolution, frames, REFERENCE_SEED)
     real_feats = torch.cat([classifier.features(c) for c in real.split(128)])
-    return {"quality/class_accuracy": (preds == labels.cpu()).float().mean().item(),
-            "quality/fd": frechet_distance(feats, real_feats)}
+    return {
+        "quality/class_accuracy": (preds == labels.cpu()).float().mean().item(),
+        "quality/fd": frechet_distance(feats, real_feats),
+    }
 
 
 @torch.no_grad()
-def score(classifier: Classifier, pixels: torch.Tensor, labels: torch.Tensor, name: str, resolution: int,
-          frames: int = 1) -> dict[str, float]:
+def score(
+    classifier: Classifier, pixels: torch.Tensor, labels: torch.Tensor, name: str, resolution: int, frames: int = 1
+) -> dict[str, float]:
     """pixels (N, 3, [T,] H, W) in [-1, 1] generated for `labels` → accuracy and FD vs N real samples."""
     feats, preds = classify(classifier, pixels)
     return score_features(classifier, feats, preds, labels, name, resolution, frames)

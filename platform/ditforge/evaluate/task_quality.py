@@ -88,8 +88,21 @@ def generated_frames(pixels: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_tasks(model, objective, vae, task_names, latent_shape, resolution: int, frames: int, sample_spec,
-                k: int, clips: int, device, classifier=None, bf16: bool = False) -> tuple[dict, dict]:
+def score_tasks(
+    model,
+    objective,
+    vae,
+    task_names,
+    latent_shape,
+    resolution: int,
+    frames: int,
+    sample_spec,
+    k: int,
+    clips: int,
+    device,
+    classifier=None,
+    bf16: bool = False,
+) -> tuple[dict, dict]:
     """→ (metrics, examples): metrics as in the module doc; examples[task] = (generated, truth,
     pixel given-mask) for the first clips, for `task_gifs`."""
     truth, labels = quality.real_pixels("moving-shapes", range(clips), resolution, frames, quality.REFERENCE_SEED)
@@ -102,9 +115,19 @@ def score_tasks(model, objective, vae, task_names, latent_shape, resolution: int
     for task in [t for t in EVAL_TASKS if t in task_names]:
         given = eval_mask(task, grid, k)[None].expand(clips, *grid).clone()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = sample(objective, model, tuple(z_true.shape), {"y": y}, sampler=sample_spec.sampler,
-                       steps=sample_spec.steps, cfg_scale=1.0, seed=sample_spec.seed, device=device,
-                       given=given.to(device), x_given=z_true.to(device))
+            z = sample(
+                objective,
+                model,
+                tuple(z_true.shape),
+                {"y": y},
+                sampler=sample_spec.sampler,
+                steps=sample_spec.steps,
+                cfg_scale=1.0,
+                seed=sample_spec.seed,
+                device=device,
+                given=given.to(device),
+                x_given=z_true.to(device),
+            )
         gen = vae.decode(z.float().cpu())
         pm = pixel_mask(given, tuple(truth.shape[2:]))
         gen = torch.where(pm, truth, gen)  # given pixels are the condition itself
@@ -142,11 +165,13 @@ def task_gif(generated: torch.Tensor, truth: torch.Tensor, pmask: torch.Tensor, 
                     img[0, :], img[-1, :], img[:, 0], img[:, -1] = (0, 255, 0), (0, 255, 0), (0, 255, 0), (0, 255, 0)
                 elif given.any():  # the edge of the generated region
                     hole = ~given
-                    edge = hole & ~(np.roll(hole, 1, 0) & np.roll(hole, -1, 0) & np.roll(hole, 1, 1) & np.roll(hole, -1, 1))
+                    edge = hole & ~(
+                        np.roll(hole, 1, 0) & np.roll(hole, -1, 0) & np.roll(hole, 1, 1) & np.roll(hole, -1, 1)
+                    )
                     img[edge] = (255, 0, 0)
                 big = img.repeat(upscale, 0).repeat(upscale, 1)
                 y0, x0 = pad + n * (H * upscale + pad), pad + col * (W * upscale + pad)
-                canvas[y0: y0 + H * upscale, x0: x0 + W * upscale] = big
+                canvas[y0 : y0 + H * upscale, x0 : x0 + W * upscale] = big
         frames.append(Image.fromarray(canvas))
     frames[0].save(out, save_all=True, append_images=frames[1:], duration=200, loop=0)
     return out

@@ -96,8 +96,16 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        raise PretrainedError("--format diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'") from None
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+        raise PretrainedError(
+            "--format diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'"
+        ) from None
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     from ..models.convert import PretrainedError, diffusers_config, to_diffusers
 
@@ -106,25 +114,34 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
         model, cfg = load_model(folder, weights)
         shape = cfg["latent_shape"]
         if len(shape) != 3 or shape[1] != shape[2]:
-            raise PretrainedError(f"cannot export to diffusers: latent shape {tuple(shape)} (DiTTransformer2DModel "
-                                  "takes square image latents)")
+            raise PretrainedError(
+                f"cannot export to diffusers: latent shape {tuple(shape)} (DiTTransformer2DModel "
+                "takes square image latents)"
+            )
         obj = cfg.get("objective", {"kind": "rectified_flow"})
         if obj["kind"] == "ddpm":
             if obj.get("timesteps", 1000) != 1000:
-                raise PretrainedError(f"cannot export to diffusers: objective.timesteps {obj['timesteps']} (the model's "
-                                      "time input matches diffusers' integer timesteps only for 1000)")
-            scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                      beta_schedule="linear" if obj.get("schedule", "linear") == "linear" else "squaredcos_cap_v2",
-                                      prediction_type="epsilon" if obj.get("prediction", "eps") == "eps" else "v_prediction",
-                                      clip_sample=False)
+                raise PretrainedError(
+                    f"cannot export to diffusers: objective.timesteps {obj['timesteps']} (the model's "
+                    "time input matches diffusers' integer timesteps only for 1000)"
+                )
+            scheduler = DDIMScheduler(
+                num_train_timesteps=1000,
+                beta_start=1e-4,
+                beta_end=0.02,
+                beta_schedule="linear" if obj.get("schedule", "linear") == "linear" else "squaredcos_cap_v2",
+                prediction_type="epsilon" if obj.get("prediction", "eps") == "eps" else "v_prediction",
+                clip_sample=False,
+            )
         else:
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         transformer = DiTTransformer2DModel(**diffusers_config(model.cfg, shape[1]))
         transformer.load_state_dict(to_diffusers(model.state_dict(), model.cfg), strict=True)
         vae_spec, vae = cfg["vae"], None
         if vae_spec["kind"] == "diffusers":
-            vae = AutoencoderKL.from_pretrained(vae_spec["path"].removeprefix("file://"), local_files_only=True,
-                                                use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(
+                vae_spec["path"].removeprefix("file://"), local_files_only=True, use_safetensors=True
+            )
         classes = cfg.get("classes") or []
         id2label = {str(i): str(c) for i, c in enumerate(classes)} or None
         pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)

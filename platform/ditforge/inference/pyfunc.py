@@ -58,7 +58,9 @@ class DiTSampler(mlflow.pyfunc.PythonModel):
             raise ValueError(f"class: values must lie in 0..{n_cls - 1} (got {sorted(set(classes.tolist()))})")
         update = {k: v for k, v in (params or {}).items() if k in ("steps", "cfg_scale") and v is not None}
         out = []
-        for c, s in zip(classes.tolist(), seeds.tolist()):  # one row, one seed: a row's image never depends on the others
+        for c, s in zip(
+            classes.tolist(), seeds.tolist()
+        ):  # one row, one seed: a row's image never depends on the others
             spec = self.sample_spec.model_copy(update={**update, "seed": int(s)})
             z = generate(self.model, self.objective, self.latent_shape, torch.tensor([c]) if n_cls else None, spec)
             px = self.vae.decode(z[:1])[0]  # (3, [T,] H, W) in [-1, 1]
@@ -100,12 +102,23 @@ def save(folder: str | Path, out: str | Path) -> Path:
         signature = ModelSignature(
             inputs=Schema([ColSpec("long", "class"), ColSpec("long", "seed", required=False)]),
             outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape(cfg)))]),
-            params=ParamSchema([ParamSpec("steps", "long", int(sample["steps"])),
-                                ParamSpec("cfg_scale", "double", float(sample["cfg_scale"]))]))
+            params=ParamSchema(
+                [
+                    ParamSpec("steps", "long", int(sample["steps"])),
+                    ParamSpec("cfg_scale", "double", float(sample["cfg_scale"])),
+                ]
+            ),
+        )
         example = None
-        mlflow.pyfunc.save_model(str(out), python_model=DiTSampler(), artifacts=artifacts, signature=signature,
-                                 input_example=example, pip_requirements=_requirements(),
-                                 metadata={"ditforge.job": cfg.get("job"), "ditforge.step": cfg.get("step")})
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=DiTSampler(),
+            artifacts=artifacts,
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={"ditforge.job": cfg.get("job"), "ditforge.step": cfg.get("step")},
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -20,16 +20,26 @@ from ..objectives.samplers import sample
 
 
 @torch.no_grad()
-def generate(model, objective, latent_shape, y: torch.Tensor | None, sample_spec, device=torch.device("cpu"),
-             bf16: bool = False) -> torch.Tensor:
+def generate(
+    model, objective, latent_shape, y: torch.Tensor | None, sample_spec, device=torch.device("cpu"), bf16: bool = False
+) -> torch.Tensor:
     """Latents (N, *latent_shape) for classes `y` (None: `per_class` unconditional samples) with the
     spec's sampler, steps, CFG scale and seed; captions, if the model takes them, are the null one."""
     was_training = model.training
     model.eval()
     n = len(y) if y is not None else sample_spec.per_class
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        z = sample(objective or RectifiedFlow(), model, (n, *latent_shape), {"y": y}, sampler=sample_spec.sampler,
-                   steps=sample_spec.steps, cfg_scale=sample_spec.cfg_scale, seed=sample_spec.seed, device=device)
+        z = sample(
+            objective or RectifiedFlow(),
+            model,
+            (n, *latent_shape),
+            {"y": y},
+            sampler=sample_spec.sampler,
+            steps=sample_spec.steps,
+            cfg_scale=sample_spec.cfg_scale,
+            seed=sample_spec.seed,
+            device=device,
+        )
     model.train(was_training)
     return z.float()
 
@@ -58,8 +68,20 @@ def _chunk_seed(seed: int, k: int) -> int:
 
 
 @torch.no_grad()
-def generate_chunks(model, objective, latent_shape, y: torch.Tensor | None, n: int, sample_spec, device,
-                    bf16: bool, batch_size: int, decode=None, rank: int = 0, world: int = 1) -> list[tuple[int, object]]:
+def generate_chunks(
+    model,
+    objective,
+    latent_shape,
+    y: torch.Tensor | None,
+    n: int,
+    sample_spec,
+    device,
+    bf16: bool,
+    batch_size: int,
+    decode=None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[tuple[int, object]]:
     """This rank's share of `n` samples (labels `y`, or None): chunks k = rank, rank + world, …
     of `batch_size` each → [(k, decode(latents) or latents on the CPU)]."""
     out = []
@@ -83,8 +105,18 @@ def gather_chunks(mine: list, world: int) -> list | None:
 
 
 @torch.no_grad()
-def sample_grid(model, latent_shape, sample_spec, vae_spec, out: str, device=torch.device("cpu"),
-                bf16: bool = False, objective=None, rank: int = 0, world: int = 1) -> list[str]:
+def sample_grid(
+    model,
+    latent_shape,
+    sample_spec,
+    vae_spec,
+    out: str,
+    device=torch.device("cpu"),
+    bf16: bool = False,
+    objective=None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[str]:
     """Generate `per_class` samples for each grid class with CFG, decode, write one PNG to `out`
     (videos: every clip's frames side by side, plus an animated GIF beside it). Collective when
     world > 1: every rank generates its share; rank 0 writes the files. Returns the files written."""
@@ -94,8 +126,20 @@ def sample_grid(model, latent_shape, sample_spec, vae_spec, out: str, device=tor
     vae = _on_device(build_vae(vae_spec), device)
     # uint8 on the CPU: what travels to rank 0 is a quarter of the float pixels
     to_u8 = lambda z: ((vae.decode(z).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # noqa: E731
-    mine = generate_chunks(model, objective, latent_shape, y, n_cls * cols, sample_spec, device, bf16,
-                           sample_spec.batch_size, to_u8, rank, world)
+    mine = generate_chunks(
+        model,
+        objective,
+        latent_shape,
+        y,
+        n_cls * cols,
+        sample_spec,
+        device,
+        bf16,
+        sample_spec.batch_size,
+        to_u8,
+        rank,
+        world,
+    )
     chunks = gather_chunks(mine, world)
     if chunks is None:
         return []
@@ -116,7 +160,7 @@ def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int
     for i, img in enumerate(imgs[: rows * cols]):
         r, c = divmod(i, cols)
         big = img.repeat(upscale, 0).repeat(upscale, 1)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = big
+        grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = big
     Image.fromarray(grid).save(out)
     return out
 
@@ -126,7 +170,9 @@ def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int
 SAMPLE_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "complete")
 
 
-def task_plan(cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int | None) -> tuple[torch.Tensor, list[int]]:
+def task_plan(
+    cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int | None
+) -> tuple[torch.Tensor, list[int]]:
     """Check a `--task` request against the model (model.json) → (token given-mask (gt, gh, gw),
     the pixel frames the input clip fills). Raises SpecError / DataError with one line."""
     from ..data.shards import DataError
@@ -137,8 +183,9 @@ def task_plan(cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int
     if task not in SAMPLE_TASKS:
         raise SpecError("--task", task, f"unknown task (use one of {', '.join(SAMPLE_TASKS)})")
     if not vt:
-        raise SpecError("--task", task, f"model of job '{cfg.get('job')}' was not trained with video tasks "
-                                        "(train.video_tasks)")
+        raise SpecError(
+            "--task", task, f"model of job '{cfg.get('job')}' was not trained with video tasks (train.video_tasks)"
+        )
     vt = VideoTasksSpec(**vt)
     if task not in vt.trained():
         raise SpecError("--task", task, f"the model was not trained for it (trained: {', '.join(vt.trained())})")
@@ -154,8 +201,12 @@ def task_plan(cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int
         k = vt.k[1] * per_token
     if task in ("predict", "predict_backward", "interpolate"):
         if k % per_token or not vt.k[0] <= k // per_token <= vt.k[1]:
-            raise SpecError("--k", str(k), f"the model was trained with k in [{vt.k[0] * per_token}, "
-                                           f"{vt.k[1] * per_token}] frames, in steps of {per_token}")
+            raise SpecError(
+                "--k",
+                str(k),
+                f"the model was trained with k in [{vt.k[0] * per_token}, "
+                f"{vt.k[1] * per_token}] frames, in steps of {per_token}",
+            )
     if task == "complete":
         given = tasks.centre_box(gt, gh, gw)
         frames = list(range(T))
@@ -170,8 +221,9 @@ def task_plan(cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int
 
 
 @torch.no_grad()
-def sample_task(model, cfg: dict, objective, task: str, clip: np.ndarray, k: int | None, sample_spec,
-                device=torch.device("cpu")) -> np.ndarray:
+def sample_task(
+    model, cfg: dict, objective, task: str, clip: np.ndarray, k: int | None, sample_spec, device=torch.device("cpu")
+) -> np.ndarray:
     """Fill in what `task` leaves to generate around the given frames of `clip` (T or fewer frames,
     uint8 (n, H, W, 3)) → the whole clip (T, H, W, 3) uint8, given pixels at their places.
     Unconditional (the null class, no CFG): the given frames are the condition."""
@@ -190,9 +242,19 @@ def sample_task(model, cfg: dict, objective, task: str, clip: np.ndarray, k: int
     y = torch.full((1,), model.null_class, device=device) if model.cfg.num_classes else None
     was_training = model.training
     model.eval()
-    z = sample(objective, model, tuple(z_given.shape), {"y": y}, sampler=sample_spec.sampler, steps=sample_spec.steps,
-               cfg_scale=1.0, seed=sample_spec.seed, device=device, given=given[None].to(device),
-               x_given=z_given.to(device))
+    z = sample(
+        objective,
+        model,
+        tuple(z_given.shape),
+        {"y": y},
+        sampler=sample_spec.sampler,
+        steps=sample_spec.steps,
+        cfg_scale=1.0,
+        seed=sample_spec.seed,
+        device=device,
+        given=given[None].to(device),
+        x_given=z_given.to(device),
+    )
     model.train(was_training)
     out = vae.decode(z.float().cpu())
     pm = F.interpolate(given[None, None].float(), size=(T, H, W), mode="nearest") > 0.5

@@ -37,8 +37,12 @@ def flash_attn_installed() -> bool:
 
 
 def _cuda_ok(device: torch.device, dtype: torch.dtype, min_cc: tuple[int, int] = (8, 0)) -> bool:
-    return (device.type == "cuda" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device) >= min_cc and dtype in (torch.float16, torch.bfloat16))
+    return (
+        device.type == "cuda"
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability(device) >= min_cc
+        and dtype in (torch.float16, torch.bfloat16)
+    )
 
 
 def _sdpa_works(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -67,8 +71,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
         # Hopper: cuDNN's kernel beat SDPA's FlashAttention-2 at DiT-XL/2 shapes (0.47 vs 0.76 ms
         # forward+backward on an H200, `ditforge bench`); before Hopper flash is the safe first pick.
         hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient") if hopper else ("sdpa_flash", "sdpa_cudnn",
-                                                                                  "sdpa_efficient"):
+        for name in (
+            ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient") if hopper else ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+        ):
             if _sdpa_works(name, device, dtype, head_dim):
                 return name
         return "math"
@@ -76,7 +81,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float
         if not flash_attn_installed():
             raise ValueError("model.attention: flash_attn is not installed (pip install 'ditforge[flash]')")
         if not _cuda_ok(device, dtype):
-            raise ValueError(f"model.attention: flash_attn needs a CUDA sm80+ GPU and bf16/fp16 (got {device}, {dtype})")
+            raise ValueError(
+                f"model.attention: flash_attn needs a CUDA sm80+ GPU and bf16/fp16 (got {device}, {dtype})"
+            )
         return backend
     if not _sdpa_works(backend, device, dtype, head_dim):
         raise ValueError(f"model.attention: {backend} cannot run on {device} with {dtype} and head dim {head_dim}")

@@ -54,10 +54,21 @@ def _unsupported(cfg: DiTConfig) -> str | None:
 
 
 def diffusers_config(cfg: DiTConfig, sample_size: int) -> dict:
-    return dict(num_attention_heads=cfg.heads, attention_head_dim=cfg.hidden // cfg.heads, in_channels=cfg.in_channels,
-                out_channels=cfg.in_channels, num_layers=cfg.depth, sample_size=sample_size, patch_size=cfg.patch,
-                activation_fn="gelu-approximate", num_embeds_ada_norm=DIFFUSERS_NULL_CLASS, norm_type="ada_norm_zero",
-                norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True)
+    return dict(
+        num_attention_heads=cfg.heads,
+        attention_head_dim=cfg.hidden // cfg.heads,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        sample_size=sample_size,
+        patch_size=cfg.patch,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=DIFFUSERS_NULL_CLASS,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        attention_bias=True,
+    )
 
 
 def to_diffusers(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
@@ -69,10 +80,14 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch
     y = sd["y_embed.weight"]  # (num_classes + 1, D), the null class last
     table = y[-1:].repeat(DIFFUSERS_NULL_CLASS + 1, 1)  # unused ids answer with the null class
     table[: cfg.num_classes] = y[: cfg.num_classes]
-    out = {"pos_embed.proj.weight": sd["patch_embed.weight"].reshape(D, C, p, p),
-           "pos_embed.proj.bias": sd["patch_embed.bias"],
-           "proj_out_1.weight": sd["final.ada.1.weight"], "proj_out_1.bias": sd["final.ada.1.bias"],
-           "proj_out_2.weight": sd["final.linear.weight"], "proj_out_2.bias": sd["final.linear.bias"]}
+    out = {
+        "pos_embed.proj.weight": sd["patch_embed.weight"].reshape(D, C, p, p),
+        "pos_embed.proj.bias": sd["patch_embed.bias"],
+        "proj_out_1.weight": sd["final.ada.1.weight"],
+        "proj_out_1.bias": sd["final.ada.1.bias"],
+        "proj_out_2.weight": sd["final.linear.weight"],
+        "proj_out_2.bias": sd["final.linear.bias"],
+    }
     for i in range(cfg.depth):
         b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
         emb = d + "norm1.emb."
@@ -93,19 +108,28 @@ def to_diffusers(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch
 def from_diffusers(sd: dict[str, torch.Tensor], config: dict, num_classes: int, where: str) -> dict[str, torch.Tensor]:
     """DiTTransformer2DModel state dict → ditforge layout (shapes are checked by `load_into`)."""
     if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        raise PretrainedError(f"{where}: norm_type {config.get('norm_type')!r}: only ada_norm_zero DiTs map to ditforge")
+        raise PretrainedError(
+            f"{where}: norm_type {config.get('norm_type')!r}: only ada_norm_zero DiTs map to ditforge"
+        )
     depth = config["num_layers"]
     w = sd["pos_embed.proj.weight"]  # (D, C, p, p)
-    out = {"patch_embed.weight": w.reshape(w.shape[0], -1), "patch_embed.bias": sd["pos_embed.proj.bias"],
-           "final.ada.1.weight": sd["proj_out_1.weight"], "final.ada.1.bias": sd["proj_out_1.bias"],
-           "final.linear.weight": sd["proj_out_2.weight"], "final.linear.bias": sd["proj_out_2.bias"]}
+    out = {
+        "patch_embed.weight": w.reshape(w.shape[0], -1),
+        "patch_embed.bias": sd["pos_embed.proj.bias"],
+        "final.ada.1.weight": sd["proj_out_1.weight"],
+        "final.ada.1.bias": sd["proj_out_1.bias"],
+        "final.linear.weight": sd["proj_out_2.weight"],
+        "final.linear.bias": sd["proj_out_2.bias"],
+    }
     emb0 = "transformer_blocks.0.norm1.emb."
     for i in range(1, depth):  # ditforge shares one embedder; diffusers keeps a copy per block
         for k in [k for k in sd if k.startswith(emb0)]:
             other = k.replace("transformer_blocks.0.", f"transformer_blocks.{i}.", 1)
             if other in sd and not torch.equal(sd[k], sd[other]):
-                raise PretrainedError(f"{where}: {other} differs from block 0's copy (ditforge shares one timestep/class "
-                                      "embedder across blocks, as DiT does)")
+                raise PretrainedError(
+                    f"{where}: {other} differs from block 0's copy (ditforge shares one timestep/class "
+                    "embedder across blocks, as DiT does)"
+                )
     for j, lin in ((0, "linear_1"), (2, "linear_2")):
         for x in ("weight", "bias"):
             out[f"t_embed.mlp.{j}.{x}"] = sd[f"{emb0}timestep_embedder.{lin}.{x}"]
@@ -113,10 +137,14 @@ def from_diffusers(sd: dict[str, torch.Tensor], config: dict, num_classes: int, 
     table = sd[key]
     n = config.get("num_embeds_ada_norm") or table.shape[0] - 1
     if table.shape[0] != n + 1 or num_classes > n:
-        raise PretrainedError(f"{where}: {key} has shape {tuple(table.shape)}; the spec's model.num_classes "
-                              f"{num_classes} needs at least {num_classes + 1} rows with the null class last")
+        raise PretrainedError(
+            f"{where}: {key} has shape {tuple(table.shape)}; the spec's model.num_classes "
+            f"{num_classes} needs at least {num_classes + 1} rows with the null class last"
+        )
     if num_classes < n and not torch.equal(table[num_classes:n], table[n:].expand(n - num_classes, -1)):
-        raise PretrainedError(f"{where}: {key} holds {n} trained classes; the spec's model.num_classes is {num_classes}")
+        raise PretrainedError(
+            f"{where}: {key} holds {n} trained classes; the spec's model.num_classes is {num_classes}"
+        )
     out["y_embed.weight"] = torch.cat([table[:num_classes], table[n:]])
     for i in range(depth):
         b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
@@ -138,8 +166,10 @@ def read_diffusers_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     cfg_file = path / "config.json"
     weights = sorted(path.glob("*.safetensors"))
     if not cfg_file.exists() or not weights:
-        raise PretrainedError(f"{path}: not a diffusers model folder (needs config.json and *.safetensors; "
-                              ".bin weights are refused: they are pickles)")
+        raise PretrainedError(
+            f"{path}: not a diffusers model folder (needs config.json and *.safetensors; "
+            ".bin weights are refused: they are pickles)"
+        )
     config = json.loads(cfg_file.read_text())
     sd: dict[str, torch.Tensor] = {}
     for f in weights:  # safetensors: reading weights never runs code
@@ -152,8 +182,12 @@ def read_diffusers_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def from_dit(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """facebookresearch/DiT `models.py` state dict → ditforge layout."""
-    rename = {"t_embedder.mlp.": "t_embed.mlp.", "y_embedder.embedding_table.": "y_embed.",
-              "final_layer.adaLN_modulation.": "final.ada.", "final_layer.linear.": "final.linear."}
+    rename = {
+        "t_embedder.mlp.": "t_embed.mlp.",
+        "y_embedder.embedding_table.": "y_embed.",
+        "final_layer.adaLN_modulation.": "final.ada.",
+        "final_layer.linear.": "final.linear.",
+    }
     out = {}
     for k, v in sd.items():
         if k == "pos_embed":  # fixed sin-cos table (a frozen parameter there): computed here
@@ -163,11 +197,15 @@ def from_dit(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]
             continue
         for a, b in rename.items():
             if k.startswith(a):
-                out[b + k[len(a):]] = v
+                out[b + k[len(a) :]] = v
                 break
         else:
             if k.startswith("blocks."):
-                k = k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2.").replace(".adaLN_modulation.", ".ada.")
+                k = (
+                    k.replace(".mlp.fc1.", ".mlp.0.")
+                    .replace(".mlp.fc2.", ".mlp.2.")
+                    .replace(".adaLN_modulation.", ".ada.")
+                )
             out[k] = v
     # learn_sigma=True (every released DiT): the output has [ε, Σ] channels per patch pixel; keep ε.
     w, lin = out.get("patch_embed.weight"), out.get("final.linear.weight")
@@ -185,9 +223,11 @@ def read_dit_pt(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
     except Exception as e:
-        raise PretrainedError(f"{path}: cannot be read with torch.load(weights_only=True) "
-                              f"({' '.join(str(e).split())[:200]}); save the state dict alone, e.g. "
-                              "torch.save(ckpt['ema'], 'dit.pt')") from None
+        raise PretrainedError(
+            f"{path}: cannot be read with torch.load(weights_only=True) "
+            f"({' '.join(str(e).split())[:200]}); save the state dict alone, e.g. "
+            "torch.save(ckpt['ema'], 'dit.pt')"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):  # a DiT train.py checkpoint
         obj = obj["ema"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -218,7 +258,9 @@ def check_shapes(model: DiT, sd: dict[str, torch.Tensor], where: str) -> None:
         if k not in sd:
             raise PretrainedError(f"{where}: no tensor for {k} {tuple(v.shape)} (the spec's model has it)")
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise PretrainedError(f"{where}: {k} has shape {tuple(sd[k].shape)}, the spec's model expects {tuple(v.shape)}")
+            raise PretrainedError(
+                f"{where}: {k} has shape {tuple(sd[k].shape)}, the spec's model expects {tuple(v.shape)}"
+            )
     extra = sorted(set(sd) - set(own))
     if extra:
         raise PretrainedError(f"{where}: {extra[0]} {tuple(sd[extra[0]].shape)} has no place in the spec's model")

@@ -65,7 +65,9 @@ class DiTConfig:
     # gives new models the facebookresearch/DiT position layout and diffusers' frequency shift,
     # so a trained model exports to diffusers exactly.
     t_freq_shift: int = 0  # timestep frequencies exp(-ln(1e4)·i/(half - shift)): DiT 0, diffusers 1
-    pos_layout: str = "ditforge"  # sincos channel order: ditforge (sin y, sin x, cos y, cos x) | dit (sin x, cos x, sin y, cos y)
+    pos_layout: str = (
+        "ditforge"  # sincos channel order: ditforge (sin y, sin x, cos y, cos x) | dit (sin x, cos x, sin y, cos y)
+    )
 
     @property
     def hidden(self) -> int:
@@ -103,7 +105,7 @@ def sincos_2d(h: int, w: int, dim: int, device=None, layout: str = "ditforge") -
     a, b = sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)
     if layout == "dit":
         return torch.cat([b, a], dim=1)
-    return torch.cat([a[:, : dim // 4], b[:, : dim // 4], a[:, dim // 4:], b[:, dim // 4:]], dim=1)
+    return torch.cat([a[:, : dim // 4], b[:, : dim // 4], a[:, dim // 4 :], b[:, dim // 4 :]], dim=1)
 
 
 def rope_dims(head_dim: int) -> tuple[int, int, int]:
@@ -144,7 +146,9 @@ class TimestepEmbedder(nn.Module):
         # t in [0, 1] (flow time, or DDPM step / num_steps); ×1000 so frequencies match DiT's embedding.
         half = self.freq_dim // 2
         # freq_shift 1: diffusers' `Timesteps(downscale_freq_shift=1)`, which its DiT uses.
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - self.freq_shift))
+        freqs = torch.exp(
+            -math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - self.freq_shift)
+        )
         args = (t.float() * 1000)[:, None] * freqs[None]
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
@@ -233,8 +237,14 @@ class Block(nn.Module):
         self.n_mod = 9 if factorised else 6
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, self.n_mod * hidden))  # fused adaLN modulation
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int], angles: torch.Tensor | None,
-                ctx: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        grid: tuple[int, int],
+        angles: torch.Tensor | None,
+        ctx: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x (B, N, D), c (B, D), grid (gt, S) with N = gt·S, angles (B|1, gt, S, Dh/2), ctx (B, L, D)."""
         B, N, D = x.shape
         gt, S = grid
@@ -295,7 +305,9 @@ class DiT(nn.Module):
             self.given_embed = nn.Parameter(torch.zeros(1, 1, D))
         factorised = cfg.video_attention == "factorised"
         cross = cfg.text != "none"
-        self.mixer = nn.ModuleList(Block(D, cfg.heads, cfg.attention, factorised, cross) for _ in range(cfg.mixer_depth))
+        self.mixer = nn.ModuleList(
+            Block(D, cfg.heads, cfg.attention, factorised, cross) for _ in range(cfg.mixer_depth)
+        )
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attention, factorised, cross) for _ in range(cfg.depth))
         self.final = FinalLayer(D, pt * p * p * C)
         self._init_weights()
@@ -308,7 +320,7 @@ class DiT(nn.Module):
         if w is not None and w.dim() == 4:  # (D, C, p, p) → (D, C·p·p), the same feature order
             state_dict[prefix + "patch_embed.weight"] = w.reshape(w.shape[0], -1)
         for key in [k for k in state_dict if k.startswith(prefix + "blocks.")]:
-            parts = key[len(prefix):].split(".")  # blocks, i, qkv|proj, weight|bias
+            parts = key[len(prefix) :].split(".")  # blocks, i, qkv|proj, weight|bias
             if len(parts) == 4 and parts[2] in ("qkv", "proj"):
                 state_dict[prefix + ".".join([parts[0], parts[1], "attn", parts[2], parts[3]])] = state_dict.pop(key)
 
@@ -360,9 +372,17 @@ class DiT(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None, mask_ratio: float = 0.0, gen: torch.Generator | None = None,
-                given: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+        mask_ratio: float = 0.0,
+        gen: torch.Generator | None = None,
+        given: torch.Tensor | None = None,
+    ):
         """x (B, C, H, W) image or (B, C, T, H, W) video latents; t (B,) in [0, 1]; y (B,) class ids
         (null_class = unconditional); text: (B, L) byte tokens (`text: own`) or (B, L, text_dim)
         embeddings (`text: external`); drop (B,) bool: replace this sample's class and caption by
@@ -407,19 +427,29 @@ class DiT(nn.Module):
         if mask_ratio > 0:
             # Tube masking: the same spatial positions are dropped in every frame. (B, S_keep)
             n_keep = max(1, int(round(S * (1 - mask_ratio))))
-            noise = torch.rand(B, S, generator=gen, device=gen.device).to(x.device) if gen is not None else torch.rand(B, S, device=x.device)
+            noise = (
+                torch.rand(B, S, generator=gen, device=gen.device).to(x.device)
+                if gen is not None
+                else torch.rand(B, S, device=x.device)
+            )
             keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
             idx = keep[:, None, :, None].expand(B, gt, n_keep, D)
             h = h.view(B, gt, S, D).gather(2, idx).reshape(B, gt * n_keep, D)
             if angles is not None:
-                angles = angles.expand(B, -1, -1, -1).gather(2, keep[:, None, :, None].expand(B, gt, n_keep, angles.shape[-1]))
+                angles = angles.expand(B, -1, -1, -1).gather(
+                    2, keep[:, None, :, None].expand(B, gt, n_keep, angles.shape[-1])
+                )
             grid = (gt, n_keep)
         for blk in self.blocks:
             h = self._run(blk, h, c, grid, angles, ctx)
         out = self.final(h, c)  # (B, N_kept, pt·p·p·C)
         if keep is not None:
             full = out.new_zeros(B, gt, S, out.shape[-1])
-            full.scatter_(2, keep[:, None, :, None].expand(B, gt, keep.shape[1], out.shape[-1]), out.view(B, gt, -1, out.shape[-1]))
+            full.scatter_(
+                2,
+                keep[:, None, :, None].expand(B, gt, keep.shape[1], out.shape[-1]),
+                out.view(B, gt, -1, out.shape[-1]),
+            )
             out = full.view(B, gt * S, -1)
         out = self._unpatchify(out, (B, C, T, H, W), pt)
         out = out if video else out.squeeze(2)
@@ -452,13 +482,24 @@ def dit_config(mspec, in_channels: int, text_dim: int = 0, given_tokens: bool = 
     to diffusers exactly); a model initialised from a facebookresearch/DiT `.pt` keeps that
     checkpoint's shift 0, so it computes what the original computes."""
     init_from = getattr(mspec, "init_from", None) or ""
-    return DiTConfig(t_freq_shift=0 if init_from.endswith(".pt") else 1, pos_layout="dit",
-                     in_channels=in_channels, size=mspec.size, patch=mspec.patch, patch_t=mspec.patch_t,
-                     num_classes=mspec.num_classes, attention=mspec.attention, grad_checkpointing=mspec.grad_checkpointing,
-                     video_attention=mspec.video_attention, pos_embed=mspec.pos_embed,
-                     text={"none": "none", "own": "own", "transformers": "external"}[mspec.text],
-                     text_dim=text_dim, text_len=mspec.text_len, mixer_depth=mspec.mixer_depth,
-                     given_tokens=given_tokens)
+    return DiTConfig(
+        t_freq_shift=0 if init_from.endswith(".pt") else 1,
+        pos_layout="dit",
+        in_channels=in_channels,
+        size=mspec.size,
+        patch=mspec.patch,
+        patch_t=mspec.patch_t,
+        num_classes=mspec.num_classes,
+        attention=mspec.attention,
+        grad_checkpointing=mspec.grad_checkpointing,
+        video_attention=mspec.video_attention,
+        pos_embed=mspec.pos_embed,
+        text={"none": "none", "own": "own", "transformers": "external"}[mspec.text],
+        text_dim=text_dim,
+        text_len=mspec.text_len,
+        mixer_depth=mspec.mixer_depth,
+        given_tokens=given_tokens,
+    )
 
 
 def param_count(model: nn.Module) -> int:

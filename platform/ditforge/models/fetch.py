@@ -47,7 +47,9 @@ def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = Non
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(local), tracking_uri=tracking_uri)
         except Exception as e:
-            raise FetchError("model", f"cannot fetch from MLflow at {tracking_uri} ({str(e).splitlines()[0]})") from None
+            raise FetchError(
+                "model", f"cannot fetch from MLflow at {tracking_uri} ({str(e).splitlines()[0]})"
+            ) from None
         found = list(local.rglob("model.json"))
         if not found:
             raise FetchError("model", "no model.json in it (not a ditforge export)")

@@ -60,9 +60,13 @@ def vae_info(spec) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             net(x)
-    return {"model": f"KLAutoencoder{'3D (causal)' if video else ''}", "params": param_count(net),
-            "params_m": round(param_count(net) / 1e6, 2), "gflops_per_sample": round(counter.get_total_flops() / 1e9, 3),
-            "latent_shape": list(latent_shape(spec))}
+    return {
+        "model": f"KLAutoencoder{'3D (causal)' if video else ''}",
+        "params": param_count(net),
+        "params_m": round(param_count(net) / 1e6, 2),
+        "gflops_per_sample": round(counter.get_total_flops() / 1e9, 3),
+        "latent_shape": list(latent_shape(spec)),
+    }
 
 
 def model_info(spec) -> dict:
@@ -74,11 +78,19 @@ def model_info(spec) -> dict:
         params = param_count(DiT(cfg))
     video = len(shape) == 4
     tokens = (shape[1] // cfg.patch_t if video else 1) * (shape[-2] // cfg.patch) * (shape[-1] // cfg.patch)
-    out = {"model": f"DiT-{cfg.size}/{cfg.patch}" + (f"x{cfg.patch_t}" if video and cfg.patch_t > 1 else ""),
-           "params": params, "params_m": round(params / 1e6, 2),
-           "gflops_per_sample": round(forward_flops(cfg, shape) / 1e9, 3),
-           "latent_shape": list(shape), "tokens": tokens, "hidden": cfg.hidden, "depth": cfg.depth, "heads": cfg.heads,
-           "video_attention": cfg.video_attention if video else None, "objective": spec.objective.kind}
+    out = {
+        "model": f"DiT-{cfg.size}/{cfg.patch}" + (f"x{cfg.patch_t}" if video and cfg.patch_t > 1 else ""),
+        "params": params,
+        "params_m": round(params / 1e6, 2),
+        "gflops_per_sample": round(forward_flops(cfg, shape) / 1e9, 3),
+        "latent_shape": list(shape),
+        "tokens": tokens,
+        "hidden": cfg.hidden,
+        "depth": cfg.depth,
+        "heads": cfg.heads,
+        "video_attention": cfg.video_attention if video else None,
+        "objective": spec.objective.kind,
+    }
     if spec.train.mask_ratio > 0:
         out["gflops_per_sample_masked"] = round(forward_flops(cfg, shape, spec.train.mask_ratio) / 1e9, 3)
     return out

@@ -31,10 +31,10 @@ def frame_mask(task: str, gt: int, k: int = 1) -> torch.Tensor:
     if task == "predict":
         m[:k] = True
     elif task == "predict_backward":
-        m[gt - k:] = True
+        m[gt - k :] = True
     elif task == "interpolate":
         m[:k] = True
-        m[gt - k:] = True
+        m[gt - k :] = True
     elif task == "image_to_video":
         m[0] = True
     elif task != "generate":
@@ -46,7 +46,7 @@ def centre_box(gt: int, gh: int, gw: int) -> torch.Tensor:
     """(gt, gh, gw) bool: `complete` at sampling time by default: everything given except a
     centred box of half the height and width, in every frame."""
     m = torch.ones(gt, gh, gw, dtype=torch.bool)
-    m[:, gh // 4: gh // 4 + max(1, gh // 2), gw // 4: gw // 4 + max(1, gw // 2)] = False
+    m[:, gh // 4 : gh // 4 + max(1, gh // 2), gw // 4 : gw // 4 + max(1, gw // 2)] = False
     return m
 
 
@@ -75,15 +75,24 @@ def draw_one(task: str, grid: tuple[int, int, int], k_range: tuple[int, int], ge
         m = torch.ones(gt, gh, gw, dtype=torch.bool)
         for _ in range(_randint(1, 2, gen)):
             t0, t1 = sorted((_randint(0, gt - 1, gen), _randint(0, gt - 1, gen)))
-            h, w = _randint(max(1, gh // 4), max(1, 3 * gh // 4), gen), _randint(max(1, gw // 4), max(1, 3 * gw // 4), gen)
+            h, w = (
+                _randint(max(1, gh // 4), max(1, 3 * gh // 4), gen),
+                _randint(max(1, gw // 4), max(1, 3 * gw // 4), gen),
+            )
             y, x = _randint(0, gh - h, gen), _randint(0, gw - w, gen)
-            m[t0: t1 + 1, y: y + h, x: x + w] = False
+            m[t0 : t1 + 1, y : y + h, x : x + w] = False
         return m
     raise ValueError(f"unknown video task {task!r} (known: {', '.join(TASKS)})")
 
 
-def draw(weights: dict[str, float], k_range: tuple[int, int], batch: int, grid: tuple[int, int, int],
-         gen: torch.Generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(
+    weights: dict[str, float],
+    k_range: tuple[int, int],
+    batch: int,
+    grid: tuple[int, int, int],
+    gen: torch.Generator,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's masks: each sample draws its task from `weights` (probabilities over TASKS),
     then its mask. → (given (B, gt, gh, gw) bool on `device`, task index into TASKS (B,))."""
     names = [t for t in TASKS if weights.get(t, 0) > 0]
@@ -97,4 +106,3 @@ def token_grid(latent_shape: tuple[int, ...], patch: int, patch_t: int) -> tuple
     """(C, T, h, w) latents → the (gt, gh, gw) token grid the DiT cuts them into."""
     C, T, h, w = latent_shape
     return T // patch_t, h // patch, w // patch
-

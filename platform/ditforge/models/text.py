@@ -19,7 +19,7 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)  # never a pickle
         # Encoder-decoder checkpoints (T5): only the encoder reads captions.
-        self.model = (model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model)
+        self.model = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else model
         self.model = self.model.to(device, dtype).eval().requires_grad_(False)
         self.max_length, self.device = max_length, device
         self.dim = int(getattr(model.config, "d_model", None) or model.config.hidden_size)
@@ -28,6 +28,7 @@ class TextEncoder:
     def encode(self, captions: list[str]) -> torch.Tensor:
         """captions → (B, max_length, dim). Padded to a fixed length and used unmasked, as SD3 does
         with T5, so every batch has one shape and the attention kernels need no mask."""
-        tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        tok = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         return self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 class IdentityVAE:
     temporal = True  # takes whole clips (data/encode.py asks)
+
     def __init__(self, downsample: int = 2, scale: float = 1.0, shift: float = 0.0):
         self.f, self.scale, self.shift = downsample, scale, shift
         self.temporal_downsample = 1
@@ -100,8 +101,14 @@ def _conv(video: bool, cin: int, cout: int, k: int = 3, stride=1) -> nn.Module:
 class ResBlock(nn.Module):
     def __init__(self, video: bool, cin: int, cout: int):
         super().__init__()
-        self.block = nn.Sequential(_norm(video, cin), nn.SiLU(), _conv(video, cin, cout),
-                                   _norm(video, cout), nn.SiLU(), _conv(video, cout, cout))
+        self.block = nn.Sequential(
+            _norm(video, cin),
+            nn.SiLU(),
+            _conv(video, cin, cout),
+            _norm(video, cout),
+            nn.SiLU(),
+            _conv(video, cout, cout),
+        )
         self.skip = nn.Identity() if cin == cout else _conv(video, cin, cout, k=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,11 +130,24 @@ class KLAutoencoder(nn.Module):
     """Encoder: conv → [ResBlock, stride-2 conv] × log2(downsample) → ResBlock → (mean, logvar).
     Decoder mirrors it with nearest upsampling. Widths: base · (1, 2, 4, 4, ...)."""
 
-    def __init__(self, latent_channels: int = 4, base: int = 32, downsample: int = 4, temporal_downsample: int = 1,
-                 video: bool = False, in_channels: int = 3):
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        base: int = 32,
+        downsample: int = 4,
+        temporal_downsample: int = 1,
+        video: bool = False,
+        in_channels: int = 3,
+    ):
         super().__init__()
-        self.config = dict(latent_channels=latent_channels, base=base, downsample=downsample,
-                           temporal_downsample=temporal_downsample, video=video, in_channels=in_channels)
+        self.config = dict(
+            latent_channels=latent_channels,
+            base=base,
+            downsample=downsample,
+            temporal_downsample=temporal_downsample,
+            video=video,
+            in_channels=in_channels,
+        )
         levels, t_levels = int(math.log2(downsample)), int(math.log2(temporal_downsample))
         assert 2**levels == downsample and 2**t_levels == temporal_downsample, "downsample factors must be powers of 2"
         widths = [base * min(2**i, 4) for i in range(levels + 1)]
@@ -135,8 +155,12 @@ class KLAutoencoder(nn.Module):
         for i in range(levels):
             stride = (2 if i < t_levels else 1, 2, 2) if video else 2
             enc += [ResBlock(video, widths[i], widths[i]), _conv(video, widths[i], widths[i + 1], stride=stride)]
-        enc += [ResBlock(video, widths[-1], widths[-1]), _norm(video, widths[-1]), nn.SiLU(),
-                _conv(video, widths[-1], 2 * latent_channels)]
+        enc += [
+            ResBlock(video, widths[-1], widths[-1]),
+            _norm(video, widths[-1]),
+            nn.SiLU(),
+            _conv(video, widths[-1], 2 * latent_channels),
+        ]
         self.encoder = nn.Sequential(*enc)
         dec: list[nn.Module] = [_conv(video, latent_channels, widths[-1]), ResBlock(video, widths[-1], widths[-1])]
         for i in reversed(range(levels)):
@@ -241,7 +265,9 @@ class DiffusersVAE:
         try:
             from diffusers import AutoencoderKL
         except ImportError:
-            raise ImportError("vae.kind: diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'") from None
+            raise ImportError(
+                "vae.kind: diffusers needs the diffusers extra: pip install 'ditforge[diffusers]'"
+            ) from None
         path = path.removeprefix("file://")
         # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
         self.net = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()

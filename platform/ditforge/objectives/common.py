@@ -13,13 +13,22 @@ def cfg_drop(cond: dict, cfg_dropout: float, B: int, gen: torch.Generator, devic
     return (torch.rand(B, generator=gen, device=gen.device) < cfg_dropout).to(device)
 
 
-def call_model(model, xt: torch.Tensor, t: torch.Tensor, cond: dict, drop, mask_ratio: float, gen,
-               given: torch.Tensor | None = None):
+def call_model(
+    model,
+    xt: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict,
+    drop,
+    mask_ratio: float,
+    gen,
+    given: torch.Tensor | None = None,
+):
     """→ (prediction, keep mask or None). Masking is the model's business; the loss only needs to
     know which latent positions were seen."""
     extra = {"given": given} if given is not None else {}
-    out = model(xt, t, **{k: v for k, v in cond.items() if v is not None}, drop=drop, mask_ratio=mask_ratio, gen=gen,
-                **extra)
+    out = model(
+        xt, t, **{k: v for k, v in cond.items() if v is not None}, drop=drop, mask_ratio=mask_ratio, gen=gen, **extra
+    )
     return out if mask_ratio > 0 else (out, None)
 
 
@@ -44,8 +53,9 @@ def keep_generated(keep: torch.Tensor | None, g: torch.Tensor | None) -> torch.T
     return gen if keep is None else keep.float() * gen
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                 keep: torch.Tensor | None) -> torch.Tensor:
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, keep: torch.Tensor | None
+) -> torch.Tensor:
     """Per-sample mean squared error over the kept positions, times a per-sample weight, averaged."""
     err = (pred.float() - target.float()) ** 2
     if keep is None:

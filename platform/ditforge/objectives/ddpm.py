@@ -32,8 +32,16 @@ def alphas_cumprod(schedule: str, steps: int) -> torch.Tensor:
 class DDPM:
     kind = "ddpm"
 
-    def __init__(self, prediction: str = "eps", schedule: str = "linear", steps: int = 1000, cfg_dropout: float = 0.1,
-                 *, weighting: str = "none", snr_gamma: float = 5.0):
+    def __init__(
+        self,
+        prediction: str = "eps",
+        schedule: str = "linear",
+        steps: int = 1000,
+        cfg_dropout: float = 0.1,
+        *,
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+    ):
         self.prediction, self.schedule, self.steps, self.cfg_dropout = prediction, schedule, steps, cfg_dropout
         self.weighting, self.snr_gamma = weighting, snr_gamma
         self.ab = alphas_cumprod(schedule, steps)  # (steps,) float64
@@ -51,8 +59,15 @@ class DDPM:
         w = snr.clamp(max=self.snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
         return w.float().to(idx.device)
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
-             given: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        cond: dict,
+        gen: torch.Generator,
+        mask_ratio: float = 0.0,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B = x0.shape[0]
         idx = torch.randint(0, self.steps, (B,), generator=gen, device=gen.device)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device, x0.dtype)
@@ -64,8 +79,9 @@ class DDPM:
             xt = torch.where(g, x0, xt)
         out, keep = call_model(model, xt, (idx.float() / self.steps).to(x0.device), cond, drop, mask_ratio, gen, given)
         target = noise if self.prediction == "eps" else a * noise - s * x0
-        return weighted_mse(out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None,
-                            keep_generated(keep, g))
+        return weighted_mse(
+            out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None, keep_generated(keep, g)
+        )
 
     def x0_eps(self, out: torch.Tensor, xt: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output at step idx → (x0, ε) estimates."""

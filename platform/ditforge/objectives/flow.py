@@ -21,9 +21,18 @@ from .common import call_model, cfg_drop, given_latents, keep_generated, weighte
 class RectifiedFlow:
     kind = "rectified_flow"
 
-    def __init__(self, t_sampling: str = "logit_normal", cfg_dropout: float = 0.1, null_class: int | None = None, *,
-                 logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "none", snr_gamma: float = 5.0):
+    def __init__(
+        self,
+        t_sampling: str = "logit_normal",
+        cfg_dropout: float = 0.1,
+        null_class: int | None = None,
+        *,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        weighting: str = "none",
+        snr_gamma: float = 5.0,
+    ):
         # null_class: unused (the model swaps in its own null class); kept for the skeleton's callers.
         self.t_sampling, self.cfg_dropout = t_sampling, cfg_dropout
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
@@ -46,8 +55,15 @@ class RectifiedFlow:
         snr = ((1 - t) / t) ** 2
         return snr.clamp(max=self.snr_gamma) * t**2
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, gen: torch.Generator, mask_ratio: float = 0.0,
-             given: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        cond: dict,
+        gen: torch.Generator,
+        mask_ratio: float = 0.0,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x0 (B, C, [T,] H, W) latents; cond {"y": (B,), "text": ...}. `gen` makes every draw reproducible."""
         B = x0.shape[0]
         t = self.sample_t(B, gen, x0.device)

@@ -20,8 +20,9 @@ from .common import given_latents
 SAMPLERS = {"rectified_flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
 
 
-def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float,
-           given: torch.Tensor | None = None) -> torch.Tensor:
+def guided(
+    model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float, given: torch.Tensor | None = None
+) -> torch.Tensor:
     """out_u + s·(out_c - out_u), both branches in one batch of 2B; plain conditional if s == 1.
     `given` goes to both branches: the unconditional one drops the class / caption only."""
     cond = {k: v for k, v in cond.items() if v is not None}
@@ -38,9 +39,20 @@ def guided(model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float
 
 
 @torch.no_grad()
-def sample(objective, model, shape: tuple, cond: dict, *, sampler: str = "auto", steps: int = 25,
-           cfg_scale: float = 1.0, seed: int = 0, device="cpu", given: torch.Tensor | None = None,
-           x_given: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    objective,
+    model,
+    shape: tuple,
+    cond: dict,
+    *,
+    sampler: str = "auto",
+    steps: int = 25,
+    cfg_scale: float = 1.0,
+    seed: int = 0,
+    device="cpu",
+    given: torch.Tensor | None = None,
+    x_given: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Noise → latents of `shape` (B, C, [T,] H, W); with `given` (B, gt, gh, gw) bool, the given
     tokens are x_given's (B, C, [T,] H, W) clean latents throughout, and in the result."""
     kinds = SAMPLERS[objective.kind]
@@ -52,18 +64,38 @@ def sample(objective, model, shape: tuple, cond: dict, *, sampler: str = "auto",
     g = given_latents(given, x)
     if g is not None:
         given, x_given = given.to(device), x_given.to(device, x.dtype)
-    clamp = (lambda x: x) if g is None else (lambda x: torch.where(g, x_given, x))  # noqa: E731
+    clamp = (lambda x: x) if g is None else (lambda x: torch.where(g, x_given, x))
     if objective.kind == "rectified_flow":
         return _flow(model, x, cond, steps, cfg_scale, heun=sampler == "heun", device=device, given=given, clamp=clamp)
-    return _diffusion(objective, model, x, cond, steps, cfg_scale, ancestral=sampler == "ddpm", gen=gen, device=device,
-                      given=given, clamp=clamp)
+    return _diffusion(
+        objective,
+        model,
+        x,
+        cond,
+        steps,
+        cfg_scale,
+        ancestral=sampler == "ddpm",
+        gen=gen,
+        device=device,
+        given=given,
+        clamp=clamp,
+    )
 
 
 def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device, given=None, clamp=lambda x: x):
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     B = x.shape[0]
-    v_at = lambda x, t: guided(model, clamp(x), torch.full((B,), t, device=device), cond, cfg_scale,  # noqa: E731
-                               given).float()
+
+    def v_at(x, t):
+        return guided(
+            model,
+            clamp(x),
+            torch.full((B,), t, device=device),
+            cond,
+            cfg_scale,
+            given,
+        ).float()
+
     for t, t_next in zip(ts[:-1], ts[1:]):
         d = v_at(x, t)
         x_euler = x + (t_next - t) * d
@@ -74,8 +106,7 @@ def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device, given=None, c
     return clamp(x)
 
 
-def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device, given=None,
-               clamp=lambda x: x):
+def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device, given=None, clamp=lambda x: x):
     # An evenly spaced subsequence of the training steps, from the noisiest down to 0.
     idxs = torch.linspace(obj.steps - 1, 0, steps).round().long().unique_consecutive().tolist()
     B = x.shape[0]

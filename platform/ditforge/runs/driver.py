@@ -29,8 +29,14 @@ def scaling_config(spec):
     # newest complete checkpoint, resharded to the new size (train/reshard.py).
     workers = (res.min_workers, res.workers) if res.elastic else res.workers
     extra = {"elastic_resize_monitor_interval_s": res.resize_interval_s} if res.elastic else {}
-    return ScalingConfig(num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=per_worker,
-                         placement_strategy=res.placement, accelerator_type=res.accelerator_type, **extra)
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=res.use_gpu,
+        resources_per_worker=per_worker,
+        placement_strategy=res.placement,
+        accelerator_type=res.accelerator_type,
+        **extra,
+    )
 
 
 def read_job(path: str) -> dict:
@@ -52,8 +58,14 @@ def read_job(path: str) -> dict:
     if not tracking_uri:
         raise SystemExit("ditforge: a bare job spec needs tracking.uri or $MLFLOW_TRACKING_URI")
     run_name, run_uri, run_id = new_run(spec, tracking_uri, path)
-    return {"spec": spec.model_dump(mode="json"), "run_name": run_name, "run_uri": run_uri, "mlflow_run_id": run_id,
-            "tracking_uri": tracking_uri, "resume": False}
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "run_name": run_name,
+        "run_uri": run_uri,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "resume": False,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +128,11 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
         # The collective timeout every bounded wait in the workers is sized against (train/checkpoint.py).
         torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo", timeout_s=int(PG_TIMEOUT_S)),
         # A restarted worker group finds this run's newest complete checkpoint by itself.
-        run_config=RunConfig(name=job["run_name"], storage_path=str(storage.home() / "ray-train"),
-                             failure_config=FailureConfig(max_failures=spec.train.max_failures)),
+        run_config=RunConfig(
+            name=job["run_name"],
+            storage_path=str(storage.home() / "ray-train"),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+        ),
     )
     trainer.fit()  # raises the worker's error (TrainingFailedError), shown in `ditforge status` via the tag
     if folder.stop_marked(job["run_uri"]):  # left early for `ditforge stop`
@@ -128,8 +143,10 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
         try:
             register.finalize(job, client)
         except Exception as e:
-            raise RuntimeError(f"registration: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                               f"(the checkpoint is complete; redo with: ditforge register {job['run_uri']})") from e
+            raise RuntimeError(
+                f"registration: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                f"(the checkpoint is complete; redo with: ditforge register {job['run_uri']})"
+            ) from e
     print(f"ditforge: run {job['run_name']} finished", flush=True)
     return "FINISHED", 0
 

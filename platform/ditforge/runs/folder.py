@@ -121,16 +121,19 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     return spec
 
 
-def new_run(spec: JobSpec, tracking_uri: str, source: str | None = None,
-            resumed_from: str | None = None) -> tuple[str, str, str]:
+def new_run(
+    spec: JobSpec, tracking_uri: str, source: str | None = None, resumed_from: str | None = None
+) -> tuple[str, str, str]:
     """Name a run, open its MLflow run and write its run.json; returns (name, run URI, MLflow run id)."""
     from ..train import tracking
 
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_uri = storage.join(spec.checkpoint.uri, run_name)
     mlflow_run_id = tracking.create_run(tracking_uri, spec, run_name, source, resumed_from=resumed_from)
-    storage.write_bytes(storage.join(run_uri, RUN_INFO),
-                        json.dumps({"run_name": run_name, "mlflow_run_id": mlflow_run_id, "job": spec.name}).encode())
+    storage.write_bytes(
+        storage.join(run_uri, RUN_INFO),
+        json.dumps({"run_name": run_name, "mlflow_run_id": mlflow_run_id, "job": spec.name}).encode(),
+    )
     return run_name, run_uri, mlflow_run_id
 
 
@@ -176,16 +179,22 @@ def reshard_plan(step_uri: str, manifest: dict, world: int, zero_stage: int) -> 
     saved_stage = manifest.get("zero_stage")
     saved_world = manifest.get("world_size")
     if saved_world is None:
-        raise ReshardError(f"{step_uri}: its manifest.json has no world_size: cannot tell whether it needs "
-                           f"resharding for {world} workers")
+        raise ReshardError(
+            f"{step_uri}: its manifest.json has no world_size: cannot tell whether it needs "
+            f"resharding for {world} workers"
+        )
     if saved_stage is not None and saved_stage != zero_stage:
-        raise ReshardError(f"{step_uri}: saved with ZeRO-{saved_stage}, the job asks for ZeRO-{zero_stage}: resume "
-                           f"it with deepspeed.zero_stage: {saved_stage}")
+        raise ReshardError(
+            f"{step_uri}: saved with ZeRO-{saved_stage}, the job asks for ZeRO-{zero_stage}: resume "
+            f"it with deepspeed.zero_stage: {saved_stage}"
+        )
     if saved_world == world:
         return False
     if saved_stage is None:
-        raise ReshardError(f"{step_uri}: saved with {saved_world} workers, but its manifest.json has no zero_stage "
-                           f"(written before ditforge could reshard): resume it with resources.workers={saved_world}")
+        raise ReshardError(
+            f"{step_uri}: saved with {saved_world} workers, but its manifest.json has no zero_stage "
+            f"(written before ditforge could reshard): resume it with resources.workers={saved_world}"
+        )
     return saved_stage > 0
 
 
@@ -240,8 +249,9 @@ def _show(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def check_resume(spec: JobSpec, run_name: str, run_uri: str, steps: list[int], how: str, source: str,
-                 force: bool) -> dict[str, str]:
+def check_resume(
+    spec: JobSpec, run_name: str, run_uri: str, steps: list[int], how: str, source: str, force: bool
+) -> dict[str, str]:
     """A run is continued only with the spec that defines it. Returns the MLflow tags that record
     what changed (fields allowed to change, or forced); refuses a changed run-defining field."""
     saved = saved_spec(run_uri, steps)
@@ -250,11 +260,15 @@ def check_resume(spec: JobSpec, run_name: str, run_uri: str, steps: list[int], h
     defining, allowed = spec_changes(saved, spec.model_dump(mode="json"))
     if defining and not force:
         fields = ", ".join(f"{k} ({_show(a)} → {_show(b)})" for k, (a, b) in defining.items())
-        raise RunError(f"{source}: {how} would continue run {run_name} (step {steps[-1]}), but the spec that "
-                       f"defines it changed: {fields}; start a fresh run with --set train.resume=never, or "
-                       f"continue it anyway with --force-resume")
-    tags = {f"ditforge.resume_changed.{k}": credentials.redact(f"{_show(a)} → {_show(b)}")[:500]
-            for k, (a, b) in {**allowed, **defining}.items()}
+        raise RunError(
+            f"{source}: {how} would continue run {run_name} (step {steps[-1]}), but the spec that "
+            f"defines it changed: {fields}; start a fresh run with --set train.resume=never, or "
+            f"continue it anyway with --force-resume"
+        )
+    tags = {
+        f"ditforge.resume_changed.{k}": credentials.redact(f"{_show(a)} → {_show(b)}")[:500]
+        for k, (a, b) in {**allowed, **defining}.items()
+    }
     if defining:
         tags["ditforge.resume_forced"] = ", ".join(defining)[:500]
     return tags
@@ -283,8 +297,12 @@ def record_process(run_uri: str, name: str) -> None:
     and workers without asking Ray."""
     import ray
 
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-            "started": time.time()}
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "started": time.time(),
+    }
     storage.write_bytes(storage.join(run_uri, PROCS, f"{name}.json"), json.dumps(info).encode())
 
 

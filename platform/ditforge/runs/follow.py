@@ -86,8 +86,12 @@ def status(rec: dict) -> dict:
         state = "UNKNOWN (cluster unreachable)"
     if state == "SUCCEEDED" and stopped_on_request(rec):
         state = "STOPPED"
-    return {"state": state, "metrics": metrics(rec), "link": run_link(rec),
-            "error": (job_error(rec) or "") if state == "FAILED" else ""}
+    return {
+        "state": state,
+        "metrics": metrics(rec),
+        "link": run_link(rec),
+        "error": (job_error(rec) or "") if state == "FAILED" else "",
+    }
 
 
 def follow(rec: dict, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> str:

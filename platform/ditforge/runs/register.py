@@ -31,8 +31,13 @@ def finalize(job: dict, client: Any) -> str:
         client.get_registered_model(name)
     except Exception:
         retry_final(client.create_registered_model, name, tags={"ditforge.job": name}, what="creating the model")
-    tags = {"checkpoint_uri": cfg["checkpoint"], "spec_digest": job.get("spec_digest", ""),
-            "step": str(cfg["step"]), "final_loss": str(run.data.metrics.get("train/loss", "")), "run": job["run_name"]}
+    tags = {
+        "checkpoint_uri": cfg["checkpoint"],
+        "spec_digest": job.get("spec_digest", ""),
+        "step": str(cfg["step"]),
+        "final_loss": str(run.data.metrics.get("train/loss", "")),
+        "run": job["run_name"],
+    }
     mv = retry_final(client.create_model_version, name, source, run_id=run_id, tags=tags, what="registering the model")
     retry_final(client.set_tag, run_id, "ditforge.model", f"models:/{name}/{mv.version}", what="tagging the run")
     print(f"ditforge: registered models:/{name}/{mv.version} (from {cfg['checkpoint']})", flush=True)
@@ -48,8 +53,13 @@ def register(run_uri: str, tracking_uri: str) -> str:
     credentials.use_mlflow_credentials()
     client = MlflowClient(tracking_uri)
     digest = client.get_run(info["mlflow_run_id"]).data.tags.get("ditforge.spec_digest", "")
-    job = {"mlflow_run_id": info["mlflow_run_id"], "spec": {"name": info["job"]}, "run_uri": run_uri,
-           "run_name": info["run_name"], "spec_digest": digest}
+    job = {
+        "mlflow_run_id": info["mlflow_run_id"],
+        "spec": {"name": info["job"]},
+        "run_uri": run_uri,
+        "run_name": info["run_name"],
+        "spec_digest": digest,
+    }
     model = finalize(job, client)
     try:
         client.delete_tag(info["mlflow_run_id"], "ditforge.error")  # the failure it records is mended

@@ -21,19 +21,29 @@ class ClusterSpec(Strict):
     """Base of every cluster kind; `load_cluster` picks the subclass from `kind`."""
 
     kind: str
-    name: str = Field("ditforge", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
-                      description="lower-case letters, digits and '-': it names cloud and Kubernetes objects")
+    name: str = Field(
+        "ditforge",
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$",
+        description="lower-case letters, digits and '-': it names cloud and Kubernetes objects",
+    )
 
 
 class EmbeddedCluster(ClusterSpec):
     # Ray, MLflow and the S3 server run on this machine, bound to 127.0.0.1 unless `host` says
     # otherwise; then each must run with authentication (see services.require_auth).
     kind: Literal["embedded"] = "embedded"
-    cpus: int = Field(4, ge=0, description="logical CPUs the embedded Ray head offers (0: a head that only "
-                                           "coordinates; its jobs' workers run on joined hosts)")
+    cpus: int = Field(
+        4,
+        ge=0,
+        description="logical CPUs the embedded Ray head offers (0: a head that only "
+        "coordinates; its jobs' workers run on joined hosts)",
+    )
     ports: ServicePorts = ServicePorts()
-    host: str = Field("127.0.0.1", description="address the services bind: 127.0.0.1 (default, this machine "
-                                               "only) or 0.0.0.0 (every interface: needs credentials)")
+    host: str = Field(
+        "127.0.0.1",
+        description="address the services bind: 127.0.0.1 (default, this machine "
+        "only) or 0.0.0.0 (every interface: needs credentials)",
+    )
 
     @field_validator("host")
     @classmethod
@@ -74,11 +84,15 @@ class LocalCluster(ClusterSpec):
     def _ports(self) -> "LocalCluster":
         last = self.ports.nodes_from + 100 * (self.nodes + 1)
         if last >= 65536:
-            raise ValueError(f"ports.nodes_from: {self.ports.nodes_from} leaves no room for {self.nodes + 1} nodes x 100 ports")
+            raise ValueError(
+                f"ports.nodes_from: {self.ports.nodes_from} leaves no room for {self.nodes + 1} nodes x 100 ports"
+            )
         for name in ("gcs", "dashboard", "client"):
             if self.ports.nodes_from <= getattr(self.ports, name) < last:
-                raise ValueError(f"ports.{name}: {getattr(self.ports, name)} falls inside the node port range "
-                                 f"{self.ports.nodes_from}-{last - 1}")
+                raise ValueError(
+                    f"ports.{name}: {getattr(self.ports, name)} falls inside the node port range "
+                    f"{self.ports.nodes_from}-{last - 1}"
+                )
         return self
 
 
@@ -102,9 +116,16 @@ class AddressCluster(ClusterSpec):
 
 
 # Ray's accelerator type names (what `resources.accelerator_type` asks for) → GCP accelerator names.
-GCP_ACCELERATORS = {"T4": "nvidia-tesla-t4", "L4": "nvidia-l4", "V100": "nvidia-tesla-v100", "P100": "nvidia-tesla-p100",
-                    "A100": "nvidia-tesla-a100", "A100-80G": "nvidia-a100-80gb", "H100": "nvidia-h100-80gb",
-                    "H200": "nvidia-h200-141gb"}
+GCP_ACCELERATORS = {
+    "T4": "nvidia-tesla-t4",
+    "L4": "nvidia-l4",
+    "V100": "nvidia-tesla-v100",
+    "P100": "nvidia-tesla-p100",
+    "A100": "nvidia-tesla-a100",
+    "A100-80G": "nvidia-a100-80gb",
+    "H100": "nvidia-h100-80gb",
+    "H200": "nvidia-h200-141gb",
+}
 
 
 class HeadGroup(Strict):
@@ -179,7 +200,9 @@ class KubeGroup(Strict):
     cpus: int = Field(gt=0)
     memory_gb: int = Field(gt=0)
     gpus: int = Field(0, ge=0)
-    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. {cloud.google.com/gke-accelerator: nvidia-l4}")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="e.g. {cloud.google.com/gke-accelerator: nvidia-l4}"
+    )
 
 
 class KubeWorkerGroup(KubeGroup):
@@ -191,8 +214,10 @@ class KubeWorkerGroup(KubeGroup):
     @model_validator(mode="after")
     def _range(self) -> "KubeWorkerGroup":
         if not self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError(f"replicas: {self.replicas} must lie in min_replicas..max_replicas "
-                             f"({self.min_replicas}..{self.max_replicas})")
+            raise ValueError(
+                f"replicas: {self.replicas} must lie in min_replicas..max_replicas "
+                f"({self.min_replicas}..{self.max_replicas})"
+            )
         return self
 
 
@@ -229,8 +254,9 @@ class SlurmCluster(ClusterSpec):
     until `ditforge cluster down` (scancel); `mode: job` runs one job and ends with it."""
 
     kind: Literal["slurm"] = "slurm"
-    mode: Literal["standing", "job"] = Field("standing", description="standing: until `cluster down`; "
-                                                                       "job: one allocation per `ditforge submit`")
+    mode: Literal["standing", "job"] = Field(
+        "standing", description="standing: until `cluster down`; job: one allocation per `ditforge submit`"
+    )
     partition: str | None = None
     nodes: int = Field(2, ge=1, le=4096)
     cpus_per_node: int = Field(8, gt=0, description="--cpus-per-task (one task per node); Ray's CPUs per node")
@@ -243,8 +269,10 @@ class SlurmCluster(ClusterSpec):
     constraint: str | None = Field(None, description="--constraint (node features, e.g. 'a100&ib')")
     exclusive: bool = Field(False, description="--exclusive: whole nodes, no other job beside Ray")
     sbatch_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --reservation=r1")
-    setup: list[str] = Field(default_factory=list, description="shell lines run on the nodes before Ray starts "
-                                                               "(module load …, source venv/bin/activate)")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run on the nodes before Ray starts (module load …, source venv/bin/activate)",
+    )
     python: str = Field("python", description="the interpreter with ditforge installed, after `setup`")
     # Preemption and the time limit: Slurm sends SIGUSR1 this long before it ends the job; the
     # run saves a checkpoint (as on `ditforge stop`) and the allocation is requeued.
@@ -253,8 +281,10 @@ class SlurmCluster(ClusterSpec):
     ports_from: int = Field(26000, ge=1024, lt=65436, description="Ray uses ports P…P+99 on every node")
     object_store_mb: int | None = Field(None, ge=80, description="per node; default: Ray's (30% of memory)")
     tracking_uri: str | None = Field(None, description="MLflow server the nodes can reach")
-    state_dir: str | None = Field(None, description="a folder on a file system the login and compute nodes "
-                                                    "share; default $DITFORGE_HOME/slurm/<name>")
+    state_dir: str | None = Field(
+        None,
+        description="a folder on a file system the login and compute nodes share; default $DITFORGE_HOME/slurm/<name>",
+    )
     up_timeout_s: float = Field(900, gt=0, description="how long `cluster up` waits for the allocation to start")
 
     _no_secret = field_validator("tracking_uri")(no_password)
@@ -296,6 +326,11 @@ class SlurmCluster(ClusterSpec):
 
 
 CLUSTER_KINDS: dict[str, type[ClusterSpec]] = {
-    "embedded": EmbeddedCluster, "local": LocalCluster, "address": AddressCluster,
-    "aws": AWSCluster, "gcp": GCPCluster, "kubernetes": KubernetesCluster, "slurm": SlurmCluster,
+    "embedded": EmbeddedCluster,
+    "local": LocalCluster,
+    "address": AddressCluster,
+    "aws": AWSCluster,
+    "gcp": GCPCluster,
+    "kubernetes": KubernetesCluster,
+    "slurm": SlurmCluster,
 }

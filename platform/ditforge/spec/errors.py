@@ -60,8 +60,10 @@ def no_password(value: str | None) -> str | None:
 
     if value and has_userinfo_password(value):
         # the value itself is not repeated: it holds the secret
-        raise ValueError("holds a password (scheme://user:PASSWORD@host): give credentials through the "
-                         "environment or a named file (see README, Security defaults), never in a spec")
+        raise ValueError(
+            "holds a password (scheme://user:PASSWORD@host): give credentials through the "
+            "environment or a named file (see README, Security defaults), never in a spec"
+        )
     return value
 
 

@@ -35,7 +35,9 @@ class DataSpec(Strict):
     frames: int = Field(1, gt=0, description="1 = images; > 1 = video clips of this many frames")
     # Bad data (a corrupt shard, a NaN latent...) is skipped and counted; past this fraction of a
     # rank's samples in one epoch the run stops instead (data/loader.py).
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="bad samples a rank may skip per epoch, as a fraction")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="bad samples a rank may skip per epoch, as a fraction"
+    )
     storage_timeout_s: float = Field(300, gt=0, description="how long the loader retries a store that does not answer")
 
     _uri = field_validator("train")(check_uri)
@@ -102,7 +104,8 @@ class ModelSpec(Strict):
     video_attention: Literal["full", "factorised"] = Field("full", description="full 3D, or spatial then temporal")
     pos_embed: Literal["sincos", "rope"] = "sincos"
     text: Literal["none", "own", "transformers"] = Field(
-        "none", description="caption conditioning: own = small trainable encoder; transformers = frozen local model")
+        "none", description="caption conditioning: own = small trainable encoder; transformers = frozen local model"
+    )
     text_encoder: str | None = Field(None, description="text: transformers: local folder of the encoder")
     text_len: int = Field(64, gt=0, description="caption length in tokens")
     mixer_depth: int = Field(0, ge=0, description="unmasked patch-mixer blocks before the masked backbone")
@@ -226,8 +229,11 @@ class DeepSpeedSpec(BaseModel):
             if key in DEEPSPEED_OWN:
                 problems.append(f"{key}: set by ditforge itself ({DEEPSPEED_OWN[key]})")
             if key == "zero_optimization" and isinstance(value, dict):
-                problems += [f"zero_optimization.{sub}: set by ditforge itself ({ZERO_OWN[sub]})"
-                             for sub in value if sub in ZERO_OWN]
+                problems += [
+                    f"zero_optimization.{sub}: set by ditforge itself ({ZERO_OWN[sub]})"
+                    for sub in value
+                    if sub in ZERO_OWN
+                ]
         if problems:  # one line each (see load._reword)
             raise ValueError("\n".join(problems))
         return self
@@ -239,15 +245,21 @@ DEEPSPEED_OWN = {
     "train_micro_batch_size_per_gpu": "use data.batch_size",
     "gradient_accumulation_steps": "always 1",
     "gradient_clipping": "use train.grad_clip",
-    "bf16": "use train.precision", "fp16": "use train.precision", "amp": "use train.precision",
+    "bf16": "use train.precision",
+    "fp16": "use train.precision",
+    "amp": "use train.precision",
     "optimizer": "ditforge passes torch's AdamW; use train.lr, train.weight_decay",
     "scheduler": "ditforge passes its warmup schedule; use train.warmup",
     "zero_allow_untested_optimizer": "needed for the client AdamW",
     "steps_per_print": "ditforge logs to MLflow; use tracking.log_every",
 }
-ZERO_OWN = {"stage": "use deepspeed.zero_stage", "reduce_bucket_size": "use deepspeed.bucket_mb",
-            "allgather_bucket_size": "use deepspeed.bucket_mb", "overlap_comm": "use deepspeed.overlap_comm",
-            "contiguous_gradients": "always on"}
+ZERO_OWN = {
+    "stage": "use deepspeed.zero_stage",
+    "reduce_bucket_size": "use deepspeed.bucket_mb",
+    "allgather_bucket_size": "use deepspeed.bucket_mb",
+    "overlap_comm": "use deepspeed.overlap_comm",
+    "contiguous_gradients": "always on",
+}
 
 
 class ResourcesSpec(Strict):
@@ -257,7 +269,8 @@ class ResourcesSpec(Strict):
     # Ray Train ScalingConfig: one placement-group bundle per worker.
     gpus_per_worker: int = Field(1, ge=1, description="used when use_gpu is true")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="PACK fills a node before the next; SPREAD puts workers on different nodes")
+        "PACK", description="PACK fills a node before the next; SPREAD puts workers on different nodes"
+    )
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A100, H100, L4")
     # Elastic (README "Elastic training and resuming at another size"): with min_workers < workers
     # Ray Train runs the job with between min_workers and workers workers; a lost host restarts
@@ -268,7 +281,8 @@ class ResourcesSpec(Strict):
     # the LR follows `lr_scaling` (of train.lr at `workers` workers).
     batch_policy: Literal["per_worker"] = "per_worker"
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
-        "none", description="LR at w workers: train.lr x 1 | w/workers | sqrt(w/workers)")
+        "none", description="LR at w workers: train.lr x 1 | w/workers | sqrt(w/workers)"
+    )
 
     @model_validator(mode="after")
     def _gpu(self) -> "ResourcesSpec":
@@ -287,7 +301,7 @@ class ResourcesSpec(Strict):
     def lr_factor(self, world: int) -> float:
         """The LR multiplier at `world` workers (1 at `workers`)."""
         ratio = world / self.workers
-        return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
+        return {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
 
     def per_worker(self) -> dict[str, float]:
         """One worker's Ray resources (the bundle Ray Train reserves for it)."""
@@ -326,8 +340,9 @@ class TrackingSpec(Strict):
 
 class SampleSpec(Strict):
     per_class: int = Field(8, gt=0, le=64, description="grid columns; one row per class")
-    classes: list[int] | None = Field(None, description="the classes shown, one row each (default: up to "
-                                      "max_classes spread evenly over all classes)")
+    classes: list[int] | None = Field(
+        None, description="the classes shown, one row each (default: up to max_classes spread evenly over all classes)"
+    )
     max_classes: int = Field(64, gt=0, le=256, description="grid rows at most, so the grid stays readable")
     batch_size: int = Field(64, gt=0, description="samples generated (and decoded) at a time per worker")
     sampler: Literal["auto", "euler", "heun", "ddim", "ddpm"] = Field("auto", description="auto: euler / ddim")
@@ -375,24 +390,32 @@ class JobSpec(Strict):
         problems = []  # every inconsistency, one line each (see load._reword)
         gpu_only = ("flash_attn", "sdpa_cudnn", "sdpa_efficient")
         if self.model.attention in gpu_only and not self.resources.use_gpu:
-            problems.append(f"model.attention: {self.model.attention} needs resources.use_gpu: true "
-                             "(on CPU use auto, sdpa_flash or math)")
+            problems.append(
+                f"model.attention: {self.model.attention} needs resources.use_gpu: true "
+                "(on CPU use auto, sdpa_flash or math)"
+            )
         sampler_ok = {"rectified_flow": ("auto", "euler", "heun"), "ddpm": ("auto", "ddim", "ddpm")}
         if self.sample.sampler not in sampler_ok[self.objective.kind]:
-            problems.append(f"sample.sampler: {self.sample.sampler} does not fit objective.kind "
-                             f"{self.objective.kind} (use {' or '.join(sampler_ok[self.objective.kind][1:])})")
+            problems.append(
+                f"sample.sampler: {self.sample.sampler} does not fit objective.kind "
+                f"{self.objective.kind} (use {' or '.join(sampler_ok[self.objective.kind][1:])})"
+            )
         if self.task == "vae" and self.vae.kind != "own":
             problems.append("vae.kind: task 'vae' trains the own autoencoder: set vae.kind: own and vae.path")
         if self.train.precision == "bf16" and not self.resources.use_gpu:
             problems.append("train.precision: bf16 needs resources.use_gpu: true (CPU trains in fp32)")
         if self.train.precision == "fp8":
             if not self.resources.use_gpu:
-                problems.append("train.precision: fp8 needs resources.use_gpu: true and a GPU of compute "
-                                 "capability 8.9+ (Ada, Hopper or later); CPU trains in fp32")
+                problems.append(
+                    "train.precision: fp8 needs resources.use_gpu: true and a GPU of compute "
+                    "capability 8.9+ (Ada, Hopper or later); CPU trains in fp32"
+                )
             acc = (self.resources.accelerator_type or "").upper()
             if any(acc.startswith(old) for old in PRE_FP8_GPUS):
-                problems.append(f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
-                                 f"resources.accelerator_type {self.resources.accelerator_type} has no fp8 tensor cores")
+                problems.append(
+                    f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
+                    f"resources.accelerator_type {self.resources.accelerator_type} has no fp8 tensor cores"
+                )
         if self.data.global_batch is not None:
             w, b = self.resources.workers, self.data.batch_size
             per = w * (1 if b == "auto" else b)
@@ -405,21 +428,27 @@ class JobSpec(Strict):
         if bad:
             problems.append(f"train.debug_nan_steps: step {bad[0]} is outside 1..train.steps ({self.train.steps})")
         if self.resources.elastic and self.train.max_failures < 1:
-            problems.append(f"train.max_failures: {self.train.max_failures}: an elastic job (resources.min_workers: "
-                             f"{self.resources.min_workers}) restarts smaller after a host loss, which Ray Train "
-                             "counts as a failure: set train.max_failures to 1 or more")
+            problems.append(
+                f"train.max_failures: {self.train.max_failures}: an elastic job (resources.min_workers: "
+                f"{self.resources.min_workers}) restarts smaller after a host loss, which Ray Train "
+                "counts as a failure: set train.max_failures to 1 or more"
+            )
         if self.resources.elastic and self.task == "vae":
             problems.append("resources.min_workers: task 'vae' cannot resume at another world size; drop min_workers")
         if self.train.video_tasks is not None:
             gt = self.data.frames // self.vae.temporal_downsample // self.model.patch_t  # latent token frames
             if gt < 2:
-                problems.append(f"train.video_tasks: needs clips of at least 2 latent token frames (data.frames "
-                                 f"{self.data.frames} gives {gt})")
+                problems.append(
+                    f"train.video_tasks: needs clips of at least 2 latent token frames (data.frames "
+                    f"{self.data.frames} gives {gt})"
+                )
             k_max = self.train.video_tasks.k[1]
             for task, need in (("predict", k_max + 1), ("predict_backward", k_max + 1), ("interpolate", 2 * k_max + 1)):
                 if getattr(self.train.video_tasks, task) > 0 and need > gt:
-                    problems.append(f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
-                                     f"the clips have {gt}")
+                    problems.append(
+                        f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
+                        f"the clips have {gt}"
+                    )
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
             problems.append(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
         if problems:
@@ -435,6 +464,8 @@ def spec_warnings(spec: JobSpec) -> list[str]:
     `warning:`; the exit code stays 0)."""
     out = []
     if spec.deepspeed.zero_stage == 3 and spec.model.size in ("T", "S"):
-        out.append(f"deepspeed.zero_stage: 3 with model.size {spec.model.size}: too small to shard sensibly "
-                   "(gathering the weights every step costs more than the memory it saves); stage 2 fits it")
+        out.append(
+            f"deepspeed.zero_stage: 3 with model.size {spec.model.size}: too small to shard sensibly "
+            "(gathering the weights every step costs more than the memory it saves); stage 2 fits it"
+        )
     return out

@@ -102,8 +102,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice in one mapping",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -135,8 +136,7 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def build(model: type[BaseModel], data: dict, name: str,
-          lines: dict | None = None) -> BaseModel:
+def build(model: type[BaseModel], data: dict, name: str, lines: dict | None = None) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -145,14 +145,21 @@ def build(model: type[BaseModel], data: dict, name: str,
             # a validator that found several problems gives one line per problem
             msgs = err["msg"].split("\n") if err["type"] == "value_error" else [err["msg"]]
             for msg in msgs:
-                field, reason = _reword({**err, "msg": msg if msg.startswith("Value error, ") or err["type"] != "value_error"
-                                         else f"Value error, {msg}"}, data, model)
+                field, reason = _reword(
+                    {
+                        **err,
+                        "msg": msg
+                        if msg.startswith("Value error, ") or err["type"] != "value_error"
+                        else f"Value error, {msg}",
+                    },
+                    data,
+                    model,
+                )
                 if (field, reason) not in seen:
                     seen.add((field, reason))
                     problems.append(SpecError(name, field, reason))
         problems.sort(key=lambda p: line_of(p.field, lines or {}))  # stable: pydantic's order within a line
         raise (SpecErrors(problems) if len(problems) > 1 else problems[0]) from None
-
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

@@ -16,7 +16,14 @@ if TYPE_CHECKING:
 ROOTS_ENV = "DITFORGE_ROOTS"
 # Job-spec fields that may name a local file or folder (file://PATH, or a bare path for the
 # folders handed to diffusers / transformers).
-LOCAL_PATH_FIELDS = ("data.train", "checkpoint.uri", "train.resume", "vae.path", "model.text_encoder", "model.init_from")
+LOCAL_PATH_FIELDS = (
+    "data.train",
+    "checkpoint.uri",
+    "train.resume",
+    "vae.path",
+    "model.text_encoder",
+    "model.init_from",
+)
 
 
 # Where the shipped GPU jobs expect pretrained weights (a read-only mount on cluster nodes).
@@ -66,15 +73,26 @@ def check_roots(spec: "JobSpec", name: str) -> None:
                 problems.append(SpecError(name, field, f"expected a local path, got {node!r}"))
             continue
         if field.startswith("deepspeed.") and "://" in node and not node.startswith("file://"):
-            problems.append(SpecError(name, field, f"'{node}': DeepSpeed writes here itself, so it must be a local "
-                                                   "path inside the allowed roots"))
+            problems.append(
+                SpecError(
+                    name,
+                    field,
+                    f"'{node}': DeepSpeed writes here itself, so it must be a local path inside the allowed roots",
+                )
+            )
             continue
         if not node or node in ("auto", "never") or ("://" in node and not node.startswith("file://")):
             continue
         resolved = Path(node.removeprefix("file://")).expanduser().resolve()
         if not any(resolved.is_relative_to(r) for r in roots):
-            problems.append(SpecError(name, field, f"'{node}' resolves to {resolved}, outside the allowed roots "
-                                                   f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it"))
+            problems.append(
+                SpecError(
+                    name,
+                    field,
+                    f"'{node}' resolves to {resolved}, outside the allowed roots "
+                    f"({', '.join(map(str, roots))}); add a folder to ${ROOTS_ENV} to allow it",
+                )
+            )
     if problems:
         lines = yaml_lines(name) if Path(name).is_file() else {}
         problems.sort(key=lambda p: line_of(p.field, lines))

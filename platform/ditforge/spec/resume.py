@@ -15,11 +15,30 @@ from .job import JobSpec
 # fast it trains, where and how often it logs, samples and saves, and on how many workers. Every
 # other field defines the run (model, patch, VAE, data set, objective, seed, precision, EMA, ...):
 # a change there is refused, since the checkpoint would be loaded into another experiment.
-RESUMABLE = ("train.steps", "train.lr", "train.warmup", "train.weight_decay", "train.grad_clip", "train.resume",
-             "train.max_failures", "train.max_nonfinite_steps", "train.debug_nan_steps",
-             "data.batch_size", "data.shuffle_buffer", "data.max_bad_fraction", "data.storage_timeout_s",
-             "model.compile", "model.attention", "model.grad_checkpointing",
-             "deepspeed", "resources", "checkpoint", "tracking", "sample", "eval")
+RESUMABLE = (
+    "train.steps",
+    "train.lr",
+    "train.warmup",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.resume",
+    "train.max_failures",
+    "train.max_nonfinite_steps",
+    "train.debug_nan_steps",
+    "data.batch_size",
+    "data.shuffle_buffer",
+    "data.max_bad_fraction",
+    "data.storage_timeout_s",
+    "model.compile",
+    "model.attention",
+    "model.grad_checkpointing",
+    "deepspeed",
+    "resources",
+    "checkpoint",
+    "tracking",
+    "sample",
+    "eval",
+)
 # data.shuffle_buffer is no field any more (it was never read), but the saved spec of a run from
 # before it went still holds it: listed here, it does not stop that run from resuming.
 RUN_DEFINING = ("deepspeed.zero_stage",)  # inside a resumable section, still defining: shards differ per stage
@@ -39,6 +58,7 @@ def _flat(d: dict, at: str = "") -> dict[str, Any]:
 def _resumable(field: str) -> bool:
     def under(prefixes):
         return any(field == p or field.startswith(p + ".") for p in prefixes)
+
     return under(RESUMABLE) and not under(RUN_DEFINING)
 
 
@@ -55,6 +75,7 @@ def spec_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tupl
     """(run-defining, resumable) fields that differ between two spec dumps: field → (old, new).
     Both are completed with the defaults first, so an older spec that left a field out compares
     by its default."""
+
     def complete(d: dict) -> dict:
         try:
             return _flat(JobSpec.model_validate(d).model_dump(mode="json"))

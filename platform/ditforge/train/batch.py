@@ -37,14 +37,18 @@ class BatchPlan:
     source: str  # "fixed" | "fallback" (auto on CPU) | "probed"
 
     def tags(self) -> dict[str, object]:
-        out: dict[str, object] = {"ditforge.batch.micro": self.micro, "ditforge.batch.accum": self.accum,
-                                  "ditforge.batch.source": self.source}
+        out: dict[str, object] = {
+            "ditforge.batch.micro": self.micro,
+            "ditforge.batch.accum": self.accum,
+            "ditforge.batch.source": self.source,
+        }
         out.update({f"ditforge.batch.probe.{k}": v for k, v in self.probed.items()})
         return out
 
 
-def largest_fitting(measure: Callable[[int], int], budget: int, *, multiple: int = 8, cap: int = 1024,
-                    start: int | None = None) -> int:
+def largest_fitting(
+    measure: Callable[[int], int], budget: int, *, multiple: int = 8, cap: int = 1024, start: int | None = None
+) -> int:
     """The largest micro-batch b (a multiple of `multiple`, ≤ cap) with measure(b) ≤ budget bytes.
 
     `measure(b)` returns the peak bytes of one step at micro-batch b, or raises `DoesNotFit`.
@@ -92,8 +96,9 @@ def engine_state_bytes(params: int, zero_stage: int, world: int, bf16: bool) -> 
     return opt + grads
 
 
-def cuda_measure(model: torch.nn.Module, objective, shape: tuple[int, ...], cond_of, device: torch.device,
-                 dtype: torch.dtype) -> Callable[[int], int]:
+def cuda_measure(
+    model: torch.nn.Module, objective, shape: tuple[int, ...], cond_of, device: torch.device, dtype: torch.dtype
+) -> Callable[[int], int]:
     """measure(b) for one bucket's latent `shape` (C, ...): the peak allocated bytes of one
     forward+backward of `model` at micro-batch b. `cond_of(b)` makes that batch's conditioning."""
 
@@ -144,14 +149,21 @@ def plan_batch(spec: JobSpec, world: int, probe: Callable[[], dict[str, int]] | 
     probed = probe()
     if min(probed.values()) < 1:
         small = min(probed, key=probed.get)
-        raise RuntimeError(f"data.batch_size: auto: not even {d.auto_batch.multiple} samples of bucket {small} fit "
-                           f"{d.auto_batch.memory_fraction:.0%} of the device's memory (data.auto_batch.memory_fraction)")
+        raise RuntimeError(
+            f"data.batch_size: auto: not even {d.auto_batch.multiple} samples of bucket {small} fit "
+            f"{d.auto_batch.memory_fraction:.0%} of the device's memory (data.auto_batch.memory_fraction)"
+        )
     micro, accum = accumulation(d.global_batch, min(probed.values()), world)
     return BatchPlan(micro, accum, probed, "probed")
 
 
-def probe_buckets(measure_for: Callable[[tuple[int, ...]], Callable[[int], int]], shapes: dict[str, tuple[int, ...]],
-                  budget: int, multiple: int, cap: int) -> dict[str, int]:
+def probe_buckets(
+    measure_for: Callable[[tuple[int, ...]], Callable[[int], int]],
+    shapes: dict[str, tuple[int, ...]],
+    budget: int,
+    multiple: int,
+    cap: int,
+) -> dict[str, int]:
     """Largest micro-batch per bucket. Buckets are probed largest first: the next one's search starts
     at the last result (a smaller bucket fits at least as many samples), which saves probes."""
     out: dict[str, int] = {}

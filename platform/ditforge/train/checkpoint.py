@@ -68,9 +68,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------- saving
 
-    def save(self, engine, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
-             tensors: dict[str, dict[str, torch.Tensor]] | None = None, rank_state: dict | None = None,
-             final: bool = False) -> float:
+    def save(
+        self,
+        engine,
+        step: int,
+        client_state: dict,
+        *,
+        files: dict[str, bytes] | None = None,
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+        rank_state: dict | None = None,
+        final: bool = False,
+    ) -> float:
         """Collective (DeepSpeed's save is). Returns the seconds the training loop was stalled.
 
         `files`: extra small files (name → bytes) this rank adds, e.g. the resolved spec.
@@ -98,8 +106,9 @@ class Checkpointer:
         stall = time.perf_counter() - t0
         self._stats = UploadStats(step)
         deadline = self._deadline = time.monotonic() + (self.final_timeout_s if final else 0.0)
-        self._thread = threading.Thread(target=self._upload, args=(step, local_root, self._stats, deadline),
-                                        daemon=True, name=f"ckpt-upload-{step}")
+        self._thread = threading.Thread(
+            target=self._upload, args=(step, local_root, self._stats, deadline), daemon=True, name=f"ckpt-upload-{step}"
+        )
         self._thread.start()
         return stall
 
@@ -117,8 +126,11 @@ class Checkpointer:
         markers that will never come.
         """
         if self._thread is not None and not self._own_done.wait(self.wait_bound_s()):
-            print(f"[rank {self.rank}] checkpoint upload still running after {self.wait_bound_s():.0f}s: "
-                  "left incomplete (no manifest)", flush=True)
+            print(
+                f"[rank {self.rank}] checkpoint upload still running after {self.wait_bound_s():.0f}s: "
+                "left incomplete (no manifest)",
+                flush=True,
+            )
         if self.world > 1:
             dist.barrier()
         # rank 0 may still be writing the manifest; the final save may still be retrying it
@@ -139,8 +151,11 @@ class Checkpointer:
         self._peers_done.set()
         self._thread.join(timeout_s)
         # Still running: its manifest, should it come, is still written last, after every file.
-        stats = self._stats if not self._thread.is_alive() else \
-            UploadStats(self._stats.step, error="upload still running", attempts=self._stats.attempts)
+        stats = (
+            self._stats
+            if not self._thread.is_alive()
+            else UploadStats(self._stats.step, error="upload still running", attempts=self._stats.attempts)
+        )
         self._thread = None
         return stats
 
@@ -160,8 +175,11 @@ class Checkpointer:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise
-                    print(f"[rank {self.rank}] final checkpoint {dest}: attempt {stats.attempts} failed "
-                          f"({stats.error}); retrying in {min(backoff, left):.0f}s", flush=True)
+                    print(
+                        f"[rank {self.rank}] final checkpoint {dest}: attempt {stats.attempts} failed "
+                        f"({stats.error}); retrying in {min(backoff, left):.0f}s",
+                        flush=True,
+                    )
                     time.sleep(min(backoff, left))
                     backoff = min(backoff * 2, 60.0)
             stats.error = None
@@ -175,8 +193,11 @@ class Checkpointer:
         except Exception as e:
             stats.error = f"{type(e).__name__}: {e}"
             stats.upload_s = time.perf_counter() - t0
-            print(f"[rank {self.rank}] checkpoint {dest} FAILED ({stats.error}); training continues, "
-                  "the next save tries again", flush=True)
+            print(
+                f"[rank {self.rank}] checkpoint {dest} FAILED ({stats.error}); training continues, "
+                "the next save tries again",
+                flush=True,
+            )
         finally:
             self._own_done.set()
             shutil.rmtree(local_root, ignore_errors=True)
@@ -219,8 +240,14 @@ class Checkpointer:
                 if time.time() > deadline:
                     raise TimeoutError(f"ranks {missing} did not finish uploading in {self.manifest_timeout_s:.0f}s")
                 time.sleep(0.3)
-        manifest = {"step": step, "tag": step_tag(step), "world_size": self.world,
-                    "zero_stage": self._zero_stage, "created": time.time(), "files": {}}
+        manifest = {
+            "step": step,
+            "tag": step_tag(step),
+            "world_size": self.world,
+            "zero_stage": self._zero_stage,
+            "created": time.time(),
+            "files": {},
+        }
         for r in range(self.world):
             manifest["files"].update(parts[r])
         storage.write_bytes(storage.join(dest, MANIFEST), json.dumps(manifest, indent=2).encode())
@@ -228,7 +255,7 @@ class Checkpointer:
     def _retention(self) -> None:
         """Only after a newer checkpoint is complete: drop old complete ones and stale partial ones."""
         done = complete_steps(self.run_uri)
-        keep = set(done[-self.keep_last:])
+        keep = set(done[-self.keep_last :])
         if self.keep_every:
             keep |= {s for s in done if s % self.keep_every == 0}
         newest = done[-1]
@@ -274,10 +301,14 @@ def check_pickles(folder: Path, where: str) -> None:
         except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
             # torch's message is a paragraph; the line naming the global is the useful one
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            reason = next((ln.split("error: ", 1)[-1] for ln in lines if "global" in ln.lower()),
-                          f"{type(e).__name__}: {lines[0] if lines else ''}")
-            raise UnsafeCheckpoint(f"{where}/{f.relative_to(folder).as_posix()}: refused to load: not a plain "
-                                   f"tensor checkpoint ({reason.strip()})") from None
+            reason = next(
+                (ln.split("error: ", 1)[-1] for ln in lines if "global" in ln.lower()),
+                f"{type(e).__name__}: {lines[0] if lines else ''}",
+            )
+            raise UnsafeCheckpoint(
+                f"{where}/{f.relative_to(folder).as_posix()}: refused to load: not a plain "
+                f"tensor checkpoint ({reason.strip()})"
+            ) from None
 
 
 def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
@@ -312,9 +343,12 @@ def load(engine, step_uri: str) -> tuple[dict, Path]:
         root, seconds = reshard.to_universal(folder, local_root / "_universal")
         with reshard.universal_loading(engine):
             path, client_state = engine.load_checkpoint(str(root), tag=manifest["tag"])
-        print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] resharded {step_uri} from "
-              f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint, "
-              f"{seconds:.1f}s)", flush=True)
+        print(
+            f"[rank {dist.get_rank() if dist.is_initialized() else 0}] resharded {step_uri} from "
+            f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint, "
+            f"{seconds:.1f}s)",
+            flush=True,
+        )
     else:
         path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
     if path is None:

@@ -84,11 +84,18 @@ class EMA:
         # ZeRO-3's optimizer keeps fp32 masters of each rank's slices: average those.
         self.masters = self.partitioned and hasattr(getattr(optimizer, "fp32_partitioned_groups_flat", None), "__len__")
         # ZeRO 0-2 training low-precision weights: DeepSpeed links each to its fp32 master fragment.
-        self.fragments = (not self.partitioned and any(hasattr(p, "_hp_mapping") for p in params.values())
-                          and any(params[n].dtype != torch.float32 for n in self.names))
-        self.source = ("fp32 master weights (ZeRO-3 optimizer slices)" if self.masters else
-                       "fp32 master weights (ZeRO 0-2 fragments per rank)" if self.fragments else
-                       "weights as fp32" + (" (ZeRO-3 slices)" if self.partitioned else ""))
+        self.fragments = (
+            not self.partitioned
+            and any(hasattr(p, "_hp_mapping") for p in params.values())
+            and any(params[n].dtype != torch.float32 for n in self.names)
+        )
+        self.source = (
+            "fp32 master weights (ZeRO-3 optimizer slices)"
+            if self.masters
+            else "fp32 master weights (ZeRO 0-2 fragments per rank)"
+            if self.fragments
+            else "weights as fp32" + (" (ZeRO-3 slices)" if self.partitioned else "")
+        )
         self.shadow = {n: self._initial(params[n]) for n in self.names}  # fp32 averages
 
     def _read(self, p: nn.Parameter) -> torch.Tensor:
@@ -117,8 +124,9 @@ class EMA:
         no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow, local = zip(*((self.shadow[n], self._read(p)) for n, p in self._params(model).items()
-                              if self.shadow[n].numel()))  # a rank may hold no fragment of a weight
+        shadow, local = zip(
+            *((self.shadow[n], self._read(p)) for n, p in self._params(model).items() if self.shadow[n].numel())
+        )  # a rank may hold no fragment of a weight
         local = [t if t.dtype == torch.float32 else t.float() for t in local]
         # One multi-tensor kernel rather than one launch per parameter (hundreds at DiT-XL).
         if keep is None:
@@ -145,8 +153,11 @@ class EMA:
             for n, p in parts.items():
                 p.ds_tensor.copy_(self.shadow[n])
         zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
-        gathered = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-                    if gather and zero3 else contextlib.nullcontext())
+        gathered = (
+            deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+            if gather and zero3
+            else contextlib.nullcontext()
+        )
         try:
             with gathered:
                 # Whole weights (no ZeRO-3, or ZeRO-3 persistent ones, fetched by the gather): swap
@@ -168,7 +179,7 @@ class EMA:
         for n, p in params.items():
             t = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             start = _fragment_start(p)
-            t[start:start + self.shadow[n].numel()] = self.shadow[n]
+            t[start : start + self.shadow[n].numel()] = self.shadow[n]
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(t)
             full[n] = t.view(p.shape)
@@ -194,8 +205,10 @@ class EMA:
             return ({"ema.safetensors": self.shadow} if rank == 0 else {}), {}
         if rank == 0:
             params = self._params(model)
-            layout = {n: {"shape": list(getattr(p, "ds_shape", p.shape)), "partitioned": _partitioned(p)}
-                      for n, p in params.items()}
+            layout = {
+                n: {"shape": list(getattr(p, "ds_shape", p.shape)), "partitioned": _partitioned(p)}
+                for n, p in params.items()
+            }
             files[SHARD_LAYOUT] = json.dumps({"world": world, "params": layout}).encode()
         return {shard_name(rank): self.shadow}, files
 
@@ -216,9 +229,14 @@ class EMA:
         meta = json.loads((folder / SHARD_LAYOUT).read_text())
         saved_fragments = any(i.get("fragments") for i in meta["params"].values())
         same_cut = meta["world"] == world and (
-            (self.partitioned and not saved_fragments) or
-            (self.fragments and saved_fragments and json.loads((folder / fragment_name(rank)).read_text()) ==
-             {n: _fragment_start(p) for n, p in self._params(model).items() if self.shadow[n].numel()}))
+            (self.partitioned and not saved_fragments)
+            or (
+                self.fragments
+                and saved_fragments
+                and json.loads((folder / fragment_name(rank)).read_text())
+                == {n: _fragment_start(p) for n, p in self._params(model).items() if self.shadow[n].numel()}
+            )
+        )
         if same_cut:  # this rank's own slices or fragments, as it saved them
             own = load_file(str(folder / shard_name(rank)))
             for n in self.names:
@@ -248,27 +266,34 @@ class EMA:
             t = full[n].float()
             if self.fragments:  # this rank's fragment: its run of the flattened weight
                 start = _fragment_start(p)
-                self.shadow[n].copy_(t.flatten()[start:start + self.shadow[n].numel()])
+                self.shadow[n].copy_(t.flatten()[start : start + self.shadow[n].numel()])
                 continue
             if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False):
                 part = self.shadow[n].numel()
-                flat = t.flatten()[rank * part:(rank + 1) * part]
+                flat = t.flatten()[rank * part : (rank + 1) * part]
                 t = torch.cat([flat, flat.new_zeros(part - flat.numel())])
             self.shadow[n].copy_(t.view_as(self.shadow[n]))
         self.num_updates = num_updates
 
     # Resume state of this rank (under ZeRO-3: its slices).
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "partitioned": self.partitioned,
-                "fragments": self.fragments, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "partitioned": self.partitioned,
+            "fragments": self.fragments,
+            "shadow": {n: t.clone() for n, t in self.shadow.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["partitioned"] != self.partitioned or state.get("fragments", False) != self.fragments:
             raise RuntimeError("EMA state was saved with a different ZeRO stage or precision (slices, fragments, full)")
         for n, t in state["shadow"].items():
             if t.shape != self.shadow[n].shape:
-                raise RuntimeError(f"EMA state for {n}: shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)} "
-                                   "(saved at another world size under ZeRO-3?)")
+                raise RuntimeError(
+                    f"EMA state for {n}: shape {tuple(t.shape)} != {tuple(self.shadow[n].shape)} "
+                    "(saved at another world size under ZeRO-3?)"
+                )
             self.shadow[n].copy_(t)
         self.decay, self.num_updates = state["decay"], state["num_updates"]
 
@@ -301,7 +326,7 @@ def consolidate_shards(folder) -> dict[str, torch.Tensor]:
             with safe_open(str(folder / shard_name(r)), "pt") as f:
                 for n, start in starts.items():
                     t = f.get_tensor(n).float()
-                    full[n][start:start + t.numel()] = t
+                    full[n][start : start + t.numel()] = t
         return {n: t.reshape(meta["params"][n]["shape"]).contiguous() for n, t in full.items()}
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in meta["params"]}
     for r in range(meta["world"]):

@@ -25,8 +25,14 @@ def deepspeed_config(spec: JobSpec, micro_batch: int | None = None, accum: int =
     extra = dict(spec.deepspeed.model_extra or {})
     # DeepSpeed counts bucket sizes in elements; the gradients it reduces are in the training dtype.
     bucket = int(spec.deepspeed.bucket_mb * 1e6 / (2 if uses_bf16(spec) else 4))
-    zero = {"stage": spec.deepspeed.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-            "overlap_comm": spec.deepspeed.overlap_comm, "contiguous_gradients": True, **extra.pop("zero_optimization", {})}
+    zero = {
+        "stage": spec.deepspeed.zero_stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "overlap_comm": spec.deepspeed.overlap_comm,
+        "contiguous_gradients": True,
+        **extra.pop("zero_optimization", {}),
+    }
     if spec.deepspeed.zero_stage == 3:
         zero.setdefault("stage3_prefetch_bucket_size", bucket)
     cfg = {
@@ -74,8 +80,10 @@ def convert_fp8(model: torch.nn.Module, device: torch.device) -> int:
         return model._ditforge_fp8
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         what = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        raise ValueError(f"train.precision: fp8 needs a GPU of compute capability 8.9+ (Ada, Hopper or later); "
-                         f"this worker has {what}")
+        raise ValueError(
+            f"train.precision: fp8 needs a GPU of compute capability 8.9+ (Ada, Hopper or later); "
+            f"this worker has {what}"
+        )
     return _swap_fp8(model)
 
 
@@ -88,8 +96,13 @@ def _swap_fp8(model: torch.nn.Module) -> int:
     def wanted(mod: torch.nn.Module, fqn: str) -> bool:
         # torchao's fp8 GEMMs need both dimensions divisible by 16
         parts = fqn.split(".")
-        return (isinstance(mod, torch.nn.Linear) and parts[0] in ("blocks", "mixer") and ("attn" in parts or "mlp" in parts)
-                and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
+        return (
+            isinstance(mod, torch.nn.Linear)
+            and parts[0] in ("blocks", "mixer")
+            and ("attn" in parts or "mlp" in parts)
+            and mod.in_features % 16 == 0
+            and mod.out_features % 16 == 0
+        )
 
     n = sum(1 for name, m in model.named_modules() if wanted(m, name))
     convert_to_float8_training(model, module_filter_fn=wanted)
@@ -101,8 +114,10 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
     import deepspeed
 
     if precision(spec) == "fp8":  # before compile: the float8 casts then fuse into the compiled blocks
-        convert_fp8(model, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                    else torch.device("cpu"))
+        convert_fp8(
+            model,
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
+        )
     compile_model(model, compile_mode(spec))
 
     if not spec.resources.use_gpu:
@@ -111,12 +126,14 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
     deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
     # fused (CPU kernels too): it honours `found_inf`, which skips a non-finite step without a
     # host sync (train/nonfinite.py).
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
-                            betas=(0.9, 0.999), fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay, betas=(0.9, 0.999), fused=True
+    )
     warmup = spec.train.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(spec, micro_batch, accum))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(spec, micro_batch, accum)
+    )
     return engine
 
 

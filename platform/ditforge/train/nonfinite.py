@@ -26,8 +26,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class NonFiniteGuard:
-    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, max_consecutive: int,
-                 debug_nan_steps: list[int] | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        max_consecutive: int,
+        debug_nan_steps: list[int] | None = None,
+    ):
         self.optimizer, self.max_consecutive = optimizer, max_consecutive
         self.debug_nan_steps = set(debug_nan_steps or ())
         # [skipped since the last read, skipped in this attempt, consecutive bad steps]
@@ -60,6 +65,8 @@ class NonFiniteGuard:
         return self.consecutive >= self.max_consecutive
 
     def message(self, step: int, checkpoint_uri: str) -> str:
-        return (f"train: the loss was NaN/Inf for {self.consecutive} consecutive steps up to step {step} "
-                f"(train.max_nonfinite_steps: {self.max_consecutive}); those steps were skipped, and the run "
-                f"stopped with a checkpoint of the last good weights at {checkpoint_uri}")
+        return (
+            f"train: the loss was NaN/Inf for {self.consecutive} consecutive steps up to step {step} "
+            f"(train.max_nonfinite_steps: {self.max_consecutive}); those steps were skipped, and the run "
+            f"stopped with a checkpoint of the last good weights at {checkpoint_uri}"
+        )

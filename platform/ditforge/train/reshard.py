@@ -32,9 +32,15 @@ def to_universal(folder: Path, out_root: Path) -> tuple[Path, float]:
 
     t0 = time.perf_counter()
     out = out_root / folder.name
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # our model has no Megatron-style TP info to add
+    args = argparse.Namespace(
+        input_folder=str(folder),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )  # our model has no Megatron-style TP info to add
     # its prints and progress bars would fill the job log
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ds_to_universal(args)

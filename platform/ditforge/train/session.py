@@ -52,8 +52,9 @@ class Session:
             rng = checkpoint.read_tensors(folder, f"rng_rank{self.rank}.safetensors")
             if rng is not None:
                 torch.set_rng_state(rng["torch"])
-            print(f"[rank {self.rank}] resumed from {source} at step {start} (data position {state['data']})",
-                  flush=True)
+            print(
+                f"[rank {self.rank}] resumed from {source} at step {start} (data position {state['data']})", flush=True
+            )
         if self.rank == 0:  # before any save of this attempt (the caller's next collective orders it)
             run_folder.discard_after(self.run_uri, start)
         self.tracker.tags({"ditforge.resumed_from_step": start})  # a tag: a restart logs it again
@@ -83,14 +84,24 @@ class Session:
                 f"checkpoint: the final checkpoint (step {step}) could not be written within "
                 f"checkpoint.final_timeout_s ({self.spec.checkpoint.final_timeout_s:.0f}s): "
                 f"{(stats.error if stats else None) or 'see rank 0'}; newest complete checkpoint: "
-                + (f"{newest} (`ditforge export {newest}`, or resubmit with --resume to continue from it)"
-                   if newest else "none"))
+                + (
+                    f"{newest} (`ditforge export {newest}`, or resubmit with --resume to continue from it)"
+                    if newest
+                    else "none"
+                )
+            )
 
 
 def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
     if stats.ok:
-        tracker.log({"checkpoint/upload_s": stats.upload_s, "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
-                     "checkpoint/MB": stats.bytes / 1e6}, stats.step)
+        tracker.log(
+            {
+                "checkpoint/upload_s": stats.upload_s,
+                "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
+                "checkpoint/MB": stats.bytes / 1e6,
+            },
+            stats.step,
+        )
     else:
         tracker.log({"checkpoint/failed": 1.0}, stats.step)
 
@@ -106,12 +117,22 @@ def worker_session(config: dict):
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives (sampling's gather) use the current device
-    tracker = (Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
-               if rank == 0 else NullTracker())
+    tracker = (
+        Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
+        if rank == 0
+        else NullTracker()
+    )
     run_uri = config["run_uri"]
-    ckpt = checkpoint.Checkpointer(run_uri, rank, world, spec.checkpoint.keep_last, spec.checkpoint.keep_every,
-                                   spec.checkpoint.upload_timeout_s, on_done=lambda s: _log_upload(tracker, s),
-                                   final_timeout_s=spec.checkpoint.final_timeout_s)
+    ckpt = checkpoint.Checkpointer(
+        run_uri,
+        rank,
+        world,
+        spec.checkpoint.keep_last,
+        spec.checkpoint.keep_every,
+        spec.checkpoint.upload_timeout_s,
+        on_done=lambda s: _log_upload(tracker, s),
+        final_timeout_s=spec.checkpoint.final_timeout_s,
+    )
     run_folder.record_process(run_uri, f"rank_{rank}")
     try:
         yield Session(spec, config, rank, world, device, tracker, ckpt, run_uri)
@@ -123,8 +144,11 @@ def teardown(ckpt: checkpoint.Checkpointer, tracker) -> None:
     """Not collective (other ranks may be gone): bounded on every way out."""
     stats = ckpt.close(UPLOAD_CLOSE_S)  # a normal end has waited already: nothing in flight
     if stats is not None and not stats.ok:
-        print(f"[rank {ckpt.rank}] checkpoint step {stats.step} left incomplete (no manifest): "
-              f"{stats.error or 'upload did not finish'}", flush=True)
+        print(
+            f"[rank {ckpt.rank}] checkpoint step {stats.step} left incomplete (no manifest): "
+            f"{stats.error or 'upload did not finish'}",
+            flush=True,
+        )
     tracker.close(FLUSH_TIMEOUT_S)
     if dist.is_initialized():
         dist.destroy_process_group()  # without it gloo workers sometimes abort at exit

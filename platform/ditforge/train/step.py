@@ -15,8 +15,7 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
-def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, given=None,
-               more=()):
+def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, given=None, more=()):
     """One optimizer step → (loss, good), both 0-d device tensors: no host sync. `guard`
     (train/nonfinite.py) makes the optimizer and the EMA skip a step whose loss is NaN/Inf; `good`
     is 0 for such a step. `ditforge bench` times exactly this function against a plain loop.
@@ -25,6 +24,7 @@ def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=No
     `more`: further micro-batches `(x, cond, gen, given)` of the same optimizer step (gradient
     accumulation, `data.global_batch`), run first. DeepSpeed divides each loss by its
     `gradient_accumulation_steps` and its `step()` only updates at the last micro-batch."""
+
     def loss_of(xm, cm, gm, gv):
         return objective.loss(engine, xm, cm, gm, mask_ratio=mask_ratio, **({"given": gv} if gv is not None else {}))
 

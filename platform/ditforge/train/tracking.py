@@ -51,8 +51,9 @@ class Tracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=5, samples_before_logging=1,
-                                                tracking_uri=self.tracking_uri)
+            self._system = SystemMetricsMonitor(
+                self.run_id, sampling_interval=5, samples_before_logging=1, tracking_uri=self.tracking_uri
+            )
             self._system.start()
         except Exception as e:  # psutil missing or similar: metrics still work without it
             print(f"system metrics off: {e}", flush=True)
@@ -143,8 +144,9 @@ class Tracker:
                     continue
                 self.failures += 1
                 if self.failures == 1 or self.failures % 10 == 0:
-                    print(f"MLflow unreachable ({type(e).__name__}); buffering {len(self._pending)} records",
-                          flush=True)
+                    print(
+                        f"MLflow unreachable ({type(e).__name__}); buffering {len(self._pending)} records", flush=True
+                    )
                 return False
             with self._lock:
                 for _ in range(max(n, 1)):
@@ -153,7 +155,9 @@ class Tracker:
     def tags(self, tags: dict) -> None:
         if tags:
             with self._lock:
-                self._pending.append(("tags", [mlflow.entities.RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()]))
+                self._pending.append(
+                    ("tags", [mlflow.entities.RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
+                )
 
 
 def _rejected(e: Exception) -> bool:
@@ -200,8 +204,15 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
 
-def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, *,
-               parent_run_id: str | None = None, resumed_from: str | None = None) -> str:
+def create_run(
+    tracking_uri: str,
+    spec,
+    run_name: str,
+    source_yaml: str | None,
+    *,
+    parent_run_id: str | None = None,
+    resumed_from: str | None = None,
+) -> str:
     """One MLflow run per job, created before submission so its id and link exist at once. A
     resumed run is a child of the run it continues (nested in the UI)."""
     import yaml
@@ -217,8 +228,7 @@ def create_run(tracking_uri: str, spec, run_name: str, source_yaml: str | None, 
         tags["mlflow.parentRunId"] = parent_run_id  # the UI nests the resumed run under its parent
     if resumed_from:
         tags["ditforge.resumed_from"] = resumed_from
-    run = client.create_run(exp_id, run_name=run_name if not parent_run_id else f"{run_name}-resume",
-                            tags=tags)
+    run = client.create_run(exp_id, run_name=run_name if not parent_run_id else f"{run_name}-resume", tags=tags)
     run_id = run.info.run_id
     dump = redact_obj(spec.model_dump(mode="json"))  # specs hold no secrets; this makes sure
     params = flatten(dump)
@@ -246,8 +256,11 @@ def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2
             if i == attempts - 1:
                 raise
             wait = base_delay_s * 2**i
-            print(f"ditforge: {what} failed ({type(e).__name__}: {str(e)[:200]}); retrying in {wait:.0f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"ditforge: {what} failed ({type(e).__name__}: {str(e)[:200]}); retrying in {wait:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(wait)
 
 
@@ -259,5 +272,8 @@ def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = 
             retry_final(client.set_tag, run_id, "ditforge.error", redact(error)[:500], what="tagging the run")
         retry_final(client.set_terminated, run_id, status, what=f"ending the MLflow run as {status}")
     except Exception as e:
-        print(f"ditforge: could not end MLflow run {run_id} as {status}: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        print(
+            f"ditforge: could not end MLflow run {run_id} as {status}: {type(e).__name__}: {e}",
+            file=sys.stderr,
+            flush=True,
+        )

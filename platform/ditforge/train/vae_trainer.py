@@ -28,7 +28,9 @@ from .step import step_generator
 def _decode(sample: dict) -> np.ndarray:
     """A pixel-shard sample → (3, H, W) or (3, T, H, W) float32 in [-1, 1]."""
     if "frames.npy" in sample:
-        arr = shards.npy_load(sample["frames.npy"]).astype(np.float32).transpose(3, 0, 1, 2)  # (T, H, W, 3) → (3, T, H, W)
+        arr = (
+            shards.npy_load(sample["frames.npy"]).astype(np.float32).transpose(3, 0, 1, 2)
+        )  # (T, H, W, 3) → (3, T, H, W)
     else:
         arr = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
     return arr / 127.5 - 1.0
@@ -47,8 +49,10 @@ class PixelBatches:
         self.uri, self.batch_size, self.rank, self.seed = uri, batch_size, rank, seed
         self.mine = manifest["shards"][rank::world] or manifest["shards"]
         if not any(e["samples"] >= batch_size for e in self.mine):
-            raise shards.DataError(f"{uri}: no shard of rank {rank} holds a full batch of {batch_size}: "
-                                   "lower data.batch_size or write bigger shards")
+            raise shards.DataError(
+                f"{uri}: no shard of rank {rank} holds a full batch of {batch_size}: "
+                "lower data.batch_size or write bigger shards"
+            )
         self.position = {"epoch": 0, "batch": 0}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -67,7 +71,9 @@ class PixelBatches:
                     if b <= skip:
                         continue
                     self.position = {"epoch": epoch, "batch": b}
-                    yield torch.from_numpy(np.stack([_decode(s) for s in samples[i * self.batch_size:(i + 1) * self.batch_size]]))
+                    yield torch.from_numpy(
+                        np.stack([_decode(s) for s in samples[i * self.batch_size : (i + 1) * self.batch_size]])
+                    )
             epoch, skip = epoch + 1, 0
 
 
@@ -80,8 +86,9 @@ def _train_vae(run: Session) -> None:
     spec, rank, world, device, tracker, v = run.spec, run.rank, run.world, run.device, run.tracker, run.spec.vae
     loader = PixelBatches(spec.data.train, spec.data.fixed_batch(), rank, world, spec.train.seed)
     torch.manual_seed(spec.train.seed)
-    net = KLAutoencoder(v.latent_channels, v.base_channels, v.downsample, v.temporal_downsample,
-                        video=spec.data.frames > 1)
+    net = KLAutoencoder(
+        v.latent_channels, v.base_channels, v.downsample, v.temporal_downsample, video=spec.data.frames > 1
+    )
     engine = build_engine(net, spec)
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
     start, state, folder = run.resume(engine)
@@ -93,8 +100,14 @@ def _train_vae(run: Session) -> None:
 
     def save(step: int, final: bool = False) -> None:
         tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
-        run.ckpt.save(engine, step, {"step": step, "data": loader.position}, tensors=tensors,
-                      rank_state={"data": loader.position}, final=final)
+        run.ckpt.save(
+            engine,
+            step,
+            {"step": step, "data": loader.position},
+            tensors=tensors,
+            rank_state={"data": loader.position},
+            final=final,
+        )
 
     batches = iter(loader)
     t_last, n = time.perf_counter(), 0
@@ -112,9 +125,12 @@ def _train_vae(run: Session) -> None:
             dist.all_reduce(mse_sum)
             good_steps = n - guard.read()
             elapsed = time.perf_counter() - t_last
-            m = {"vae/recon_mse": mse_sum.item() / (good_steps * world) if good_steps else float("nan"),
-                 "train/step": step, "train/skipped_nonfinite": guard.total,
-                 "train/samples_per_s": n * spec.data.fixed_batch() * world / elapsed}
+            m = {
+                "vae/recon_mse": mse_sum.item() / (good_steps * world) if good_steps else float("nan"),
+                "train/step": step,
+                "train/skipped_nonfinite": guard.total,
+                "train/samples_per_s": n * spec.data.fixed_batch() * world / elapsed,
+            }
             tracker.log({k: val for k, val in m.items() if val == val}, step)
             if rank == 0:
                 print(f"step {step}/{spec.train.steps} recon mse {m['vae/recon_mse']:.4f}", flush=True)

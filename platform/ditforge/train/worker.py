@@ -51,8 +51,15 @@ def _train(run: Session) -> None:
 
     # --- build: data, model, engine, objective ------------------------------------------------
     def make_loader(batch_size: int) -> LatentLoader:
-        return LatentLoader(spec.data.train, batch_size, rank, world, spec.train.seed,
-                            max_bad_fraction=spec.data.max_bad_fraction, storage_timeout_s=spec.data.storage_timeout_s)
+        return LatentLoader(
+            spec.data.train,
+            batch_size,
+            rank,
+            world,
+            spec.train.seed,
+            max_bad_fraction=spec.data.max_bad_fraction,
+            storage_timeout_s=spec.data.storage_timeout_s,
+        )
 
     loader = make_loader(spec.data.fixed_batch())
     latent_shape = tuple(loader.latent_shape)  # (C, h, w) or (C, T, h, w): the most common bucket's
@@ -60,8 +67,9 @@ def _train(run: Session) -> None:
     dtype = torch.bfloat16 if uses_bf16(spec) else torch.float32
     text_encoder = _text_encoder(spec, device, dtype)  # frozen, outside DeepSpeed (see models/text.py)
     video_tasks = spec.train.video_tasks if len(latent_shape) == 4 else None  # VDT task mixture (videos)
-    dit_cfg = dit_config(spec.model, C, text_dim=text_encoder.dim if text_encoder else 0,
-                         given_tokens=video_tasks is not None)
+    dit_cfg = dit_config(
+        spec.model, C, text_dim=text_encoder.dim if text_encoder else 0, given_tokens=video_tasks is not None
+    )
     # Resolve the attention kernel once, here, so the name logged is the kernel that runs.
     dit_cfg.attention = attention.resolve(spec.model.attention, device, dtype, dit_cfg.hidden // dit_cfg.heads)
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
@@ -72,14 +80,20 @@ def _train(run: Session) -> None:
         convert_fp8(model, device)
     objective = build_objective(spec.objective)
     # data.batch_size: auto probes this GPU (train/batch.py); a fixed batch, or CPU, just plans accumulation.
-    probe = (lambda: _probe_batch(spec, model, objective, loader, text_encoder, device, dtype, world)) \
-        if spec.data.batch_size == "auto" and device.type == "cuda" else None
+    probe = (
+        (lambda: _probe_batch(spec, model, objective, loader, text_encoder, device, dtype, world))
+        if spec.data.batch_size == "auto" and device.type == "cuda"
+        else None
+    )
     plan = batch_plan.plan_batch(spec, world, probe)
     if plan.micro != loader.batch_size:
         loader = make_loader(plan.micro)
     if rank == 0:
-        print(f"batch: {plan.micro} per worker x {world} workers x {plan.accum} accumulation steps "
-              f"({plan.source}{', probed ' + str(plan.probed) if plan.probed else ''})", flush=True)
+        print(
+            f"batch: {plan.micro} per worker x {world} workers x {plan.accum} accumulation steps "
+            f"({plan.source}{', probed ' + str(plan.probed) if plan.probed else ''})",
+            flush=True,
+        )
     engine = build_engine(model, spec, plan.micro, plan.accum)
     ema = EMA(engine.module, spec.train.ema_decay, engine.optimizer) if spec.train.ema_decay > 0 else None
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
@@ -97,47 +111,78 @@ def _train(run: Session) -> None:
         if world_sizes[-1][1] != world:
             world_sizes.append([start, world])
             if rank == 0:
-                print(f"world size {world_sizes[-2][1]} -> {world} at step {start} (global batch "
-                      f"{plan.micro * plan.accum * world}, lr x{spec.resources.lr_factor(world):g})", flush=True)
+                print(
+                    f"world size {world_sizes[-2][1]} -> {world} at step {start} (global batch "
+                    f"{plan.micro * plan.accum * world}, lr x{spec.resources.lr_factor(world):g})",
+                    flush=True,
+                )
     run.done_resuming(folder)
     scale_lr(engine, spec, world)
     # an elastic run's world size changes within one MLflow run: a metric and a tag, never a param
-    tracker.params({"model.params": param_count(model), "model.latent_shape": list(latent_shape),
-                    **({} if spec.resources.elastic else {"world_size": world}),
-                    "attention.backend": dit_cfg.attention, "model.tokens": _tokens(dit_cfg, latent_shape),
-                    "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
-                    "precision": precision(spec), "ema.source": ema.source if ema else "off"})
+    tracker.params(
+        {
+            "model.params": param_count(model),
+            "model.latent_shape": list(latent_shape),
+            **({} if spec.resources.elastic else {"world_size": world}),
+            "attention.backend": dit_cfg.attention,
+            "model.tokens": _tokens(dit_cfg, latent_shape),
+            "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
+            "precision": precision(spec),
+            "ema.source": ema.source if ema else "off",
+        }
+    )
     # tags, not params: a restart on another GPU may probe another batch, an elastic one change size
     tracker.tags({**plan.tags(), "ditforge.world_sizes": ",".join(f"{s}:{w}" for s, w in world_sizes)})
-    model_json = json.dumps({"dit": dataclasses.asdict(dit_cfg), "latent_shape": list(latent_shape),
-                             "vae": spec.vae.model_dump(mode="json"), "sample": spec.sample.model_dump(mode="json"),
-                             "objective": spec.objective.model_dump(mode="json"),
-                             "classes": loader.manifest.get("classes", []), "job": spec.name,
-                             # the tasks `ditforge sample --task` may ask for
-                             "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None}).encode()
+    model_json = json.dumps(
+        {
+            "dit": dataclasses.asdict(dit_cfg),
+            "latent_shape": list(latent_shape),
+            "vae": spec.vae.model_dump(mode="json"),
+            "sample": spec.sample.model_dump(mode="json"),
+            "objective": spec.objective.model_dump(mode="json"),
+            "classes": loader.manifest.get("classes", []),
+            "job": spec.name,
+            # the tasks `ditforge sample --task` may ask for
+            "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None,
+        }
+    ).encode()
 
     def save(step: int, final: bool = False) -> None:
-        files = {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json} \
-            if rank == 0 else {}
+        files = (
+            {"spec.yaml": yaml.safe_dump(redact_obj(spec.model_dump(mode="json"))).encode(), "model.json": model_json}
+            if rank == 0
+            else {}
+        )
         tensors = {f"rng_rank{rank}.safetensors": {"torch": torch.get_rng_state()}}
         if ema:  # no gather: each rank its own slices / fragments, or rank 0 the full fp32 average
             ema_tensors, ema_files = ema.shard_files(engine.module, rank, world)
             tensors.update(ema_tensors)
             files.update(ema_files)
-        stall = run.ckpt.save(engine, step, {"step": step, "data": batches.position.to_dict(),
-                                             "world_sizes": world_sizes,
-                                             "ema_updates": ema.num_updates if ema else 0},
-                              files=files, tensors=tensors, rank_state={"data": batches.position.to_dict()},
-                              final=final)
+        stall = run.ckpt.save(
+            engine,
+            step,
+            {
+                "step": step,
+                "data": batches.position.to_dict(),
+                "world_sizes": world_sizes,
+                "ema_updates": ema.num_updates if ema else 0,
+            },
+            files=files,
+            tensors=tensors,
+            rank_state={"data": batches.position.to_dict()},
+            final=final,
+        )
         tracker.log({"checkpoint/stall_s": stall}, step)
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
     # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
     node_ids: list = [None] * world
     dist.all_gather_object(node_ids, (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
-    tracker.tags({f"ditforge.node_id.rank{r}": n for r, (n, _) in enumerate(node_ids)}
-                 | {f"ditforge.node_ip.rank{r}": ip for r, (_, ip) in enumerate(node_ids)}
-                 | {"ditforge.process_group": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"})
+    tracker.tags(
+        {f"ditforge.node_id.rank{r}": n for r, (n, _) in enumerate(node_ids)}
+        | {f"ditforge.node_ip.rank{r}": ip for r, (_, ip) in enumerate(node_ids)}
+        | {"ditforge.process_group": f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"}
+    )
 
     # --- train ------------------------------------------------------------------------------
     batches = DevicePrefetcher(loader, device, dtype)  # (B, ...) latents already on the device, in `dtype`
@@ -156,8 +201,14 @@ def _train(run: Session) -> None:
         gen = step_generator(spec.train.seed, step, rank + k * world, device)
         given = None
         if video_tasks is not None and x.dim() == 5:  # from the step's generator: a resume draws the same masks
-            given, _ = tasks.draw(video_tasks.weights(), video_tasks.k, x.shape[0],
-                                  tasks.token_grid(tuple(x.shape[1:]), spec.model.patch, spec.model.patch_t), gen, device)
+            given, _ = tasks.draw(
+                video_tasks.weights(),
+                video_tasks.k,
+                x.shape[0],
+                tasks.token_grid(tuple(x.shape[1:]), spec.model.patch, spec.model.patch_t),
+                gen,
+                device,
+            )
         return x, cond, gen, given
 
     for step in range(start + 1, spec.train.steps + 1):
@@ -174,18 +225,27 @@ def _train(run: Session) -> None:
             skipped = guard.read()
             mean_loss = loss_sum.item() / (world * (steps_since - skipped)) if steps_since > skipped else float("nan")
             elapsed = time.perf_counter() - t_last
-            metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0], "train/step": step, "train/world_size": world,
-                       "train/skipped_nonfinite": guard.total,
-                       "train/step_s": elapsed / steps_since,
-                       "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
-                       "train/mask_ratio": ratio, "train/tflops_per_s": flops_since * world / elapsed / 1e12}
+            metrics = {
+                "train/loss": mean_loss,
+                "train/lr": engine.get_lr()[0],
+                "train/step": step,
+                "train/world_size": world,
+                "train/skipped_nonfinite": guard.total,
+                "train/step_s": elapsed / steps_since,
+                "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
+                "train/mask_ratio": ratio,
+                "train/tflops_per_s": flops_since * world / elapsed / 1e12,
+            }
             skipped = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
             dist.all_reduce(skipped)  # bad samples skipped so far, summed over ranks
             metrics.update(skipped_metrics(skipped.tolist()))
             tracker.log({k: v for k, v in metrics.items() if v == v}, step)  # no loss when all were skipped
             if rank == 0:
-                print(f"step {step}/{spec.train.steps} loss {mean_loss:.4f} "
-                      f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
+                print(
+                    f"step {step}/{spec.train.steps} loss {mean_loss:.4f} "
+                    f"{metrics['train/samples_per_s']:.1f} samples/s",
+                    flush=True,
+                )
             loss_sum.zero_()
             t_last, steps_since, flops_since = time.perf_counter(), 0, 0.0
             stopping = run.stop_requested()  # `ditforge stop`: leave after this step
@@ -233,8 +293,12 @@ def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, 
         return _conditioning(spec, y, [""] * b if spec.model.text != "none" else None, text_encoder, device)
 
     probed = batch_plan.probe_buckets(
-        lambda shape: batch_plan.cuda_measure(model, objective, shape, cond_of, device, dtype), shapes, budget,
-        ab.multiple, cap)
+        lambda shape: batch_plan.cuda_measure(model, objective, shape, cond_of, device, dtype),
+        shapes,
+        budget,
+        ab.multiple,
+        cap,
+    )
     # Every rank must run the same micro-batches (ZeRO reduces gradients in each backward): the
     # smallest GPU decides.
     names = sorted(probed)
@@ -248,9 +312,10 @@ def _bucket_shapes(loader) -> dict[str, tuple[int, ...]]:
     buckets = loader.manifest.get("buckets") or {}
     shapes = {name: tuple(b["shape"]) for name, b in buckets.items() if b.get("shape")}
     if not shapes:
-        shapes = {"x".join(map(str, s["shape"])): tuple(s["shape"]) for s in loader.manifest["shards"] if s.get("shape")}
+        shapes = {
+            "x".join(map(str, s["shape"])): tuple(s["shape"]) for s in loader.manifest["shards"] if s.get("shape")
+        }
     return shapes or {"default": tuple(loader.latent_shape)}
-
 
 
 def mask_ratio_at(spec: JobSpec, step: int) -> float:
@@ -280,8 +345,11 @@ def _conditioning(spec: JobSpec, y, captions, text_encoder, device) -> dict:
     if spec.model.text != "none":
         if captions is None:
             raise DataError(f"{spec.data.train}: model.text is {spec.model.text!r} but the loader yields no captions")
-        cond["text"] = (tokenize_bytes(list(captions), spec.model.text_len).to(device) if text_encoder is None
-                        else text_encoder.encode(list(captions)))
+        cond["text"] = (
+            tokenize_bytes(list(captions), spec.model.text_len).to(device)
+            if text_encoder is None
+            else text_encoder.encode(list(captions))
+        )
     return cond
 
 
@@ -292,25 +360,40 @@ def _sampling_weights(engine, ema):
 
     model = engine.module
     # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
-    with (ema.swapped_in(model, gather=True) if ema
-          else deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)):
+    with (
+        ema.swapped_in(model, gather=True)
+        if ema
+        else deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    ):
         yield model
 
 
-def _sample(engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, world: int,
-            step: int) -> None:
+def _sample(
+    engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, world: int, step: int
+) -> None:
     """Collective: every rank generates and decodes its share of the grid (inference/sampling.py)."""
     with _sampling_weights(engine, ema) as model:
         out = os.path.join(tempfile.mkdtemp(), f"step_{step:08d}.png")
-        for path in sample_grid(model, latent_shape, spec.sample, spec.vae, out, device, uses_bf16(spec),
-                                objective=objective, rank=rank, world=world):
+        for path in sample_grid(
+            model,
+            latent_shape,
+            spec.sample,
+            spec.vae,
+            out,
+            device,
+            uses_bf16(spec),
+            objective=objective,
+            rank=rank,
+            world=world,
+        ):
             tracker.artifact(path, "samples")
         if rank == 0:
             print(f"samples at step {step} → MLflow samples/{os.path.basename(out)}", flush=True)
 
 
-def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, world: int,
-              step: int):
+def _evaluate(
+    engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, world: int, step: int
+):
     """Generated-set quality (evaluate/quality.py): class accuracy and Fréchet distance, to MLflow.
     Collective: each rank generates, decodes and classifies its share in chunks of
     `eval.batch_size` on its device; only the classifier's features travel to rank 0. For a
@@ -336,32 +419,61 @@ def _evaluate(engine, ema, objective, spec: JobSpec, loader, latent_shape, devic
     metrics: dict[str, float] = {}
     with _sampling_weights(engine, ema) as model:
         if run_quality:
-            mine = generate_chunks(model, objective, latent_shape, y, len(y), sample_spec, device, uses_bf16(spec),
-                                   spec.eval.batch_size, lambda z: quality.classify(classifier, vae.decode(z)),
-                                   rank, world)
+            mine = generate_chunks(
+                model,
+                objective,
+                latent_shape,
+                y,
+                len(y),
+                sample_spec,
+                device,
+                uses_bf16(spec),
+                spec.eval.batch_size,
+                lambda z: quality.classify(classifier, vae.decode(z)),
+                rank,
+                world,
+            )
             parts = gather_chunks(mine, world)
             if parts is not None:
                 feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
                 metrics.update(quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames))
-                print(f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-                      f"FD {metrics['quality/fd']:.3f}", flush=True)
+                print(
+                    f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
+                    f"FD {metrics['quality/fd']:.3f}",
+                    flush=True,
+                )
         if run_tasks and rank == 0:
             from ..evaluate import task_quality
 
             if hasattr(vae, "net"):
                 vae.net.cpu()  # task scoring decodes on the CPU
             task_metrics, examples = task_quality.score_tasks(
-                model, objective, vae, video_tasks.trained(), latent_shape, res, frames,
+                model,
+                objective,
+                vae,
+                video_tasks.trained(),
+                latent_shape,
+                res,
+                frames,
                 spec.sample.model_copy(update={"steps": spec.eval.steps, "seed": spec.sample.seed + 2}),
-                video_tasks.k[1], spec.eval.task_clips, device, classifier.cpu() if classifier is not None else None,
-                uses_bf16(spec))
+                video_tasks.k[1],
+                spec.eval.task_clips,
+                device,
+                classifier.cpu() if classifier is not None else None,
+                uses_bf16(spec),
+            )
             metrics.update(task_metrics)
             folder = tempfile.mkdtemp()
             for task, ex in examples.items():
-                tracker.artifact(task_quality.task_gif(*ex, os.path.join(folder, f"{task}_step_{step:08d}.gif")), "tasks")
+                tracker.artifact(
+                    task_quality.task_gif(*ex, os.path.join(folder, f"{task}_step_{step:08d}.gif")), "tasks"
+                )
             for task in examples:
-                print(f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
-                      f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})", flush=True)
+                print(
+                    f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
+                    f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})",
+                    flush=True,
+                )
     if rank == 0 and metrics:
         metrics["quality/seconds"] = time.perf_counter() - t0
         tracker.log(metrics, step)
