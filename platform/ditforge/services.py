@@ -93,8 +93,7 @@ def use_client_auth(host: str | None = None) -> None:
     (default: what `up` recorded). Called by `up` and once by the CLI, never as a side effect of
     looking up an address."""
     if host is None:
-        saved = storage.home() / "run" / "ports.json"
-        host = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else "127.0.0.1"
+        host = _saved_ports().get("host", "127.0.0.1")
     if not credentials.is_loopback(host):
         credentials.use_mlflow_credentials()
     credentials.use_ray_token()
@@ -118,12 +117,21 @@ def advertised(host: str) -> str:
             return "127.0.0.1"  # no route out: nothing beyond this machine can reach us anyway
 
 
+def _ports_file() -> Path:
+    return storage.home() / "run" / "ports.json"
+
+
+def _saved_ports() -> dict:
+    """What `up` chose (`run/ports.json`: the ports and the host), or {} before any `up`."""
+    saved = _ports_file()
+    return json.loads(saved.read_text()) if saved.exists() else {}
+
+
 def endpoints(cluster: EmbeddedCluster | None = None) -> Endpoints:
     ports = (cluster or EmbeddedCluster()).ports
     host = cluster.host if cluster else "127.0.0.1"
-    saved = storage.home() / "run" / "ports.json"
-    if cluster is None and saved.exists():  # commands without a cluster file use what `up` chose
-        p = json.loads(saved.read_text())
+    p = _saved_ports() if cluster is None else {}
+    if p:  # commands without a cluster file use what `up` chose
         mlflow, dash, gcs = p["mlflow"], p["ray_dashboard"], p["ray_gcs"]
         host = p.get("host", "127.0.0.1")
     else:
@@ -530,13 +538,13 @@ def up(cluster: EmbeddedCluster | None = None, *, ray: bool = True) -> Endpoints
 
 def _up(cluster: EmbeddedCluster, auth: dict, *, ray: bool = True) -> Endpoints:
     dirs()
-    saved = storage.home() / "run" / "ports.json"
-    was = json.loads(saved.read_text()).get("host", "127.0.0.1") if saved.exists() else cluster.host
+    p = _saved_ports()
+    was = p.get("host", "127.0.0.1") if p else cluster.host
     if was != cluster.host and any(running(n) for n in ("s3", "mlflow", "ray")):
         raise ServiceError(
             f"host {cluster.host}: the services run bound to {was}; stop them first (`ditforge services down`)"
         )
-    saved.write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
+    _ports_file().write_text(json.dumps(cluster.ports.model_dump() | {"host": cluster.host}))
     credentials.ensure_ray_token()  # before use_client_auth, which hands it to this process's Ray clients
     use_client_auth(cluster.host)
     start_s3(cluster.host)

@@ -52,7 +52,7 @@ def _make_bench_quick() -> list[str]:
 def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     """Every section (train, attention, data, checkpoint) runs and reports no error; the train rows carry
     every field. (Once, the data section's lazy import failed only outside --quick: see
-    test_readme_commands.py::test_every_relative_import_resolves.) The data section streams from
+    tests/unit/test_layering.py::test_every_relative_import_resolves.) The data section streams from
     the embedded S3 server too, so the services are up (alone, the S3 figure was an error row)."""
     out = tmp_path / "bench.json"
     args = _make_bench_quick()

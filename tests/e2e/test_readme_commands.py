@@ -1,14 +1,9 @@
 """Every command the README gives runs in CI, at least as a quick smoke run, so none can rot
 unseen: the README's commands are extracted and each must be listed in RUN_BY with the test that
-runs it; the ones no other test runs are smoke-run here. Also: every relative import in the
-package resolves (a lazy `from .data.parallel import ...` inside a function once broke `make bench`
-only when its branch ran)."""
+runs it; the ones no other test runs are smoke-run here."""
 
 from __future__ import annotations
 
-import ast
-import importlib
-import importlib.util
 import re
 import subprocess
 
@@ -104,29 +99,6 @@ def test_every_readme_command_is_run_by_a_test():
             assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), (key, where)
         else:
             assert (REPO / where).exists(), (key, where)
-
-
-def _relative_imports(path):
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
-            yield node.lineno, base, [a.name for a in node.names] if node.module is None else []
-
-
-def test_every_relative_import_resolves():
-    """Including the ones inside functions, which only fail when their branch runs."""
-    bad = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for line, base, names in _relative_imports(path):
-            targets = [f"{base}.{n}" for n in names] if names else [base]
-            for t in targets:
-                found = importlib.util.find_spec(t) is not None or (
-                    names and hasattr(importlib.import_module(base), t.rsplit(".", 1)[1])
-                )
-                if not found:
-                    bad.append(f"{path.relative_to(REPO)}:{line}: {t}")
-    assert not bad, bad
 
 
 def test_make_targets_run_what_the_readme_says():

@@ -25,7 +25,7 @@ from ditforge.cluster.jobs import jobs_client
 from ditforge.data.encode import encode_dataset
 from ditforge.data.ingest import ingest_shapes
 from ditforge.models.vae import IdentityVAE
-from ditforge.runs.folder import PROCS, complete_steps
+from ditforge.runs.folder import complete_steps, read_process
 from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
@@ -89,7 +89,7 @@ def pid_of(rec: dict, name: str, newer_than: float = 0.0, timeout: float = 300) 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            info = json.loads(storage.read_bytes(storage.join(rec["run_uri"], PROCS, f"{name}.json")))
+            info = read_process(rec["run_uri"], name)
             if info["started"] > newer_than:
                 return info["pid"]
         except (FileNotFoundError, storage.StorageUnavailable):  # not yet; or another test's S3 outage

@@ -316,8 +316,7 @@ def run_job(c: SlurmCluster, state: Path, dashboard: str, sig: Signals, restart:
     spec = JobSpec.model_validate(job["spec"])
     use_mlflow_credentials()
     mlf = MlflowClient(job["tracking_uri"])
-    if folder.stop_marked(job["run_uri"]):  # the stop that ended the previous allocation is done
-        folder.clear_stop(job["run_uri"])
+    folder.clear_stop(job["run_uri"])  # the stop that ended the previous allocation is done
     if restart:  # the same MLflow run goes on
         mlf.update_run(job["mlflow_run_id"], status="RUNNING")
         mlf.set_tag(job["mlflow_run_id"], "ditforge.stopped", "false")
