@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,16 @@ class Session:
     def stop_requested(self) -> bool:
         return checkpoint.stop_requested(self.run_uri, self.device)
 
+    def fail_together(self, error: Exception) -> NoReturn:
+        """Every rank raises `error` at this step (a decision all ranks share). Ray Train stops the
+        whole worker group at the first rank's error, which would cut rank 0's teardown short and
+        lose the step's buffered metrics: so rank 0 delivers them first and no rank raises before."""
+        self.ckpt.wait()
+        self.tracker.drain(FLUSH_TIMEOUT_S)
+        if self.world > 1:
+            dist.barrier()
+        raise error
+
     def final_save(self, save, step: int) -> None:
         """The last checkpoint, complete before anything else happens (sampling, evaluation, the
         driver's export): `save(step, final=True)` retries its upload until
@@ -80,14 +91,16 @@ class Session:
             dist.broadcast(ok, src=0)  # only rank 0 knows whether the manifest went out
         if not ok.item():
             newest = run_folder.newest_complete(self.run_uri)
-            raise checkpoint.FinalCheckpointFailed(
-                f"checkpoint: the final checkpoint (step {step}) could not be written within "
-                f"checkpoint.final_timeout_s ({self.spec.checkpoint.final_timeout_s:.0f}s): "
-                f"{(stats.error if stats else None) or 'see rank 0'}; newest complete checkpoint: "
-                + (
-                    f"{newest} (`ditforge export {newest}`, or resubmit with --resume to continue from it)"
-                    if newest
-                    else "none"
+            self.fail_together(
+                checkpoint.FinalCheckpointFailed(
+                    f"checkpoint: the final checkpoint (step {step}) could not be written within "
+                    f"checkpoint.final_timeout_s ({self.spec.checkpoint.final_timeout_s:.0f}s): "
+                    f"{(stats.error if stats else None) or 'see rank 0'}; newest complete checkpoint: "
+                    + (
+                        f"{newest} (`ditforge export {newest}`, or resubmit with --resume to continue from it)"
+                        if newest
+                        else "none"
+                    )
                 )
             )
 

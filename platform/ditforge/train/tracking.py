@@ -83,11 +83,7 @@ class Tracker:
                 self._system.finish()
             except Exception:
                 pass
-        deadline = time.time() + timeout
-        while self._pending and time.time() < deadline:
-            self._flush()
-            if self._pending:
-                time.sleep(1.0)
+        self.drain(timeout)
         self._stop.set()
         self._thread.join(timeout=5)
         if self._pending:
@@ -97,6 +93,15 @@ class Tracker:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        return not self._pending
+
+    def drain(self, timeout: float) -> bool:
+        """Deliver what is buffered now, for at most `timeout` s; True if nothing is left."""
+        deadline = time.time() + timeout
+        while self._pending and time.time() < deadline:
+            self._flush()
+            if self._pending:
+                time.sleep(1.0)
         return not self._pending
 
     # ----------------------------------------------------------------------- background
@@ -178,6 +183,9 @@ class NullTracker:
 
     def artifact(self, path, folder=None):
         pass
+
+    def drain(self, timeout: float = 0) -> bool:
+        return True
 
     def close(self, timeout: float = 0) -> bool:
         return True

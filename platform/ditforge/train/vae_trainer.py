@@ -143,8 +143,7 @@ def _train_vae(run: Session) -> None:
         elif step % spec.checkpoint.every_steps == 0 or (stopping and spec.checkpoint.on_stop) or guard.exceeded():
             save(step)
         if guard.exceeded():
-            run.ckpt.wait()
-            raise NonFiniteLoss(guard.message(step, join_step(run.run_uri, step)))
+            run.fail_together(NonFiniteLoss(guard.message(step, join_step(run.run_uri, step))))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)

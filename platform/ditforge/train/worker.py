@@ -256,8 +256,7 @@ def _train(run: Session) -> None:
             save(step)
             t_last = time.perf_counter()  # the stall is logged on its own, not as step time
         if guard.exceeded():  # the weights are still the last good step's: they were just saved
-            run.ckpt.wait()
-            raise NonFiniteLoss(guard.message(step, join_step(run.run_uri, step)))
+            run.fail_together(NonFiniteLoss(guard.message(step, join_step(run.run_uri, step))))
         if stopping:
             if rank == 0:
                 print(f"stop requested: leaving at step {step}", flush=True)
