@@ -16,13 +16,11 @@ from mlflow.tracking import MlflowClient
 
 from ditforge import services, storage
 from ditforge.cluster import local
-from ditforge.data.encode import encode_dataset
-from ditforge.data.ingest import ingest_shapes
-from ditforge.models.vae import IdentityVAE
 from ditforge.spec import load_cluster
 from ditforge.runs.folder import complete_steps
 
 from ..conftest import REPO, run_cli
+from ..datasets import noise_latents
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +43,7 @@ def cluster_yaml(tmp_path_factory, embedded):
 def test_local_cluster_lifecycle(cluster_yaml, s3_prefix):
     c = load_cluster(cluster_yaml)
     t0 = time.time()
-    ingest_shapes(f"{s3_prefix}/pixels", limit=256, resolution=32, shard_size=64, progress=False)
-    encode_dataset(f"{s3_prefix}/pixels", f"{s3_prefix}/latents", IdentityVAE(2), progress=False)
+    noise_latents(f"{s3_prefix}/latents", 256, (12, 16, 16), 64)
 
     print(f"up at {time.time() - t0:.0f}s")
     # up: a head with no CPU and two 1-CPU raylets, each its own Ray node

@@ -18,13 +18,11 @@ from mlflow.tracking import MlflowClient
 
 from ditforge import services, storage
 from ditforge.cluster.jobs import jobs_client
-from ditforge.data.encode import encode_dataset
-from ditforge.data.ingest import ingest_shapes
-from ditforge.models.vae import IdentityVAE
 from ditforge.train.checkpoint import download
 from ditforge.runs.folder import MANIFEST, all_steps, complete_steps, join_step, resolve
 
 from ..conftest import REPO, run_cli
+from ..datasets import noise_latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -52,8 +50,7 @@ def _wait_for_job(rec: dict, timeout: float = 600) -> str:
 def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     # Data on local disk, checkpoints on S3: the outage hits the checkpoint uploads only.
     data = f"file://{tmp_path}/data"
-    ingest_shapes(f"{data}/pixels", limit=256, resolution=32, shard_size=64, progress=False)
-    encode_dataset(f"{data}/pixels", f"{data}/latents", IdentityVAE(2), progress=False)
+    noise_latents(f"{data}/latents", 256, (12, 16, 16), 64)
     runs = f"s3://ditforge/tests/faults-{uuid.uuid4().hex[:8]}"
     steps = 120
     r = run_cli(

@@ -8,18 +8,17 @@ import io
 import json
 import uuid
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ditforge import storage
-from ditforge.data import shards
 from ditforge.runs.folder import complete_steps, join_step
 from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
+from ..datasets import noise_latents
 
 pytestmark = pytest.mark.slow
 JOB = str(REPO / "jobs" / "demo-image.yaml")
@@ -27,24 +26,8 @@ JOB = str(REPO / "jobs" / "demo-image.yaml")
 
 @pytest.fixture(scope="module")
 def latents(embedded):
-    """Random latents written straight to shards (the data path has its own tests): (12, 16, 16),
-    what the identity VAE makes of 32x32 images."""
     root = f"s3://ditforge/tests/nan-{uuid.uuid4().hex[:8]}"
-    rng, entries, shape = np.random.default_rng(0), [], (12, 16, 16)
-    for i in range(2):
-        samples = [
-            {
-                "__key__": f"{i}-{k:04d}",
-                "latent.npy": shards.npy_bytes(rng.standard_normal(shape, np.float32)),
-                "cls": str(k % 10),
-                "txt": "",
-            }
-            for k in range(32)
-        ]
-        entries.append(
-            shards.write_shard(f"{root}/latents", shards.shard_name(i), samples, bucket="12x16x16", shape=list(shape))
-        )
-    shards.write_manifest(f"{root}/latents", {"kind": "latents", "latent_shape": list(shape), "shards": entries})
+    noise_latents(f"{root}/latents", 64, (12, 16, 16), 32)
     return root
 
 

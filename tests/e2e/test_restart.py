@@ -22,13 +22,11 @@ from safetensors.torch import load_file
 
 from ditforge import storage
 from ditforge.cluster.jobs import jobs_client
-from ditforge.data.encode import encode_dataset
-from ditforge.data.ingest import ingest_shapes
-from ditforge.models.vae import IdentityVAE
 from ditforge.runs.folder import complete_steps, read_process
 from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
+from ..datasets import noise_latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 STEPS, EVERY = 60, 10
@@ -39,8 +37,7 @@ def base(embedded, tmp_path_factory):
     """Tiny data on local disk (the faults here are processes, not storage); runs on S3."""
     root = tmp_path_factory.mktemp("restart")
     data = f"file://{root}/data"
-    ingest_shapes(f"{data}/pixels", limit=128, resolution=16, shard_size=32, progress=False)
-    encode_dataset(f"{data}/pixels", f"{data}/latents", IdentityVAE(2), progress=False)
+    noise_latents(f"{data}/latents", 128, (12, 8, 8), 32)
     return {"data": f"{data}/latents", "runs": f"s3://ditforge/tests/restart-{uuid.uuid4().hex[:8]}", "tmp": root}
 
 

@@ -14,11 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from ditforge import storage
 from ditforge.cluster.jobs import jobs_client
-from ditforge.data.encode import encode_dataset
-from ditforge.data.ingest import ingest_shapes
-from ditforge.models.vae import IdentityVAE
 
 from ..conftest import REPO, run_cli
+from ..datasets import noise_latents
 from .test_security import plant_malicious_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -27,8 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def latents(embedded):
     root = f"s3://ditforge/tests/sec-{uuid.uuid4().hex[:8]}"
-    ingest_shapes(f"{root}/pixels", limit=64, resolution=32, shard_size=32, progress=False)
-    encode_dataset(f"{root}/pixels", f"{root}/latents", IdentityVAE(2), progress=False)
+    noise_latents(f"{root}/latents", 64, (12, 16, 16), 32)
     return root
 
 
