@@ -104,13 +104,14 @@ def test_an_ordinary_save_does_not_retry_and_the_next_one_does(tmp_path, monkeyp
 
 def test_final_save_gives_up_at_its_deadline_and_names_the_newest_complete(tmp_path, monkeypatch):
     from ditforge.train.session import Session
+    from ditforge.train.tracking import NullTracker
 
     ck = _ckpt(tmp_path, final_timeout_s=0.5)
     ck.save(FakeEngine(), 10, {"step": 10})
     ck.wait()
     _failing(monkeypatch, 10**6)
     spec = type("S", (), {"checkpoint": type("C", (), {"final_timeout_s": 0.5})()})()
-    run = Session(spec, {}, 0, 1, torch.device("cpu"), None, ck, ck.run_uri)
+    run = Session(spec, {}, 0, 1, torch.device("cpu"), NullTracker(), ck, ck.run_uri)
     t0 = time.monotonic()
     with pytest.raises(FinalCheckpointFailed) as e:
         run.final_save(lambda step, final: ck.save(FakeEngine(), step, {"step": step}, final=final), 20)
