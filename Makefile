@@ -20,11 +20,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -rs --durations=40
 
-# ruff lint (pyflakes + pycodestyle rules) and ruff format, over the package and the tests (settings in
-# pyproject.toml); CI runs it first. Format with `.venv/bin/ruff format platform tests`.
+# ruff lint (pyflakes + pycodestyle rules) and ruff format over the package and the tests, and mypy
+# over the package (settings in pyproject.toml); CI runs it first. Format with `.venv/bin/ruff format platform tests`.
 lint: install
 	$(BIN)/ruff check platform tests
 	$(BIN)/ruff format --check platform tests
+	$(BIN)/mypy
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails.
 docs: install
