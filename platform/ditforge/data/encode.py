@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -27,10 +28,14 @@ from PIL import Image
 from .. import storage
 from . import shards
 
+if TYPE_CHECKING:
+    from ..models.vae import VAE
+    from ..spec import VAESpec
+
 ENCODE_VERSION = 1
 
 
-def parse_vae(text: str):
+def parse_vae(text: str) -> VAESpec:
     """`--vae` → VAESpec: a YAML file (a job spec's `vae:` section, or the section alone), or
     inline `KIND[,key=value...]` such as `identity,downsample=4`."""
     from pydantic import ValidationError
@@ -69,7 +74,7 @@ def _pixels(sample: dict) -> np.ndarray:
     return a.astype(np.float32) / 127.5 - 1.0
 
 
-def encode_pixels(vae, x: torch.Tensor) -> torch.Tensor:
+def encode_pixels(vae: VAE, x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) → (B, C, h, w); videos (B, 3, T, H, W) → (B, C, T, h, w). An image VAE
     encodes a video frame by frame; a VAE with `temporal = True` gets the clip whole."""
     if x.ndim == 4 or getattr(vae, "temporal", False):
@@ -82,12 +87,12 @@ def encode_pixels(vae, x: torch.Tensor) -> torch.Tensor:
 class ShardEncoder:
     """A Ray Data actor: builds the VAE once, then encodes whole shards."""
 
-    def __init__(self, src: str, out: str, vae, device: str, micro_batch: int = 64):
+    def __init__(self, src: str, out: str, vae: VAESpec | VAE, device: str, micro_batch: int = 64):
         from ..models.vae import build_vae
 
         self.src, self.out, self.micro_batch = src, out, micro_batch
         self.device = torch.device(device)
-        self.vae = build_vae(vae) if not hasattr(vae, "encode") else vae
+        self.vae: VAE = build_vae(vae) if not hasattr(vae, "encode") else cast("VAE", vae)
         if hasattr(self.vae, "to"):
             self.vae = self.vae.to(self.device)
 
@@ -98,7 +103,8 @@ class ShardEncoder:
     def encode_shard(self, job: dict) -> dict:
         entry = job["entry"]
         samples = shards.read_shard(self.src, entry)
-        latents, stats = [], None
+        latents: list[np.ndarray] = []
+        stats: np.ndarray | None = None
         for a in range(0, len(samples), self.micro_batch):
             chunk = samples[a : a + self.micro_batch]
             x = torch.from_numpy(np.stack([_pixels(s) for s in chunk])).to(self.device)
@@ -124,7 +130,7 @@ class ShardEncoder:
         return record
 
 
-def _vae_identity(vae) -> str:
+def _vae_identity(vae: VAESpec | VAE) -> str:
     if hasattr(vae, "identity"):
         return vae.identity
     from ..models.vae import build_vae
@@ -132,7 +138,7 @@ def _vae_identity(vae) -> str:
     return build_vae(vae).identity
 
 
-def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batch: int = 64) -> dict:
+def encode_dataset(src: str, out: str, vae: VAESpec | VAE, *, progress: bool = True, micro_batch: int = 64) -> dict:
     """Encode the pixel data set at `src` into latents at `out`. `vae`: a VAESpec (each actor
     builds its own) or a built VAE object (shipped to the actors)."""
     import ray
@@ -187,7 +193,9 @@ def encode_dataset(src: str, out: str, vae, *, progress: bool = True, micro_batc
                 n_gpu = gpus()
                 # GPU actors when the cluster has GPUs (one each), else one CPU each.
                 size = min(len(todo), n_gpu or max(1, int(ray.cluster_resources().get("CPU", 1))))
-                ds = ray.data.from_items([{"entry": json.dumps(j)} for j in todo], override_num_blocks=len(todo))
+                ds: ray.data.Dataset = ray.data.from_items(
+                    [{"entry": json.dumps(j)} for j in todo], override_num_blocks=len(todo)
+                )
                 with warnings.catch_warnings():
                     # ray_remote_args_fn is the only way to pass max_restarts; it still works in
                     # the pinned Ray, which warns about a future removal.

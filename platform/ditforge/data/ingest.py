@@ -19,7 +19,9 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import IO, Any
 
 import numpy as np
 
@@ -81,7 +83,10 @@ def plan(s: Settings) -> tuple[list[dict], list[dict], list[str], str]:
     """→ (units, skipped at listing time, class names, source kind). Deterministic for a source."""
     if s.source in GENERATED:
         n = s.limit
-        units = [{"kind": s.source, "range": [a, min(n, a + s.shard_size)]} for a in range(0, n, s.shard_size)]
+        assert n is not None  # Settings.check: a generated set needs --limit
+        units: list[dict[str, Any]] = [
+            {"kind": s.source, "range": [a, min(n, a + s.shard_size)]} for a in range(0, n, s.shard_size)
+        ]
         classes = synthetic.CLASSES if s.source == "shapes" else synthetic.DIRECTIONS
         return units, [], classes, s.source
     tars = _webdataset_urls(s.source)
@@ -160,7 +165,7 @@ def _count_samples(tar_uri: str, most: int) -> int:
         return sum(1 for _ in itertools.islice(shards.iter_tar(f, tar_uri), most))
 
 
-def _digest(obj) -> str:
+def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -174,7 +179,7 @@ def _safe_key(key: str) -> str:
 
 def _sample(key: str, pixels: np.ndarray, cls: int, txt: str, meta: dict | None) -> tuple[dict, tuple[int, ...]]:
     """→ (sample, pixel shape without channels: (H, W) or (T, H, W))."""
-    s = {"__key__": key, "cls": str(cls), "txt": txt}
+    s: dict[str, str | bytes] = {"__key__": key, "cls": str(cls), "txt": txt}
     if pixels.ndim == 4:
         s["frames.npy"] = shards.npy_bytes(pixels)  # (T, H, W, 3) uint8
     else:
@@ -184,7 +189,7 @@ def _sample(key: str, pixels: np.ndarray, cls: int, txt: str, meta: dict | None)
     return s, pixels.shape[:-1]
 
 
-def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
+def _unit_samples(unit: dict, s: Settings, skipped: list[dict]) -> Iterator[tuple[dict, tuple[int, ...]]]:
     """Yield samples of one unit; bad inputs go to `skipped` with the reason, never raise."""
     kind = unit["kind"]
     if kind == "shapes":
@@ -221,7 +226,7 @@ def _unit_samples(unit: dict, s: Settings, skipped: list[dict]):
         raise ValueError(kind)
 
 
-def _read_webdataset_tar(fileobj, url: str, take: int | None = None) -> list[dict]:
+def _read_webdataset_tar(fileobj: IO[bytes], url: str, take: int | None = None) -> list[dict]:
     """A source tar's samples through webdataset's own tar iterator and key grouping (a sample is
     the members sharing a key; extensions lower-cased), its first `take` only when given."""
     import tarfile
@@ -235,7 +240,9 @@ def _read_webdataset_tar(fileobj, url: str, take: int | None = None) -> list[dic
         raise shards.DataError(f"{url}: {e}") from None
 
 
-def _webdataset_samples(tar_uri: str, s: Settings, skipped: list[dict], take: int | None = None):
+def _webdataset_samples(
+    tar_uri: str, s: Settings, skipped: list[dict], take: int | None = None
+) -> Iterator[tuple[dict, tuple[int, ...]]]:
     name = tar_uri.rsplit("/", 1)[-1]
     fs, path = storage.filesystem(tar_uri)
 

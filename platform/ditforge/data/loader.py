@@ -38,15 +38,22 @@ import random
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .. import storage
 from . import shards
+
+if TYPE_CHECKING:
+    import fsspec
+
+# One batch: (latents (B, *shape) float32, classes (B,) int64, keys, captions).
+Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]
 
 PREFETCH = 2  # shards read ahead of the one being consumed
 # Why a sample was skipped; `data/skipped/<reason>` metrics. The first four are whole shards.
@@ -158,7 +165,7 @@ class LatentLoader:
         # whichever rank reads it. (str seeds go through sha512: stable across processes.)
         return random.Random(f"{self.seed}/{epoch}/{entry['name']}")
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[list[dict], Counter | None, str | None]]:
+    def _batches(self, epoch: int, skip: int) -> Generator[tuple[list[dict], Counter | None, str | None], None, None]:
         """This rank's batches of `epoch` after the first `skip`, reading ahead. With the first
         batch of each shard slot come that slot's bad-sample counts and a note (else None)."""
         assign = self.assignment(epoch, self.rank)
@@ -174,7 +181,7 @@ class LatentLoader:
         stop = threading.Event()
         fs = storage.filesystem(self.uri)  # one per epoch: setting up an S3 client costs ~0.1 s
 
-        def put(item) -> bool:
+        def put(item: Any) -> bool:
             while not stop.is_set():
                 try:
                     q.put(item, timeout=0.1)
@@ -183,12 +190,12 @@ class LatentLoader:
                     pass
             return False
 
-        def reader():
+        def reader() -> None:
             # Fetch up to PREFETCH shards ahead (object-store latency overlaps), arrange in order.
             pool = ThreadPoolExecutor(PREFETCH)
-            futures: dict = {}
+            futures: dict[int, Future[tuple[list[dict], list[tuple[str, str]]]]] = {}
 
-            def fetch(i: int):
+            def fetch(i: int) -> Future[tuple[list[dict], list[tuple[str, str]]]]:
                 if i not in futures:
                     futures[i] = pool.submit(self._read, assign[i], fs)
                 return futures[i]
@@ -222,14 +229,14 @@ class LatentLoader:
         finally:
             stop.set()  # a consumer that stops early must not leave the reader blocked forever
 
-    def _read(self, entry: dict, fs) -> tuple[list[dict], list[tuple[str, str]]]:
+    def _read(self, entry: dict, fs: tuple[fsspec.AbstractFileSystem, str]) -> tuple[list[dict], list[tuple[str, str]]]:
         """One shard → (its usable samples, decoded, in tar order; [(key, reason)] of the others).
         Raises BadShard when the whole shard is unusable; retries a store that does not answer
         for `storage_timeout_s`, logging, and then raises StorageUnavailable naming the shard."""
         name = entry["name"]
         where = f"{self.uri}/{name}"
         t0 = time.monotonic()
-        faults = []
+        faults: list[BaseException] = []
 
         def log(e: BaseException, wait: float) -> None:
             faults.append(e)
@@ -267,7 +274,13 @@ class LatentLoader:
                 rejects.append((s["__key__"], reason))
         return good, rejects
 
-    def _arrange(self, epoch: int, assign: list[dict], i: int, fetch) -> tuple[list[dict], Counter, str | None]:
+    def _arrange(
+        self,
+        epoch: int,
+        assign: list[dict],
+        i: int,
+        fetch: Callable[[int], Future[tuple[list[dict], list[tuple[str, str]]]]],
+    ) -> tuple[list[dict], Counter, str | None]:
         """Slot i's samples in batch order: exactly the manifest's full batches' worth, with the
         bad samples' and bad shards' counts. See the module docstring for the fill rules."""
         entry = assign[i]
@@ -327,7 +340,7 @@ class LatentLoader:
                 f"latest: {note}"
             )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
+    def __iter__(self) -> Iterator[Batch]:
         """Yields (latents (B, *shape) float32, classes (B,) int64, keys, captions) forever, epoch
         after epoch. shape is (C, h, w) for images and (C, T, h, w) for videos, one bucket per
         batch; a sample without a caption gets "" (the text encoder's unconditional input)."""
@@ -356,7 +369,7 @@ def skipped_metrics(counts: list[float]) -> dict[str, float]:
     return out
 
 
-def _check(s: dict, shape) -> str | None:
+def _check(s: dict, shape: list[int] | tuple[int, ...] | None) -> str | None:
     """Why sample `s` cannot be trained on (one of REASONS), or None; keeps the decoded latent
     and class in s["_x"], s["_y"] so the training thread does not decode again."""
     if "latent.npy" not in s or "cls" not in s:
@@ -381,7 +394,7 @@ def _check(s: dict, shape) -> str | None:
     return None
 
 
-def _text(raw) -> str:
+def _text(raw: bytes | str | None) -> str:
     if raw is None:
         return ""
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)

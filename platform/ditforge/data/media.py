@@ -41,7 +41,7 @@ def image(data: bytes, resolution: int, mode: str) -> np.ndarray:
     if not data:
         raise BadSample("zero-byte file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         size = target_size(*img.size, resolution, mode)
         # JPEG can decode at 1/2, 1/4, 1/8 scale for free: most of the speed on large photos.
         img.draft("RGB", (size[0] * 2, size[1] * 2))

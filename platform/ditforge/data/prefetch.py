@@ -10,12 +10,26 @@ On CPU it only converts dtypes: there is nothing to overlap.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+if TYPE_CHECKING:
+    from .loader import Batch, Position
+
+
+class BatchSource(Protocol):
+    """What the prefetcher reads: a `LatentLoader` (or a test's stand-in)."""
+
+    @property
+    def position(self) -> Position: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
 
 class DevicePrefetcher:
-    def __init__(self, loader, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, loader: BatchSource, device: torch.device, dtype: torch.dtype = torch.float32):
         self.loader, self.device, self.dtype = loader, device, dtype
         self.position = copy.deepcopy(loader.position)  # after the last batch handed out
         self._it = iter(loader)
@@ -23,27 +37,28 @@ class DevicePrefetcher:
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._next = self._fetch() if self._cuda else None
 
-    def _fetch(self):
-        x, y, *rest = next(self._it)
+    def _fetch(self) -> tuple[Batch, Position]:
+        x, y, keys, captions = next(self._it)
         pos = copy.deepcopy(self.loader.position)
         with torch.cuda.stream(self._stream):
             x = x.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
             y = y.pin_memory().to(self.device, non_blocking=True)
-        return (x, y, *rest), pos
+        return (x, y, keys, captions), pos
 
-    def __iter__(self):
+    def __iter__(self) -> DevicePrefetcher:
         return self
 
-    def __next__(self):
+    def __next__(self) -> Batch:
         if not self._cuda:
-            x, y, *rest = next(self._it)
+            x, y, keys, captions = next(self._it)
             self.position = copy.deepcopy(self.loader.position)
-            return (x.to(self.dtype), y, *rest)
-        (x, y, *rest), pos = self._next
+            return (x.to(self.dtype), y, keys, captions)
+        assert self._next is not None and self._stream is not None  # the GPU path fetches ahead on its stream
+        (x, y, keys, captions), pos = self._next
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         # The tensors were made on the side stream: tell the allocator the main stream uses them.
         x.record_stream(torch.cuda.current_stream(self.device))
         y.record_stream(torch.cuda.current_stream(self.device))
         self.position = pos
         self._next = self._fetch()
-        return (x, y, *rest)
+        return (x, y, keys, captions)

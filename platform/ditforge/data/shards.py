@@ -14,12 +14,16 @@ import io
 import json
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import storage
+
+if TYPE_CHECKING:
+    import fsspec
 
 MANIFEST = "manifest.json"
 PARTS = "_parts"
@@ -43,7 +47,7 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}.tar"
 
 
-def write_shard(uri: str, name: str, samples: Iterable[dict], **extra) -> dict:
+def write_shard(uri: str, name: str, samples: Iterable[dict], **extra: Any) -> dict:
     """Write samples (dicts with `__key__` and extension → bytes/str) as one webdataset tar shard.
 
     Returns its manifest entry (plus `extra` fields). The upload is a single PUT (or rename), so a
@@ -117,7 +121,7 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
-def read_shard(uri: str, entry: dict, fs=None) -> list[dict]:
+def read_shard(uri: str, entry: dict, fs: tuple[fsspec.AbstractFileSystem, str] | None = None) -> list[dict]:
     """All samples of one shard, in tar order, after checking its checksum against the manifest.
     `fs`: the (filesystem, root path) of `uri`, when the caller reads many shards (an S3
     filesystem costs ~0.1 s to set up: more than reading a 5 MB shard over loopback)."""
@@ -158,7 +162,7 @@ def verify(uri: str) -> list[str]:
     return bad
 
 
-def iter_tar(data, name: str = "shard") -> Iterator[dict]:
+def iter_tar(data: bytes | IO[bytes], name: str = "shard") -> Iterator[dict]:
     """Group tar members `KEY.EXT` into samples {"__key__": KEY, EXT: bytes}, webdataset-style.
     `data`: the whole tar as bytes (fast path), or a file object."""
     if isinstance(data, (bytes, bytearray)):
@@ -178,12 +182,14 @@ def iter_tar(data, name: str = "shard") -> Iterator[dict]:
         yield current
 
 
-def _members(fileobj, name: str):
+def _members(fileobj: IO[bytes], name: str) -> Iterator[tuple[str, bytes]]:
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
                 if member.isfile():
-                    yield member.name, tar.extractfile(member).read()
+                    f = tar.extractfile(member)
+                    assert f is not None  # a regular file always has its data
+                    yield member.name, f.read()
     except tarfile.TarError as e:
         raise DataError(f"{name}: unreadable tar ({e})") from None
 
@@ -192,7 +198,8 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
     """Regular-file members read straight from the ustar header blocks, honouring pax extended
     headers (Python's tarfile, and so webdataset, writes one per member); tarfile itself spends
     ~10x longer per member. None when anything else shows up: the caller then uses tarfile."""
-    out, pos, view = [], 0, memoryview(data)
+    out: list[tuple[str, bytes]] = []
+    pos, view = 0, memoryview(data)
     pax: dict[bytes, bytes] = {}
     while pos + 512 <= len(data):
         header = data[pos : pos + 512]
@@ -216,9 +223,10 @@ def _members_fast(data: bytes) -> list[tuple[str, bytes]] | None:
         pos = start + (size + 511) // 512 * 512
         if kind in (b"x", b"g"):
             if kind == b"x":
-                pax = _pax_records(data[start : start + size])
-                if pax is None:
+                records = _pax_records(data[start : start + size])
+                if records is None:
                     return None
+                pax = records
             continue
         if b"size" in pax:
             return None  # a size too big for the header field: rare, let tarfile do it

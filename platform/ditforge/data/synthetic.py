@@ -24,7 +24,7 @@ COLOURS = {
 }
 
 
-def _star(cx, cy, r):
+def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     pts = []
     for k in range(10):
         rad = r if k % 2 == 0 else r * 0.45
@@ -33,7 +33,7 @@ def _star(cx, cy, r):
     return pts
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx: float, cy: float, r: float, fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, cls: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     w = max(2, r * 0.45)
     if cls == "circle":

@@ -19,6 +19,9 @@ frames, not from a label that names the direction.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,12 @@ import torch.nn.functional as F
 from ..models import tasks
 from ..objectives.samplers import sample
 from . import quality
+
+if TYPE_CHECKING:
+    from ..models.dit import DiT
+    from ..models.vae import VAE
+    from ..objectives import Objective
+    from ..spec import SampleSpec
 
 EVAL_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "any_frames", "complete")
 
@@ -45,7 +54,7 @@ def eval_mask(task: str, grid: tuple[int, int, int], k: int) -> torch.Tensor:
     return m[:, None, None].expand(gt, gh, gw).clone()
 
 
-def pixel_mask(given: torch.Tensor, pixel_shape: tuple[int, int, int]) -> torch.Tensor:
+def pixel_mask(given: torch.Tensor, pixel_shape: tuple[int, ...]) -> torch.Tensor:
     """Token mask (N, gt, gh, gw) → (N, 1, T, H, W) bool over pixels (nearest: each token covers a block)."""
     return F.interpolate(given[:, None].float(), size=pixel_shape, mode="nearest") > 0.5
 
@@ -89,27 +98,28 @@ def generated_frames(pixels: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_tasks(
-    model,
-    objective,
-    vae,
-    task_names,
-    latent_shape,
+    model: DiT,
+    objective: Objective,
+    vae: VAE,
+    task_names: Collection[str],
+    latent_shape: tuple[int, ...],
     resolution: int,
     frames: int,
-    sample_spec,
+    sample_spec: SampleSpec,
     k: int,
     clips: int,
-    device,
-    classifier=None,
+    device: torch.device,
+    classifier: quality.Classifier | None = None,
     bf16: bool = False,
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, float], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """→ (metrics, examples): metrics as in the module doc; examples[task] = (generated, truth,
     pixel given-mask) for the first clips, for `task_gifs`."""
     truth, labels = quality.real_pixels("moving-shapes", range(clips), resolution, frames, quality.REFERENCE_SEED)
     z_true = vae.encode(truth)  # (N, C, T', h, w)
     grid = tasks.token_grid(tuple(z_true.shape[1:]), model.cfg.patch, model.cfg.patch_t)
     y = torch.full((clips,), model.null_class, device=device) if model.cfg.num_classes else None
-    metrics, examples = {}, {}
+    metrics: dict[str, float] = {}
+    examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     was_training = model.training
     model.eval()
     for task in [t for t in EVAL_TASKS if t in task_names]:
@@ -148,7 +158,7 @@ def task_gif(generated: torch.Tensor, truth: torch.Tensor, pmask: torch.Tensor, 
     partly given frames the generated region is outlined in red."""
     from PIL import Image
 
-    def u8(x):
+    def u8(x: torch.Tensor) -> np.ndarray:
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()  # (N, T, H, W, 3)
 
     g, t, m = u8(generated), u8(truth), pmask[:, 0].numpy()  # m (N, T, H, W)

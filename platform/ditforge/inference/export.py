@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,7 +126,7 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
                     f"cannot export to diffusers: objective.timesteps {obj['timesteps']} (the model's "
                     "time input matches diffusers' integer timesteps only for 1000)"
                 )
-            scheduler = DDIMScheduler(
+            scheduler: DDIMScheduler | FlowMatchEulerDiscreteScheduler = DDIMScheduler(
                 num_train_timesteps=1000,
                 beta_start=1e-4,
                 beta_end=0.02,
@@ -135,7 +136,8 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
             )
         else:
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-        transformer = DiTTransformer2DModel(**diffusers_config(model.cfg, shape[1]))
+        # Any: diffusers' type information names the torch-less dummy classes, which lack the methods
+        transformer: Any = DiTTransformer2DModel(**diffusers_config(model.cfg, shape[1]))
         transformer.load_state_dict(to_diffusers(model.state_dict(), model.cfg), strict=True)
         vae_spec, vae = cfg["vae"], None
         if vae_spec["kind"] == "diffusers":
@@ -144,7 +146,7 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
             )
         classes = cfg.get("classes") or []
         id2label = {str(i): str(c) for i, c in enumerate(classes)} or None
-        pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
+        pipe: Any = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
         local = tmp / "diffusers"
         pipe.save_pretrained(str(local), safe_serialization=True)
         index = json.loads((local / "model_index.json").read_text())

@@ -16,18 +16,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd  # mlflow.pyfunc imports it anyway
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 ARTIFACTS = ("model.json", "ema.safetensors", "raw.safetensors")
 
 
-class DiTSampler(mlflow.pyfunc.PythonModel):
+class DiTSampler(PythonModel):
     """Class-conditional sampling with the export's sampler settings; `steps` and `cfg_scale` are
     per-call params."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         import torch
 
         from ..models.vae import build_vae
@@ -46,7 +49,11 @@ class DiTSampler(mlflow.pyfunc.PythonModel):
         self.latent_shape = tuple(cfg["latent_shape"])
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    def predict(self, context, model_input, params=None):
+    # MLflow reads these hints at run time: a DataFrame input is one it neither validates nor
+    # infers a signature from (save() gives the signature), as without hints.
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         import torch
 
         from .sampling import generate

@@ -9,6 +9,9 @@ full sampling weights anyway), so no rank waits long for another. Chunk k's nois
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,10 +21,22 @@ from ..models.vae import build_vae
 from ..objectives.flow import RectifiedFlow
 from ..objectives.samplers import sample
 
+if TYPE_CHECKING:
+    from ..models.dit import DiT
+    from ..models.vae import VAE
+    from ..objectives import Objective
+    from ..spec import SampleSpec, VAESpec
+
 
 @torch.no_grad()
 def generate(
-    model, objective, latent_shape, y: torch.Tensor | None, sample_spec, device=torch.device("cpu"), bf16: bool = False
+    model: DiT,
+    objective: Objective | None,
+    latent_shape: tuple[int, ...],
+    y: torch.Tensor | None,
+    sample_spec: SampleSpec,
+    device: torch.device = torch.device("cpu"),
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Latents (N, *latent_shape) for classes `y` (None: `per_class` unconditional samples) with the
     spec's sampler, steps, CFG scale and seed; captions, if the model takes them, are the null one."""
@@ -44,7 +59,7 @@ def generate(
     return z.float()
 
 
-def grid_classes(num_classes: int, sample_spec) -> list[int]:
+def grid_classes(num_classes: int, sample_spec: SampleSpec) -> list[int]:
     """The grid's rows: `sample.classes`, else at most `max_classes` spread evenly over all."""
     if sample_spec.classes:
         bad = [c for c in sample_spec.classes if not 0 <= c < num_classes]
@@ -55,7 +70,7 @@ def grid_classes(num_classes: int, sample_spec) -> list[int]:
     return [i * num_classes // k for i in range(k)]
 
 
-def _on_device(vae, device):
+def _on_device(vae: VAE, device: torch.device) -> VAE:
     """The VAE's network (own or diffusers) on the worker's device: decoding on the CPU is what
     made the end of a large run take hours."""
     if hasattr(vae, "net"):
@@ -69,22 +84,22 @@ def _chunk_seed(seed: int, k: int) -> int:
 
 @torch.no_grad()
 def generate_chunks(
-    model,
-    objective,
-    latent_shape,
+    model: DiT,
+    objective: Objective | None,
+    latent_shape: tuple[int, ...],
     y: torch.Tensor | None,
     n: int,
-    sample_spec,
-    device,
+    sample_spec: SampleSpec,
+    device: torch.device,
     bf16: bool,
     batch_size: int,
-    decode=None,
+    decode: Callable[[torch.Tensor], Any] | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> list[tuple[int, object]]:
     """This rank's share of `n` samples (labels `y`, or None): chunks k = rank, rank + world, …
     of `batch_size` each → [(k, decode(latents) or latents on the CPU)]."""
-    out = []
+    out: list[tuple[int, object]] = []
     for k in range(rank, -(-n // batch_size), world):
         lo, hi = k * batch_size, min(n, (k + 1) * batch_size)
         spec_k = sample_spec.model_copy(update={"seed": _chunk_seed(sample_spec.seed, k), "per_class": hi - lo})
@@ -97,7 +112,7 @@ def gather_chunks(mine: list, world: int) -> list | None:
     """Rank 0: every rank's chunks in chunk order; other ranks: None. Collective when world > 1."""
     if world == 1:
         return [v for _, v in sorted(mine, key=lambda kv: kv[0])]
-    parts = [None] * world if dist.get_rank() == 0 else None
+    parts: list[Any] | None = [None] * world if dist.get_rank() == 0 else None
     dist.gather_object(mine, parts, dst=0)
     if parts is None:
         return None
@@ -106,14 +121,14 @@ def gather_chunks(mine: list, world: int) -> list | None:
 
 @torch.no_grad()
 def sample_grid(
-    model,
-    latent_shape,
-    sample_spec,
-    vae_spec,
+    model: DiT,
+    latent_shape: tuple[int, ...],
+    sample_spec: SampleSpec,
+    vae_spec: VAESpec,
     out: str,
-    device=torch.device("cpu"),
+    device: torch.device = torch.device("cpu"),
     bf16: bool = False,
-    objective=None,
+    objective: Objective | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> list[str]:
@@ -222,7 +237,14 @@ def task_plan(
 
 @torch.no_grad()
 def sample_task(
-    model, cfg: dict, objective, task: str, clip: np.ndarray, k: int | None, sample_spec, device=torch.device("cpu")
+    model: DiT,
+    cfg: dict,
+    objective: Objective,
+    task: str,
+    clip: np.ndarray,
+    k: int | None,
+    sample_spec: SampleSpec,
+    device: torch.device = torch.device("cpu"),
 ) -> np.ndarray:
     """Fill in what `task` leaves to generate around the given frames of `clip` (T or fewer frames,
     uint8 (n, H, W, 3)) → the whole clip (T, H, W, 3) uint8, given pixels at their places.

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .dit import DiT, DiTConfig
+
+if TYPE_CHECKING:
+    from ..spec import JobSpec
 
 DIFFUSERS_NULL_CLASS = 1000  # DiTPipeline.__call__ builds its unconditional batch from class 1000
 
@@ -272,10 +276,11 @@ def load_into(model: DiT, path: str) -> None:
     model.load_state_dict(sd)
 
 
-def check_spec(spec, in_channels: int) -> None:
+def check_spec(spec: JobSpec, in_channels: int) -> None:
     """Before anything starts: the weights fit the spec's model (built on the meta device)."""
     from .dit import dit_config
 
+    assert spec.model.init_from is not None  # the caller checks there is something to load
     with torch.device("meta"):
         model = DiT(dit_config(spec.model, in_channels))
     check_shapes(model, read_pretrained(spec.model.init_from, spec.model.num_classes), spec.model.init_from)

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
 
 # DiT paper Table 1 widths / depths / heads, plus T(iny) so the demo trains on a 2-core CPU.
 SIZES = {
@@ -96,7 +100,9 @@ def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([out.sin(), out.cos()], dim=1)
 
 
-def sincos_2d(h: int, w: int, dim: int, device=None, layout: str = "ditforge") -> torch.Tensor:
+def sincos_2d(
+    h: int, w: int, dim: int, device: torch.device | str | None = None, layout: str = "ditforge"
+) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding for an h×w grid (DiT / MAE). (h·w, dim)
     layout `dit`: [sin x, cos x, sin y, cos y], exactly facebookresearch/DiT's (and diffusers')
     table, so imported weights see the positions they were trained with."""
@@ -115,7 +121,9 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * dh, dh, dh
 
 
-def rope_angles(gt: int, gh: int, gw: int, head_dim: int, device=None, theta: float = 10000.0) -> torch.Tensor:
+def rope_angles(
+    gt: int, gh: int, gw: int, head_dim: int, device: torch.device | str | None = None, theta: float = 10000.0
+) -> torch.Tensor:
     """Axial 3D rotary angles (Su et al. 2021; Lumina/Open-Sora style) for a (gt, gh, gw) grid of
     integer positions, so larger grids and longer clips only add new positions. (gt, gh·gw, Dh/2)"""
     parts = []
@@ -151,7 +159,7 @@ class TimestepEmbedder(nn.Module):
         )
         args = (t.float() * 1000)[:, None] * freqs[None]
         emb = torch.cat([args.cos(), args.sin()], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(cast(nn.Linear, self.mlp[0]).weight.dtype))
 
 
 def tokenize_bytes(captions: list[str], length: int) -> torch.Tensor:
@@ -313,7 +321,7 @@ class DiT(nn.Module):
         self._init_weights()
         self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
 
-    def _upgrade_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _upgrade_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Checkpoints of the walking-skeleton DiT load too: its Conv2d patch embedding becomes the
         equivalent linear map, and its blocks' `qkv` / `proj` moved into `attn`."""
         w = state_dict.get(prefix + "patch_embed.weight")
@@ -324,14 +332,14 @@ class DiT(nn.Module):
             if len(parts) == 4 and parts[2] in ("qkv", "proj"):
                 state_dict[prefix + ".".join([parts[0], parts[1], "attn", parts[2], parts[3]])] = state_dict.pop(key)
 
-    def _init_weights(self):
+    def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embed.mlp[0]).weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embed.mlp[2]).weight, std=0.02)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.weight, std=0.02)
         if self.cfg.given_tokens:  # not zero: under adaLN-Zero a zero input offset gets no gradient for steps
@@ -342,7 +350,7 @@ class DiT(nn.Module):
             nn.init.zeros_(blk.ada[-1].bias)
             if blk.cross:  # cross-attention has no gate: zero its output projection instead
                 nn.init.zeros_(blk.xattn.proj.weight)
-        for layer in (self.final.ada[-1], self.final.linear):
+        for layer in (cast(nn.Linear, self.final.ada[-1]), self.final.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -382,7 +390,7 @@ class DiT(nn.Module):
         mask_ratio: float = 0.0,
         gen: torch.Generator | None = None,
         given: torch.Tensor | None = None,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) image or (B, C, T, H, W) video latents; t (B,) in [0, 1]; y (B,) class ids
         (null_class = unconditional); text: (B, L) byte tokens (`text: own`) or (B, L, text_dim)
         embeddings (`text: external`); drop (B,) bool: replace this sample's class and caption by
@@ -459,7 +467,9 @@ class DiT(nn.Module):
         m = m.expand(B, 1, T, gh, p, gw, p).reshape(B, 1, T, H, W)
         return out, (m if video else m.squeeze(2))
 
-    def _context(self, text, drop, B: int, dtype) -> torch.Tensor:
+    def _context(
+        self, text: torch.Tensor | None, drop: torch.Tensor | None, B: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Caption tokens/embeddings → (B, L, D); the null context where `drop` (or no caption)."""
         if text is None:
             return self.null_text.expand(B, 1, -1).to(dtype)
@@ -468,13 +478,21 @@ class DiT(nn.Module):
             ctx = torch.where(drop[:, None, None], self.null_text.to(ctx.dtype).expand_as(ctx), ctx)
         return ctx
 
-    def _run(self, blk, h, c, grid, angles, ctx):
+    def _run(
+        self,
+        blk: nn.Module,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        grid: tuple[int, int],
+        angles: torch.Tensor | None,
+        ctx: torch.Tensor | None,
+    ) -> torch.Tensor:
         if self.cfg.grad_checkpointing and self.training:
             return checkpoint(blk, h, c, grid, angles, ctx, use_reentrant=False)
         return blk(h, c, grid, angles, ctx)
 
 
-def dit_config(mspec, in_channels: int, text_dim: int = 0, given_tokens: bool = False) -> DiTConfig:
+def dit_config(mspec: ModelSpec, in_channels: int, text_dim: int = 0, given_tokens: bool = False) -> DiTConfig:
     """`ModelSpec` → DiTConfig (`attention` still unresolved: see attention.resolve); given_tokens
     when the job trains video tasks (train.video_tasks).
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .dit import DiT
 
 MLFLOW_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -23,7 +27,7 @@ def from_mlflow(model: str) -> bool:
     return model.startswith(MLFLOW_PREFIXES)
 
 
-def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = None):
+def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = None) -> tuple[DiT, dict]:
     """MODEL → (DiT, model.json dict), with WEIGHTS ("ema" or "raw") loaded. An MLflow model is
     fetched from TRACKING_URI, which must then be given, without a password (it is printed in errors)."""
     from .. import storage

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .dit import DiT, dit_config, forward_flops, param_count
 
+if TYPE_CHECKING:
+    from ..spec import JobSpec
 
-def latent_shape(spec) -> tuple[int, ...]:
+
+def latent_shape(spec: JobSpec) -> tuple[int, ...]:
     v, res, frames = spec.vae, spec.data.resolution, spec.data.frames
     C, f, ft = v.latent_channels, v.downsample, v.temporal_downsample
     if v.kind == "identity":
@@ -25,11 +29,13 @@ def latent_shape(spec) -> tuple[int, ...]:
         try:
             from .. import storage
 
+            assert v.path is not None  # VAESpec requires it for own
             arch = json.loads(storage.read_bytes(storage.join(v.path, "config.json")))["architecture"]
             C, f, ft = arch["latent_channels"], arch["downsample"], arch["temporal_downsample"]
         except Exception:  # not trained yet: the spec says what it will be
             pass
     elif v.kind == "diffusers":
+        assert v.path is not None  # VAESpec requires it for diffusers
         cfg_file = Path(v.path.removeprefix("file://")) / "config.json"
         if cfg_file.exists():
             cfg = json.loads(cfg_file.read_text())
@@ -37,9 +43,10 @@ def latent_shape(spec) -> tuple[int, ...]:
     return (C, res // f, res // f) if frames == 1 else (C, frames // ft, res // f, res // f)
 
 
-def _text_dim(spec) -> int:
+def _text_dim(spec: JobSpec) -> int:
     if spec.model.text != "transformers":
         return 0
+    assert spec.model.text_encoder is not None  # ModelSpec requires it for transformers
     cfg_file = Path(spec.model.text_encoder.removeprefix("file://")) / "config.json"
     if cfg_file.exists():
         cfg = json.loads(cfg_file.read_text())
@@ -47,7 +54,7 @@ def _text_dim(spec) -> int:
     return 4096  # T5-XXL's width, the common choice, when the folder is not on this machine
 
 
-def vae_info(spec) -> dict:
+def vae_info(spec: JobSpec) -> dict[str, Any]:
     """`task: vae` jobs: the autoencoder being trained."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,7 +76,7 @@ def vae_info(spec) -> dict:
     }
 
 
-def model_info(spec) -> dict:
+def model_info(spec: JobSpec) -> dict[str, Any]:
     if spec.task == "vae":
         return vae_info(spec)
     shape = latent_shape(spec)

@@ -91,7 +91,7 @@ def draw(
     batch: int,
     grid: tuple[int, int, int],
     gen: torch.Generator,
-    device=None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's masks: each sample draws its task from `weights` (probabilities over TASKS),
     then its mask. → (given (B, gt, gh, gw) bool on `device`, task index into TASKS (B,))."""

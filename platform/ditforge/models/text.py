@@ -12,7 +12,9 @@ import torch
 
 
 class TextEncoder:
-    def __init__(self, path: str, max_length: int = 64, device="cpu", dtype=torch.float32):
+    def __init__(
+        self, path: str, max_length: int = 64, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         path = path.removeprefix("file://")

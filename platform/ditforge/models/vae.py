@@ -21,10 +21,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..spec import VAESpec
+
+
+class VAE(Protocol):
+    """What every wrapper here offers (IdentityVAE, OwnVAE, DiffusersVAE): the encode/decode seam."""
+
+    temporal: bool  # takes whole clips (True for all of ours)
+    f: int  # spatial downsample
+    temporal_downsample: int
+    scale: float
+    shift: float
+
+    @property
+    def identity(self) -> str: ...
+
+    def latent_shape(self, channels: int, h: int, w: int, frames: int = 1) -> tuple[int, ...]: ...
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
 class IdentityVAE:
@@ -54,7 +78,7 @@ class IdentityVAE:
         return _per_frame(lambda p: F.pixel_shuffle(p, self.f), z).clamp(-1, 1)
 
 
-def _per_frame(fn, x: torch.Tensor) -> torch.Tensor:
+def _per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Apply an image function to (B, C, H, W), or to every frame of (B, C, T, H, W)."""
     if x.dim() == 4:
         return fn(x)
@@ -91,10 +115,11 @@ def _norm(video: bool, ch: int) -> nn.Module:
     return FrameGroupNorm(8, ch) if video else nn.GroupNorm(8, ch)
 
 
-def _conv(video: bool, cin: int, cout: int, k: int = 3, stride=1) -> nn.Module:
+def _conv(video: bool, cin: int, cout: int, k: int = 3, stride: int | tuple[int, int, int] = 1) -> nn.Module:
     if video:
         st = stride if isinstance(stride, tuple) else (1, stride, stride)
         return CausalConv3d(cin, cout, k, st)
+    assert isinstance(stride, int)  # 3D strides are for video convolutions only
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
 
 
@@ -176,14 +201,18 @@ class KLAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None):
+    def forward(
+        self, x: torch.Tensor, gen: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, logvar = self.encode(x)
         noise = torch.randn(mean.shape, generator=gen).to(mean) if gen is not None else torch.randn_like(mean)
         z = mean + (0.5 * logvar).exp() * noise
         return self.decode(z), mean, logvar
 
 
-def vae_loss(model, x: torch.Tensor, kl_weight: float, gen=None) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_loss(
+    model: Callable[..., Any], x: torch.Tensor, kl_weight: float, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (loss, reconstruction MSE). L1 + MSE reconstruction plus a small KL to N(0, I)."""
     recon, mean, logvar = model(x, gen)
     mse = F.mse_loss(recon, x)
@@ -210,7 +239,7 @@ class OwnVAE:
             return (C, frames // self.temporal_downsample, h // self.f, w // self.f)
         return (C, h // self.f, w // self.f) if frames == 1 else (C, frames, h // self.f, w // self.f)
 
-    def _net_input(self, pixels: torch.Tensor):
+    def _net_input(self, pixels: torch.Tensor) -> torch.Tensor | None:
         # An image autoencoder encodes videos frame by frame; a video one needs (B, 3, T, H, W).
         return pixels if self.net.config["video"] or pixels.dim() == 4 else None
 
@@ -298,11 +327,13 @@ class DiffusersVAE:
         return _per_frame(lambda p: self.net.decode(p).sample, z).clamp(-1, 1)
 
 
-def build_vae(spec):
+def build_vae(spec: VAESpec) -> VAE:
     """spec: `VAESpec` → an autoencoder wrapper (own and diffusers weights are read from `path`)."""
     kind = getattr(spec, "kind", "identity")
     if kind == "own":
+        assert spec.path is not None  # VAESpec requires a path for own and diffusers
         return load_own_vae(spec.path)
     if kind == "diffusers":
+        assert spec.path is not None
         return DiffusersVAE(spec.path)
     return IdentityVAE(spec.downsample, spec.scale, spec.shift)
