@@ -20,6 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 MLFLOW_CREDENTIALS_ENV = "DITFORGE_MLFLOW_CREDENTIALS"
 MASK = "***"
@@ -105,7 +106,7 @@ def use_ray_token(create: bool = False) -> str | None:
     if os.environ.get("RAY_AUTH_MODE") != "token":
         os.environ["RAY_AUTH_MODE"] = "token"
         try:  # Ray caches its config per process: make an already-loaded Ray see the new mode
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]  # missing from ray's stub
 
             Config.initialize("")
         except Exception:
@@ -113,7 +114,7 @@ def use_ray_token(create: bool = False) -> str | None:
     return token
 
 
-def ray_auth_headers() -> dict:
+def ray_auth_headers() -> dict[str, str]:
     token = ray_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -151,7 +152,7 @@ def redact(text: str) -> str:
     return text
 
 
-def redact_obj(obj):
+def redact_obj(obj: Any) -> Any:
     """Redact every string inside nested dicts / lists (a spec dump, a params dict)."""
     if isinstance(obj, str):
         return redact(obj)

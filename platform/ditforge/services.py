@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def require_auth(host: str) -> dict:
             f"host {host}: refusing to serve beyond this machine without authentication; "
             f"missing {' and '.join(missing)}"
         )
+    assert mlf is not None  # `missing` names it otherwise
     return {"username": mlf[0], "password": mlf[1]}
 
 
@@ -179,7 +181,13 @@ def spawn(name: str, argv: list[str], env: dict) -> psutil.Process:
     return procs.spawn(record_path(name), argv, env, d["logs"] / f"{name}.log", d["home"])
 
 
-def wait_ready(name: str, ready, timeout: float, proc: psutil.Process | None = None, why=None) -> None:
+def wait_ready(
+    name: str,
+    ready: Callable[[], object],
+    timeout: float,
+    proc: psutil.Process | None = None,
+    why: Callable[[], str | None] | None = None,
+) -> None:
     """Until `ready()`, or ServiceError when `proc` exits or `timeout` passes. `why`: what is still
     wrong (a check's reason), said in the error instead of only the log's tail."""
     deadline = time.time() + timeout
@@ -516,7 +524,7 @@ def _adopt(name: str, marker: str, cwd: Path | None = None) -> int | None:
 
 
 @contextmanager
-def _lock():
+def _lock() -> Iterator[None]:
     """Serialise `up`/`down` across processes: two CLIs starting the same server would fight."""
     import fcntl
 

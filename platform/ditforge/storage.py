@@ -15,9 +15,13 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import fsspec
+
+_T = TypeVar("_T")
 
 SCHEMES = ("file", "s3", "gs")  # spec.URI_SCHEMES must say the same (tests check)
 
@@ -36,13 +40,13 @@ def credentials_file() -> Path:
     return Path(os.environ.get("DITFORGE_S3_CREDENTIALS") or home() / "s3" / "credentials.json")
 
 
-def s3_options() -> dict:
+def s3_options() -> dict[str, Any]:
     """s3fs keyword arguments: endpoint and keys, never logged."""
     env = os.environ
     profile = env.get("DITFORGE_S3_PROFILE")
     if profile:
         # A named profile from ~/.aws/{credentials,config}: botocore reads keys and region there.
-        opts = {"profile": profile}
+        opts: dict[str, Any] = {"profile": profile}
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     elif env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
         opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
@@ -69,12 +73,12 @@ def s3_options() -> dict:
     return opts
 
 
-def gcs_options() -> dict:
+def gcs_options() -> dict[str, Any]:
     """gcsfs keyword arguments, never logged. `token` is a service-account / authorized-user JSON
     file, or one of gcsfs's words (`google_default`, `cloud`, `anon`); without one gcsfs tries
     them in turn (and on a machine outside GCP waits for the metadata server first)."""
     env = os.environ
-    opts: dict = {"skip_instance_cache": True}
+    opts: dict[str, Any] = {"skip_instance_cache": True}
     token = env.get("DITFORGE_GCS_TOKEN") or env.get("GOOGLE_APPLICATION_CREDENTIALS")
     if token:
         opts["token"] = token
@@ -146,8 +150,14 @@ class StorageUnavailable(OSError):
 
 
 def retry(
-    fn, *args, attempts: int = 6, base_delay: float = 0.5, deadline_s: float | None = None, on_retry=None, **kwargs
-):
+    fn: Callable[..., _T],
+    *args: Any,
+    attempts: int = 6,
+    base_delay: float = 0.5,
+    deadline_s: float | None = None,
+    on_retry: Callable[[BaseException, float], object] | None = None,
+    **kwargs: Any,
+) -> _T:
     """Object stores blip: retry with exponential backoff, then raise StorageUnavailable (an
     OSError, so callers need to know only one kind of failure). `deadline_s`: keep trying for
     that many seconds instead of `attempts` times (waits capped at 10 s, so a store that comes
@@ -167,6 +177,7 @@ def retry(
             if on_retry is not None:
                 on_retry(e, wait)
             time.sleep(wait)
+    raise AssertionError("unreachable")  # itertools.count() never ends
 
 
 def read_bytes(uri: str) -> bytes:

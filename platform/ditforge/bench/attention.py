@@ -38,7 +38,7 @@ def time_kernel(
     q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     g = torch.randn(B, H, N, Dh, device=device, dtype=dtype)
 
-    def fb():
+    def fb() -> None:
         attention.attention(q, k, v, name).backward(g)
 
     try:

@@ -67,7 +67,9 @@ def reshard_costs(sizes: tuple[str, ...], repeat: int) -> list[dict]:
         engine.step()  # moments exist: the checkpoint is the size a real one is
         root = Path(tempfile.mkdtemp(prefix="ditforge-bench-reshard-"))
         engine.save_checkpoint(str(root), tag="step_1", save_latest=False)
-        plain, convert, load = [], [], []
+        plain: list[float] = []
+        convert: list[float] = []
+        load: list[float] = []
         for _ in range(repeat):
             t0 = time.perf_counter()
             engine.load_checkpoint(str(root), tag="step_1")
@@ -114,7 +116,7 @@ def run(quick: bool = False) -> list[dict]:
         flow = RectifiedFlow(null_class=10)
         x, y = torch.randn(32, 12, 16, 16), torch.randint(0, 10, (32,))
 
-        def step():
+        def step() -> None:
             loss = flow.loss(engine, x, {"y": y}, torch.Generator().manual_seed(0))
             engine.backward(loss)
             engine.step()

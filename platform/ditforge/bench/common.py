@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,11 +20,12 @@ def device_name() -> str:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @contextmanager
-def single_process_group():
+def single_process_group() -> Iterator[None]:
     """A world of one (gloo), so DeepSpeed runs in this process without a launcher."""
     import torch.distributed as dist
 
@@ -36,7 +38,7 @@ def single_process_group():
         dist.destroy_process_group()
 
 
-def timed(fn, repeat: int = 1) -> float:
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()

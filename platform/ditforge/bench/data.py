@@ -32,7 +32,7 @@ LATENT_SHAPE = (12, 16, 16)  # the demo: 32x32 RGB through the identity VAE (2x2
 BATCH = 32
 
 
-def _row(bench: str, metric: str, value: float, unit: str, **ctx) -> dict:
+def _row(bench: str, metric: str, value: float, unit: str, **ctx: object) -> dict:
     return {
         "name": f"{bench}-{metric}",
         "device": device_name(),
@@ -244,7 +244,7 @@ def bench_consumption(quick: bool) -> list[dict]:
         gen = torch.Generator().manual_seed(0)
         x, y = torch.randn(BATCH, *LATENT_SHAPE), torch.randint(0, 10, (BATCH,))
 
-        def step():
+        def step() -> None:
             loss = flow.loss(model, x, {"y": y}, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,16 +8,22 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 SECTIONS = ["train", "attention", "data", "checkpoint"]  # each a module here with run(quick) -> list[dict]
 
 
 def run_all(
-    quick: bool, sections: list[str] | None = None, focus: bool = False, on_section=None, command: str | None = None
-) -> dict:
+    quick: bool,
+    sections: list[str] | None = None,
+    focus: bool = False,
+    on_section: Callable[[dict[str, Any]], object] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
     """`focus`: the sections that take it run only their headline rows (bench/gpu_run.sh's first
     pass). `on_section(result)` after each section, so a run cut short keeps what it measured."""
-    result = {
+    result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "host": platform.node(),
         "quick": quick,
@@ -39,7 +45,7 @@ def run_all(
     return result
 
 
-def meta(command: str | None = None) -> dict:
+def meta(command: str | None = None) -> dict[str, Any]:
     """What a committed result must say about where it came from (docs/bench/README.md)."""
     import torch
 
@@ -78,6 +84,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def write(result: dict, path: str) -> None:
+def write(result: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)

@@ -34,6 +34,8 @@ import os
 import time
 import traceback
 import types
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -94,7 +96,7 @@ def _peak(device: torch.device, before: int) -> int:
 
 
 def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
-    d = {
+    d: dict[str, Any] = {
         "name": "bench",
         "data": {"train": "file:///unused", "batch_size": v["batch"]},
         "model": {
@@ -118,7 +120,7 @@ def _spec(v: dict, world: int, use_gpu: bool) -> JobSpec:
 # Each lever is measured alone against the ditforge step with the defaults (A B A B timing), through
 # the worker's own `train_step`. `set`: the spec switches it turns on; `needs_cuda`: skipped on CPU;
 # `status`: not measured, and why. A lever whose switch pays stays off until a GPU run shows it does.
-LEVERS = [
+LEVERS: list[dict[str, Any]] = [
     {
         "name": "compile_full",
         "needs_cuda": True,
@@ -165,9 +167,10 @@ LEVERS = [
 
 def ablation(v: dict, rank: int, world: int, device: torch.device) -> list[dict]:
     """One row per lever: its step time against the default ditforge step, measured side by side."""
-    rows, base = [], None
+    rows: list[dict] = []
+    base: Loops | None = None
     for lever in LEVERS:
-        row = {k: lever[k] for k in ("name", "what") if k in lever}
+        row: dict[str, Any] = {k: lever[k] for k in ("name", "what") if k in lever}
         if lever.get("needs_cuda") and device.type != "cuda":
             rows.append(row | {"status": "skipped: needs CUDA"})
             continue
@@ -195,6 +198,16 @@ def ablation(v: dict, rank: int, world: int, device: torch.device) -> list[dict]
 
 
 # ------------------------------------------------------------------------------ the two loops
+
+
+class StepPair(Protocol):
+    """Two steps timed side by side (`_side_by_side`): a `Loops`, or two ditforge steps (the levers)."""
+
+    @property
+    def baseline(self) -> Callable[[], object] | None: ...
+
+    @property
+    def ditforge(self) -> Callable[[], object]: ...
 
 
 class Loops:
@@ -228,7 +241,7 @@ class Loops:
         xd = x.to(dtype)
         self.engine, self.ema = engine, ema
 
-        def ditforge_step():
+        def ditforge_step() -> torch.Tensor:
             self.step_no += 1
             return train_step(
                 engine,
@@ -243,7 +256,7 @@ class Loops:
             )[0]
 
         self.ditforge = ditforge_step
-        self.baseline = None
+        self.baseline: Callable[[], None] | None = None
         self._args = (objective, x, cond, rank, world, device)
 
     def add_baseline(self) -> None:
@@ -265,7 +278,7 @@ class Loops:
         shadow = [p.detach().clone().float() for p in model.parameters()]
         params = list(model.parameters())
 
-        def baseline_step():
+        def baseline_step() -> None:
             self.step_no += 1
             with torch.autocast(device.type, torch.bfloat16, enabled=use_gpu):
                 loss = objective.loss(net, x, cond, step_generator(0, self.step_no, rank, device))
@@ -279,7 +292,7 @@ class Loops:
         self.baseline = baseline_step
 
 
-def _timed(step, n: int, device: torch.device, world: int) -> float:
+def _timed(step: Callable[[], object], n: int, device: torch.device, world: int) -> float:
     _sync(device)
     if world > 1:
         dist.barrier()
@@ -292,7 +305,8 @@ def _timed(step, n: int, device: torch.device, world: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _side_by_side(loops: Loops, v: dict, device, world: int) -> dict:
+def _side_by_side(loops: StepPair, v: dict, device: torch.device, world: int) -> dict[str, float]:
+    assert loops.baseline is not None  # add_baseline() ran
     for _ in range(v["warmup"]):  # compiles, autotunes, allocates
         loops.baseline()
         loops.ditforge()
@@ -303,7 +317,7 @@ def _side_by_side(loops: Loops, v: dict, device, world: int) -> dict:
     return {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 
 
-def state_bytes(engine) -> dict[str, int]:
+def state_bytes(engine: Any) -> dict[str, int]:
     """Bytes this rank holds, by kind, counting each storage once.
 
     params: the module's weights (under ZeRO-3 only this rank's `ds_tensor` slice: the full
@@ -314,14 +328,14 @@ def state_bytes(engine) -> dict[str, int]:
     seen: set[int] = set()
     out = {"params": 0, "grads": 0, "optimizer": 0}
 
-    def add(t, kind: str) -> None:
+    def add(t: object, kind: str) -> None:
         if isinstance(t, torch.Tensor) and t.numel():
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
                 out[kind] += t.untyped_storage().nbytes()
 
-    def walk(o, kind: str, depth: int = 0) -> None:
+    def walk(o: object, kind: str, depth: int = 0) -> None:
         if depth > 3:
             return
         if isinstance(o, torch.Tensor):
@@ -369,7 +383,8 @@ def fp8_curve(v: dict, rank: int, world: int, device: torch.device) -> dict:
     }
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return out | {"status": "skipped: needs CUDA (compute capability 8.9+)"}
-    curves, rate = {}, {}
+    curves: dict[str, list[float]] = {}
+    rate: dict[str, float] = {}
     for prec in ("bf16", "fp8"):
         gc.collect()
         torch.cuda.empty_cache()
@@ -414,6 +429,7 @@ def largest_batch(v: dict, device: torch.device, cap: int) -> int:
     from ..train.batch import DoesNotFit, largest_fitting
 
     def measure(b: int) -> int:
+        loops: Loops | None
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -421,6 +437,7 @@ def largest_batch(v: dict, device: torch.device, cap: int) -> int:
             loops = Loops(dict(v, batch=b, compile="off", ckpt=False), 0, 1, device)
             loops.add_baseline()
             loops.ditforge()
+            assert loops.baseline is not None  # add_baseline() set it
             loops.baseline()
             _sync(device)
             return torch.cuda.max_memory_allocated(device)
@@ -490,7 +507,7 @@ def sync_sources(loops: Loops, device: torch.device) -> list[str]:
 # ------------------------------------------------------------------------------ one process per rank
 
 
-def _worker(rank: int, cfg: dict, port: int, queue) -> None:
+def _worker(rank: int, cfg: dict, port: int, queue: Any) -> None:
     world, use_gpu = cfg["world"], cfg["device"] == "cuda"
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
@@ -568,7 +585,7 @@ def _worker(rank: int, cfg: dict, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def run_config(cfg: dict, on_row=None) -> dict:
+def run_config(cfg: dict, on_row: Callable[[dict], object] | None = None) -> dict:
     """Run one configuration in `world` fresh processes; `on_row(result)` after each message so a
     caller can write partial results (a GPU run may be cut short)."""
     ctx = mp.get_context("spawn")
@@ -754,7 +771,12 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, on_rows=None, gpu_only: bool = False, focus: bool = False) -> list[dict]:
+def run(
+    quick: bool = False,
+    on_rows: Callable[[list[dict]], object] | None = None,
+    gpu_only: bool = False,
+    focus: bool = False,
+) -> list[dict]:
     out: list[dict] = []
     for cfg in plan(quick, focus):
         if gpu_only and cfg["device"] != "cuda":
@@ -770,7 +792,7 @@ if __name__ == "__main__":  # the GPU machine: `python -m ditforge.bench.train O
 
     path = sys.argv[1] if len(sys.argv) > 1 else "bench-train.json"
 
-    def write(rows):
+    def write(rows: list[dict]) -> None:
         with open(path, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": rows}, f, indent=2)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -28,10 +29,13 @@ app.add_typer(data.app, name="data")
 def main(argv: list[str] | None = None) -> None:
     """Usage errors too (an unknown command or option, a bad option value, a missing argument)
     are one `error:` line and exit 2, instead of click's usage block."""
-    try:  # typer >= 0.2x vendors its own click
-        from typer._click import exceptions as click
-    except ImportError:
+    if TYPE_CHECKING:  # typed as click's own; at run time typer's vendored copy where there is one
         from click import exceptions as click
+    else:
+        try:  # typer >= 0.2x vendors its own click
+            from typer._click import exceptions as click
+        except ImportError:
+            from click import exceptions as click
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # the Jobs SDK's "uploading package" chatter
     try:

@@ -19,7 +19,7 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="small sizes, few repeats (CI smoke run)"),
     section: Optional[List[str]] = typer.Option(None, "--section", help="run only these sections"),
     focus: bool = typer.Option(False, "--focus", help="GPU headline only: XL/2, its ablation, fp8 vs bf16"),
-):
+) -> None:
     """Measure throughput, overhead, memory and checkpoint stalls; write JSON and print a table."""
     from ..bench.run import SECTIONS, run_all, write
 

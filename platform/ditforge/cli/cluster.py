@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
@@ -12,10 +12,13 @@ from rich.table import Table
 from .common import err, out, user_errors
 from .services import services_status
 
+if TYPE_CHECKING:
+    from ..spec import ClusterSpec
+
 app = typer.Typer(no_args_is_help=True, help="Start, stop and render clusters described by a cluster YAML.")
 
 
-def _cluster_files(spec, out_dir: Path, job: Optional[Path]) -> None:
+def _cluster_files(spec: ClusterSpec, out_dir: Path, job: Optional[Path]) -> None:
     from ..cluster.render import render
     from ..spec import load_job
 
@@ -31,25 +34,28 @@ def cluster_up(
     cluster: Path = typer.Argument(..., help="cluster YAML"),
     out_dir: Path = typer.Option(Path("build/cluster"), "--out", help="where rendered files go (aws, gcp, kubernetes)"),
     job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec"),
-):
+) -> None:
     """Start a cluster that runs here (embedded, local); for aws / gcp / kubernetes write the
     rendered files and print the command that starts it."""
     from .. import services
     from ..cluster import local
-    from ..spec import load_cluster
+    from ..spec import AddressCluster, EmbeddedCluster, LocalCluster, SlurmCluster, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind == "embedded":
+        assert isinstance(spec, EmbeddedCluster)  # load_cluster builds the model of its kind
         with err.status("starting services (S3, MLflow, Ray)..."):
             ep = services.up(spec)
         out.print(ep.ray_dashboard, highlight=False)
     elif spec.kind == "local":
+        assert isinstance(spec, LocalCluster)
         with err.status(f"starting local cluster '{spec.name}' (head + {spec.nodes} raylets)..."):
             dash = local.up(spec)
         out.print(dash, highlight=False)
     elif spec.kind == "slurm":
         from ..cluster import slurm
 
+        assert isinstance(spec, SlurmCluster)
         with err.status(f"waiting for Slurm allocation '{spec.name}' ({spec.nodes} nodes) and Ray on it..."):
             h = slurm.up(spec)
         err.print(
@@ -62,6 +68,7 @@ def cluster_up(
         from ..cluster.jobs import jobs_client
         from ..cluster.launch import connect
 
+        assert isinstance(spec, AddressCluster)
         t = connect(spec)
         jobs_client(t.dashboard, t.token_env).list_jobs()  # reachable, and the token (if any) is accepted
         out.print(t.dashboard, highlight=False)
@@ -74,18 +81,20 @@ def cluster_up(
 def cluster_down(
     cluster: Path = typer.Argument(..., help="cluster YAML"),
     out_dir: Path = typer.Option(Path("build/cluster"), "--out"),
-):
+) -> None:
     """Stop a cluster started here (local: its head, raylets and jobs; embedded: the services)."""
     from .. import services
     from ..cluster import local
-    from ..spec import SpecError, load_cluster
+    from ..spec import LocalCluster, SlurmCluster, SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind == "local":
+        assert isinstance(spec, LocalCluster)  # load_cluster builds the model of its kind
         stopped = local.down(spec)
     elif spec.kind == "slurm":
         from ..cluster import slurm
 
+        assert isinstance(spec, SlurmCluster)
         stopped = slurm.down(spec)
     elif spec.kind == "embedded":
         stopped = services.down()
@@ -112,7 +121,7 @@ def cluster_join(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=0, help="CPUs this node offers (default: all)"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs this node offers (default: all)"),
     resources: Optional[str] = typer.Option(None, "--resources", help="custom resources, JSON: '{\"ssd\": 1}'"),
-):
+) -> None:
     """Join this machine to a head served beyond loopback (`services up --cluster cluster/shared.yaml`
     there) as a Ray worker node, with the Ray token of this machine's environment."""
     from ..cluster.join import JoinError, join
@@ -132,7 +141,7 @@ def cluster_join(
 
 @app.command("leave")
 @user_errors
-def cluster_leave():
+def cluster_leave() -> None:
     """Stop this machine's node of a joined cluster (nothing else)."""
     from ..cluster.join import leave
 
@@ -161,12 +170,12 @@ def cluster_status(
     cluster: Optional[Path] = typer.Argument(
         None, help="cluster YAML (default: the cluster this machine joined, else the embedded one)"
     ),
-):
+) -> None:
     """The cluster's nodes: pid, alive in Ray, node id, address and resources."""
     from .. import services
     from ..cluster import local
     from ..cluster.join import joined
-    from ..spec import SpecError, load_cluster
+    from ..spec import LocalCluster, SlurmCluster, SpecError, load_cluster
 
     if cluster is None:
         now = joined()
@@ -184,6 +193,7 @@ def cluster_status(
     if spec.kind == "slurm":
         from ..cluster import slurm
 
+        assert isinstance(spec, SlurmCluster)  # load_cluster builds the model of its kind
         rows = slurm.status(spec)
         table = Table("slurm job", "state", "ray node", "address")
         for r in rows:
@@ -196,6 +206,7 @@ def cluster_status(
         raise SpecError(
             str(cluster), "kind", f"status of a {spec.kind} cluster: use `ray status` / `kubectl get rayclusters`"
         )
+    assert isinstance(spec, LocalCluster)
     table = Table("node", "pid", "alive", "node id", "resources")
     rows = local.status(spec)
     for r in rows:
@@ -217,7 +228,7 @@ def cluster_render(
     cluster: Path = typer.Argument(..., help="cluster YAML (aws, gcp, kubernetes, slurm)"),
     out_dir: Path = typer.Option(..., "--out", help="output folder"),
     job: Optional[Path] = typer.Option(None, "--job", help="also render a KubeRay RayJob for this job spec"),
-):
+) -> None:
     """Write the Ray cluster-launcher YAML (aws, gcp), KubeRay manifests (kubernetes) or the batch
     script (slurm; with --job, one that runs that job)."""
     from ..spec import SpecError, load_cluster

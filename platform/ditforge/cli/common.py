@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from ..spec import ClusterSpec, JobSpec
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
@@ -18,11 +25,11 @@ SetOpt = typer.Option(None, "--set", help="override a spec field: --set train.st
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="cluster YAML (default: embedded)")
 
 
-def user_errors(fn):
+def user_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Known user errors → one line on stderr and exit 2, never a traceback."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         from ..cluster.jobs import SubmitError
         from ..cluster.render import RenderError
         from ..data.shards import DataError
@@ -70,7 +77,7 @@ def warn(line: str) -> None:
     err.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
-def load_specs(job: Path, cluster: Optional[Path], sets: Optional[List[str]]):
+def load_specs(job: Path, cluster: Optional[Path], sets: Optional[List[str]]) -> tuple[JobSpec, ClusterSpec]:
     """(job spec, cluster spec): `--set cluster.mode=job` overrides the cluster spec; every other
     --set, the job spec."""
     from ..spec import load_cluster, load_job

@@ -42,7 +42,7 @@ def data_ingest(
         None, help="generated sets: how many; folders and webdatasets: the first N inputs"
     ),
     seed: int = typer.Option(0, help="generated sets: the seed"),
-):
+) -> None:
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""
     from ..data.ingest import ingest
 
@@ -76,7 +76,7 @@ def data_encode(
     in_uri: str = typer.Argument(..., help="pixel data set (the output of `data ingest`)"),
     vae: str = typer.Option("identity", help="VAE: a YAML file (job spec or its vae: section) or KIND[,key=value...]"),
     out_uri: str = typer.Option(..., "--out", help="where the latent shards and manifest.json go"),
-):
+) -> None:
     """Encode pixel shards to latent shards with Ray Data (re-running resumes)."""
     from ..data.encode import encode_dataset, parse_vae
 
@@ -91,7 +91,7 @@ def data_encode(
 
 @app.command("verify")
 @user_errors
-def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding manifest.json)")):
+def data_verify(uri: str = typer.Argument(..., help="a data set (folder holding manifest.json)")) -> None:
     """Check every shard against the manifest's checksums; exit 2 naming the bad ones."""
     from ..data import shards
 

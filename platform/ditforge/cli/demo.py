@@ -19,7 +19,7 @@ def demo(
         2048, help="how many shapes images (or moving-shapes clips, for a video job) to generate"
     ),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line of results"),
-):
+) -> None:
     """The whole pipeline on the embedded default: data → shards → latents → training → samples."""
     from ..demo import JobEnded, run
 

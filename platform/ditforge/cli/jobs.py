@@ -13,7 +13,7 @@ from .common import ClusterOpt, SetOpt, err, follow_with_progress, load_specs, o
 
 
 @user_errors
-def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML files")):
+def validate(files: List[Path] = typer.Argument(..., help="job or cluster YAML files")) -> None:
     """Check job and cluster specs; print one line per problem."""
     from ..spec import JobSpec, SpecError, load_any, spec_warnings
 
@@ -41,7 +41,7 @@ def submit(
     force_resume: bool = typer.Option(
         False, "--force-resume", help="continue the run even though a field that defines it changed"
     ),
-):
+) -> None:
     """Submit a training job through the Ray Jobs API and print its job id."""
     from ..cluster.launch import submit as do_submit
     from ..runs.follow import run_link
@@ -60,7 +60,7 @@ def submit(
 
 
 @user_errors
-def status(job: Optional[str] = typer.Argument(None, help="job id (default: all jobs)")):
+def status(job: Optional[str] = typer.Argument(None, help="job id (default: all jobs)")) -> None:
     """Jobs with their state, step, loss, samples/s and MLflow link."""
     from ..cluster.jobs import all_records
     from ..runs.follow import find_record, status as job_status
@@ -84,7 +84,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 
 
 @user_errors
-def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")):
+def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Option(False, "--follow", "-f")) -> None:
     """Print a job's driver and worker logs."""
     from ..runs.follow import find_record, write_logs
 
@@ -99,7 +99,7 @@ def logs(job: str = typer.Argument(..., help="job id"), follow_: bool = typer.Op
 def stop(
     job: str = typer.Argument(..., help="job id"),
     grace: float = typer.Option(120.0, help="seconds to wait for the final checkpoint before Ray stops the job"),
-):
+) -> None:
     """Stop a running job; with `checkpoint.on_stop: true` it saves a final checkpoint first."""
     from ..cluster.launch import stop as do_stop
     from ..runs.follow import find_record, stopped_on_request

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from .common import SetOpt, out, user_errors
+
+if TYPE_CHECKING:
+    from ..models.dit import DiT
 
 
 @user_errors
@@ -21,7 +24,7 @@ def export_cmd(
         "ditforge", "--format", help="ditforge (raw + EMA safetensors, model.json) or diffusers (a DiTPipeline folder)"
     ),
     weights: str = typer.Option("ema", help="diffusers format: ema or raw weights"),
-):
+) -> None:
     """Write consolidated raw + EMA weights (safetensors) and model.json from a checkpoint, or a
     folder diffusers' DiTPipeline.from_pretrained loads (--format diffusers)."""
     from .. import storage
@@ -59,7 +62,7 @@ def export_cmd(
 def register(
     run: str = typer.Argument(..., help="the run folder (s3://.../runs/RUN) whose registration failed"),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the embedded server)"),
-):
+) -> None:
     """Register a finished run's newest complete checkpoint in MLflow again (after a failed registration)."""
     from .. import services, storage
     from ..cluster.jobs import SubmitError
@@ -72,7 +75,7 @@ def register(
     out.print(f"registered {model} from {run}", highlight=False)
 
 
-def _fetch(model: str, weights: str, tracking_uri: Optional[str]):
+def _fetch(model: str, weights: str, tracking_uri: Optional[str]) -> tuple[DiT, dict[str, Any]]:
     """--model / --weights / --tracking-uri → (DiT, model.json dict), problems worded as those options."""
     from .. import services
     from ..cluster.jobs import SubmitError
@@ -116,7 +119,7 @@ def sample(
         None, "--k", help="predict / interpolate: given frames (default: the most trained)"
     ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object saying what was written"),
-):
+) -> None:
     """Generate a class-conditional sample grid, or (--task) fill in a video around given frames."""
     from ..spec import SampleSpec, SpecError, VAESpec
 
@@ -149,6 +152,7 @@ def sample(
         from ..data.clips import read_clip, write_clip
         from ..inference.sampling import sample_task
 
+        assert given is not None  # checked above: --task needs --given
         clip = read_clip(given)
         frames = sample_task(net, cfg, objective, task, clip, k, s)
         write_clip(frames, png)
@@ -200,7 +204,7 @@ def model_info(
     job: Path = typer.Argument(..., help="job spec YAML"),
     sets: Optional[List[str]] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-):
+) -> None:
     """Parameters, forward GFLOPs per sample (counted), latent shape and token count of a job's model."""
     from ..models.info import model_info as info
     from ..spec import load_job

@@ -14,7 +14,7 @@ app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, MLflow ser
 
 
 @user_errors
-def ui():
+def ui() -> None:
     """Print the MLflow UI address of the embedded tracking server (starting it if needed)."""
     from .. import services
 
@@ -24,10 +24,10 @@ def ui():
 
 @app.command("up")
 @user_errors
-def services_up(cluster: Optional[Path] = ClusterOpt):
+def services_up(cluster: Optional[Path] = ClusterOpt) -> None:
     """Start (or reuse) the S3 server, MLflow and the Ray head, all on 127.0.0.1."""
     from .. import services
-    from ..spec import SpecError, load_cluster
+    from ..spec import EmbeddedCluster, SpecError, load_cluster
 
     spec = load_cluster(cluster)
     if spec.kind != "embedded":
@@ -36,6 +36,7 @@ def services_up(cluster: Optional[Path] = ClusterOpt):
             "kind",
             f"services up starts the embedded cluster; for kind {spec.kind} use `ditforge cluster up {cluster}`",
         )
+    assert isinstance(spec, EmbeddedCluster)  # load_cluster builds the model of its kind
     with err.status("starting services (S3, MLflow, Ray)..."):
         ep = services.up(spec)
     for k, v in ep.to_dict().items():
@@ -44,7 +45,7 @@ def services_up(cluster: Optional[Path] = ClusterOpt):
 
 @app.command("down")
 @user_errors
-def services_down():
+def services_down() -> None:
     """Stop the embedded services (their data stays under .ditforge/)."""
     from .. import services
 
@@ -54,7 +55,7 @@ def services_down():
 
 @app.command("status")
 @user_errors
-def services_status():
+def services_status() -> None:
     from .. import services
 
     table = Table("service", "url", "pid", "up", "check")

@@ -17,7 +17,8 @@ def shortfall(res: ResourcesSpec, nodes: list[dict[str, float]]) -> str | None:
     """None when `res.workers` bundles fit on `nodes` (each a node's total resources) under the
     placement strategy; otherwise one sentence saying what is missing."""
     bundle = res.per_worker()
-    workers = res.min_workers if res.elastic else res.workers  # an elastic job starts with what fits
+    # an elastic job starts with what fits (elastic: min_workers is set)
+    workers = res.min_workers if res.elastic and res.min_workers is not None else res.workers
     need = {k: v * workers for k, v in bundle.items() if not k.startswith("accelerator_type:")}
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
     ask = f"{workers} workers x {_fmt(bundle)}"

@@ -10,11 +10,15 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .. import credentials, storage
 from ..spec import ClusterSpec, EmbeddedCluster, JobSpec
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 
 class SubmitError(Exception):
@@ -29,7 +33,7 @@ class Target:
     slurm_job_id: str | None = None  # the allocation the cluster runs in (kind slurm)
 
 
-def jobs_client(dashboard: str, token_env: str | None = None):
+def jobs_client(dashboard: str, token_env: str | None = None) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
     headers = None
@@ -44,7 +48,7 @@ def jobs_client(dashboard: str, token_env: str | None = None):
         raise SubmitError(f"cannot reach the Ray Jobs API at {dashboard}: {str(e).splitlines()[0]}") from None
 
 
-def client_for(rec: dict):
+def client_for(rec: dict) -> JobSubmissionClient:
     # Records written before every cluster of ours had token auth carry no token_env.
     ours = rec.get("cluster") in ("embedded", "local")
     return jobs_client(rec["dashboard"], rec.get("token_env") or ("RAY_AUTH_TOKEN" if ours else None))

@@ -139,7 +139,8 @@ def nodes(gcs: str, timeout: float = 30.0) -> list[dict]:
     import ray
 
     credentials.use_ray_token()
-    ray.init(address=gcs, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    # ray.init annotates logging_level as int; it takes a level name too (its own default is "info")
+    ray.init(address=gcs, log_to_driver=False, logging_level="ERROR", configure_logging=False)  # type: ignore[arg-type]
     try:
         rows = [
             {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 from .. import services
 from ..runs import folder
@@ -12,6 +13,9 @@ from ..spec import AddressCluster, ClusterSpec, EmbeddedCluster, JobSpec, LocalC
 from ..train import tracking
 from . import capacity
 from .jobs import SubmitError, Target, client_for, submit_to_ray, write_record
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 
 def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
@@ -27,6 +31,7 @@ def connect(cluster: ClusterSpec, spec: JobSpec | None = None) -> Target:
         dashboard = local.up(cluster)  # started on demand, like the embedded head; token auth too
         return Target(dashboard, own or services.endpoints().mlflow, "RAY_AUTH_TOKEN")
     if isinstance(cluster, AddressCluster):
+        assert cluster.address is not None  # AddressCluster's validator requires it
         dashboard = cluster.address.replace("ray://", "http://").replace(":10001", ":8265")
         if cluster.token_env and not os.environ.get(cluster.token_env):
             raise SubmitError(f"cluster '{cluster.name}': token_env names ${cluster.token_env}, which is not set")
@@ -88,6 +93,7 @@ def submit(
     cont = folder.continuation(spec, resume)
     if cont.run_name:  # continue that run, in a child MLflow run of its own
         run_name, run_uri = cont.run_name, cont.run_uri
+        assert run_uri is not None  # continuation() sets it with run_name
         changed = folder.check_resume(spec, run_name, run_uri, cont.steps, cont.how, source or spec.name, force_resume)
         if cont.newest:
             folder.check_reshard(cont.newest, spec, f"--resume {run_name}")
@@ -143,7 +149,7 @@ def submit(
 TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 
 
-def _wait_terminal(client, job_id: str, timeout: float) -> str:
+def _wait_terminal(client: JobSubmissionClient, job_id: str, timeout: float) -> str:
     deadline = time.time() + timeout
     while True:
         state = str(client.get_job_status(job_id).value)

@@ -90,21 +90,27 @@ def _local_folder(path: str) -> Path:
 
 def check_models(spec: JobSpec, job_file: str) -> None:
     v = spec.vae
-    if v.kind == "own" and spec.task == "dit" and not storage.exists(storage.join(v.path, "config.json")):
-        raise PreflightError(
-            f"{job_file}: vae.path: no trained autoencoder at {v.path} (no config.json): train it "
-            f"first with a `task: vae` job writing there (e.g. `ditforge submit jobs/vae-shapes.yaml`)"
-        )
-    if v.kind == "diffusers" and not (_local_folder(v.path) / "config.json").is_file():
-        raise PreflightError(
-            f"{job_file}: vae.path: {v.path} is not a diffusers AutoencoderKL folder (no config.json): "
-            "save one there with save_pretrained"
-        )
-    if spec.model.text == "transformers" and not (_local_folder(spec.model.text_encoder) / "config.json").is_file():
-        raise PreflightError(
-            f"{job_file}: model.text_encoder: {spec.model.text_encoder} is not a transformers model "
-            "folder (no config.json): save the encoder there with save_pretrained"
-        )
+    if v.kind == "own" and spec.task == "dit":
+        assert v.path is not None  # VAESpec requires it for kind own
+        if not storage.exists(storage.join(v.path, "config.json")):
+            raise PreflightError(
+                f"{job_file}: vae.path: no trained autoencoder at {v.path} (no config.json): train it "
+                f"first with a `task: vae` job writing there (e.g. `ditforge submit jobs/vae-shapes.yaml`)"
+            )
+    if v.kind == "diffusers":
+        assert v.path is not None  # VAESpec requires it for kind diffusers
+        if not (_local_folder(v.path) / "config.json").is_file():
+            raise PreflightError(
+                f"{job_file}: vae.path: {v.path} is not a diffusers AutoencoderKL folder (no config.json): "
+                "save one there with save_pretrained"
+            )
+    if spec.model.text == "transformers":
+        assert spec.model.text_encoder is not None  # ModelSpec requires it for text: transformers
+        if not (_local_folder(spec.model.text_encoder) / "config.json").is_file():
+            raise PreflightError(
+                f"{job_file}: model.text_encoder: {spec.model.text_encoder} is not a transformers model "
+                "folder (no config.json): save the encoder there with save_pretrained"
+            )
 
 
 def check(spec: JobSpec, job_file: str) -> None:

@@ -8,11 +8,24 @@ shipped inside the installed `ray` package, and prints the command that starts t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from ..spec import GCP_ACCELERATORS, AWSCluster, CloudCluster, GCPCluster, JobSpec, KubernetesCluster
+from ..spec import (
+    GCP_ACCELERATORS,
+    AWSCluster,
+    CloudCluster,
+    ClusterSpec,
+    GCPCluster,
+    HeadGroup,
+    JobSpec,
+    KubeGroup,
+    KubernetesCluster,
+    SlurmCluster,
+)
 
 RAY_VERSION = "2.60.0"
 
@@ -24,7 +37,7 @@ class RenderError(Exception):
 # ------------------------------------------------------------------------- ray cluster launcher
 
 
-def _node_resources(group) -> dict[str, int]:
+def _node_resources(group: HeadGroup) -> dict[str, int]:
     res: dict[str, int] = {}
     if group.cpus is not None:
         res["CPU"] = group.cpus
@@ -36,8 +49,8 @@ def _node_resources(group) -> dict[str, int]:
     return res
 
 
-def _aws_node(c: AWSCluster, group) -> dict:
-    node = {
+def _aws_node(c: AWSCluster, group: HeadGroup) -> dict:
+    node: dict[str, Any] = {
         "InstanceType": group.instance_type,
         "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": group.disk_gb, "VolumeType": "gp3"}}],
     }
@@ -50,7 +63,7 @@ def _aws_node(c: AWSCluster, group) -> dict:
     return node
 
 
-def _gcp_node(c: GCPCluster, group) -> dict:
+def _gcp_node(c: GCPCluster, group: HeadGroup) -> dict:
     node: dict = {
         "machineType": group.instance_type,
         "disks": [
@@ -64,6 +77,7 @@ def _gcp_node(c: GCPCluster, group) -> dict:
     }
     scheduling: dict = {}
     if group.gpus:
+        assert group.gpu_type is not None  # GCPCluster's validator requires it with gpus
         node["guestAccelerators"] = [
             {"acceleratorType": GCP_ACCELERATORS[group.gpu_type], "acceleratorCount": group.gpus}
         ]
@@ -155,7 +169,7 @@ def validate_ray_up(config: dict) -> dict:
 # ------------------------------------------------------------------------------------ kuberay
 
 
-def _container_resources(g, gpus: int) -> dict:
+def _container_resources(g: KubeGroup, gpus: int) -> dict:
     amount = {"cpu": str(g.cpus), "memory": f"{g.memory_gb}Gi"}
     if gpus:
         amount["nvidia.com/gpu"] = str(gpus)
@@ -163,7 +177,7 @@ def _container_resources(g, gpus: int) -> dict:
 
 
 def _env(c: KubernetesCluster) -> list[dict]:
-    env = [{"name": "DITFORGE_HOME", "value": "/tmp/ditforge"}]
+    env: list[dict[str, Any]] = [{"name": "DITFORGE_HOME", "value": "/tmp/ditforge"}]
     s = c.storage
     if s.secret:
         # Credentials stay in the Secret: the manifest names it, the kubelet injects the values.
@@ -180,15 +194,16 @@ def _env(c: KubernetesCluster) -> list[dict]:
 
 def _pod(
     c: KubernetesCluster,
-    g,
+    g: KubeGroup,
     container: str,
     ports: list[dict] | None = None,
-    extra_volumes: list[tuple[dict, dict]] = (),
+    extra_volumes: Sequence[tuple[dict, dict]] = (),
 ) -> dict:
     spec_c: dict = {"name": container, "image": c.image, "resources": _container_resources(g, g.gpus), "env": _env(c)}
     if ports:
         spec_c["ports"] = ports
-    volumes, mounts = [], []
+    volumes: list[dict] = []
+    mounts: list[dict] = []
     if c.storage.volume_claim:
         volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": c.storage.volume_claim}})
         mounts.append({"name": "shared", "mountPath": c.storage.mount_path})
@@ -207,7 +222,7 @@ def _pod(
     return {"spec": pod}
 
 
-def raycluster_spec(c: KubernetesCluster, extra_head_volumes: list[tuple[dict, dict]] = ()) -> dict:
+def raycluster_spec(c: KubernetesCluster, extra_head_volumes: Sequence[tuple[dict, dict]] = ()) -> dict:
     head_ports = [
         {"containerPort": 6379, "name": "gcs"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -282,7 +297,7 @@ def rayjob(c: KubernetesCluster, job: JobSpec) -> list[dict]:
 # ------------------------------------------------------------------------------------- files
 
 
-def render(c, out: str | Path, job: JobSpec | None = None) -> tuple[list[Path], str]:
+def render(c: ClusterSpec, out: str | Path, job: JobSpec | None = None) -> tuple[list[Path], str]:
     """Write the rendered files under `out`; return them and the command that starts the cluster."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,5 +323,6 @@ def render(c, out: str | Path, job: JobSpec | None = None) -> tuple[list[Path], 
     if c.kind == "slurm":
         from . import slurm
 
+        assert isinstance(c, SlurmCluster)  # the model of kind slurm
         return slurm.render(c, out, job)
     raise TypeError(f"kind {c.kind!r} is not rendered to files: it runs here (`ditforge cluster up`)")

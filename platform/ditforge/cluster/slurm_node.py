@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 from .. import procs
 from ..spec import SlurmCluster
@@ -38,7 +39,7 @@ TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 class Signals:
     """Remembers the signals Slurm sent; the main loop acts on them."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.got: list[int] = []
         for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, lambda n, _f: self.got.append(n))
@@ -285,9 +286,14 @@ def stop_running_jobs(dashboard: str, grace: float = 120) -> None:
         j for j in client.list_jobs() if not j.status.is_terminal() and (j.metadata or {}).get("ditforge.run_uri")
     ]
     for j in running:
+        assert j.metadata is not None  # the filter above
         folder.request_stop(j.metadata["ditforge.run_uri"], by="slurm")
     deadline = time.time() + grace
-    while any(not client.get_job_status(j.submission_id).is_terminal() for j in running) and time.time() < deadline:
+    # our jobs went through the Jobs API (JobSubmissionClient.submit_job): each has a submission id
+    while (
+        any(not client.get_job_status(cast(str, j.submission_id)).is_terminal() for j in running)
+        and time.time() < deadline
+    ):
         time.sleep(1.0)
 
 

@@ -11,15 +11,24 @@ import os
 import signal
 import sys
 import traceback
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mlflow.tracking import MlflowClient
 
 from ..credentials import redact, use_mlflow_credentials
 from ..train.tracking import end_run
 
+if TYPE_CHECKING:
+    # Ray Train v2's (the default, RAY_TRAIN_V2_ENABLED): what `ray.train.ScalingConfig` is at run time
+    from ray.train.v2.api.config import ScalingConfig
 
-def scaling_config(spec):
-    from ray.train import ScalingConfig
+    from ..spec import JobSpec
+
+
+def scaling_config(spec: JobSpec) -> ScalingConfig:
+    if not TYPE_CHECKING:
+        from ray.train import ScalingConfig
 
     res = spec.resources
     per_worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.use_gpu else {})}
@@ -27,8 +36,9 @@ def scaling_config(spec):
     # the group smaller when a worker is lost and no replacement can be placed, and grows it again
     # when its resize monitor (every resize_interval_s) finds room; each restart resumes from the
     # newest complete checkpoint, resharded to the new size (train/reshard.py).
-    workers = (res.min_workers, res.workers) if res.elastic else res.workers
-    extra = {"elastic_resize_monitor_interval_s": res.resize_interval_s} if res.elastic else {}
+    # (elastic: min_workers is set)
+    workers = (res.min_workers, res.workers) if res.elastic and res.min_workers is not None else res.workers
+    extra: dict[str, Any] = {"elastic_resize_monitor_interval_s": res.resize_interval_s} if res.elastic else {}
     return ScalingConfig(
         num_workers=workers,
         use_gpu=res.use_gpu,
@@ -96,7 +106,7 @@ class Killed(BaseException):
     """SIGTERM (e.g. `ray job stop`)."""
 
 
-def _raise_killed(signum, frame):
+def _raise_killed(signum: int, frame: FrameType | None) -> NoReturn:
     raise Killed(f"killed by signal {signum}")
 
 

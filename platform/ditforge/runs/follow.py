@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -23,7 +26,7 @@ def find_record(job_id: str) -> dict:
     return rec
 
 
-def _run(rec: dict):
+def _run(rec: dict) -> Run:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"])
@@ -138,7 +141,7 @@ def write_logs(rec: dict, write: Callable[[str], None], follow: bool = False) ->
         return
     import asyncio
 
-    async def tail():
+    async def tail() -> None:
         async for lines in client.tail_job_logs(rec["job_id"]):
             write(redact(lines))
 

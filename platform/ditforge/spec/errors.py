@@ -71,7 +71,7 @@ def yaml_lines(path: str | Path) -> dict[tuple[str, ...], tuple[int, int]]:
     """Field path (list items by index) → (line, column) where it starts, to order problems as in the file."""
     out: dict[tuple[str, ...], tuple[int, int]] = {}
 
-    def walk(node, at: tuple[str, ...]) -> None:
+    def walk(node: yaml.Node, at: tuple[str, ...]) -> None:
         out.setdefault(at, (node.start_mark.line, node.start_mark.column))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:

@@ -82,6 +82,7 @@ class VAESpec(Strict):
         if self.kind in ("own", "diffusers") and not self.path:
             raise ValueError(f"path: required for vae.kind '{self.kind}'")
         if self.kind == "own":
+            assert self.path is not None  # checked just above
             try:
                 check_uri(self.path)
             except ValueError as e:

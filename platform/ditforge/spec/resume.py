@@ -56,7 +56,7 @@ def _flat(d: dict, at: str = "") -> dict[str, Any]:
 
 
 def _resumable(field: str) -> bool:
-    def under(prefixes):
+    def under(prefixes: tuple[str, ...]) -> bool:
         return any(field == p or field.startswith(p + ".") for p in prefixes)
 
     return under(RESUMABLE) and not under(RUN_DEFINING)
