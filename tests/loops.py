@@ -102,7 +102,7 @@ def _rank_main(rank: int, world: int, port: int, loop: str, config: dict, out: s
     from ditforge.train import session
 
     out_dir = Path(out)
-    session.Tracker = lambda *a, **k: FileTracker(out_dir / f"track_rank_{rank}.jsonl")
+    session.MlflowTracker = lambda *a, **k: FileTracker(out_dir / f"track_rank_{rank}.jsonl")
     session.NullTracker = lambda: FileTracker(out_dir / f"track_rank_{rank}.jsonl")
     if setup is not None:
         setup(rank, out_dir)

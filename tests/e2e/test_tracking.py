@@ -7,7 +7,7 @@ import uuid
 
 from mlflow.tracking import MlflowClient
 
-from ditforge.train.tracking import Tracker
+from ditforge.train.tracking import MlflowTracker
 
 
 def test_rejected_record_is_dropped_and_later_metrics_arrive(embedded, capsys):
@@ -16,7 +16,7 @@ def test_rejected_record_is_dropped_and_later_metrics_arrive(embedded, capsys):
     run_id = client.create_run(
         exp.experiment_id if exp else client.create_experiment("tests"), run_name=f"tracker-{uuid.uuid4().hex[:6]}"
     ).info.run_id
-    t = Tracker(embedded.mlflow, run_id, system_metrics=False)
+    t = MlflowTracker(embedded.mlflow, run_id, system_metrics=False)
     t.params({"world_size": 2})
     t.log({"train/loss": 1.0}, 1)
     t.params({"world_size": 3})  # MLflow params are immutable: the server answers 400

@@ -27,11 +27,11 @@ def test_importing_the_training_modules_leaves_mlflow_retries_alone():
 
 
 def test_a_worker_tracker_fails_fast_only_while_it_is_open(monkeypatch):
-    from ditforge.train.tracking import Tracker
+    from ditforge.train.tracking import MlflowTracker
 
     for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(k, raising=False)
-    t = Tracker("http://127.0.0.1:9", "run", system_metrics=False)  # nothing listens there
+    t = MlflowTracker("http://127.0.0.1:9", "run", system_metrics=False)  # nothing listens there
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # its flush thread does the retrying
     t.close(timeout=1)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-def build_objective(ospec):
+if TYPE_CHECKING:
+    import torch
+
+    from ..spec import ObjectiveSpec
+
+
+class Objective(Protocol):
+    """What the training loop and the samplers need of an objective: RectifiedFlow and DDPM are two."""
+
+    kind: str
+    cfg_dropout: float
+
+    def loss(
+        self,
+        model: Callable[..., Any],
+        x0: torch.Tensor,
+        cond: dict[str, Any],
+        gen: torch.Generator,
+        mask_ratio: float = 0.0,
+        given: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+def build_objective(ospec: ObjectiveSpec) -> Objective:
     """`ObjectiveSpec` → RectifiedFlow or DDPM."""
     if ospec.kind == "rectified_flow":
         from .flow import RectifiedFlow

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
-def cfg_drop(cond: dict, cfg_dropout: float, B: int, gen: torch.Generator, device) -> torch.Tensor | None:
+def cfg_drop(
+    cond: dict[str, Any], cfg_dropout: float, B: int, gen: torch.Generator, device: torch.device | str
+) -> torch.Tensor | None:
     """(B,) bool: which samples train the unconditional branch (Ho & Salimans 2022). The model swaps
     in its null class / null caption where True. None when there is nothing to drop."""
     if not any(v is not None for v in cond.values()) or cfg_dropout <= 0:
@@ -14,15 +19,15 @@ def cfg_drop(cond: dict, cfg_dropout: float, B: int, gen: torch.Generator, devic
 
 
 def call_model(
-    model,
+    model: Callable[..., Any],
     xt: torch.Tensor,
     t: torch.Tensor,
-    cond: dict,
-    drop,
+    cond: dict[str, Any],
+    drop: torch.Tensor | None,
     mask_ratio: float,
-    gen,
+    gen: torch.Generator | None,
     given: torch.Tensor | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """→ (prediction, keep mask or None). Masking is the model's business; the loss only needs to
     know which latent positions were seen."""
     extra = {"given": given} if given is not None else {}

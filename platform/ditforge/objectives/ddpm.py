@@ -9,6 +9,8 @@ the same time input rectified flow uses, so one DiT serves both. Loss weighting:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -41,12 +43,14 @@ class DDPM:
         *,
         weighting: str = "none",
         snr_gamma: float = 5.0,
-    ):
+    ) -> None:
         self.prediction, self.schedule, self.steps, self.cfg_dropout = prediction, schedule, steps, cfg_dropout
         self.weighting, self.snr_gamma = weighting, snr_gamma
         self.ab = alphas_cumprod(schedule, steps)  # (steps,) float64
 
-    def _coef(self, idx: torch.Tensor, ndim: int, device, dtype):
+    def _coef(
+        self, idx: torch.Tensor, ndim: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ab = self.ab.to(idx.device)[idx].to(device)  # index where idx lives: no device→host copy
         shape = (-1, *[1] * (ndim - 1))
         return ab.sqrt().view(shape).to(dtype), (1 - ab).sqrt().view(shape).to(dtype)
@@ -61,9 +65,9 @@ class DDPM:
 
     def loss(
         self,
-        model,
+        model: Callable[..., Any],
         x0: torch.Tensor,
-        cond: dict,
+        cond: dict[str, Any],
         gen: torch.Generator,
         mask_ratio: float = 0.0,
         given: torch.Tensor | None = None,
@@ -79,9 +83,8 @@ class DDPM:
             xt = torch.where(g, x0, xt)
         out, keep = call_model(model, xt, (idx.float() / self.steps).to(x0.device), cond, drop, mask_ratio, gen, given)
         target = noise if self.prediction == "eps" else a * noise - s * x0
-        return weighted_mse(
-            out, target, self.weight(idx).to(x0.device) if self.weighting != "none" else None, keep_generated(keep, g)
-        )
+        w = self.weight(idx)  # None exactly when weighting is "none"
+        return weighted_mse(out, target, w.to(x0.device) if w is not None else None, keep_generated(keep, g))
 
     def x0_eps(self, out: torch.Tensor, xt: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output at step idx → (x0, ε) estimates."""

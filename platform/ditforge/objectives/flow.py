@@ -12,6 +12,8 @@ error is t·(v error), so w = min(SNR, γ)·t² with SNR = ((1 - t)/t)².
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,13 +34,13 @@ class RectifiedFlow:
         mode_scale: float = 1.29,
         weighting: str = "none",
         snr_gamma: float = 5.0,
-    ):
+    ) -> None:
         # null_class: unused (the model swaps in its own null class); kept for the skeleton's callers.
         self.t_sampling, self.cfg_dropout = t_sampling, cfg_dropout
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.weighting, self.snr_gamma = weighting, snr_gamma
 
-    def sample_t(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    def sample_t(self, n: int, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
         if self.t_sampling == "logit_normal":
             t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen, device=gen.device))
         elif self.t_sampling == "mode":
@@ -57,9 +59,9 @@ class RectifiedFlow:
 
     def loss(
         self,
-        model,
+        model: Callable[..., Any],
         x0: torch.Tensor,
-        cond: dict,
+        cond: dict[str, Any],
         gen: torch.Generator,
         mask_ratio: float = 0.0,
         given: torch.Tensor | None = None,

@@ -13,15 +13,27 @@ branches see them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from .common import given_latents
+from .ddpm import DDPM
+
+if TYPE_CHECKING:
+    from . import Objective
 
 SAMPLERS = {"rectified_flow": ("euler", "heun"), "ddpm": ("ddim", "ddpm")}
 
 
 def guided(
-    model, x: torch.Tensor, t: torch.Tensor, cond: dict, cfg_scale: float, given: torch.Tensor | None = None
+    model: Callable[..., Any],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, Any],
+    cfg_scale: float,
+    given: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out_u + s·(out_c - out_u), both branches in one batch of 2B; plain conditional if s == 1.
     `given` goes to both branches: the unconditional one drops the class / caption only."""
@@ -40,16 +52,16 @@ def guided(
 
 @torch.no_grad()
 def sample(
-    objective,
-    model,
-    shape: tuple,
-    cond: dict,
+    objective: Objective,
+    model: Callable[..., Any],
+    shape: tuple[int, ...],
+    cond: dict[str, Any],
     *,
     sampler: str = "auto",
     steps: int = 25,
     cfg_scale: float = 1.0,
     seed: int = 0,
-    device="cpu",
+    device: torch.device | str = "cpu",
     given: torch.Tensor | None = None,
     x_given: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -63,10 +75,13 @@ def sample(
     x = torch.randn(shape, generator=gen).to(device)
     g = given_latents(given, x)
     if g is not None:
+        assert given is not None and x_given is not None  # g comes from given; x_given comes with it
         given, x_given = given.to(device), x_given.to(device, x.dtype)
-    clamp = (lambda x: x) if g is None else (lambda x: torch.where(g, x_given, x))
+    # (x_given is None only when g is: asserted above; spelled out for the type checker)
+    clamp = (lambda x: x) if g is None or x_given is None else (lambda x: torch.where(g, x_given, x))
     if objective.kind == "rectified_flow":
         return _flow(model, x, cond, steps, cfg_scale, heun=sampler == "heun", device=device, given=given, clamp=clamp)
+    assert isinstance(objective, DDPM)  # SAMPLERS has two kinds: the other one is DDPM's
     return _diffusion(
         objective,
         model,
@@ -82,11 +97,22 @@ def sample(
     )
 
 
-def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device, given=None, clamp=lambda x: x):
+def _flow(
+    model: Callable[..., Any],
+    x: torch.Tensor,
+    cond: dict[str, Any],
+    steps: int,
+    cfg_scale: float,
+    *,
+    heun: bool,
+    device: torch.device | str,
+    given: torch.Tensor | None = None,
+    clamp: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> torch.Tensor:
     ts = torch.linspace(1.0, 0.0, steps + 1).tolist()
     B = x.shape[0]
 
-    def v_at(x, t):
+    def v_at(x: torch.Tensor, t: float) -> torch.Tensor:
         return guided(
             model,
             clamp(x),
@@ -106,7 +132,20 @@ def _flow(model, x, cond, steps, cfg_scale, *, heun: bool, device, given=None, c
     return clamp(x)
 
 
-def _diffusion(obj, model, x, cond, steps, cfg_scale, *, ancestral: bool, gen, device, given=None, clamp=lambda x: x):
+def _diffusion(
+    obj: DDPM,
+    model: Callable[..., Any],
+    x: torch.Tensor,
+    cond: dict[str, Any],
+    steps: int,
+    cfg_scale: float,
+    *,
+    ancestral: bool,
+    gen: torch.Generator,
+    device: torch.device | str,
+    given: torch.Tensor | None = None,
+    clamp: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> torch.Tensor:
     # An evenly spaced subsequence of the training steps, from the noisiest down to 0.
     idxs = torch.linspace(obj.steps - 1, 0, steps).round().long().unique_consecutive().tolist()
     B = x.shape[0]

@@ -19,10 +19,14 @@ import dataclasses
 import gc
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..spec import JobSpec
+
+if TYPE_CHECKING:
+    from ..objectives import Objective
 
 
 class DoesNotFit(Exception):
@@ -97,7 +101,12 @@ def engine_state_bytes(params: int, zero_stage: int, world: int, bf16: bool) -> 
 
 
 def cuda_measure(
-    model: torch.nn.Module, objective, shape: tuple[int, ...], cond_of, device: torch.device, dtype: torch.dtype
+    model: torch.nn.Module,
+    objective: Objective,
+    shape: tuple[int, ...],
+    cond_of: Callable[[int], dict[str, Any]],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Callable[[int], int]:
     """measure(b) for one bucket's latent `shape` (C, ...): the peak allocated bytes of one
     forward+backward of `model` at micro-batch b. `cond_of(b)` makes that batch's conditioning."""
@@ -148,7 +157,7 @@ def plan_batch(spec: JobSpec, world: int, probe: Callable[[], dict[str, int]] | 
         return BatchPlan(micro, accum, {}, "fallback")
     probed = probe()
     if min(probed.values()) < 1:
-        small = min(probed, key=probed.get)
+        small = min(probed, key=lambda name: probed[name])
         raise RuntimeError(
             f"data.batch_size: auto: not even {d.auto_batch.multiple} samples of bucket {small} fit "
             f"{d.auto_batch.memory_fraction:.0%} of the device's memory (data.auto_batch.memory_fraction)"

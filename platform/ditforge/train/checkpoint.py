@@ -16,8 +16,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from .. import storage
 from ..runs.folder import MANIFEST, RANKS, reshard_plan, all_steps, complete_steps, step_tag, stop_marked
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 # torch.distributed's collective timeout in the workers (the driver passes it to TorchConfig).
 # Every wait below that other ranks may sit in a collective through is bounded well under it.
@@ -55,7 +60,7 @@ class Checkpointer:
     keep_last: int = 3
     keep_every: int = 0
     manifest_timeout_s: float = 600.0
-    on_done: object = None  # callback(UploadStats), called from the upload thread
+    on_done: Callable[[UploadStats], None] | None = None  # callback(UploadStats), called from the upload thread
     final_timeout_s: float = 900.0  # the last save of a run retries with backoff this long
     retry_backoff_s: float = 2.0  # its first wait, doubling up to a minute
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -64,19 +69,19 @@ class Checkpointer:
     _own_done: threading.Event = field(default_factory=threading.Event, repr=False)
     _peers_done: threading.Event = field(default_factory=threading.Event, repr=False)
     _zero_stage: int | None = field(default=None, repr=False)
-    history: list = field(default_factory=list)
+    history: list[UploadStats] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------- saving
 
     def save(
         self,
-        engine,
+        engine: Engine,
         step: int,
-        client_state: dict,
+        client_state: dict[str, Any],
         *,
         files: dict[str, bytes] | None = None,
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-        rank_state: dict | None = None,
+        rank_state: dict[str, Any] | None = None,
         final: bool = False,
     ) -> float:
         """Collective (DeepSpeed's save is). Returns the seconds the training loop was stalled.
@@ -148,6 +153,7 @@ class Checkpointer:
     def _finish(self, timeout_s: float) -> UploadStats | None:
         if self._thread is None:
             return None
+        assert self._stats is not None  # set with the thread, in `save`
         self._peers_done.set()
         self._thread.join(timeout_s)
         # Still running: its manifest, should it come, is still written last, after every file.
@@ -162,7 +168,7 @@ class Checkpointer:
     def _upload(self, step: int, local_root: Path, stats: UploadStats, deadline: float) -> None:
         dest = storage.join(self.run_uri, step_tag(step))
         t0 = time.perf_counter()
-        files: dict[str, dict] = {}  # uploaded so far: a retry sends only what is missing
+        files: dict[str, dict[str, Any]] = {}  # uploaded so far: a retry sends only what is missing
         try:
             backoff = self.retry_backoff_s
             while True:
@@ -205,7 +211,9 @@ class Checkpointer:
         if self.on_done is not None:
             self.on_done(stats)
 
-    def _upload_once(self, step: int, local_root: Path, dest: str, stats: UploadStats, files: dict) -> None:
+    def _upload_once(
+        self, step: int, local_root: Path, dest: str, stats: UploadStats, files: dict[str, dict[str, Any]]
+    ) -> None:
         tag = step_tag(step)
         for f in sorted((local_root / tag).rglob("*")):
             rel = f.relative_to(local_root / tag).as_posix()
@@ -222,7 +230,7 @@ class Checkpointer:
     def _write_manifest(self, step: int, dest: str) -> None:
         self._final_look = False
         deadline = time.time() + self.manifest_timeout_s
-        parts: dict[int, dict] = {}
+        parts: dict[int, dict[str, Any]] = {}
         while len(parts) < self.world:
             for r in range(self.world):
                 if r not in parts:
@@ -240,7 +248,7 @@ class Checkpointer:
                 if time.time() > deadline:
                     raise TimeoutError(f"ranks {missing} did not finish uploading in {self.manifest_timeout_s:.0f}s")
                 time.sleep(0.3)
-        manifest = {
+        manifest: dict[str, Any] = {
             "step": step,
             "tag": step_tag(step),
             "world_size": self.world,
@@ -271,7 +279,7 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file would run code when unpickled: refused before anything loads it."""
 
 
-def _safe_globals() -> list:
+def _safe_globals() -> list[Any]:
     """The only non-tensor classes DeepSpeed 0.19's own checkpoints hold (its optimizer states)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -280,7 +288,7 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_torch_load(path: str | Path, mmap: bool = False):
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """torch.load that can only build tensors, containers and the allowlisted DeepSpeed classes."""
     with torch.serialization.safe_globals(_safe_globals()):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -311,7 +319,7 @@ def check_pickles(folder: Path, where: str) -> None:
             ) from None
 
 
-def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
+def download(step_uri: str, local_root: Path) -> tuple[Path, dict[str, Any]]:
     """Fetch a complete step folder, verifying every file against the manifest and refusing
     pickles that are more than tensors (see `check_pickles`)."""
     manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
@@ -327,7 +335,7 @@ def download(step_uri: str, local_root: Path) -> tuple[Path, dict]:
     return folder, manifest
 
 
-def load(engine, step_uri: str) -> tuple[dict, Path]:
+def load(engine: Engine, step_uri: str) -> tuple[dict[str, Any], Path]:
     """Collective. Loads a complete step folder into the engine, at any world size (a checkpoint
     saved with another one is resharded: train/reshard.py); returns (client state, local folder
     with the extra files — the caller deletes it)."""
@@ -365,7 +373,7 @@ def rank_state_name(rank: int) -> str:
     return f"rank_state/rank_{rank}.json"
 
 
-def rank_state(folder: Path, rank: int, client_state: dict) -> dict:
+def rank_state(folder: Path, rank: int, client_state: dict[str, Any]) -> dict[str, Any]:
     """This rank's own resume state from a downloaded step folder (its data position: bad and
     skipped counts differ per rank). Checkpoints written before it existed, or at another world
     size where this rank had no predecessor, fall back to the shared client state (rank 0's)."""

@@ -21,7 +21,10 @@ short run's average is not dominated by its random initial weights.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,11 +34,16 @@ def _partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
 
 
+def _ds_tensor(p: nn.Parameter) -> torch.Tensor:
+    """ZeRO-3's partition of a parameter: an attribute DeepSpeed adds, which torch's types do not know."""
+    return getattr(p, "ds_tensor")
+
+
 def _local(p: nn.Parameter) -> torch.Tensor:
     """The part of a parameter this rank owns: its ZeRO-3 partition, or the whole tensor. ZeRO-3
     keeps small parameters (under `stage3_param_persistence_threshold`) whole on every rank
     (`ds_persist`); those are averaged whole, like without ZeRO-3."""
-    return p.ds_tensor if _partitioned(p) else p.data
+    return _ds_tensor(p) if _partitioned(p) else p.data
 
 
 def _fragment(p: nn.Parameter) -> torch.Tensor:
@@ -51,7 +59,7 @@ def _fragment_start(p: nn.Parameter) -> int:
 
 
 @contextmanager
-def _values_in(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
+def _values_in(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block each parameter's data holds `values[name]` (cast to its dtype); the raw
     data is put back on exit. Each value is dropped once copied in (a joined full copy need not
     outlive the swap)."""
@@ -75,7 +83,7 @@ def _master(p: nn.Parameter) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float, optimizer=None):
+    def __init__(self, model: nn.Module, decay: float, optimizer: Any = None) -> None:
         self.decay = decay
         self.num_updates = 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -106,7 +114,7 @@ class EMA:
     def _initial(self, p: nn.Parameter) -> torch.Tensor:
         # A ZeRO-3 persistent parameter is whole on every rank, but only once a forward has fetched
         # it: right after deepspeed.initialize its data may still be empty, so gather it (collective).
-        if hasattr(p, "ds_tensor") and getattr(p, "ds_persist", False) and p.data.numel() != p.ds_numel:
+        if hasattr(p, "ds_tensor") and getattr(p, "ds_persist", False) and p.data.numel() != getattr(p, "ds_numel"):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -124,10 +132,10 @@ class EMA:
         no host sync to find out."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow, local = zip(
+        shadow, read = zip(
             *((self.shadow[n], self._read(p)) for n, p in self._params(model).items() if self.shadow[n].numel())
         )  # a rank may hold no fragment of a weight
-        local = [t if t.dtype == torch.float32 else t.float() for t in local]
+        local = [t if t.dtype == torch.float32 else t.float() for t in read]
         # One multi-tensor kernel rather than one launch per parameter (hundreds at DiT-XL).
         if keep is None:
             torch._foreach_lerp_(list(shadow), local, 1 - d)
@@ -136,7 +144,7 @@ class EMA:
             torch._foreach_lerp_(list(shadow), local, [w] * len(local))
 
     @contextmanager
-    def swapped_in(self, model: nn.Module, gather: bool = False):
+    def swapped_in(self, model: nn.Module, gather: bool = False) -> Iterator[nn.Module]:
         """Within the block the model's weights are the EMA ones; restored on exit. gather=True
         (collective) also gathers ZeRO-3 weights, so every rank sees the full EMA weights."""
         import deepspeed
@@ -148,10 +156,10 @@ class EMA:
             return
         parts = {n: p for n, p in params.items() if _partitioned(p)}
         # Partitioned weights: write the averaged slices into the partitions, then gather.
-        backup = {n: p.ds_tensor.detach().clone() for n, p in parts.items()}
+        backup = {n: _ds_tensor(p).detach().clone() for n, p in parts.items()}
         with torch.no_grad():
             for n, p in parts.items():
-                p.ds_tensor.copy_(self.shadow[n])
+                _ds_tensor(p).copy_(self.shadow[n])
         zero3 = any(hasattr(p, "ds_tensor") for p in params.values())
         gathered = (
             deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
@@ -168,7 +176,7 @@ class EMA:
         finally:
             with torch.no_grad():
                 for n, p in parts.items():
-                    p.ds_tensor.copy_(backup[n])
+                    _ds_tensor(p).copy_(backup[n])
 
     def _joined(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Full fp32 EMA weights from every rank's fragments: each rank puts its own in a zero
@@ -188,7 +196,9 @@ class EMA:
     # Checkpoints. Under ZeRO-3 each rank writes its own slices (`ema_rank_N.safetensors`, plus
     # rank 0's `ema_layout.json`): no gather of the whole model and no full fp32 copy on every
     # rank at each save. `consolidate_shards` joins them into `ema.safetensors` at export time.
-    def shard_files(self, model: nn.Module, rank: int, world: int) -> tuple[dict, dict]:
+    def shard_files(
+        self, model: nn.Module, rank: int, world: int
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, bytes]]:
         """→ (tensors, files) this rank adds to a checkpoint. Not collective."""
         import json
 
@@ -212,7 +222,7 @@ class EMA:
             files[SHARD_LAYOUT] = json.dumps({"world": world, "params": layout}).encode()
         return {shard_name(rank): self.shadow}, files
 
-    def load_shards(self, model: nn.Module, folder, num_updates: int) -> bool:
+    def load_shards(self, model: nn.Module, folder: Path, num_updates: int) -> bool:
         """Resume from a checkpoint's EMA, whichever way it was written; False if it has none."""
         import json
 
@@ -276,7 +286,7 @@ class EMA:
         self.num_updates = num_updates
 
     # Resume state of this rank (under ZeRO-3: its slices).
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,
             "num_updates": self.num_updates,
@@ -285,7 +295,7 @@ class EMA:
             "shadow": {n: t.clone() for n, t in self.shadow.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["partitioned"] != self.partitioned or state.get("fragments", False) != self.fragments:
             raise RuntimeError("EMA state was saved with a different ZeRO stage or precision (slices, fragments, full)")
         for n, t in state["shadow"].items():
@@ -310,7 +320,7 @@ def fragment_name(rank: int) -> str:
     return f"ema_rank_{rank}.json"
 
 
-def consolidate_shards(folder) -> dict[str, torch.Tensor]:
+def consolidate_shards(folder: Path) -> dict[str, torch.Tensor]:
     """Full EMA weights from a step folder's per-rank slices (read one rank at a time). A ZeRO-3
     slice is a flat, padded 1/world part of the weight in rank order."""
     import json

@@ -3,10 +3,48 @@
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol, cast
 
 import torch
 
 from ..spec import JobSpec
+
+
+class Engine(Protocol):
+    """The part of DeepSpeed's engine that ditforge uses. A `deepspeed.DeepSpeedEngine` (what
+    `build_engine` returns) satisfies it; a test's fake engine can too. DeepSpeed ships no type
+    information, so its own objects (the ZeRO optimizer wrapper, the config) are `Any`."""
+
+    @property
+    def module(self) -> torch.nn.Module: ...
+
+    @property
+    def optimizer(self) -> Any: ...  # DeepSpeed's (ZeRO / bf16) wrapper around the client optimizer
+
+    @property
+    def client_optimizer(self) -> torch.optim.Optimizer: ...  # the AdamW build_engine passes in
+
+    @property
+    def lr_scheduler(self) -> Any: ...  # the LambdaLR build_engine passes in
+
+    @property
+    def _config(self) -> Any: ...  # DeepSpeedConfig (train/reshard.py sets load_universal_checkpoint)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any: ...
+
+    def step(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def zero_optimization_stage(self) -> int: ...
+
+    def get_lr(self) -> list[float]: ...
+
+    def save_checkpoint(self, save_dir: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, *args: Any, **kwargs: Any) -> tuple[str | None, Any]: ...
 
 
 def precision(spec: JobSpec) -> str:
@@ -20,7 +58,7 @@ def uses_bf16(spec: JobSpec) -> bool:
     return precision(spec) in ("bf16", "fp8")
 
 
-def deepspeed_config(spec: JobSpec, micro_batch: int | None = None, accum: int = 1) -> dict:
+def deepspeed_config(spec: JobSpec, micro_batch: int | None = None, accum: int = 1) -> dict[str, Any]:
     """`micro_batch` / `accum`: the worker's batch plan (train/batch.py); default the spec's fixed batch."""
     extra = dict(spec.deepspeed.model_extra or {})
     # DeepSpeed counts bucket sizes in elements; the gradients it reduces are in the training dtype.
@@ -67,7 +105,7 @@ def compile_model(model: torch.nn.Module, mode: str) -> None:
     if mode == "full":
         model.compile()
     elif mode == "blocks":
-        for blk in [*model.mixer, *model.blocks]:
+        for blk in [*cast(torch.nn.ModuleList, model.mixer), *cast(torch.nn.ModuleList, model.blocks)]:
             blk.compile()
 
 
@@ -76,8 +114,9 @@ def convert_fp8(model: torch.nn.Module, device: torch.device) -> int:
     Float8Linear (dynamic per-tensor scaling: e4m3 forward, e5m2 gradients; bf16 weights stay the
     master copy). The small-M linears (timestep embedder, adaLN, final layer) stay bf16: their
     GEMMs are too small for fp8 to pay. Idempotent; → number of layers converted."""
-    if getattr(model, "_ditforge_fp8", None) is not None:
-        return model._ditforge_fp8
+    done: int | None = getattr(model, "_ditforge_fp8", None)
+    if done is not None:
+        return done
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         what = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         raise ValueError(
@@ -106,11 +145,11 @@ def _swap_fp8(model: torch.nn.Module) -> int:
 
     n = sum(1 for name, m in model.named_modules() if wanted(m, name))
     convert_to_float8_training(model, module_filter_fn=wanted)
-    model._ditforge_fp8 = n
+    setattr(model, "_ditforge_fp8", n)  # a plain int on the module (nn.Module's typed setattr takes tensors)
     return n
 
 
-def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None = None, accum: int = 1):
+def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None = None, accum: int = 1) -> Engine:
     import deepspeed
 
     if precision(spec) == "fp8":  # before compile: the float8 casts then fuse into the compiled blocks
@@ -134,10 +173,10 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(spec, micro_batch, accum)
     )
-    return engine
+    return cast(Engine, engine)
 
 
-def scale_lr(engine, spec: JobSpec, world: int) -> None:
+def scale_lr(engine: Engine, spec: JobSpec, world: int) -> None:
     """Elastic, `resources.lr_scaling`: the schedule's base LR at `world` workers. Applied after a
     (resharded) load, which restores the saved base LR; with `none` (the default) nothing changes."""
     if spec.resources.lr_scaling == "none":

@@ -32,7 +32,7 @@ class NonFiniteGuard:
         device: torch.device,
         max_consecutive: int,
         debug_nan_steps: list[int] | None = None,
-    ):
+    ) -> None:
         self.optimizer, self.max_consecutive = optimizer, max_consecutive
         self.debug_nan_steps = set(debug_nan_steps or ())
         # [skipped since the last read, skipped in this attempt, consecutive bad steps]
@@ -48,7 +48,7 @@ class NonFiniteGuard:
         bad = (~torch.isfinite(loss.detach())).float()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.optimizer.found_inf = bad  # read by the fused AdamW kernel in step()
+        setattr(self.optimizer, "found_inf", bad)  # read by the fused AdamW kernel in step() (not in torch's stubs)
         self.counts[:2] += bad
         self.counts[2] = (self.counts[2] + 1) * bad  # resets to 0 on a good step
         return loss, 1.0 - bad

@@ -20,7 +20,12 @@ import argparse
 import contextlib
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 
 def to_universal(folder: Path, out_root: Path) -> tuple[Path, float]:
@@ -48,7 +53,7 @@ def to_universal(folder: Path, out_root: Path) -> tuple[Path, float]:
 
 
 @contextlib.contextmanager
-def universal_loading(engine):
+def universal_loading(engine: Engine) -> Iterator[None]:
     """`checkpoint.load_universal` for one `load_checkpoint` call; later saves stay ordinary."""
     old = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = True

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,8 @@ import torch.distributed as dist
 from ..runs import folder as run_folder
 from ..spec import JobSpec
 from . import checkpoint
-from .tracking import NullTracker, Tracker
+from .engine import Engine
+from .tracking import MlflowTracker, NullTracker, Tracker
 
 FLUSH_TIMEOUT_S = 120.0  # buffered MLflow records, on the way out
 UPLOAD_CLOSE_S = 120.0  # the upload in flight, on an exception path (no collective possible)
@@ -30,19 +33,21 @@ UPLOAD_CLOSE_S = 120.0  # the upload in flight, on an exception path (no collect
 @dataclass
 class Session:
     spec: JobSpec
-    config: dict
+    config: dict[str, Any]
     rank: int
     world: int
     device: torch.device
-    tracker: object
+    tracker: Tracker
     ckpt: checkpoint.Checkpointer
     run_uri: str
 
-    def resume(self, engine) -> tuple[int, dict | None, object]:
+    def resume(self, engine: Engine) -> tuple[int, dict[str, Any] | None, Path | None]:
         """This run's own newest checkpoint (a Ray Train restart), else where the submitter said.
         Collective. → (start step, this rank's state, the downloaded folder or None; the caller
         reads its extra files, then calls `done_resuming`). Restores this rank's torch RNG."""
-        start, state, folder = 0, None, None
+        start = 0
+        state: dict[str, Any] | None = None
+        folder: Path | None = None
         own = run_folder.complete_steps(self.run_uri)
         source = run_folder.join_step(self.run_uri, own[-1]) if own else self.config.get("resume_from")
         if source:
@@ -62,7 +67,7 @@ class Session:
         return start, state, folder
 
     @staticmethod
-    def done_resuming(folder) -> None:
+    def done_resuming(folder: Path | None) -> None:
         if folder is not None:
             shutil.rmtree(folder.parent, ignore_errors=True)
 
@@ -79,7 +84,7 @@ class Session:
             dist.barrier()
         raise error
 
-    def final_save(self, save, step: int) -> None:
+    def final_save(self, save: Callable[..., object], step: int) -> None:
         """The last checkpoint, complete before anything else happens (sampling, evaluation, the
         driver's export): `save(step, final=True)` retries its upload until
         `checkpoint.final_timeout_s`; if it still fails, every rank raises one line naming the
@@ -105,7 +110,7 @@ class Session:
             )
 
 
-def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
+def _log_upload(tracker: Tracker, stats: checkpoint.UploadStats) -> None:
     if stats.ok:
         tracker.log(
             {
@@ -120,7 +125,7 @@ def _log_upload(tracker, stats: checkpoint.UploadStats) -> None:
 
 
 @contextlib.contextmanager
-def worker_session(config: dict):
+def worker_session(config: dict[str, Any]) -> Iterator[Session]:
     import ray.train
 
     spec = JobSpec.model_validate(config["spec"])
@@ -130,8 +135,8 @@ def worker_session(config: dict):
     device = torch.device("cuda", ctx.get_local_rank()) if spec.resources.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives (sampling's gather) use the current device
-    tracker = (
-        Tracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
+    tracker: Tracker = (
+        MlflowTracker(config["tracking_uri"], config["mlflow_run_id"], system_metrics=spec.tracking.system_metrics)
         if rank == 0
         else NullTracker()
     )
@@ -153,7 +158,7 @@ def worker_session(config: dict):
         teardown(ckpt, tracker)
 
 
-def teardown(ckpt: checkpoint.Checkpointer, tracker) -> None:
+def teardown(ckpt: checkpoint.Checkpointer, tracker: Tracker) -> None:
     """Not collective (other ranks may be gone): bounded on every way out."""
     stats = ckpt.close(UPLOAD_CLOSE_S)  # a normal end has waited already: nothing in flight
     if stats is not None and not stats.ok:

@@ -7,7 +7,16 @@ generator seeded with (seed, s, r), so a resumed run draws exactly what an unint
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from ..objectives import Objective
+    from .ema import EMA
+    from .engine import Engine
+    from .nonfinite import NonFiniteGuard
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -15,7 +24,19 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
 
 
-def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=None, step: int = 0, given=None, more=()):
+def train_step(
+    engine: Engine,
+    objective: Objective,
+    x: torch.Tensor,
+    cond: dict[str, Any],
+    gen: torch.Generator,
+    mask_ratio: float,
+    ema: EMA | None,
+    guard: NonFiniteGuard | None = None,
+    step: int = 0,
+    given: torch.Tensor | None = None,
+    more: Sequence[tuple[torch.Tensor, dict[str, Any], torch.Generator, torch.Tensor | None]] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step → (loss, good), both 0-d device tensors: no host sync. `guard`
     (train/nonfinite.py) makes the optimizer and the EMA skip a step whose loss is NaN/Inf; `good`
     is 0 for such a step. `ditforge bench` times exactly this function against a plain loop.
@@ -25,10 +46,10 @@ def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=No
     accumulation, `data.global_batch`), run first. DeepSpeed divides each loss by its
     `gradient_accumulation_steps` and its `step()` only updates at the last micro-batch."""
 
-    def loss_of(xm, cm, gm, gv):
+    def loss_of(xm: torch.Tensor, cm: dict[str, Any], gm: torch.Generator, gv: torch.Tensor | None) -> torch.Tensor:
         return objective.loss(engine, xm, cm, gm, mask_ratio=mask_ratio, **({"given": gv} if gv is not None else {}))
 
-    earlier = []
+    earlier: list[torch.Tensor] = []
     for xm, cm, gm, gv in more:
         lm = loss_of(xm, cm, gm, gv)
         engine.backward(lm)
@@ -37,7 +58,7 @@ def train_step(engine, objective, x, cond, gen, mask_ratio: float, ema, guard=No
     loss = loss_of(x, cond, gen, given)
     if earlier:  # 0 x NaN is NaN: the guard sees a non-finite earlier micro-batch too; gradients unchanged
         loss = loss + 0.0 * torch.stack(earlier).sum()
-    good = None
+    good: torch.Tensor | None = None
     if guard is not None:
         loss, good = guard(loss, step)
     engine.backward(loss)

@@ -1,10 +1,11 @@
-"""A narrow tracking interface: `log(metrics, step)`, `artifact(path)`, `close()`; rank 0 only.
+"""A narrow tracking interface (the `Tracker` protocol): `log(metrics, step)`, `params`, `tags`,
+`artifact(path)`, `drain`, `close()`. `MlflowTracker` on rank 0, `NullTracker` on the others.
 
 MLflow calls never block the training step: `log` appends to a buffer that a background thread
 flushes. If the server is away, the buffer keeps everything (in order, with the original step and
 timestamp) and the thread retries with backoff, so the series has no gap once it returns.
 
-That thread does the retrying, so while a Tracker is open (in a training worker) MLflow's own
+That thread does the retrying, so while an MlflowTracker is open (in a training worker) MLflow's own
 HTTP retry loop is off (it would hold the buffer's lock for minutes). Nothing is changed at import:
 the driver and the CLI, which import this module too, keep MLflow's retries for their calls.
 """
@@ -18,6 +19,8 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param
@@ -25,17 +28,45 @@ from mlflow.tracking import MlflowClient
 
 from ..credentials import redact, redact_obj, use_mlflow_credentials
 
-# While a Tracker is open: fail fast, our flush thread retries (see the module docstring).
+if TYPE_CHECKING:
+    from ..spec import JobSpec
+
+# While an MlflowTracker is open: fail fast, our flush thread retries (see the module docstring).
 WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+T = TypeVar("T")
 
-class Tracker:
-    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 1.0, system_metrics: bool = True):
+
+class Tracker(Protocol):
+    """What every tracker answers: `MlflowTracker` (rank 0), `NullTracker` (the other ranks) and the
+    tests' recording tracker. Never blocks the training step; `drain` and `close` are bounded."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def params(self, params: dict[str, Any]) -> None: ...
+
+    def tags(self, tags: dict[str, Any]) -> None: ...
+
+    def artifact(self, path: str, folder: str | None = None) -> None: ...
+
+    def drain(self, timeout: float) -> bool:
+        """Deliver what is buffered now, for at most `timeout` s; True if nothing is left."""
+        ...
+
+    def close(self, timeout: float = ...) -> bool:
+        """Flush everything (at most `timeout` s); True if nothing is left behind."""
+        ...
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 1.0, system_metrics: bool = True) -> None:
         use_mlflow_credentials()  # a server with basic auth: the credentials file, never the job's env
         self._saved_env = {k: os.environ.get(k) for k in WORKER_HTTP_ENV}
         os.environ.update({k: v for k, v in WORKER_HTTP_ENV.items() if os.environ.get(k) is None})
         self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
-        self._pending: deque = deque()  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
+        self._pending: deque[tuple[Any, ...]] = (
+            deque()
+        )  # ("metrics", [Metric]) | ("params", [Param]) | ("artifact", path, folder)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -43,7 +74,7 @@ class Tracker:
         self.failures = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="mlflow-flush")
         self._thread.start()
-        self._system = None
+        self._system: Any = None
         if system_metrics:
             self._start_system_metrics()
 
@@ -65,7 +96,7 @@ class Tracker:
         with self._lock:
             self._pending.append(("metrics", [Metric(k, float(v), ts, step) for k, v in metrics.items()]))
 
-    def params(self, params: dict) -> None:
+    def params(self, params: dict[str, Any]) -> None:
         if params:
             with self._lock:
                 self._pending.append(("params", [Param(k, redact(str(v))[:6000]) for k, v in params.items()]))
@@ -123,7 +154,8 @@ class Tracker:
                     return True
                 item = self._pending[0]
                 # merge consecutive metric records into one request (MLflow takes up to 1000)
-                batch, n = [], 0
+                batch: list[Metric] = []
+                n = 0
                 if item[0] == "metrics":
                     for it in self._pending:
                         if it[0] != "metrics" or len(batch) + len(it[1]) > 1000:
@@ -157,7 +189,7 @@ class Tracker:
                 for _ in range(max(n, 1)):
                     self._pending.popleft()
 
-    def tags(self, tags: dict) -> None:
+    def tags(self, tags: dict[str, Any]) -> None:
         if tags:
             with self._lock:
                 self._pending.append(
@@ -175,13 +207,13 @@ def _rejected(e: Exception) -> bool:
 class NullTracker:
     """What ranks other than 0 get: one MLflow run per job, not one per worker."""
 
-    def log(self, metrics, step):
+    def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def params(self, params):
+    def params(self, params: dict[str, Any]) -> None:
         pass
 
-    def artifact(self, path, folder=None):
+    def artifact(self, path: str, folder: str | None = None) -> None:
         pass
 
     def drain(self, timeout: float = 0) -> bool:
@@ -190,12 +222,12 @@ class NullTracker:
     def close(self, timeout: float = 0) -> bool:
         return True
 
-    def tags(self, tags):
+    def tags(self, tags: dict[str, Any]) -> None:
         pass
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
@@ -214,7 +246,7 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
 def create_run(
     tracking_uri: str,
-    spec,
+    spec: JobSpec,
     run_name: str,
     source_yaml: str | None,
     *,
@@ -254,7 +286,9 @@ def create_run(
     return run_id
 
 
-def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2.0, **kwargs):
+def retry_final(
+    fn: Callable[..., T], *args: Any, what: str, attempts: int = 5, base_delay_s: float = 2.0, **kwargs: Any
+) -> T:
     """The driver's last MLflow calls come after a whole run: one network blip must not lose them.
     (MLflow's own HTTP retries are on in the driver; this covers an outage that outlasts them.)"""
     for i in range(attempts):
@@ -270,6 +304,7 @@ def retry_final(fn, *args, what: str, attempts: int = 5, base_delay_s: float = 2
                 flush=True,
             )
             time.sleep(wait)
+    raise ValueError(f"retry_final: attempts must be at least 1, not {attempts}")  # never called at all
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:

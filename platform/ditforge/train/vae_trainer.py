@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import random
 import time
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from .session import Session, worker_session
 from .step import step_generator
 
 
-def _decode(sample: dict) -> np.ndarray:
+def _decode(sample: dict[str, Any]) -> np.ndarray:
     """A pixel-shard sample → (3, H, W) or (3, T, H, W) float32 in [-1, 1]."""
     if "frames.npy" in sample:
         arr = (
@@ -42,7 +43,7 @@ class PixelBatches:
     `position` ({epoch, batch}: batches consumed in this epoch) resumes exactly; skipping to it
     reads no shard before the one it lies in."""
 
-    def __init__(self, uri: str, batch_size: int, rank: int, world: int, seed: int):
+    def __init__(self, uri: str, batch_size: int, rank: int, world: int, seed: int) -> None:
         manifest = shards.read_manifest(uri)
         if manifest.get("kind") != "pixels":
             raise shards.DataError(f"{uri}: a vae job trains on pixel shards, this set holds {manifest.get('kind')!r}")
@@ -77,7 +78,7 @@ class PixelBatches:
             epoch, skip = epoch + 1, 0
 
 
-def train_vae_loop(config: dict) -> None:
+def train_vae_loop(config: dict[str, Any]) -> None:
     with worker_session(config) as run:  # tears down on every way out (train/session.py)
         _train_vae(run)
 
@@ -151,10 +152,11 @@ def _train_vae(run: Session) -> None:
             return  # vae.path is written only by a run that finished
 
     # Latent statistics over a few batches: latents are normalised to zero mean, unit variance.
-    model = engine.module.eval()
+    model = cast(KLAutoencoder, engine.module.eval())  # the net build_engine wrapped
     with torch.no_grad():
         zs = torch.cat([model.encode(next(batches).to(device))[0].float().cpu() for _ in range(4)])
     if rank == 0:
+        assert v.path is not None  # the spec requires vae.path for vae.kind own, which a vae job trains
         shift, std = zs.mean().item(), zs.std().item()
         digest = save_own_vae(model, v.path, scale=1.0 / std, shift=shift, extra={"job": spec.name})
         tracker.params({"vae.scale": 1.0 / std, "vae.shift": shift, "vae.path": v.path, "vae.sha256_12": digest})

@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 import ray.train
@@ -40,8 +42,15 @@ from ..inference.sampling import gather_chunks, generate_chunks, sample_grid
 from .step import step_generator, train_step
 from .session import Session, worker_session
 
+if TYPE_CHECKING:
+    from ..models.dit import DiTConfig
+    from ..models.text import TextEncoder
+    from ..objectives import Objective
+    from .engine import Engine
+    from .tracking import Tracker
 
-def train_loop(config: dict) -> None:
+
+def train_loop(config: dict[str, Any]) -> None:
     with worker_session(config) as run:  # tears down on every way out (train/session.py)
         _train(run)
 
@@ -105,6 +114,7 @@ def _train(run: Session) -> None:
     world_sizes = [[0, world]]  # [step, world size] at the start and at every change (elastic, resume)
     if state:
         loader.position = Position(**state["data"])  # this rank's own position (train/session.py)
+        assert folder is not None  # a resumed state comes with its downloaded folder
         if ema:  # full weights or per-rank ZeRO-3 slices, at this world size or another
             ema.load_shards(engine.module, folder, state.get("ema_updates", state["step"]))
         world_sizes = state.get("world_sizes") or [[0, state["data"].get("world") or world]]
@@ -176,7 +186,7 @@ def _train(run: Session) -> None:
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
     # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
-    node_ids: list = [None] * world
+    node_ids: list[Any] = [None] * world
     dist.all_gather_object(node_ids, (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
     tracker.tags(
         {f"ditforge.node_id.rank{r}": n for r, (n, _) in enumerate(node_ids)}
@@ -192,7 +202,7 @@ def _train(run: Session) -> None:
     flops_since = 0.0
     stopping = False
 
-    def micro_batch(step: int, k: int):
+    def micro_batch(step: int, k: int) -> tuple[torch.Tensor, dict[str, Any], torch.Generator, torch.Tensor | None]:
         """The k-th micro-batch of `step`: (x, cond, generator, video-task mask or None). k > 0 only with accumulation; its
         generator stream (rank + k·world) is one no rank uses for k = 0."""
         x, y, _keys, *rest = next(batches)  # captions, when the loader yields them
@@ -236,9 +246,9 @@ def _train(run: Session) -> None:
                 "train/mask_ratio": ratio,
                 "train/tflops_per_s": flops_since * world / elapsed / 1e12,
             }
-            skipped = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
-            dist.all_reduce(skipped)  # bad samples skipped so far, summed over ranks
-            metrics.update(skipped_metrics(skipped.tolist()))
+            bad = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
+            dist.all_reduce(bad)  # bad samples skipped so far, summed over ranks
+            metrics.update(skipped_metrics(bad.tolist()))
             tracker.log({k: v for k, v in metrics.items() if v == v}, step)  # no loss when all were skipped
             if rank == 0:
                 print(
@@ -275,7 +285,16 @@ def _train(run: Session) -> None:
     run.ckpt.wait()  # a stop's save, if any
 
 
-def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, dtype, world: int) -> dict[str, int]:
+def _probe_batch(
+    spec: JobSpec,
+    model: torch.nn.Module,
+    objective: Objective,
+    loader: LatentLoader,
+    text_encoder: TextEncoder | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    world: int,
+) -> dict[str, int]:
     """The largest micro-batch per bucket on this GPU (train/batch.py), eager and before DeepSpeed:
     compiled blocks use less memory, so the figure is on the safe side."""
     ab = spec.data.auto_batch
@@ -287,7 +306,7 @@ def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, 
     cap = min(ab.max, max(s["samples"] for s in loader.manifest["shards"]))
     shapes = _bucket_shapes(loader)
 
-    def cond_of(b: int) -> dict:
+    def cond_of(b: int) -> dict[str, Any]:
         y = torch.zeros(b, dtype=torch.long, device=device)
         return _conditioning(spec, y, [""] * b if spec.model.text != "none" else None, text_encoder, device)
 
@@ -306,7 +325,7 @@ def _probe_batch(spec: JobSpec, model, objective, loader, text_encoder, device, 
     return dict(zip(names, t.tolist()))
 
 
-def _bucket_shapes(loader) -> dict[str, tuple[int, ...]]:
+def _bucket_shapes(loader: LatentLoader) -> dict[str, tuple[int, ...]]:
     """Bucket name → latent shape (C, ...), from the latent manifest."""
     buckets = loader.manifest.get("buckets") or {}
     shapes = {name: tuple(b["shape"]) for name, b in buckets.items() if b.get("shape")}
@@ -325,20 +344,27 @@ def mask_ratio_at(spec: JobSpec, step: int) -> float:
     return spec.train.mask_ratio
 
 
-def _tokens(cfg, latent_shape) -> int:
+def _tokens(cfg: DiTConfig, latent_shape: tuple[int, ...]) -> int:
     T = latent_shape[1] // cfg.patch_t if len(latent_shape) == 4 else 1
     return T * (latent_shape[-2] // cfg.patch) * (latent_shape[-1] // cfg.patch)
 
 
-def _text_encoder(spec: JobSpec, device, dtype):
+def _text_encoder(spec: JobSpec, device: torch.device, dtype: torch.dtype) -> TextEncoder | None:
     if spec.model.text != "transformers":
         return None
     from ..models.text import TextEncoder
 
+    assert spec.model.text_encoder is not None  # the spec requires it with model.text: transformers
     return TextEncoder(spec.model.text_encoder, spec.model.text_len, device, dtype)
 
 
-def _conditioning(spec: JobSpec, y, captions, text_encoder, device) -> dict:
+def _conditioning(
+    spec: JobSpec,
+    y: torch.Tensor,
+    captions: Sequence[str] | None,
+    text_encoder: TextEncoder | None,
+    device: torch.device,
+) -> dict[str, Any]:
     """A batch's conditioning for the model: class ids and/or caption tokens / embeddings."""
     cond = {"y": y if spec.model.num_classes else None}
     if spec.model.text != "none":
@@ -353,11 +379,11 @@ def _conditioning(spec: JobSpec, y, captions, text_encoder, device) -> dict:
 
 
 @contextlib.contextmanager
-def _sampling_weights(engine, ema):
+def _sampling_weights(engine: Engine, ema: EMA | None) -> Iterator[DiT]:
     """Full EMA weights (raw ones without EMA) on every rank, for sampling; collective."""
     import deepspeed
 
-    model = engine.module
+    model = cast(DiT, engine.module)  # the DiT build_engine wrapped
     # Under ZeRO-3 each rank holds a slice of every weight: gather them (all ranks take part).
     with (
         ema.swapped_in(model, gather=True)
@@ -368,7 +394,16 @@ def _sampling_weights(engine, ema):
 
 
 def _sample(
-    engine, ema, objective, spec: JobSpec, latent_shape, device, tracker, rank: int, world: int, step: int
+    engine: Engine,
+    ema: EMA | None,
+    objective: Objective,
+    spec: JobSpec,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    tracker: Tracker,
+    rank: int,
+    world: int,
+    step: int,
 ) -> None:
     """Collective: every rank generates and decodes its share of the grid (inference/sampling.py)."""
     with _sampling_weights(engine, ema) as model:
@@ -391,8 +426,18 @@ def _sample(
 
 
 def _evaluate(
-    engine, ema, objective, spec: JobSpec, loader, latent_shape, device, tracker, rank: int, world: int, step: int
-):
+    engine: Engine,
+    ema: EMA | None,
+    objective: Objective,
+    spec: JobSpec,
+    loader: LatentLoader,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    tracker: Tracker,
+    rank: int,
+    world: int,
+    step: int,
+) -> None:
     """Generated-set quality (evaluate/quality.py): class accuracy and Fréchet distance, to MLflow.
     Collective: each rank generates, decodes and classifies its share in chunks of
     `eval.batch_size` on its device; only the classifier's features travel to rank 0. For a
@@ -418,6 +463,7 @@ def _evaluate(
     metrics: dict[str, float] = {}
     with _sampling_weights(engine, ema) as model:
         if run_quality:
+            assert classifier is not None and name is not None  # run_quality needs a known set
             mine = generate_chunks(
                 model,
                 objective,
@@ -444,6 +490,8 @@ def _evaluate(
         if run_tasks and rank == 0:
             from ..evaluate import task_quality
 
+            assert video_tasks is not None  # run_tasks needs video tasks
+
             if hasattr(vae, "net"):
                 vae.net.cpu()  # task scoring decodes on the CPU
             task_metrics, examples = task_quality.score_tasks(
@@ -463,10 +511,9 @@ def _evaluate(
             )
             metrics.update(task_metrics)
             folder = tempfile.mkdtemp()
-            for task, ex in examples.items():
-                tracker.artifact(
-                    task_quality.task_gif(*ex, os.path.join(folder, f"{task}_step_{step:08d}.gif")), "tasks"
-                )
+            for task, (generated, truth, pmask) in examples.items():  # score_tasks' (generated, truth, mask)
+                gif = os.path.join(folder, f"{task}_step_{step:08d}.gif")
+                tracker.artifact(task_quality.task_gif(generated, truth, pmask, gif), "tasks")
             for task in examples:
                 print(
                     f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
