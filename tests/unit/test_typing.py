@@ -38,5 +38,7 @@ def test_at_least_95_percent_of_functions_are_fully_annotated():
 
 
 def test_the_measure_sees_what_is_missing():
-    tree = ast.parse("def a(x: int) -> int: ...\ndef b(x) -> int: ...\ndef c(self, x: int): ...\ndef __init__(self): ...")
+    tree = ast.parse(
+        "def a(x: int) -> int: ...\ndef b(x) -> int: ...\ndef c(self, x: int): ...\ndef __init__(self): ..."
+    )
     assert [_untyped(f) for f in tree.body] == [False, True, True, False]
