@@ -37,6 +37,7 @@ def run(
     from .cluster.launch import submit
     from .data.encode import encode_dataset
     from .data.ingest import ingest_shapes
+    from .data.parallel import ray_session
     from .runs.follow import run_link
     from .spec import EmbeddedCluster, load_job
 
@@ -45,25 +46,26 @@ def run(
     with waiting("starting services (S3, MLflow, Ray)..."):
         ep = services.up(EmbeddedCluster())
     say(f"services up: S3 {ep.s3}, MLflow {ep.mlflow}, Ray {ep.ray_dashboard}")
-    if spec.data.frames > 1:  # a video job: the generated moving-shapes clips it names
-        from .data.ingest import ingest
+    with ray_session(fallback=services.running_ray):  # one Ray for the ingest and the encode
+        if spec.data.frames > 1:  # a video job: the generated moving-shapes clips it names
+            from .data.ingest import ingest
 
-        # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
-        pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
-        ingest(
-            "moving-shapes",
-            pixels,
-            limit=images,
-            resolution=spec.data.resolution,
-            frames=spec.data.frames,
-            shard_size=64,
-        )  # enough shards for every worker to read its own
-        say(f"data: {images} moving-shapes clips ({spec.data.frames} frames) → {pixels}")
-    else:
-        pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
-        ingest_shapes(pixels, limit=images, resolution=32)
-        say(f"data: {images} shapes images → {pixels}")
-    encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
+            # The pixels beside the latents the job names (…/X-latents → …/X-pixels).
+            pixels = spec.data.train.removesuffix("/").removesuffix("-latents") + "-pixels"
+            ingest(
+                "moving-shapes",
+                pixels,
+                limit=images,
+                resolution=spec.data.resolution,
+                frames=spec.data.frames,
+                shard_size=64,
+            )  # enough shards for every worker to read its own
+            say(f"data: {images} moving-shapes clips ({spec.data.frames} frames) → {pixels}")
+        else:
+            pixels = storage.join(spec.data.train.rsplit("/", 1)[0], "shapes-pixels")
+            ingest_shapes(pixels, limit=images, resolution=32)
+            say(f"data: {images} shapes images → {pixels}")
+        encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
     say(f"latents ({spec.vae.kind} VAE) → {spec.data.train}")
     rec = submit(spec, EmbeddedCluster(), source=str(job))
     say(f"job {rec['job_id']}  run {rec['run_name']}")

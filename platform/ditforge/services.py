@@ -575,6 +575,13 @@ def _down() -> list[str]:
     return stopped
 
 
+def running_ray() -> str | None:
+    """The embedded Ray head's GCS address when it answers, else None: where a data command goes
+    when a Ray of its own cannot start (data/parallel.py's `fallback`)."""
+    ep = endpoints()
+    return ep.ray_gcs if ray_check(ep.ray_dashboard) is None else None
+
+
 def status() -> list[dict]:
     """Each service with the result of its real check (`up`), and why it fails (`check`)."""
     ep = endpoints()

@@ -20,7 +20,7 @@ from ditforge.spec import load_cluster
 from ditforge.runs.folder import complete_steps
 
 from ..conftest import REPO, run_cli
-from ..datasets import noise_latents
+from ..datasets import make_latents
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def cluster_yaml(tmp_path_factory, embedded):
 def test_local_cluster_lifecycle(cluster_yaml, s3_prefix):
     c = load_cluster(cluster_yaml)
     t0 = time.time()
-    noise_latents(f"{s3_prefix}/latents", 256, (12, 16, 16), 64)
+    make_latents(f"{s3_prefix}/latents", [64] * 4, [(12, 16, 16)], noise_seed=0)
 
     print(f"up at {time.time() - t0:.0f}s")
     # up: a head with no CPU and two 1-CPU raylets, each its own Ray node

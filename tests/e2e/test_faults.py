@@ -22,7 +22,7 @@ from ditforge.train.checkpoint import download
 from ditforge.runs.folder import MANIFEST, all_steps, complete_steps, join_step, resolve
 
 from ..conftest import REPO, run_cli
-from ..datasets import noise_latents
+from ..datasets import make_latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -50,7 +50,7 @@ def _wait_for_job(rec: dict, timeout: float = 600) -> str:
 def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     # Data on local disk, checkpoints on S3: the outage hits the checkpoint uploads only.
     data = f"file://{tmp_path}/data"
-    noise_latents(f"{data}/latents", 256, (12, 16, 16), 64)
+    make_latents(f"{data}/latents", [64] * 4, [(12, 16, 16)], noise_seed=0)
     runs = f"s3://ditforge/tests/faults-{uuid.uuid4().hex[:8]}"
     steps = 120
     r = run_cli(

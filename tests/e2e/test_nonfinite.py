@@ -18,7 +18,7 @@ from ditforge.runs.folder import complete_steps, join_step
 from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
-from ..datasets import noise_latents
+from ..datasets import make_latents
 
 pytestmark = pytest.mark.slow
 JOB = str(REPO / "jobs" / "demo-image.yaml")
@@ -27,7 +27,7 @@ JOB = str(REPO / "jobs" / "demo-image.yaml")
 @pytest.fixture(scope="module")
 def latents(embedded):
     root = f"s3://ditforge/tests/nan-{uuid.uuid4().hex[:8]}"
-    noise_latents(f"{root}/latents", 64, (12, 16, 16), 32)
+    make_latents(f"{root}/latents", [32] * 2, [(12, 16, 16)], noise_seed=0)
     return root
 
 

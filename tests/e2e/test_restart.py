@@ -26,7 +26,7 @@ from ditforge.runs.folder import complete_steps, read_process
 from ditforge.inference.export import export
 
 from ..conftest import REPO, run_cli
-from ..datasets import noise_latents
+from ..datasets import make_latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 STEPS, EVERY = 60, 10
@@ -37,7 +37,7 @@ def base(embedded, tmp_path_factory):
     """Tiny data on local disk (the faults here are processes, not storage); runs on S3."""
     root = tmp_path_factory.mktemp("restart")
     data = f"file://{root}/data"
-    noise_latents(f"{data}/latents", 128, (12, 8, 8), 32)
+    make_latents(f"{data}/latents", [32] * 4, [(12, 8, 8)], noise_seed=0)
     return {"data": f"{data}/latents", "runs": f"s3://ditforge/tests/restart-{uuid.uuid4().hex[:8]}", "tmp": root}
 
 

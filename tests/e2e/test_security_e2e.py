@@ -16,7 +16,7 @@ from ditforge import storage
 from ditforge.cluster.jobs import jobs_client
 
 from ..conftest import REPO, run_cli
-from ..datasets import noise_latents
+from ..datasets import make_latents
 from .test_security import plant_malicious_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def latents(embedded):
     root = f"s3://ditforge/tests/sec-{uuid.uuid4().hex[:8]}"
-    noise_latents(f"{root}/latents", 64, (12, 16, 16), 32)
+    make_latents(f"{root}/latents", [32] * 2, [(12, 16, 16)], noise_seed=0)
     return root
 
 

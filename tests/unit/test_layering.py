@@ -130,6 +130,24 @@ def test_no_private_name_is_used_across_modules():
     assert not found, "\n".join(found)
 
 
+# The pipeline (data -> latents -> model + objective -> worker -> checkpoint / tracking, and what
+# uses its results) runs inside Ray tasks and workers; the control plane starts and finds them.
+PIPELINE = ("data", "models", "objectives", "train", "evaluate", "inference", "storage", "spec")
+CONTROL = ("services", "cluster", "cli", "runs", "demo", "bench", "relay")
+SHARED = {"ditforge.runs.folder"}  # the run folder's protocol: the CLI, the driver and the workers
+
+
+def test_the_pipeline_imports_nothing_of_the_control_plane():
+    up = [
+        f"{m} -> {k}"
+        for m in sorted(MODULES)
+        if m.split(".")[1:2] and m.split(".")[1] in PIPELINE
+        for imp, _, _ in _imports(m)
+        if (k := _known(imp)) and k.split(".")[1:2] and k.split(".")[1] in CONTROL and k not in SHARED
+    ]
+    assert not up, "\n".join(up)
+
+
 IMPORT_ALL = """
 import importlib, json, logging, os, pkgutil
 import deepspeed, mlflow, mlflow.pyfunc, ray, ray.train, torch  # their own import-time settings are theirs

@@ -113,6 +113,8 @@ def test_build_objective_returns_an_objective(kind, cls):
 
 def test_the_engine_protocol_declares_what_the_trainer_calls():
     members = set(_methods(Engine)) | {n for n, v in vars(Engine).items() if isinstance(v, property)}
-    assert {"module", "optimizer", "client_optimizer", "lr_scheduler", "_config"} <= members
+    assert {"module", "optimizer", "client_optimizer", "lr_scheduler"} <= members
+    # DeepSpeed's private attributes stay out of the seam (the one use is in train/reshard.py)
+    assert not {m for m in members if m.startswith("_") and not m.startswith("__")}
     assert {"backward", "step", "train", "get_lr", "zero_optimization_stage"} <= members
     assert {"save_checkpoint", "load_checkpoint", "__call__"} <= set(vars(Engine))

@@ -44,20 +44,23 @@ def data_ingest(
     seed: int = typer.Option(0, help="generated sets: the seed"),
 ) -> None:
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""
+    from .. import services
     from ..data.ingest import ingest
+    from ..data.parallel import ray_session
 
     _uri_option("--out", out_uri)
-    m = ingest(
-        source,
-        out_uri,
-        resolution=resolution,
-        fit=fit,
-        frames=frames,
-        stride=stride,
-        shard_size=shard_size,
-        limit=limit,
-        seed=seed,
-    )
+    with ray_session(fallback=services.running_ray):
+        m = ingest(
+            source,
+            out_uri,
+            resolution=resolution,
+            fit=fit,
+            frames=frames,
+            stride=stride,
+            shard_size=shard_size,
+            limit=limit,
+            seed=seed,
+        )
     buckets = ", ".join(f"{b}: {v['samples']}" for b, v in m["buckets"].items())
     out.print(
         f"{m['total_samples']} samples in {len(m['shards'])} shards ({buckets}); "
@@ -78,10 +81,13 @@ def data_encode(
     out_uri: str = typer.Option(..., "--out", help="where the latent shards and manifest.json go"),
 ) -> None:
     """Encode pixel shards to latent shards with Ray Data (re-running resumes)."""
+    from .. import services
     from ..data.encode import encode_dataset, parse_vae
+    from ..data.parallel import ray_session
 
     _uri_option("--out", out_uri)
-    m = encode_dataset(in_uri, out_uri, parse_vae(vae))
+    with ray_session(fallback=services.running_ray):
+        m = encode_dataset(in_uri, out_uri, parse_vae(vae))
     out.print(
         f"{m['total_samples']} latents {tuple(m['latent_shape'])} ({m['vae']}), mean {m['latent_mean']:.4f} "
         f"std {m['latent_std']:.4f} → {out_uri}",

@@ -4,21 +4,22 @@
 - `RAY_ADDRESS` set: attach to that cluster, shipping this checkout's package to its workers.
 - Otherwise: a private Ray in this process, with this machine's CPUs (and GPUs), shut down when
   the command ends. Data preparation then never waits behind training jobs holding the embedded
-  head's CPU slots, and never changes that head's state. (If that Ray cannot start, the embedded
-  head is used when it is up.)
+  head's CPU slots, and never changes that head's state. If that Ray cannot start, the caller's
+  `fallback` names a head to use instead (the CLI passes `services.running_ray`: the embedded
+  head, when it is up). The data layer itself knows nothing of the services.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
-from .. import credentials, services
+from .. import credentials
 
 # Env the workers need to reach storage the same way the driver does. S3 keys are not shipped
 # (runtime_env is visible in the dashboard): a remote cluster gets them from its own environment.
@@ -34,7 +35,9 @@ _PASS_ENV = (
 
 
 @contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(num_cpus: int | None = None, fallback: Callable[[], str | None] | None = None) -> Iterator[None]:
+    """Ray for the block: the one already initialised, else as the module says. Nested sessions
+    reuse the outer one, so a command that ingests and encodes starts one Ray, not two."""
     if ray.is_initialized():
         yield
         return
@@ -59,10 +62,10 @@ def ray_session(num_cpus: int | None = None) -> Iterator[None]:
             # A private Ray must register within a fixed 30 s, which an overloaded machine can
             # miss; the embedded head, when it is up, has long started.
             ray.shutdown()
-            head = next((s for s in services.status() if s["service"] == "ray" and s["up"]), None)
+            head = fallback() if fallback else None
             if head is None:
                 raise
-            _attach(services.endpoints().ray_gcs, env)
+            _attach(head, env)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress bar says enough
     try:
         yield

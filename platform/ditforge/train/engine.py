@@ -27,9 +27,6 @@ class Engine(Protocol):
     @property
     def lr_scheduler(self) -> Any: ...  # the LambdaLR build_engine passes in
 
-    @property
-    def _config(self) -> Any: ...  # DeepSpeedConfig (train/reshard.py sets load_universal_checkpoint)
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def train(self, mode: bool = True) -> Any: ...

@@ -22,7 +22,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -54,10 +54,15 @@ def to_universal(folder: Path, out_root: Path) -> tuple[Path, float]:
 
 @contextlib.contextmanager
 def universal_loading(engine: Engine) -> Iterator[None]:
-    """`checkpoint.load_universal` for one `load_checkpoint` call; later saves stay ordinary."""
-    old = engine._config.load_universal_checkpoint
-    engine._config.load_universal_checkpoint = True
+    """`checkpoint.load_universal` for one `load_checkpoint` call; later saves stay ordinary.
+
+    DeepSpeed reads the flag from its parsed config (`DeepSpeedEngine._config`) at every load and
+    offers no public setter: this is the one place ditforge touches a private DeepSpeed attribute,
+    so the `Engine` Protocol does not carry it (a fake engine without it fails here, by name)."""
+    config = cast(Any, engine)._config
+    old = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
     try:
         yield
     finally:
-        engine._config.load_universal_checkpoint = old
+        config.load_universal_checkpoint = old
