@@ -72,7 +72,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 UNIT = REPO / "tests" / "unit"
-SERVERS = ("embedded", "s3_prefix", "hosts")  # fixtures that start servers
+SERVERS = ("embedded", "s3_prefix", "hosts", "data_ray")  # fixtures that start servers
 
 
 def pytest_collection_modifyitems(config, items):
@@ -119,6 +119,16 @@ def embedded():
             f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
             f"`make demo`'s), stop them first (`make down`)"
         ) from None
+
+
+@pytest.fixture(scope="module")
+def data_ray():
+    """One private Ray for a module's in-process ingests and encodes: each call would otherwise
+    start (and stop) its own, ~8 s apiece on the 2-core CI machine."""
+    from ditforge.data.parallel import ray_session
+
+    with ray_session(num_cpus=2):
+        yield
 
 
 @pytest.fixture

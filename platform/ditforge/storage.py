@@ -180,9 +180,9 @@ def retry(
     raise AssertionError("unreachable")  # itertools.count() never ends
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, attempts: int = 6) -> bytes:
     fs, path = filesystem(uri)
-    return retry(fs.cat_file, path)
+    return retry(fs.cat_file, path, attempts=attempts)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

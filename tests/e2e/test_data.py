@@ -16,14 +16,10 @@ from ditforge import storage
 from ditforge.data import encode, ingest, shards
 from ditforge.data.encode import encode_dataset, parse_vae
 from ditforge.data.loader import LatentLoader
-from ditforge.data.parallel import ray_session
 from ditforge.models.vae import build_vae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_for_module():
-    with ray_session(num_cpus=2):
-        yield
+pytestmark = pytest.mark.usefixtures("data_ray")
 
 
 def img_bytes(w: int, h: int, fmt: str, seed: int = 0) -> bytes:

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from ditforge import storage
 from ditforge.data import ingest
 from ditforge.data.encode import encode_dataset, parse_vae
+from ditforge.runs.folder import complete_steps
 
 from ..conftest import REPO, run_cli
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.slow
 JOBS = REPO / "jobs"
 COVERED = {
     "demo-image": "tests/e2e/test_jobs_e2e.py::test_demo_command_runs_the_demo_spec_end_to_end (and test_train_e2e.py)",
-    "video-dit-s-moving-shapes": "tests/e2e/test_jobs_e2e.py::test_video_dit_s_moving_shapes",
+    "video-dit-s-moving-shapes": "tests/e2e/test_jobs_e2e.py::test_video_dit_s_moving_shapes (with captions)",
     "video-vdt-moving-shapes": "tests/e2e/test_video_e2e.py::test_masked_video_job_resumes_exactly_and_samples_every_task",
     "image-dit-s-shapes": "tests/e2e/test_jobs_e2e.py::test_image_dit_s_shapes",
     "vae-shapes": "tests/e2e/test_jobs_e2e.py::test_vae_shapes",
@@ -137,7 +138,7 @@ def test_vae_shapes(shapes):
     assert storage.exists(storage.join(vae, "config.json"))  # a VAE job's result is its vae.path
 
 
-def test_image_dit_xl2_256(root, tmp_path):
+def test_image_dit_xl2_256(root, data_ray, tmp_path):
     """A diffusers AutoencoderKL with the spec's 8x downsampling and 4 latent channels, 256 px pixels."""
     from diffusers import AutoencoderKL
 
@@ -176,9 +177,10 @@ def test_image_dit_xl2_256(root, tmp_path):
     _sampled_and_registered(done)
 
 
-def test_video_dit_s_moving_shapes(root):
-    """32 px, 8-frame moving-shapes clips as written (identity latents (12, 8, 16, 16)); the
-    end-of-run quality evaluation (the 3D direction classifier) runs as written."""
+def test_video_dit_s_moving_shapes(root, data_ray):
+    """32 px, 8-frame moving-shapes clips as written (identity latents (12, 8, 16, 16)), with
+    captions (the own text encoder) beside the classes; the end-of-run quality evaluation (the
+    3D direction classifier) runs as written, and the samples are viewable GIFs."""
     data = f"{root}/moving-shapes"
     ingest.ingest("moving-shapes", f"{data}-pixels", limit=16, frames=8, resolution=32, shard_size=8, progress=False)
     encode_dataset(f"{data}-pixels", f"{data}-latents", parse_vae("identity,downsample=2"), progress=False)
@@ -187,14 +189,21 @@ def test_video_dit_s_moving_shapes(root):
         f"data.train={data}-latents",
         f"checkpoint.uri={root}/runs",
         "model.size=T",
+        "model.text=own",
         "data.batch_size=4",
         "eval.per_class=1",
     )
     _sampled_and_registered(done)
-    assert "quality/class_accuracy" in done["run"].data.metrics
+    run, client = done["run"], done["client"]
+    assert "quality/class_accuracy" in run.data.metrics
+    assert json.loads(run.data.params["model.latent_shape"].replace("'", '"')) == [12, 8, 16, 16]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [2, 4]
+    arts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert any(a.endswith(".gif") for a in arts), arts  # video samples are viewable clips
+    assert complete_steps(done["rec"]["run_uri"]) == [4]
 
 
-def test_video_dit_b_256x16f(root, tmp_path):
+def test_video_dit_b_256x16f(root, data_ray, tmp_path):
     """256x256, 16-frame clips through an own causal video VAE (8x, 4x temporal, 8 channels: latents
     (8, 4, 32, 32)), captions through a local `transformers` encoder, every video task sampled."""
     from transformers import BertConfig, BertModel, BertTokenizer

@@ -29,7 +29,7 @@ from ..conftest import REPO, run_cli
 from ..datasets import make_latents
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
-STEPS, EVERY = 60, 10
+STEPS, EVERY = 30, 10
 
 
 @pytest.fixture(scope="module")

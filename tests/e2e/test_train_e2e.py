@@ -22,7 +22,7 @@ JOB = str(REPO / "jobs" / "demo-image.yaml")
 
 
 @pytest.fixture(scope="module")
-def latents(embedded):
+def latents(embedded, data_ray):
     root = f"s3://ditforge/tests/e2e-{uuid.uuid4().hex[:8]}"
     ingest_shapes(f"{root}/pixels", limit=512, resolution=32, shard_size=64, progress=False)
     encode_dataset(f"{root}/pixels", f"{root}/latents", IdentityVAE(2), progress=False)

@@ -46,21 +46,20 @@ def data_ingest(
     """Turn a source into webdataset shards + manifest.json (re-running resumes)."""
     from .. import services
     from ..data.ingest import ingest
-    from ..data.parallel import ray_session
 
     _uri_option("--out", out_uri)
-    with ray_session(fallback=services.running_ray):
-        m = ingest(
-            source,
-            out_uri,
-            resolution=resolution,
-            fit=fit,
-            frames=frames,
-            stride=stride,
-            shard_size=shard_size,
-            limit=limit,
-            seed=seed,
-        )
+    m = ingest(
+        source,
+        out_uri,
+        resolution=resolution,
+        fit=fit,
+        frames=frames,
+        stride=stride,
+        shard_size=shard_size,
+        limit=limit,
+        seed=seed,
+        ray_fallback=services.running_ray,
+    )
     buckets = ", ".join(f"{b}: {v['samples']}" for b, v in m["buckets"].items())
     out.print(
         f"{m['total_samples']} samples in {len(m['shards'])} shards ({buckets}); "
@@ -83,11 +82,9 @@ def data_encode(
     """Encode pixel shards to latent shards with Ray Data (re-running resumes)."""
     from .. import services
     from ..data.encode import encode_dataset, parse_vae
-    from ..data.parallel import ray_session
 
     _uri_option("--out", out_uri)
-    with ray_session(fallback=services.running_ray):
-        m = encode_dataset(in_uri, out_uri, parse_vae(vae))
+    m = encode_dataset(in_uri, out_uri, parse_vae(vae), ray_fallback=services.running_ray)
     out.print(
         f"{m['total_samples']} latents {tuple(m['latent_shape'])} ({m['vae']}), mean {m['latent_mean']:.4f} "
         f"std {m['latent_std']:.4f} → {out_uri}",

@@ -18,6 +18,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -138,9 +139,18 @@ def _vae_identity(vae: VAESpec | VAE) -> str:
     return build_vae(vae).identity
 
 
-def encode_dataset(src: str, out: str, vae: VAESpec | VAE, *, progress: bool = True, micro_batch: int = 64) -> dict:
+def encode_dataset(
+    src: str,
+    out: str,
+    vae: VAESpec | VAE,
+    *,
+    progress: bool = True,
+    micro_batch: int = 64,
+    ray_fallback: Callable[[], str | None] | None = None,
+) -> dict:
     """Encode the pixel data set at `src` into latents at `out`. `vae`: a VAESpec (each actor
-    builds its own) or a built VAE object (shipped to the actors)."""
+    builds its own) or a built VAE object (shipped to the actors). Ray starts only when there is
+    work; `ray_fallback`: see `ray_session`."""
     import ray
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -187,7 +197,7 @@ def encode_dataset(src: str, out: str, vae: VAESpec | VAE, *, progress: bool = T
             completed=sum(r["entry"]["samples"] for r in done.values()),
         )
         if todo:
-            with ray_session():
+            with ray_session(fallback=ray_fallback):
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False  # ours is above
                 n_gpu = gpus()

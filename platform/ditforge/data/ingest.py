@@ -19,7 +19,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -323,8 +323,11 @@ def ingest(
     limit: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    ray_fallback: Callable[[], str | None] | None = None,
 ) -> dict:
-    """Ingest `source` into shards + manifest at `out`; resumes a previous run's finished units."""
+    """Ingest `source` into shards + manifest at `out`; resumes a previous run's finished units.
+    Ray starts only when there is work (bad input fails first, a finished ingest returns at once);
+    `ray_fallback`: see `ray_session`."""
     import ray
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -367,7 +370,7 @@ def ingest(
             f"ingest {kind} → {out}", total=total, rate="", completed=sum(_unit_inputs(units[i]) for i in done)
         )
         if todo:
-            with ray_session():
+            with ray_session(fallback=ray_fallback):
                 remote = ray.remote(num_cpus=1, max_retries=2)(ingest_unit)
                 pending = {remote.remote(out, i, units[i], s, digests[i]): i for i in todo}
                 t0, n_new = time.perf_counter(), 0

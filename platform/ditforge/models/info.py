@@ -30,9 +30,12 @@ def latent_shape(spec: JobSpec) -> tuple[int, ...]:
             from .. import storage
 
             assert v.path is not None  # VAESpec requires it for own
-            arch = json.loads(storage.read_bytes(storage.join(v.path, "config.json")))["architecture"]
+            # One attempt: a store that is down, or not started yet, is an answer here (the
+            # spec's figures), not something to wait 15 s of retries for.
+            config = storage.read_bytes(storage.join(v.path, "config.json"), attempts=1)
+            arch = json.loads(config)["architecture"]
             C, f, ft = arch["latent_channels"], arch["downsample"], arch["temporal_downsample"]
-        except Exception:  # not trained yet: the spec says what it will be
+        except Exception:  # not trained yet, or the store is not up: the spec says what it will be
             pass
     elif v.kind == "diffusers":
         assert v.path is not None  # VAESpec requires it for diffusers
