@@ -1,5 +1,5 @@
 """Run a real training loop (`worker.train_loop`, `vae_trainer.train_vae_loop`) on N CPU ranks
-without Ray: spawned processes in one gloo group, a stand-in for `ray.train.get_context()`, and a
+without Ray: processes in one gloo group, a stand-in for `ray.train.get_context()`, and a
 tracker that writes what it is given to a JSON-lines file instead of MLflow. Seconds instead of
 the minute a Ray job takes; the loop, DeepSpeed, checkpoints and storage are the real ones."""
 
@@ -121,6 +121,32 @@ def _rank_main(rank: int, world: int, port: int, loop: str, config: dict, out: s
             dist.destroy_process_group()
 
 
+# Ranks start from a fork server that has imported torch, DeepSpeed, Ray Train and the loops once.
+# A spawned rank imports them itself, and the two imports the first optimizer makes (torch._dynamo,
+# from Optimizer.__init__, and DeepSpeed's Muon optimizer, from its ZeRO sanity check) alone took
+# ~7 s of CPU per rank on the 2-core CI machine (py-spy); the suite starts ~60 ranks. The server
+# is forked from nothing but these imports, so no thread of the test process is copied.
+PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+    "ray.train",
+    "ditforge.train.worker",
+    "ditforge.train.vae_trainer",
+    "ditforge.train.checkpoint",
+]
+
+
+def start_ranks(fn, args: tuple, world: int) -> None:
+    """fn(rank, *args) in `world` processes; raises if one fails."""
+    import multiprocessing
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the server imports DeepSpeed
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    mp.start_processes(fn, args=args, nprocs=world, join=True, start_method="forkserver")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +171,7 @@ def run_loop(
     }
     for f in out.glob("rank_*.*"):
         f.unlink()
-    mp.spawn(_rank_main, args=(world, free_port(), loop, config, str(out), setup), nprocs=world, join=True)
+    start_ranks(_rank_main, (world, free_port(), loop, config, str(out), setup), world)
     res = {}
     for r in range(world):
         err = out / f"rank_{r}.err"

@@ -16,7 +16,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ..loops import free_port, start_ranks
 
 
 def _spec(stage: int, world: int):
@@ -125,14 +126,12 @@ def _worker(rank: int, world: int, port: int, stage: int, mode: str, run_uri: st
 
 
 def run(world: int, stage: int, mode: str, run_uri: str, out: str, steps: int = 3) -> dict:
-    """Spawn `world` ranks that save (mode "save") or load (mode "load") `run_uri`; rank 0's report."""
-    from ditforge.bench.common import free_port
-
-    mp.spawn(_worker, args=(world, free_port(), stage, mode, run_uri, out, steps), nprocs=world)
+    """Start `world` ranks that save (mode "save") or load (mode "load") `run_uri`; rank 0's report."""
+    start_ranks(_worker, (world, free_port(), stage, mode, run_uri, out, steps), world)
     return torch.load(out, weights_only=False)
 
 
-if __name__ == "__main__":  # python tests/e2e/reshard_harness.py STAGE N K DIR: one case by hand
+if __name__ == "__main__":  # python -m tests.e2e.reshard_harness STAGE N K DIR: one case by hand
     stage, n, k, d = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     a = run(n, stage, "save", f"file://{d}/run", f"{d}/a.pt")
     b = run(k, stage, "load", f"file://{d}/run", f"{d}/b.pt")
