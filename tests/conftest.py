@@ -48,9 +48,12 @@ sys.addaudithook(_watch_sqlite)
 
 # The quality classifiers the shipped specs' end-of-run evaluation trains (evaluate/quality.py), as
 # (set, resolution, frames): ~170 s on one core in all, each trained once per home and cached
-# there. A niced process trains them into the session's home while the first e2e tests run, on
-# the CPU those leave idle (a quarter, measured: Ray jobs wait on process starts), so the jobs find
-# them cached. Deterministic (seeded), so a job's metrics are what it would have trained itself.
+# there. When the services first start, a process at nice 19 (below Ray's workers, at 15) trains
+# them into the session's home while the first e2e tests run, mostly on the CPU those leave idle
+# (a quarter of it, measured over the jobs tests: Ray jobs wait on process starts), so the jobs
+# find them cached. Not during the unit tier: beside its 2-thread torch tests even a niced process
+# stalls their thread barriers (in `make test` on 2026-12-03 the unit tier took 10.8 min beside it,
+# 5.2 min alone). Deterministic (seeded), so a job's metrics are what it would have trained itself.
 # `shapes` at 16 px is left out: test_quality.py trains it, the path that trains stays tested.
 WARM_CLASSIFIERS = [("shapes", 32, 1), ("moving-shapes", 32, 8), ("moving-shapes", 256, 16), ("moving-shapes", 16, 4)]
 _warming: list[subprocess.Popen] = []
@@ -111,8 +114,6 @@ def pytest_collection_modifyitems(config, items):
             f"tests/unit may not start servers ({', '.join(SERVERS)}): move these to tests/e2e: "
             + ", ".join(unit_with_servers)
         )
-    if any("embedded" in getattr(i, "fixturenames", ()) for i in items) and not config.option.collectonly:
-        _warm_classifiers()
     import torch
 
     if torch.cuda.is_available():
@@ -140,12 +141,14 @@ def embedded():
     from ditforge import services
 
     try:
-        return services.up()
+        ep = services.up()
     except services.ServiceError as e:  # most often: the working copy's own services hold the ports
         raise services.ServiceError(
             f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
             f"`make demo`'s), stop them first (`make down`)"
         ) from None
+    _warm_classifiers()
+    return ep
 
 
 @pytest.fixture(scope="module")
