@@ -21,7 +21,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PINNED_HOME = os.environ.get("DITFORGE_TEST_HOME")
 TEST_HOME = Path(PINNED_HOME or tempfile.mkdtemp(prefix="ditforge-tests-"))
-TEST_HOME.mkdir(parents=True, exist_ok=True)
 os.environ["DITFORGE_HOME"] = str(TEST_HOME)
 # Tests put file:// data under pytest's tmp_path: allow the temp folder as a spec path root.
 os.environ.setdefault("DITFORGE_ROOTS", tempfile.gettempdir())
@@ -46,34 +45,7 @@ def _watch_sqlite(event: str, args: tuple) -> None:
 sys.addaudithook(_watch_sqlite)
 
 
-# The quality classifiers the shipped specs' end-of-run evaluation trains (evaluate/quality.py), as
-# (set, resolution, frames): ~170 s on one core in all, each trained once per home and cached
-# there. When the services first start, a process at nice 19 (below Ray's workers, at 15) trains
-# them into the session's home while the first e2e tests run, mostly on the CPU those leave idle
-# (a quarter of it, measured over the jobs tests: Ray jobs wait on process starts), so the jobs
-# find them cached. Not during the unit tier: beside its 2-thread torch tests even a niced process
-# stalls their thread barriers (in `make test` on 2026-12-03 the unit tier took 10.8 min beside it,
-# 5.2 min alone). Deterministic (seeded), so a job's metrics are what it would have trained itself.
-# `shapes` at 16 px is left out: test_quality.py trains it, the path that trains stays tested.
-WARM_CLASSIFIERS = [("shapes", 32, 1), ("moving-shapes", 32, 8), ("moving-shapes", 256, 16), ("moving-shapes", 16, 4)]
-_warming: list[subprocess.Popen] = []
-
-
-def _warm_classifiers() -> None:
-    code = (
-        "import os, torch; os.nice(19); torch.set_num_threads(1)\n"
-        "from ditforge.evaluate import quality\n"
-        f"for name, res, frames in {WARM_CLASSIFIERS!r}: quality.train_classifier(name, res, frames, log=lambda m: None)"
-    )
-    log = open(TEST_HOME / "warm-classifiers.log", "ab")
-    _warming.append(subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log, stdin=subprocess.DEVNULL))
-
-
 def pytest_sessionfinish(session, exitstatus):
-    for p in _warming:  # started by this process: stopped by its pid
-        if p.poll() is None:
-            p.terminate()
-            p.wait(30)
     if not PINNED_HOME:
         import shutil
 
@@ -141,14 +113,12 @@ def embedded():
     from ditforge import services
 
     try:
-        ep = services.up()
+        return services.up()
     except services.ServiceError as e:  # most often: the working copy's own services hold the ports
         raise services.ServiceError(
             f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "
             f"`make demo`'s), stop them first (`make down`)"
         ) from None
-    _warm_classifiers()
-    return ep
 
 
 @pytest.fixture(scope="module")
