@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+from ditforge.bench.common import free_port
 
 
 class FileTracker:
@@ -124,7 +125,7 @@ def _rank_main(rank: int, world: int, port: int, loop: str, config: dict, out: s
 # Ranks start from a fork server that has imported torch, DeepSpeed, Ray Train and the loops once.
 # A spawned rank imports them itself, and the two imports the first optimizer makes (torch._dynamo,
 # from Optimizer.__init__, and DeepSpeed's Muon optimizer, from its ZeRO sanity check) alone took
-# ~7 s of CPU per rank on the 2-core CI machine (py-spy); the suite starts ~60 ranks. The server
+# ~7 s of CPU per rank on the 2-core CI machine (py-spy); the suite starts ~40 ranks. The server
 # is forked from nothing but these imports, so no thread of the test process is copied.
 PRELOAD = [
     "torch",
@@ -145,12 +146,6 @@ def start_ranks(fn, args: tuple, world: int) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the server imports DeepSpeed
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     mp.start_processes(fn, args=args, nprocs=world, join=True, start_method="forkserver")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_loop(

@@ -17,7 +17,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..loops import free_port, start_ranks
+from ditforge.bench.common import free_port
+
+from ..loops import start_ranks
 
 
 def _spec(stage: int, world: int):
