@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ditforge demo
 
+# Two pytest-xdist workers share one set of services and take whole files (tests/conftest.py hands
+# out the longest first); then the tests marked `serial` (they stop or restart the services, build
+# network-namespace hosts or hold a cluster to a deadline) run alone.
 test: install
-	$(BIN)/python -m pytest -q -rs --durations=40
+	status=0; \
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 || status=$$?; \
+	$(BIN)/python -m pytest -q -rs -m serial --durations=15 || status=$$?; \
+	exit $$status
 
 # ruff lint (pyflakes + pycodestyle rules) and ruff format over the package and the tests, and mypy
 # over the package (settings in pyproject.toml); CI runs it first. Format with `.venv/bin/ruff format platform tests`.

@@ -20,7 +20,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED_HOME = os.environ.get("DITFORGE_TEST_HOME")
-TEST_HOME = Path(PINNED_HOME or tempfile.mkdtemp(prefix="ditforge-tests-"))
+# `make test` runs the suite in two pytest-xdist workers: they share their controller's home, and
+# with it one set of services (the controller removes it; `embedded` starts the services once).
+# A pytest a test runs itself is not a worker of ours, whatever it inherits: it gets its own home.
+_OWN_WORKER = "PYTEST_XDIST_WORKER" in os.environ and os.environ.get("DITFORGE_TEST_CONTROLLER") == str(os.getppid())
+TEST_HOME = Path(
+    PINNED_HOME
+    or (os.environ["DITFORGE_TEST_SESSION_HOME"] if _OWN_WORKER else None)
+    or tempfile.mkdtemp(prefix="ditforge-tests-")
+)
+if not _OWN_WORKER:
+    os.environ.update(DITFORGE_TEST_SESSION_HOME=str(TEST_HOME), DITFORGE_TEST_CONTROLLER=str(os.getpid()))
 os.environ["DITFORGE_HOME"] = str(TEST_HOME)
 # Tests put file:// data under pytest's tmp_path: allow the temp folder as a spec path root.
 os.environ.setdefault("DITFORGE_ROOTS", tempfile.gettempdir())
@@ -46,7 +56,7 @@ sys.addaudithook(_watch_sqlite)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not PINNED_HOME:
+    if not PINNED_HOME and not _OWN_WORKER:
         import shutil
 
         from ditforge import services
@@ -75,7 +85,29 @@ UNIT = REPO / "tests" / "unit"
 SERVERS = ("embedded", "s3_prefix", "hosts", "data_ray")  # fixtures that start servers
 
 
+# The longest e2e files, in the order `make test`'s two xdist workers (`--dist loadfile`: a file is
+# one unit, so its module fixtures run once) should start them, so that neither is left with a long
+# one at the end (durations of a `make test` run, 2026-12-04).
+LONGEST_FIRST = [
+    "e2e/test_jobs_e2e.py",  # 264 s
+    "e2e/test_train_e2e.py",  # 185 s
+    "e2e/test_video_e2e.py",  # 105 s
+    "e2e/test_security_e2e.py",  # 80 s
+    "e2e/test_bad_data_e2e.py",  # 78 s
+    "e2e/test_bench.py",  # 74 s
+    "e2e/test_quality.py",  # 54 s
+    "e2e/test_nonfinite.py",  # 54 s
+    "e2e/test_reshard.py",  # 49 s
+    "e2e/test_ema.py",  # 42 s
+    "e2e/test_run_end.py",  # 35 s
+    "unit/test_batch.py",  # 32 s
+]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+    # stable: the rest keep their order
+    items.sort(key=lambda i: rank.get(Path(str(i.path)).relative_to(REPO / "tests").as_posix(), len(rank)))
     unit_with_servers = [
         i.nodeid
         for i in items
@@ -110,10 +142,14 @@ def one_thread():
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded services, up (started if needed, reused if already running)."""
+    import fcntl
+
     from ditforge import services
 
     try:
-        return services.up()
+        with open(TEST_HOME / ".services.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other xdist worker may be starting them right now
+            return services.up()
     except services.ServiceError as e:  # most often: the working copy's own services hold the ports
         raise services.ServiceError(
             f"{e}; if another DITFORGE_HOME's services run on this machine (e.g. "

@@ -22,7 +22,7 @@ from ditforge.runs.folder import complete_steps
 from ..conftest import REPO, run_cli
 from ..datasets import make_latents
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # a cluster of its own, held to deadlines
 
 
 def _listening(port: int) -> bool:

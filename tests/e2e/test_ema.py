@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from ditforge.train.ema import EMA, consolidate_shards
+from ditforge.bench.common import free_port
+
+from ..loops import start_ranks
 
 
 def test_update_rule_swap_and_state_dict():
@@ -121,16 +122,10 @@ def _worker(rank: int, world: int, port: int, out: str):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(600)
 def test_ema_under_zero3_equals_ema_without_zero(tmp_path):
     out = str(tmp_path / "ema.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), out), 2)
     res = torch.load(out, weights_only=True)
     ema0 = res[0]
     # ZeRO-3 reduces gradients in another order, so even the trained weights differ by ~1e-5 after
@@ -227,7 +222,7 @@ def _fragments_worker(rank: int, world: int, port: int, out: str):
 @pytest.mark.timeout(600)
 def test_ema_averages_fp32_master_fragments_under_zero12_bf16(tmp_path):
     out = str(tmp_path / "frag.pt")
-    mp.spawn(_fragments_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    start_ranks(_fragments_worker, (2, free_port(), out), 2)
     res = torch.load(out, weights_only=True)
     for stage in (1, 2):
         r = res[stage]

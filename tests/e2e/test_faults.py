@@ -24,7 +24,7 @@ from ditforge.runs.folder import MANIFEST, all_steps, complete_steps, join_step,
 from ..conftest import REPO, run_cli
 from ..datasets import make_latents
 
-pytestmark = [pytest.mark.slow, pytest.mark.fault]
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.serial]  # stops S3 and MLflow
 
 
 def _wait_for_step(rec: dict, step: int, timeout: float = 300) -> None:

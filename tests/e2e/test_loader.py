@@ -242,6 +242,7 @@ def test_max_bad_fraction_is_a_checked_spec_field(tmp_path):
 
 @pytest.mark.fault
 @pytest.mark.slow
+@pytest.mark.serial  # stops the session's S3 server
 def test_stream_rides_out_an_s3_outage_or_fails_naming_the_shard(s3_prefix, capsys):
     from ditforge import services, storage
 

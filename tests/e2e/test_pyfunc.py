@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from ditforge.models.dit import DiT, dit_config
 from ditforge.spec import ModelSpec, ObjectiveSpec, SampleSpec, VAESpec
 from ditforge.inference import pyfunc
+from ditforge.bench.common import free_port
 
 from ..conftest import run_cli
 
@@ -54,9 +54,7 @@ def _export(folder, latent_shape, frames: int = 1):
 def remote_mlflow(tmp_path_factory):
     """A plain `mlflow server` of its own (sqlite + proxied local artifacts), not ditforge's embedded one."""
     root = tmp_path_factory.mktemp("remote-mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

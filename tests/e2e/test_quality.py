@@ -45,6 +45,20 @@ def test_classifier_scores_large_samples_at_its_own_size():
     assert Classifier(10, video=False).size == MAX_SIZE <= 32
 
 
+def test_classifier_scores_long_clips_on_evenly_spaced_frames():
+    """Clips longer than MAX_FRAMES (a 16-frame job's) are scored on that many evenly spaced
+    frames, first and last included, by the classifier trained on clips of that length."""
+    from ditforge.evaluate.quality import MAX_FRAMES, Classifier
+
+    torch.manual_seed(0)
+    clf = Classifier(8, video=True, size=16, frames=4).eval()
+    long = torch.rand(2, 3, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(clf.features(long), clf.features(long[:, :, [0, 5, 10, 15]]))
+        assert not torch.allclose(clf.features(long), clf.features(long[:, :, :4]))
+    assert Classifier(8, video=True).frames == MAX_FRAMES == 8
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_model_generates_its_classes_well_above_chance(capsys):

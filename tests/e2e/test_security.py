@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ditforge import credentials, services, storage
 from ditforge.spec import SpecError, load_job
+from ditforge.bench.common import free_port
 
 from ..conftest import run_cli
 
@@ -188,19 +188,13 @@ def test_serving_beyond_loopback_without_credentials_is_refused(tmp_path):
     assert not home.exists()  # nothing started, nothing written
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp_path, monkeypatch):
     """A second MLflow server of our own (temp home, free port): the shared one stays untouched."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("DITFORGE_HOME", str(tmp_path / "home"))
     password = "pw-" + os.urandom(8).hex()
-    url = services.start_mlflow(_free_port(), auth={"username": "dfadmin", "password": password})
+    url = services.start_mlflow(free_port(), auth={"username": "dfadmin", "password": password})
     try:
         search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -231,6 +225,7 @@ def test_mlflow_basic_auth_rejects_anonymous_and_accepts_the_platform_client(tmp
     assert "401" in log and password not in log
 
 
+@pytest.mark.serial  # a second Ray head on this machine
 def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     """A Ray head of our own bound beyond loopback (temp home and temp dir, its own ports): its Jobs
     API refuses requests without Ray's token, and the platform's client gets in with it."""
@@ -247,11 +242,11 @@ def test_ray_beyond_loopback_wants_the_token(tmp_path, monkeypatch):
     credentials.ensure_ray_token()
     temp = tempfile.mkdtemp(prefix="/tmp/rt")  # short: Ray's socket paths live under it
     b = 24000 + os.getpid() % 50 * 100  # a port block of its own, away from the other heads' ports
-    ports = ServicePorts(mlflow=_free_port(), ray_dashboard=_free_port(), ray_gcs=_free_port())
+    ports = ServicePorts(mlflow=free_port(), ray_dashboard=free_port(), ray_gcs=free_port())
     cluster = EmbeddedCluster(host="0.0.0.0", cpus=1, ports=ports)
     extra = (
         f"--temp-dir={temp}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--ray-client-server-port={free_port()}",
         f"--node-manager-port={b}",
         f"--object-manager-port={b + 1}",
         f"--dashboard-agent-listen-port={b + 2}",

@@ -74,6 +74,7 @@ def test_environment_credentials_win_over_the_file(monkeypatch, embedded):
         storage.read_bytes("s3://ditforge/anything")  # the env keys are wrong: the server says no
 
 
+@pytest.mark.serial  # stops the session's S3 server
 def test_restart_keeps_data(s3_prefix, embedded):
     """The S3 server keeps its data on disk under .ditforge/: a stop/start loses nothing."""
     uri = storage.join(s3_prefix, "persist.txt")

@@ -4,20 +4,14 @@ wrong token and with the right one, is tests/test_multihost.py's, on hosts of th
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from ditforge.cluster.join import JoinError, check_head, parse_head
+from ditforge.bench.common import free_port
 
 from ..conftest import run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_parse_head():
@@ -29,7 +23,7 @@ def test_parse_head():
 
 
 def test_no_head_answers():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     assert check_head("127.0.0.1", port, "0" * 64, timeout=3) == f"no Ray head answers at 127.0.0.1:{port} (within 3s)"
 
 
@@ -47,7 +41,7 @@ def test_no_head_answers():
     ],
 )
 def test_bad_join_is_one_line_exit_2_within_30s(tmp_path, args, env, expect):
-    port = _free_port()
+    port = free_port()
     # The CLI's own start (interpreter, imports) as a baseline: on a machine at load 100+ it alone
     # took over 30 s; what the join adds to it is what must stay under 30 s.
     t = time.time()

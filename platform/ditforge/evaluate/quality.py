@@ -10,13 +10,17 @@ conditional samples of a run:
   penultimate features of generated and of real samples. Only comparable between runs scored
   with the same classifier and sample count.
 
-The classifier is a pure function of (set, resolution, frames, seed), trained in seconds on CPU,
-and cached under $DITFORGE_HOME/cache/quality. It works at most at `MAX_SIZE` px: shape and
-direction of motion are plain at 32 px, and 1200 training clips of 16 frames at 256 px would be
-15 GB (seen: a 256 px video job's end-of-run evaluation killed for memory). Larger samples are
-scored after an area downscale to that size. Measured on one CPU thread (held-out accuracy, time to
-train): shapes 0.975 in 9 s at 32 px but 0.673 in 41 s at 64 px; moving-shapes, 16 frames, 0.998
-in 60 s at 32 px, about 250 s at 64 px.
+The classifier is a pure function of (set, input size, input frames, seed), trained in seconds on
+CPU, and cached under $DITFORGE_HOME/cache/quality. It works at most at `MAX_SIZE` px and
+`MAX_FRAMES` frames: shape and direction of motion are plain at 32 px and 8 frames, and 1200
+training clips of 16 frames at 256 px would be 15 GB (seen: a 256 px video job's end-of-run
+evaluation killed for memory). Larger samples are scored after an area downscale to that size, and
+longer clips after keeping `MAX_FRAMES` evenly spaced frames (a moving-shapes clip crosses the same
+path whatever its length, so 8 of 16 frames show the same motion); one classifier then serves
+every resolution and length above those, trained once. Measured on one CPU thread (held-out
+accuracy, time to train): shapes 0.975 in 9 s at 32 px but 0.673 in 41 s at 64 px; moving-shapes,
+16 frames, 0.998 in 60 s at 32 px, about 250 s at 64 px; 8 frames at 32 px in ~45 s (2026-12-03,
+the 2-core CI machine kind, `train_classifier("moving-shapes", 32, 8, cache=False)`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from ..data import synthetic
 
 VERSION = 3
-MAX_SIZE = 32
+MAX_SIZE, MAX_FRAMES = 32, 8
 CLASSIFIER_SEED, REFERENCE_SEED = 7_001, 7_002  # neither is a training set's seed (0)
 
 
@@ -65,9 +69,10 @@ def real_pixels(
 
 
 class Classifier(nn.Module):
-    def __init__(self, num_classes: int, video: bool, width: int = 16, size: int = MAX_SIZE):
+    def __init__(self, num_classes: int, video: bool, width: int = 16, size: int = MAX_SIZE, frames: int = MAX_FRAMES):
         super().__init__()
-        self.video, self.size = video, size  # inputs larger than `size` px are downscaled to it
+        # inputs larger than `size` px are downscaled to it; longer than `frames`, subsampled to it
+        self.video, self.size, self.frames = video, size, frames
         Conv: Callable[..., nn.Module] = nn.Conv3d if video else nn.Conv2d
         # normalisation: 0.4 → 0.99 accuracy here
         Norm: Callable[..., nn.Module] = nn.BatchNorm3d if video else nn.BatchNorm2d
@@ -93,6 +98,8 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, [T,] H, W) → (B, 4·width) pooled features."""
+        if self.video and x.shape[2] > self.frames:
+            x = x[:, :, torch.linspace(0, x.shape[2] - 1, self.frames).round().long()]
         if x.shape[-1] > self.size:
             x = F.interpolate(x, size=(*x.shape[2:-2], self.size, self.size), mode="area")
         return self.body(x).flatten(2).mean(-1)
@@ -119,10 +126,12 @@ def train_classifier(
     video = name == "moving-shapes"
     classes = synthetic.DIRECTIONS if video else synthetic.CLASSES
     n = n or (1200 if video else 2000)
-    key = hashlib.sha256(repr((VERSION, name, resolution, frames, n, epochs)).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"{name}-{resolution}px-{frames}f-{key}.pt"
-    size = min(resolution, MAX_SIZE)  # trained on samples rendered at this size
-    model = Classifier(len(classes), video, size=size)
+    # Trained on samples rendered at this size and length: the cache key, so a 256 px 16-frame job
+    # reuses the 32 px 8-frame classifier.
+    size, frames = min(resolution, MAX_SIZE), min(frames, MAX_FRAMES)
+    key = hashlib.sha256(repr((VERSION, name, size, frames, n, epochs)).encode()).hexdigest()[:12]
+    path = _cache_dir() / f"{name}-{size}px-{frames}f-{key}.pt"
+    model = Classifier(len(classes), video, size=size, frames=frames)
     if cache and path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
@@ -146,7 +155,7 @@ def train_classifier(
     xv, yv = real_pixels(name, range(n, n + 400), size, frames, CLASSIFIER_SEED)
     with torch.no_grad():
         acc = (model(xv).argmax(1) == yv).float().mean().item()
-    log(f"quality classifier for {name} {resolution}px (at {size}px): held-out accuracy {acc:.3f}")
+    log(f"quality classifier for {name} {resolution}px (at {size}px, {frames} frames): held-out accuracy {acc:.3f}")
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
