@@ -135,6 +135,41 @@ def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, 
     assert "step_00000015" not in storage.listdir(resumed["run_uri"])
 
 
+def test_resume_at_another_world_size_through_submit(latents, zero2_run):
+    """The 2-worker ZeRO-2 run's step-10 checkpoint resumed by one worker through `submit`
+    (`train.resume=<step>`, `resources.workers=1`): DeepSpeed's universal checkpoint reshards it,
+    the step counter goes on from 10, and the run records the change. (Exactness of the weights and
+    optimizer moments across sizes: tests/e2e/test_reshard.py, on the same loops without Ray.)"""
+    import math
+
+    from ditforge.cluster.jobs import jobs_client
+    from ditforge.runs.folder import join_step
+
+    step10 = join_step(zero2_run["run_uri"], 10)
+    rec = submit(
+        latents,
+        "train.steps=12",
+        "train.warmup=2",
+        "checkpoint.every_steps=10",
+        "deepspeed.zero_stage=2",
+        f"train.resume={step10}",
+        "resources.workers=1",
+        f"checkpoint.uri={latents}/runs-resized",
+        "tracking.register_model=false",
+        "sample.per_class=1",
+        "tracking.system_metrics=false",
+    )
+    run = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"])
+    assert run.data.tags["ditforge.resumed_from"] == step10
+    assert run.data.tags["ditforge.world_sizes"] == "0:2,10:1" and run.data.params["world_size"] == "1"
+    loss = losses(rec)
+    assert sorted(loss) == [11, 12] and all(math.isfinite(v) for v in loss.values()), loss
+    logs = jobs_client(rec["dashboard"]).get_job_logs(rec["job_id"])
+    assert f"resharded {step10} from 2 to 1 workers (ZeRO-2, universal checkpoint" in logs, logs[-3000:]
+    assert "world size 2 -> 1 at step 10" in logs
+    assert complete_steps(rec["run_uri"]) == [12]
+
+
 def test_registered_model_samples_and_exports(zero2_run, tmp_path):
     client = MlflowClient(zero2_run["tracking_uri"])
     model_uri = client.get_run(zero2_run["mlflow_run_id"]).data.tags["ditforge.model"]

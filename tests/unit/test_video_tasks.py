@@ -237,6 +237,7 @@ def export_dir(tmp_path_factory):
                     "predict": 1.0,
                     "interpolate": 1.0,
                     "image_to_video": 1.0,
+                    "any_frames": 1.0,
                     "complete": 1.0,
                     "k": [1, 2],
                 },
@@ -325,6 +326,61 @@ def test_sample_task_writes_npy_gif_mp4_with_given_frames_in_place(export_dir, t
     assert Image.open(tmp_path / "o.gif").n_frames == 4
 
 
+def test_sample_any_frames_and_a_chosen_complete_region(export_dir, tmp_path):
+    """`--task any_frames --frames 0,2`: those frames come back as given, the others generated;
+    `--task complete --region 0:4,0:8,0:8`: only that box (frames 0-3, the top-left 8x8 pixels) is
+    generated, everything outside it comes back exactly as given."""
+    import numpy as np
+
+    from ditforge.data import synthetic
+
+    clip, _, _ = synthetic.moving_shapes_video(3, 16, 4, seed=5)  # (4, 16, 16, 3)
+    np.save(tmp_path / "two.npy", clip[[0, 2]])  # only the given frames
+    m = f"file://{export_dir}"
+    out = tmp_path / "any.npy"
+    assert (
+        cli_main(
+            "sample",
+            "--model",
+            m,
+            "--task",
+            "any_frames",
+            "--frames",
+            "0,2",
+            "--given",
+            str(tmp_path / "two.npy"),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
+    o = np.load(out)
+    assert o.shape == (4, 16, 16, 3)
+    assert np.array_equal(o[[0, 2]], clip[[0, 2]]) and not np.array_equal(o[[1, 3]], clip[[1, 3]])
+    np.save(tmp_path / "clip.npy", clip)
+    out = tmp_path / "box.npy"
+    assert (
+        cli_main(
+            "sample",
+            "--model",
+            m,
+            "--task",
+            "complete",
+            "--region",
+            "0:4,0:8,0:8",
+            "--given",
+            str(tmp_path / "clip.npy"),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
+    o = np.load(out)
+    inside = np.zeros(o.shape, dtype=bool)
+    inside[:, :8, :8] = True
+    assert np.array_equal(o[~inside], clip[~inside]) and not np.array_equal(o[inside], clip[inside])
+
+
 def test_sample_task_bad_input_is_one_line(export_dir, tmp_path, capsys):
     import numpy as np
 
@@ -339,6 +395,32 @@ def test_sample_task_bad_input_is_one_line(export_dir, tmp_path, capsys):
         (["--task", "predict", "--k", "3", "--given", str(tmp_path / "three.npy")], "trained with k in [1, 2]"),
         (["--task", "predict", "--given", str(tmp_path / "junk.mp4")], "cannot read"),
         (["--task", "predict", "--given", str(tmp_path / "none.npy")], "no such file"),
+        (["--frames", "0"], "--frames: 0: needs --task"),
+        (["--task", "predict", "--frames", "0", "--given", str(tmp_path / "three.npy")], "only with --task any_frames"),
+        (["--task", "any_frames", "--given", str(tmp_path / "three.npy")], "needs --frames LIST"),
+        (["--task", "any_frames", "--frames", "0,9", "--given", str(tmp_path / "three.npy")], "numbered 0 to 3"),
+        (["--task", "any_frames", "--frames", "0,x", "--given", str(tmp_path / "three.npy")], "separated by commas"),
+        (["--task", "any_frames", "--frames", "0,1,2,3", "--given", str(tmp_path / "three.npy")], "leave at least one"),
+        (
+            ["--task", "any_frames", "--frames", "0,1", "--given", str(tmp_path / "three.npy")],
+            "3 frames, any_frames takes 2 given",
+        ),
+        (
+            ["--task", "interpolate", "--region", "0:4,0:8,0:8", "--given", str(tmp_path / "three.npy")],
+            "only with --task complete",
+        ),
+        (
+            ["--task", "complete", "--region", "0:4,0:8", "--given", str(tmp_path / "three.npy")],
+            "give T0:T1,Y0:Y1,X0:X1",
+        ),
+        (
+            ["--task", "complete", "--region", "0:4,0:8,4:20", "--given", str(tmp_path / "three.npy")],
+            "columns 4:20 must satisfy",
+        ),
+        (
+            ["--task", "complete", "--region", "0:4,0:16,0:16", "--given", str(tmp_path / "three.npy")],
+            "covers the whole clip",
+        ),
     ]
     for extra, want in cases:
         assert cli_main("sample", "--model", m, *extra, "--out", str(tmp_path / "x.npy")) == 2, extra

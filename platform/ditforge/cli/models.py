@@ -110,7 +110,9 @@ def sample(
         help="MLflow server for models:/ and runs:/ (default: the embedded one)",
     ),
     task: Optional[str] = typer.Option(
-        None, help="video task: predict | predict_backward | interpolate | image_to_video | complete (needs --given)"
+        None,
+        help="video task: predict | predict_backward | interpolate | image_to_video | any_frames | complete "
+        "(needs --given)",
     ),
     given: Optional[Path] = typer.Option(
         None, "--given", help="the condition: a video (mp4/webm/gif), an image, or a .npy of uint8 frames (T, H, W, 3)"
@@ -118,13 +120,23 @@ def sample(
     k: Optional[int] = typer.Option(
         None, "--k", help="predict / interpolate: given frames (default: the most trained)"
     ),
+    frames_given: Optional[str] = typer.Option(
+        None, "--frames", help="any_frames: the given frames, e.g. 0,3 (of the whole clip; --given may hold only these)"
+    ),
+    region: Optional[str] = typer.Option(
+        None,
+        "--region",
+        help="complete: the box to generate, T0:T1,Y0:Y1,X0:X1 in frames and pixels, ends excluded "
+        "(default: the centre half of every frame)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object saying what was written"),
 ) -> None:
     """Generate a class-conditional sample grid, or (--task) fill in a video around given frames."""
     from ..spec import SampleSpec, SpecError, VAESpec
 
-    if task is None and (given is not None or k is not None):
-        raise SpecError("--given" if given is not None else "--k", "", "needs --task")
+    for name, value in (("--given", given), ("--k", k), ("--frames", frames_given), ("--region", region)):
+        if task is None and value is not None:
+            raise SpecError(name, str(value), "needs --task")
     if task is not None:
         from ..data.clips import OUT_EXTS
 
@@ -154,7 +166,7 @@ def sample(
 
         assert given is not None  # checked above: --task needs --given
         clip = read_clip(given)
-        frames = sample_task(net, cfg, objective, task, clip, k, s)
+        frames = sample_task(net, cfg, objective, task, clip, k, s, frames_given=frames_given, region=region)
         write_clip(frames, png)
         result = {
             "out": str(png),

@@ -182,14 +182,70 @@ def save_grid(pixels: torch.Tensor, rows: int, cols: int, out: str, upscale: int
 
 # ------------------------------------------------------------------------------ video tasks
 
-SAMPLE_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "complete")
+SAMPLE_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "any_frames", "complete")
+
+
+def _parse_frames(text: str, T: int, per_token: int) -> list[int]:
+    """`--frames 0,3`: the pixel frames given to `any_frames`, whole latent frames only."""
+    from ..spec import SpecError
+
+    try:
+        frames = sorted({int(f) for f in text.split(",")})
+    except ValueError:
+        raise SpecError("--frames", text, "give frame numbers separated by commas, e.g. 0,3") from None
+    if frames[0] < 0 or frames[-1] >= T:
+        raise SpecError("--frames", text, f"frames are numbered 0 to {T - 1}")
+    for f in frames:
+        group = range(f // per_token * per_token, (f // per_token + 1) * per_token)
+        if not set(group) <= set(frames):
+            raise SpecError(
+                "--frames",
+                text,
+                f"frames come in groups of {per_token} (one latent frame each): give all of {group[0]}-{group[-1]}",
+            )
+    if len(frames) == T:
+        raise SpecError("--frames", text, "leave at least one frame to generate")
+    return frames
+
+
+def _parse_region(text: str, dims: tuple[int, int, int], token: tuple[int, int, int]) -> torch.Tensor:
+    """`--region T0:T1,Y0:Y1,X0:X1` (pixel frames and rows / columns, ends excluded): the box
+    `complete` generates; every token it touches is generated → the (gt, gh, gw) given-mask."""
+    from ..spec import SpecError
+
+    parts = text.split(",")
+    try:
+        spans = [tuple(int(v) for v in part.split(":")) for part in parts]
+    except ValueError:
+        spans = []
+    if len(spans) != 3 or any(len(sp) != 2 for sp in spans):
+        raise SpecError("--region", text, "give T0:T1,Y0:Y1,X0:X1 (frames, rows, columns; ends excluded)")
+    grid = [d // t for d, t in zip(dims, token)]
+    given = torch.ones(*grid, dtype=torch.bool)
+    box = []
+    for (a, b), d, t, axis in zip(spans, dims, token, ("frames", "rows", "columns")):
+        if not 0 <= a < b <= d:
+            raise SpecError("--region", text, f"{axis} {a}:{b} must satisfy 0 <= start < end <= {d}")
+        box.append(slice(a // t, -(-b // t)))
+    given[tuple(box)] = False
+    if not given.any():
+        raise SpecError("--region", text, "covers the whole clip: leave something given")
+    return given
 
 
 def task_plan(
-    cfg: dict, task: str, n_frames: int, size: tuple[int, int], k: int | None
+    cfg: dict,
+    task: str,
+    n_frames: int,
+    size: tuple[int, int],
+    k: int | None,
+    frames_given: str | None = None,
+    region: str | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Check a `--task` request against the model (model.json) → (token given-mask (gt, gh, gw),
-    the pixel frames the input clip fills). Raises SpecError / DataError with one line."""
+    the pixel frames the input clip fills). `frames_given` (`--frames`): any_frames' given frames;
+    `region` (`--region`): the box `complete` generates (default: a centred box in every frame).
+    Raises SpecError / DataError with one line."""
     from ..data.shards import DataError
     from ..models import tasks
     from ..spec import SpecError, VAESpec, VideoTasksSpec
@@ -204,6 +260,12 @@ def task_plan(
     vt = VideoTasksSpec(**vt)
     if task not in vt.trained():
         raise SpecError("--task", task, f"the model was not trained for it (trained: {', '.join(vt.trained())})")
+    if frames_given is not None and task != "any_frames":
+        raise SpecError("--frames", frames_given, "only with --task any_frames")
+    if region is not None and task != "complete":
+        raise SpecError("--region", region, "only with --task complete")
+    if task == "any_frames" and frames_given is None:
+        raise SpecError("--task", task, "needs --frames LIST (the given frames, e.g. 0,3)")
     C, Tl, h, w = cfg["latent_shape"]
     vae = build_vae(VAESpec(**cfg["vae"]))
     pt = cfg["dit"]["patch_t"]
@@ -223,8 +285,18 @@ def task_plan(
                 f"{vt.k[1] * per_token}] frames, in steps of {per_token}",
             )
     if task == "complete":
-        given = tasks.centre_box(gt, gh, gw)
+        if region is None:
+            given = tasks.centre_box(gt, gh, gw)
+        else:
+            p = cfg["dit"]["patch"] * vae.f
+            given = _parse_region(region, (T, H, W), (per_token, p, p))
         frames = list(range(T))
+    elif task == "any_frames":
+        assert frames_given is not None  # checked above
+        frames = _parse_frames(frames_given, T, per_token)
+        fm = torch.zeros(gt, dtype=torch.bool)
+        fm[sorted({f // per_token for f in frames})] = True
+        given = fm[:, None, None].expand(gt, gh, gw).clone()
     else:
         fm = tasks.frame_mask(task, gt, k // per_token)
         given = fm[:, None, None].expand(gt, gh, gw).clone()
@@ -245,6 +317,8 @@ def sample_task(
     k: int | None,
     sample_spec: SampleSpec,
     device: torch.device = torch.device("cpu"),
+    frames_given: str | None = None,
+    region: str | None = None,
 ) -> np.ndarray:
     """Fill in what `task` leaves to generate around the given frames of `clip` (T or fewer frames,
     uint8 (n, H, W, 3)) → the whole clip (T, H, W, 3) uint8, given pixels at their places.
@@ -253,7 +327,7 @@ def sample_task(
 
     from ..spec import VAESpec
 
-    given, frames = task_plan(cfg, task, clip.shape[0], tuple(clip.shape[1:3]), k)
+    given, frames = task_plan(cfg, task, clip.shape[0], tuple(clip.shape[1:3]), k, frames_given, region)
     C, Tl, h, w = cfg["latent_shape"]
     vae = build_vae(VAESpec(**cfg["vae"]))
     T, H, W = Tl * vae.temporal_downsample, h * vae.f, w * vae.f
