@@ -19,7 +19,7 @@ demo: install
 
 # Two pytest-xdist workers share one set of services and take whole files (tests/conftest.py hands
 # out the longest first); then the tests marked `serial` (they stop or restart the services, build
-# network-namespace hosts or hold a cluster to a deadline) run alone.
+# network-namespace hosts, or hold a cluster or a command to a deadline) run alone.
 test: install
 	status=0; \
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 || status=$$?; \

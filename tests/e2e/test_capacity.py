@@ -65,6 +65,7 @@ def test_shortfall(res, nodes, problem):
         assert got is not None and problem in got, got
 
 
+@pytest.mark.serial  # timed: alone, not beside the other xdist worker's jobs
 def test_oversized_job_fails_fast_before_anything_runs(embedded):
     from ditforge.cluster.jobs import all_records
 

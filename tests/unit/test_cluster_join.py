@@ -27,6 +27,7 @@ def test_no_head_answers():
     assert check_head("127.0.0.1", port, "0" * 64, timeout=3) == f"no Ray head answers at 127.0.0.1:{port} (within 3s)"
 
 
+@pytest.mark.serial  # timed: alone, not beside the other xdist worker's jobs
 @pytest.mark.parametrize(
     "args, env, expect",
     [

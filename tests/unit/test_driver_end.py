@@ -142,3 +142,28 @@ def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeyp
     ):
         driver.run_job(job, FakeClient())
     assert seen["torch_config"].timeout_s == int(checkpoint.PG_TIMEOUT_S)
+
+
+def test_a_model_another_run_registered_a_moment_ago_is_used_not_an_error():
+    """Two runs of one job ending together: both find no model, both create it; the second create's
+    RESOURCE_ALREADY_EXISTS means the model is there. Any other error still raises."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    class Racing:
+        def __init__(self, create_error):
+            self.create_error, self.created = create_error, []
+
+        def get_registered_model(self, name):
+            raise MlflowException(f"Registered Model with name={name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+        def create_registered_model(self, name, tags):
+            self.created.append(name)
+            if self.create_error is not None:
+                raise MlflowException(f"Registered Model (name={name}) already exists.", error_code=self.create_error)
+
+    for client in (Racing(None), Racing(RESOURCE_ALREADY_EXISTS)):
+        register.ensure_registered_model(client, "demo-image")
+        assert client.created == ["demo-image"]
+    with pytest.raises(MlflowException):
+        register.ensure_registered_model(Racing(TEMPORARILY_UNAVAILABLE), "demo-image")

@@ -27,10 +27,7 @@ def finalize(job: dict, client: Any) -> str:
         retry_final(client.log_artifacts, run_id, f"{d}/model", "model", what="uploading the model")
     run = retry_final(client.get_run, run_id, what="reading the run")
     source = f"{run.info.artifact_uri}/model"
-    try:
-        client.get_registered_model(name)
-    except Exception:
-        retry_final(client.create_registered_model, name, tags={"ditforge.job": name}, what="creating the model")
+    retry_final(ensure_registered_model, client, name, what="creating the model")
     tags = {
         "checkpoint_uri": cfg["checkpoint"],
         "spec_digest": job.get("spec_digest", ""),
@@ -42,6 +39,25 @@ def finalize(job: dict, client: Any) -> str:
     retry_final(client.set_tag, run_id, "ditforge.model", f"models:/{name}/{mv.version}", what="tagging the run")
     print(f"ditforge: registered models:/{name}/{mv.version} (from {cfg['checkpoint']})", flush=True)
     return f"models:/{name}/{mv.version}"
+
+
+def ensure_registered_model(client: Any, name: str) -> None:
+    """The registered model `name`, created when missing. Two runs of one job can end at the same
+    moment (seen in the test suite's two workers): the later create then meets the model the other
+    just made, RESOURCE_ALREADY_EXISTS, which is what it wanted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        client.create_registered_model(name, tags={"ditforge.job": name})
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def register(run_uri: str, tracking_uri: str) -> str:
