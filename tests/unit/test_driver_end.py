@@ -167,3 +167,28 @@ def test_a_model_another_run_registered_a_moment_ago_is_used_not_an_error():
         assert client.created == ["demo-image"]
     with pytest.raises(MlflowException):
         register.ensure_registered_model(Racing(TEMPORARILY_UNAVAILABLE), "demo-image")
+
+
+def test_an_experiment_another_submission_just_created_is_used():
+    """Two jobs started together both find no experiment; the second create's
+    RESOURCE_ALREADY_EXISTS gives the first one's experiment, not an error."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, TEMPORARILY_UNAVAILABLE
+
+    from ditforge.train import tracking
+
+    class Racing:
+        def __init__(self, code):
+            self.code = code
+
+        def create_experiment(self, name, tags):
+            raise MlflowException(f"Experiment(name={name}) already exists.", error_code=self.code)
+
+        def get_experiment_by_name(self, name):
+            return SimpleNamespace(experiment_id="7")
+
+    assert tracking._create_experiment(Racing(RESOURCE_ALREADY_EXISTS), "tests") == "7"
+    with pytest.raises(MlflowException):
+        tracking._create_experiment(Racing(TEMPORARILY_UNAVAILABLE), "tests")

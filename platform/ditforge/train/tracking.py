@@ -260,7 +260,7 @@ def create_run(
     use_mlflow_credentials()
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment, tags=EXPERIMENT_TAGS)
+    exp_id = exp.experiment_id if exp else _create_experiment(client, spec.tracking.experiment)
     if exp and EXPERIMENT_KIND not in exp.tags:  # made before this tag existed, or by hand: the kind the UI needs
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
     tags = {"ditforge.job": spec.name, "ditforge.run": run_name, "ditforge.spec_digest": spec.digest()}
@@ -284,6 +284,20 @@ def create_run(
                 f.write(redact(src.read()))
             client.log_artifact(run_id, source, "spec")
     return run_id
+
+
+def _create_experiment(client: MlflowClient, name: str) -> str:
+    """A new experiment's id; when another submission created it since we looked (two jobs started
+    together), that one's (RESOURCE_ALREADY_EXISTS)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, tags=EXPERIMENT_TAGS)
+    except MlflowException as e:
+        exp = client.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
 
 
 def retry_final(
