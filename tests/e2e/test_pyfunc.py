@@ -94,7 +94,7 @@ def remote_mlflow(tmp_path_factory):
 
 def _register(url: str, export_folder, model_dir, name: str) -> str:
     """What the driver's finalize does: pyfunc folder → run artifacts → a registered version."""
-    client = MlflowClient(url)
+    client = MlflowClient(url, registry_uri=url)
     exp = client.get_experiment_by_name("pyfunc") or None
     exp_id = exp.experiment_id if exp else client.create_experiment("pyfunc")
     run_id = client.create_run(exp_id).info.run_id

@@ -240,7 +240,7 @@ def test_resume_of_unknown_run_is_one_line(latents):
     assert r.stderr.strip() == f"error: --resume no-such-run: no run named 'no-such-run' under {latents}/runs"
 
 
-def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path):
+def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path, monkeypatch):
     """The driver registered an MLflow pyfunc model; `export --format diffusers` of the same run
     gives a DiTPipeline folder whose transformer computes what ditforge's model computes."""
     import mlflow
@@ -252,7 +252,8 @@ def test_trained_model_is_a_pyfunc_and_exports_to_diffusers(zero2_run, tmp_path)
 
     client = MlflowClient(zero2_run["tracking_uri"])
     model_uri = client.get_run(zero2_run["mlflow_run_id"]).data.tags["ditforge.model"]
-    mlflow.set_tracking_uri(zero2_run["tracking_uri"])
+    # for this test only (an xdist worker runs other files after it): the environment, not mlflow's global
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", zero2_run["tracking_uri"])
     m = mlflow.pyfunc.load_model(model_uri)
     images = m.predict(pandas.DataFrame({"class": [3, 7], "seed": [0, 1]}), params={"steps": 2})
     assert images.dtype == "uint8" and images.shape == (2, 32, 32, 3)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     job = read_job(args.job)
     use_mlflow_credentials()
-    client = MlflowClient(job["tracking_uri"])
+    client = MlflowClient(job["tracking_uri"], registry_uri=job["tracking_uri"])  # it registers the model
     # `ray job stop` sends SIGTERM: end the MLflow run as KILLED on the way out, not RUNNING forever.
     signal.signal(signal.SIGTERM, _raise_killed)
     try:

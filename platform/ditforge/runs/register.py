@@ -67,7 +67,7 @@ def register(run_uri: str, tracking_uri: str) -> str:
 
     info = read_info(run_uri)
     credentials.use_mlflow_credentials()
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)  # never a process-wide default's registry
     digest = client.get_run(info["mlflow_run_id"]).data.tags.get("ditforge.spec_digest", "")
     job = {
         "mlflow_run_id": info["mlflow_run_id"],
