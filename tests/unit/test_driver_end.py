@@ -78,7 +78,7 @@ def test_final_calls_retry_with_backoff(monkeypatch):
 def test_every_driver_exit_ends_the_mlflow_run(monkeypatch, raised, status, code):
     client = FakeClient()
     monkeypatch.setattr(driver, "read_job", lambda path: {"mlflow_run_id": "r", "tracking_uri": "x"})
-    monkeypatch.setattr(driver, "MlflowClient", lambda uri: client)
+    monkeypatch.setattr(driver, "MlflowClient", lambda uri, **kw: client)
     monkeypatch.setattr(driver.signal, "signal", lambda sig, handler: None)
 
     def run_job(job, c):
