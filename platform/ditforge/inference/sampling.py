@@ -195,9 +195,10 @@ def _parse_frames(text: str, T: int, per_token: int) -> list[int]:
         raise SpecError("--frames", text, "give frame numbers separated by commas, e.g. 0,3") from None
     if frames[0] < 0 or frames[-1] >= T:
         raise SpecError("--frames", text, f"frames are numbered 0 to {T - 1}")
+    listed = set(frames)
     for f in frames:
         group = range(f // per_token * per_token, (f // per_token + 1) * per_token)
-        if not set(group) <= set(frames):
+        if not set(group) <= listed:
             raise SpecError(
                 "--frames",
                 text,
@@ -291,14 +292,13 @@ def task_plan(
             p = cfg["dit"]["patch"] * vae.f
             given = _parse_region(region, (T, H, W), (per_token, p, p))
         frames = list(range(T))
-    elif task == "any_frames":
-        assert frames_given is not None  # checked above
-        frames = _parse_frames(frames_given, T, per_token)
-        fm = torch.zeros(gt, dtype=torch.bool)
-        fm[sorted({f // per_token for f in frames})] = True
-        given = fm[:, None, None].expand(gt, gh, gw).clone()
     else:
-        fm = tasks.frame_mask(task, gt, k // per_token)
+        if task == "any_frames":
+            assert frames_given is not None  # checked above
+            fm = torch.zeros(gt, dtype=torch.bool)
+            fm[[f // per_token for f in _parse_frames(frames_given, T, per_token)]] = True  # whole latent frames
+        else:
+            fm = tasks.frame_mask(task, gt, k // per_token)
         given = fm[:, None, None].expand(gt, gh, gw).clone()
         frames = [t for t in range(T) if fm[t // per_token]]
     if n_frames not in (len(frames), T):
