@@ -1,6 +1,6 @@
 """Test hosts: N Linux network namespaces on one bridge, each posing as a separate machine.
 
-    hosts = Hosts(3)                       # or the session fixture `hosts` (3 hosts, shared)
+    hosts = Hosts(4)                       # or the session fixture `hosts` (4 hosts, shared)
     hosts.addr(0)                          # "10.X.Y.10": host 0's address (host i: .10+i)
     hosts.run(1, ["ray", "status"], env={...}, timeout=60)   # CompletedProcess (text, captured)
     p = hosts.popen(1, argv, env={...}, stdout=..., ...)     # a subprocess.Popen on host 1
@@ -215,12 +215,12 @@ class Hosts:
 
 @pytest.fixture(scope="session")
 def hosts():
-    """Three hosts for every multi-host test of the run (host 0 is the head by convention).
+    """Four hosts for every multi-host test of the run (host 0 is the head by convention).
     Tests must leave them as they found them: their services stopped, links up."""
     why = netns_available()
     if why:
         pytest.skip(why)
-    h = Hosts(3)
+    h = Hosts(4)
     try:
         yield h
     finally:

@@ -74,6 +74,7 @@ def stop(record: Path, timeout: float = 30.0) -> bool:
         return False
     group = [leader, *_group_members(leader)]
     _signal_group(leader.pid, signal.SIGTERM)
+    _signal_group(leader.pid, signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only once continued
     _, left = psutil.wait_procs(group, timeout=timeout)
     if left:
         _signal_group(leader.pid, signal.SIGKILL)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from . import credentials, procs, storage
+from . import credentials, procs, raysite, storage
 from .spec import EmbeddedCluster
 
 BUCKET = "ditforge"
@@ -163,6 +163,17 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def port_open(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to host:port is accepted (a hung server's still is: its kernel answers)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def record_path(name: str) -> Path:
     """`run/<name>.pid`: the service's pid *and* start time (procs.py), so a reused pid is not it."""
     return storage.home() / "run" / f"{name}.pid"
@@ -252,7 +263,11 @@ def s3_check() -> str | None:
     Its port answering proves little: a SeaweedFS that lost its unix sockets answers every PUT
     with 500 InternalError while its port still answers."""
     if not http_ok(f"http://127.0.0.1:{S3_PORT}/"):
-        return f"nothing answers on 127.0.0.1:{S3_PORT}"
+        return (
+            f"its port 127.0.0.1:{S3_PORT} accepts connections but an HTTP request got no answer"
+            if port_open("127.0.0.1", S3_PORT)
+            else f"nothing answers on 127.0.0.1:{S3_PORT}"
+        )
     key = f"{BUCKET}/.health/{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fs, _ = storage.filesystem(f"s3://{BUCKET}")
@@ -491,7 +506,8 @@ def start_ray(cluster: EmbeddedCluster, extra_args: tuple[str, ...] = ()) -> str
     # listen on every interface of a machine with a routable address whatever --node-ip-address
     # says (README "Several machines"), so the token is what keeps other machines out.
     credentials.use_ray_token(create=True)
-    env = base_env() | {"RAY_AUTH_MODE": "token"}  # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token
+    # the token: RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token; how soon a lost node is declared dead
+    env = raysite.node_env(base_env()) | cluster.health_check.ray_env()
     proc = spawn("ray", argv, env)
     wait_ready(
         "ray",

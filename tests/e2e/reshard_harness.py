@@ -114,10 +114,9 @@ def _worker(rank: int, world: int, port: int, stage: int, mode: str, run_uri: st
             engine.step()
         _save(engine, run_uri, rank, world, steps)
     else:
-        import shutil
-
-        client, folder = checkpoint.load(engine, resolve(run_uri))
-        shutil.rmtree(folder.parent, ignore_errors=True)
+        client, folder = checkpoint.load(engine, resolve(run_uri), key=run_uri)  # downloaded once for this host
+        dist.barrier()  # every rank has read the shared folder
+        checkpoint.release(folder)
         _save(engine, f"{run_uri}-resaved-w{world}", rank, world, client["step"])  # what `export` reads at K
     st = _state(engine)
     st["client"] = {k: client[k] for k in ("step", "data")} if client else None

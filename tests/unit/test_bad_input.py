@@ -165,6 +165,24 @@ CASES = [
         ["resources.min_workers", "vae"],
     ),
     (
+        "elastic-global-batch-odd",
+        {
+            "j.yaml": job(
+                data={"batch_size": 5},
+                resources={"workers": 3, "min_workers": 2, "batch_policy": "global"},
+                train={"max_failures": 1},
+            )
+        },
+        ["validate", "{d}/j.yaml"],
+        ["resources.batch_policy", "does not split over 2 workers"],
+    ),
+    (
+        "final-save-past-collective-timeout",
+        {"j.yaml": job(resources={"collective_timeout_s": 600}, checkpoint={"final_timeout_s": 400})},
+        ["validate", "{d}/j.yaml"],
+        ["checkpoint.final_timeout_s", "at most 300", "collective_timeout_s 600"],
+    ),
+    (
         "elastic-lr-rule",
         {"j.yaml": job(resources={"lr_scaling": "cubic"})},
         ["validate", "{d}/j.yaml"],

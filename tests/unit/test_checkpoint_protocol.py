@@ -184,3 +184,43 @@ def test_a_download_checks_every_file_against_the_manifest(tmp_path):
     storage.write_bytes(step + "/mp_rank_00_model_states.pt", b"changed after the manifest")
     with pytest.raises(RuntimeError, match="checksum does not match"):
         checkpoint.download(step, tmp_path / "bad")
+
+
+def test_a_host_downloads_a_step_once_for_all_its_ranks(tmp_path, monkeypatch):
+    """Ranks of one host (here: threads; the lock is a file lock, as between processes) resuming
+    the same step: one downloads and verifies it, the others wait for it and read the same files.
+    A folder an earlier attempt left half-done is fetched again; `release` removes it."""
+    monkeypatch.setattr(checkpoint.tempfile, "gettempdir", lambda: str(tmp_path / "host-tmp"))
+    (tmp_path / "host-tmp").mkdir()
+    ck = _ckpt(tmp_path)
+    ck.save(FakeEngine(), 10, {"step": 10})
+    assert ck.wait().complete
+    step = join_step(ck.run_uri, 10)
+    downloads, real = [], checkpoint.download
+
+    def counting(uri, root):
+        downloads.append(uri)
+        time.sleep(0.3)  # the others arrive meanwhile
+        return real(uri, root)
+
+    monkeypatch.setattr(checkpoint, "download", counting)
+    got: list = []
+    ranks = [
+        threading.Thread(target=lambda: got.append(checkpoint.fetch_once_per_host(step, ck.run_uri))) for _ in range(3)
+    ]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join(30)
+    assert len(got) == 3 and downloads == [step]
+    assert sorted(downloaded for _, _, downloaded, _ in got) == [False, False, True]
+    folder = got[0][0]
+    assert {g[0] for g in got} == {folder} and (folder / "mp_rank_00_model_states.pt").exists()
+    assert folder.parent == checkpoint.host_folder(step, ck.run_uri)
+
+    (folder.parent / ".complete").unlink()  # an attempt that died mid-download
+    assert checkpoint.fetch_once_per_host(step, ck.run_uri)[2] and len(downloads) == 2
+    checkpoint.release(folder)
+    assert list((tmp_path / "host-tmp").iterdir()) == []
+    # another run resuming the same step keeps a folder of its own
+    assert checkpoint.host_folder(step, "file:///elsewhere/run") != folder.parent

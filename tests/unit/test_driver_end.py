@@ -141,7 +141,7 @@ def test_run_job_sizes_the_collective_timeout_and_names_the_redo_command(monkeyp
         r"ditforge register file://.*/runs/r",
     ):
         driver.run_job(job, FakeClient())
-    assert seen["torch_config"].timeout_s == int(checkpoint.PG_TIMEOUT_S)
+    assert seen["torch_config"].timeout_s == int(checkpoint.PG_TIMEOUT_S)  # resources.collective_timeout_s's default
 
 
 def test_a_model_another_run_registered_a_moment_ago_is_used_not_an_error():

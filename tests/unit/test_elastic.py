@@ -67,3 +67,37 @@ def test_scale_lr_sets_the_schedule_base_and_the_next_steps_lr():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * 0.6)
+
+
+def test_batch_policy_global_keeps_the_global_batch_by_accumulation():
+    from ditforge.train.batch import plan_batch
+
+    spec = JobSpec.model_validate(
+        {
+            **ELASTIC,
+            "data": {"train": "s3://ditforge/x", "batch_size": 12},
+            "resources": {**ELASTIC["resources"], "batch_policy": "global"},
+        }
+    )
+    assert spec.global_batch() == 48  # 12 x 4 workers
+    plans = {w: (plan_batch(spec, w).micro, plan_batch(spec, w).accum) for w in (4, 3, 2)}
+    assert plans == {4: (12, 1), 3: (8, 2), 2: (12, 2)}  # micro x accum x world == 48, micro <= 12
+    per_worker = JobSpec.model_validate({**ELASTIC, "data": {"train": "s3://ditforge/x", "batch_size": 8}})
+    assert per_worker.global_batch() is None and plan_batch(per_worker, 2).micro * 2 == 16
+
+
+@pytest.mark.parametrize(
+    "resources,data,why",
+    [
+        (
+            {"workers": 4, "min_workers": 3, "batch_policy": "global"},
+            {"batch_size": 8},
+            "does not split over 3 workers",
+        ),
+        ({"workers": 2, "min_workers": 1, "batch_policy": "global", "lr_scaling": "sqrt"}, {}, "lr_scaling: sqrt"),
+        ({"workers": 2, "min_workers": 1, "batch_policy": "global"}, {"batch_size": "auto"}, "needs data.global_batch"),
+    ],
+)
+def test_batch_policy_global_bad_input(resources, data, why):
+    with pytest.raises(ValueError, match=why):
+        JobSpec.model_validate({**ELASTIC, "data": {"train": "s3://ditforge/x", **data}, "resources": resources})

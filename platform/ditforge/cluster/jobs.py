@@ -99,7 +99,13 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
             submission_id=f"ditforge-{run_name}-{secrets.token_hex(3)}",
             # py_modules ships this checkout's ditforge, so the cluster runs the code that submitted
             # (on a remote cluster, the rest of the stack comes from its image).
-            runtime_env={"working_dir": wd, "py_modules": [str(Path(__file__).resolve().parents[1])], "env_vars": env},
+            runtime_env={
+                "working_dir": wd,
+                "py_modules": [str(Path(__file__).resolve().parents[1])],
+                "env_vars": env,
+                # gloo on the interface of the node's own address, not what the host name resolves to
+                "worker_process_setup_hook": "ditforge.train.netif.use_node_interface",
+            },
             metadata={
                 "ditforge.run": run_name,
                 "ditforge.mlflow_run_id": mlflow_run_id,

@@ -20,7 +20,7 @@ import os
 import re
 import time
 
-from .. import credentials, procs, services, storage
+from .. import credentials, procs, raysite, services, storage
 
 NODE = "node"  # service name: run/node.pid, run/node.json, logs/node.log
 GCS_PORT = 6379
@@ -101,7 +101,7 @@ def join(
         argv.append(f"--num-gpus={num_gpus}")
     if resources:
         argv.append(f"--resources={json.dumps(resources)}")
-    env = services.base_env() | {"RAY_AUTH_MODE": "token"}
+    env = raysite.node_env(services.base_env())
     # services.base_env drops the AWS_* keys (the embedded server has its own); a joined node's
     # workers need exactly the ones given to `join`, to reach the head's S3.
     env |= {k: v for k, v in os.environ.items() if k.startswith("AWS_")}

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import procs, services, storage
+from .. import procs, raysite, services, storage
 from ..services import ServiceError
 from ..spec import LocalCluster
 
@@ -120,11 +120,10 @@ def up(c: LocalCluster) -> str:
         return dashboard(c)
     down(c)  # half a cluster (a node died, a port moved): start clean
     shutil.rmtree(temp_dir(c), ignore_errors=True)
-    env = services.base_env()
+    env = raysite.node_env(services.base_env())  # token auth, as the embedded head: its ports listen beyond loopback
     env.pop("RAY_ADDRESS", None)  # raylets must join this head, not whatever the shell points at
     # A SIGTERM'd node drains for 30 s by default (for Serve proxies); nothing here needs it.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"
-    env["RAY_AUTH_MODE"] = "token"  # like the embedded head: its ports listen beyond loopback
     names = node_names(c)
     head = services.spawn(names[0], _argv(c, 0), env)
     services.wait_ready(names[0], lambda: services.http_ok(f"{dashboard(c)}/api/version"), 120, head)

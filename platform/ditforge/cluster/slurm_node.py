@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import cast
 
-from .. import procs
+from .. import procs, raysite
 from ..spec import SlurmCluster
 from .slurm import PORTS
 
@@ -90,8 +90,8 @@ def ray_env() -> dict:
             "~/.ray/auth_token on the shared home); `ditforge cluster up` makes one"
         )
     # A busy node can take longer than Ray's 30 s to register a raylet.
-    env = dict(
-        os.environ, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", RAY_raylet_start_wait_time_s="120"
+    env = raysite.node_env(
+        dict(os.environ, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", RAY_raylet_start_wait_time_s="120")
     )
     env.pop("RAY_ADDRESS", None)
     return env

@@ -120,7 +120,6 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
     from ..cluster import capacity
     from . import folder, register
     from ..spec import JobSpec
-    from ..train.checkpoint import PG_TIMEOUT_S
     from ..train.vae_trainer import train_vae_loop
     from ..train.worker import train_loop
 
@@ -136,7 +135,9 @@ def run_job(job: dict, client: MlflowClient) -> tuple[str, int]:
         train_loop_config=job,
         scaling_config=scaling_config(spec),
         # The collective timeout every bounded wait in the workers is sized against (train/checkpoint.py).
-        torch_config=TorchConfig(backend="nccl" if spec.resources.use_gpu else "gloo", timeout_s=int(PG_TIMEOUT_S)),
+        torch_config=TorchConfig(
+            backend="nccl" if spec.resources.use_gpu else "gloo", timeout_s=int(spec.resources.collective_timeout_s)
+        ),
         # A restarted worker group finds this run's newest complete checkpoint by itself.
         run_config=RunConfig(
             name=job["run_name"],

@@ -300,6 +300,7 @@ def record_process(run_uri: str, name: str) -> None:
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "ip": ray.util.get_node_ip_address(),  # host names can all resolve to 127.0.0.1
         "node_id": ray.get_runtime_context().get_node_id(),
         "started": time.time(),
     }

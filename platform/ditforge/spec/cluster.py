@@ -17,6 +17,26 @@ class ServicePorts(Strict):
     ray_gcs: int = Field(6379, gt=0, lt=65536)
 
 
+class HealthCheck(Strict):
+    """How soon Ray declares a node dead (its raylet gone, or its machine cut off): after `failures`
+    health checks in a row fail, one every `period_s`, each given `timeout_s`. Then Ray Train
+    restarts the job's workers from the newest complete checkpoint, elsewhere (docs/reliability.md).
+    Ray's own defaults are 3 s, 10 s and 5; shorter fails over sooner, and on a busy network may
+    declare a slow node dead."""
+
+    period_s: float = Field(3.0, gt=0, le=600)
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    failures: int = Field(5, ge=1, le=100)
+
+    def ray_env(self) -> dict[str, str]:
+        """The head's environment for it (GCS system config)."""
+        return {
+            "RAY_health_check_period_ms": str(int(self.period_s * 1000)),
+            "RAY_health_check_timeout_ms": str(int(self.timeout_s * 1000)),
+            "RAY_health_check_failure_threshold": str(self.failures),
+        }
+
+
 class ClusterSpec(Strict):
     """Base of every cluster kind; `load_cluster` picks the subclass from `kind`."""
 
@@ -39,6 +59,7 @@ class EmbeddedCluster(ClusterSpec):
         "coordinates; its jobs' workers run on joined hosts)",
     )
     ports: ServicePorts = ServicePorts()
+    health_check: HealthCheck = HealthCheck()
     host: str = Field(
         "127.0.0.1",
         description="address the services bind: 127.0.0.1 (default, this machine "

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .errors import Strict, check_uri, no_password
 
 
+# The final save's retries end this long before the collective timeout (two margins of the
+# checkpoint protocol, train/checkpoint.py PG_MARGIN_S, and room for the manifest).
+FINAL_SAVE_MARGIN_S = 300.0
+
+
 class AutoBatchSpec(Strict):
     # The probe (train/batch.py) runs train steps of growing micro-batches on the worker's GPU and
     # keeps the largest whose peak memory, plus the optimizer state DeepSpeed adds, fits this fraction.
@@ -279,10 +284,21 @@ class ResourcesSpec(Strict):
     min_workers: int | None = Field(None, description="elastic: the fewest workers the job may run with")
     resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often Ray Train looks for room to grow")
     # per_worker: each worker keeps data.batch_size, so the global batch follows the world size and
-    # the LR follows `lr_scaling` (of train.lr at `workers` workers).
-    batch_policy: Literal["per_worker"] = "per_worker"
+    # the LR follows `lr_scaling` (of train.lr at `workers` workers). global: the global batch stays
+    # (data.global_batch, default batch_size x workers) and gradient accumulation makes up for
+    # fewer workers; the LR stays too.
+    batch_policy: Literal["per_worker", "global"] = Field(
+        "per_worker", description="elastic: per_worker keeps data.batch_size, global keeps the global batch"
+    )
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none", description="LR at w workers: train.lr x 1 | w/workers | sqrt(w/workers)"
+    )
+    # How long a rank waits in one collective (torch.distributed's timeout) before it fails. A lost
+    # host is normally noticed sooner, by Ray's node health checks (the cluster spec's
+    # `health_check`); this bounds what Ray cannot see, e.g. two workers cut off from each other
+    # but not from the head. Every bounded wait of the checkpoint protocol is sized under it.
+    collective_timeout_s: float = Field(
+        1800, ge=300, le=86400, description="a collective that takes longer fails the job (then restarts it)"
     )
 
     @model_validator(mode="after")
@@ -321,9 +337,9 @@ class CheckpointSpec(Strict):
     keep_every: int = Field(0, ge=0, description="also keep every checkpoint whose step is a multiple (0 = off)")
     upload_timeout_s: float = Field(600, gt=0, description="a save not complete by then is marked failed")
     on_stop: bool = Field(False, description="`ditforge stop` lets the job save a final checkpoint before it ends")
-    # Under the workers' 1800 s collective timeout (train/checkpoint.py PG_TIMEOUT_S), which the
-    # other ranks wait through meanwhile.
-    final_timeout_s: float = Field(900, gt=0, le=1500, description="the last save retries with backoff this long")
+    # Under the workers' collective timeout (resources.collective_timeout_s), which the other ranks
+    # wait through meanwhile: checked with it in JobSpec.
+    final_timeout_s: float = Field(900, gt=0, description="the last save retries with backoff this long")
 
     _uri = field_validator("uri")(check_uri)
 
@@ -417,6 +433,30 @@ class JobSpec(Strict):
                     f"train.precision: fp8 needs compute capability 8.9+ (Ada, Hopper or later); "
                     f"resources.accelerator_type {self.resources.accelerator_type} has no fp8 tensor cores"
                 )
+        r = self.resources
+        room = r.collective_timeout_s - FINAL_SAVE_MARGIN_S
+        if self.checkpoint.final_timeout_s > room:
+            problems.append(
+                f"checkpoint.final_timeout_s: {self.checkpoint.final_timeout_s:g} must be at most {room:g}: the other "
+                f"ranks wait through it in a collective (resources.collective_timeout_s {r.collective_timeout_s:g} "
+                f"less {FINAL_SAVE_MARGIN_S:g} s)"
+            )
+        if r.batch_policy == "global":
+            if self.data.global_batch is None and self.data.batch_size == "auto":
+                problems.append("resources.batch_policy: global with data.batch_size: auto needs data.global_batch")
+            if r.lr_scaling != "none":
+                problems.append(
+                    f"resources.lr_scaling: {r.lr_scaling}: with batch_policy global the global batch, "
+                    "and so the LR, does not change with the world size; use none"
+                )
+            g = self.global_batch()
+            sizes = range(r.min_workers or r.workers, r.workers + 1)
+            odd = [w for w in sizes if g is not None and g % w]
+            if odd:
+                problems.append(
+                    f"resources.batch_policy: global: the global batch {g} does not split over {odd[0]} workers "
+                    f"(an elastic job runs with {sizes.start} to {r.workers}): choose data.global_batch divisible by each"
+                )
         if self.data.global_batch is not None:
             w, b = self.resources.workers, self.data.batch_size
             per = w * (1 if b == "auto" else b)
@@ -455,6 +495,17 @@ class JobSpec(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def global_batch(self) -> int | None:
+        """Samples per optimizer step over all workers, when fixed: `data.global_batch`, or with
+        `resources.batch_policy: global` the batch at full size (batch_size x workers). None: each
+        worker takes data.batch_size, whatever the world size."""
+        d, r = self.data, self.resources
+        if d.global_batch is not None:
+            return d.global_batch
+        if r.batch_policy == "global" and d.batch_size != "auto":
+            return d.batch_size * r.workers
+        return None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]

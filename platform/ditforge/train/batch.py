@@ -150,10 +150,10 @@ def plan_batch(spec: JobSpec, world: int, probe: Callable[[], dict[str, int]] | 
     to `data.auto_batch.fallback`."""
     d = spec.data
     if d.batch_size != "auto":
-        micro, accum = accumulation(d.global_batch, d.batch_size, world)
+        micro, accum = accumulation(spec.global_batch(), d.batch_size, world)
         return BatchPlan(micro, accum, {}, "fixed")
     if probe is None:
-        micro, accum = accumulation(d.global_batch, d.auto_batch.fallback, world)
+        micro, accum = accumulation(spec.global_batch(), d.auto_batch.fallback, world)
         return BatchPlan(micro, accum, {}, "fallback")
     probed = probe()
     if min(probed.values()) < 1:
@@ -162,7 +162,7 @@ def plan_batch(spec: JobSpec, world: int, probe: Callable[[], dict[str, int]] | 
             f"data.batch_size: auto: not even {d.auto_batch.multiple} samples of bucket {small} fit "
             f"{d.auto_batch.memory_fraction:.0%} of the device's memory (data.auto_batch.memory_fraction)"
         )
-    micro, accum = accumulation(d.global_batch, min(probed.values()), world)
+    micro, accum = accumulation(spec.global_batch(), min(probed.values()), world)
     return BatchPlan(micro, accum, probed, "probed")
 
 

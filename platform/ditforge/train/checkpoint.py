@@ -10,13 +10,16 @@ loaded, and removed once a newer checkpoint is complete. No collective op runs i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +34,9 @@ from ..runs.folder import MANIFEST, RANKS, reshard_plan, all_steps, complete_ste
 if TYPE_CHECKING:
     from .engine import Engine
 
-# torch.distributed's collective timeout in the workers (the driver passes it to TorchConfig).
-# Every wait below that other ranks may sit in a collective through is bounded well under it.
+# torch.distributed's collective timeout in the workers by default (resources.collective_timeout_s;
+# the driver passes it to TorchConfig). Every wait below that other ranks may sit in a collective
+# through is bounded well under the job's.
 PG_TIMEOUT_S = 1800.0
 PG_MARGIN_S = 120.0
 
@@ -63,6 +67,7 @@ class Checkpointer:
     on_done: Callable[[UploadStats], None] | None = None  # callback(UploadStats), called from the upload thread
     final_timeout_s: float = 900.0  # the last save of a run retries with backoff this long
     retry_backoff_s: float = 2.0  # its first wait, doubling up to a minute
+    collective_timeout_s: float = PG_TIMEOUT_S  # what the other ranks wait in a collective at most
     _thread: threading.Thread | None = field(default=None, repr=False)
     _stats: UploadStats | None = field(default=None, repr=False)
     _deadline: float = field(default=0.0, repr=False)
@@ -120,7 +125,7 @@ class Checkpointer:
     def wait_bound_s(self) -> float:
         """How long a rank may wait for its own upload: the other ranks sit in the barrier that
         follows meanwhile, so this stays under the process-group timeout by construction."""
-        return min(max(self.manifest_timeout_s, self.final_timeout_s), PG_TIMEOUT_S - 2 * PG_MARGIN_S)
+        return min(max(self.manifest_timeout_s, self.final_timeout_s), self.collective_timeout_s - 2 * PG_MARGIN_S)
 
     def wait(self) -> UploadStats | None:
         """Collective: finish the upload in flight on every rank; returns its stats (rank 0's
@@ -335,33 +340,101 @@ def download(step_uri: str, local_root: Path) -> tuple[Path, dict[str, Any]]:
     return folder, manifest
 
 
-def load(engine: Engine, step_uri: str) -> tuple[dict[str, Any], Path]:
-    """Collective. Loads a complete step folder into the engine, at any world size (a checkpoint
-    saved with another one is resharded: train/reshard.py); returns (client state, local folder
-    with the extra files — the caller deletes it)."""
+@contextmanager
+def _host_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock among the processes of this host (a file lock: ranks are processes)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def host_folder(step_uri: str, key: str) -> Path:
+    """Where this host keeps `step_uri` while the ranks of the run `key` resume from it: one folder
+    per host, shared by its ranks (a rank's /tmp is its host's)."""
+    digest = hashlib.sha256(f"{key}\n{step_uri}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"ditforge-resume-{digest}"
+
+
+def fetch_once_per_host(step_uri: str, key: str, universal: bool = False) -> tuple[Path, dict[str, Any], bool, float]:
+    """The step folder, downloaded (and verified, and for a reshard turned into a universal
+    checkpoint) once per host: the first rank of a host to get here does it, the others wait for
+    it and read the same files. → (folder, manifest, whether this call downloaded it, seconds of
+    universal conversion done by this call). A folder left by an earlier attempt of the same
+    run is used when it was completed, redone when not."""
     from . import reshard
 
-    local_root = Path(tempfile.mkdtemp(prefix="ditforge-resume-"))
+    root = host_folder(step_uri, key)
+    with _host_lock(root.with_name(root.name + ".lock")):
+        if root.exists() and root.stat().st_uid != os.getuid():  # a shared /tmp: never someone else's
+            raise UnsafeCheckpoint(f"{root}: exists and belongs to another user: refusing to resume through it")
+        done, downloaded, seconds = root / ".complete", False, 0.0
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a half-done earlier attempt
+            root.mkdir(mode=0o700)
+            download(step_uri, root)  # refuses unsafe pickles before DeepSpeed reads them
+            done.write_text(storage.read_bytes(storage.join(step_uri, MANIFEST)).decode())
+            downloaded = True
+        manifest = json.loads(done.read_text())
+        folder = root / manifest["tag"]
+        if universal and not (root / "_universal" / ".complete").exists():
+            shutil.rmtree(root / "_universal", ignore_errors=True)
+            _, seconds = reshard.to_universal(folder, root / "_universal")
+            (root / "_universal" / ".complete").touch()
+    return folder, manifest, downloaded, seconds
+
+
+def load(engine: Engine, step_uri: str, key: str) -> tuple[dict[str, Any], Path]:
+    """Collective. Loads a complete step folder into the engine, at any world size (a checkpoint
+    saved with another one is resharded: train/reshard.py); returns (client state, local folder
+    with the extra files, shared by this host's ranks of the run `key`: `release` it when done)."""
+    from . import reshard
+
     manifest = json.loads(storage.read_bytes(storage.join(step_uri, MANIFEST)))
     world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     # refused before anything is downloaded or handed to DeepSpeed
     needs = reshard_plan(step_uri, manifest, world, engine.zero_optimization_stage())
-    folder, manifest = download(step_uri, local_root)  # refuses unsafe pickles before DeepSpeed reads them
+    t0 = time.perf_counter()
+    folder, manifest, downloaded, seconds = fetch_once_per_host(step_uri, key, universal=bool(needs))
+    size_mb = sum(m.get("bytes", 0) for m in manifest["files"].values()) / 1e6
+    print(
+        f"[rank {rank}] "
+        + (
+            f"downloaded {step_uri} for this host ({len(manifest['files'])} files, {size_mb:.1f} MB, "
+            f"{time.perf_counter() - t0:.1f}s)"
+            if downloaded
+            else f"uses {step_uri} as another rank of this host downloaded it"
+        ),
+        flush=True,
+    )
     if needs:
-        root, seconds = reshard.to_universal(folder, local_root / "_universal")
         with reshard.universal_loading(engine):
-            path, client_state = engine.load_checkpoint(str(root), tag=manifest["tag"])
+            path, client_state = engine.load_checkpoint(str(folder.parent / "_universal"), tag=manifest["tag"])
         print(
-            f"[rank {dist.get_rank() if dist.is_initialized() else 0}] resharded {step_uri} from "
-            f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint, "
-            f"{seconds:.1f}s)",
+            f"[rank {rank}] resharded {step_uri} from "
+            f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint"
+            + (f", converted in {seconds:.1f}s" if seconds else "")
+            + ")",
             flush=True,
         )
     else:
-        path, client_state = engine.load_checkpoint(str(local_root), tag=manifest["tag"])
+        path, client_state = engine.load_checkpoint(str(folder.parent), tag=manifest["tag"])
     if path is None:
         raise RuntimeError(f"{step_uri}: DeepSpeed could not load this checkpoint")
     return client_state, folder
+
+
+def release(folder: Path) -> None:
+    """Delete a host's resume folder (`load`'s). Call it when no rank of this host reads it any
+    more (after a barrier): they share it."""
+    root = folder.parent
+    shutil.rmtree(root, ignore_errors=True)
+    root.with_name(root.name + ".lock").unlink(missing_ok=True)
 
 
 def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor] | None:

@@ -11,7 +11,6 @@ group is destroyed. `resume`, `final_save` and `stop_requested` are the shared r
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ class Session:
         own = run_folder.complete_steps(self.run_uri)
         source = run_folder.join_step(self.run_uri, own[-1]) if own else self.config.get("resume_from")
         if source:
-            state, folder = checkpoint.load(engine, source)
+            state, folder = checkpoint.load(engine, source, key=self.run_uri)
             start = state["step"]
             # Each rank's own data position (bad/skipped counts differ per rank), not rank 0's.
             state = {**state, **checkpoint.rank_state(folder, self.rank, state)}
@@ -66,10 +65,13 @@ class Session:
         self.tracker.tags({"ditforge.resumed_from_step": start})  # a tag: a restart logs it again
         return start, state, folder
 
-    @staticmethod
-    def done_resuming(folder: Path | None) -> None:
+    def done_resuming(self, folder: Path | None) -> None:
+        """Collective when resumed: the ranks of a host share the downloaded folder (downloaded
+        once per host), so it goes only when every rank is done reading it."""
         if folder is not None:
-            shutil.rmtree(folder.parent, ignore_errors=True)
+            if self.world > 1:
+                dist.barrier()
+            checkpoint.release(folder)
 
     def stop_requested(self) -> bool:
         return checkpoint.stop_requested(self.run_uri, self.device)
@@ -150,6 +152,7 @@ def worker_session(config: dict[str, Any]) -> Iterator[Session]:
         spec.checkpoint.upload_timeout_s,
         on_done=lambda s: _log_upload(tracker, s),
         final_timeout_s=spec.checkpoint.final_timeout_s,
+        collective_timeout_s=spec.resources.collective_timeout_s,
     )
     run_folder.record_process(run_uri, f"rank_{rank}")
     try:
