@@ -268,6 +268,10 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
     assert re.fullmatch(r"slurm-\d+", job_id), r.stdout
     rec = json.loads((site["shared"] / "ditforge" / "jobs" / f"{job_id}.json").read_text())
     slurm_id, s = rec["slurm_job_id"], site["slurm"]
+    # `logs --follow` from the start: it writes each attempt's log as it grows, until the allocation ends
+    follow = site["hosts"].popen(
+        0, [sys.executable, "-m", "ditforge.cli", "logs", job_id, "--follow"], env=site["env"], stdout=-1, text=True
+    )
 
     deadline = time.time() + 400
     while not complete_steps(rec["run_uri"]):
@@ -295,7 +299,38 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
     assert run.info.status == "FINISHED" and run.data.tags["ditforge.slurm_restarts"] == "1", run.data.tags
     st = cli(site, "status", job_id).stdout
     assert "SUCCEEDED" in st and f"slurm {slurm_id}" in st, st
+    followed, _ = follow.communicate(timeout=120)  # it ends by itself with the allocation
+    assert follow.returncode == 0 and "ray-0.log <==" in followed and "ray-1.log <==" in followed, followed[-2000:]
+    assert "stop requested: leaving at step" in followed and "resumed from" in followed, followed[-3000:]
     assert_bit_identical(final_weights(rec["run_uri"], tmp_path), standing["weights"])
+
+
+def test_stop_a_job_in_its_own_allocation_saves_and_ends_it(site):
+    """`ditforge stop slurm-<id>`: the job saves a final checkpoint and leaves; the allocation ends
+    with it (no scancel needed), and `status` says so."""
+    r = cli(
+        site,
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--cluster",
+        str(site["yaml"]),
+        "--set",
+        "cluster.mode=job",
+        *job_sets(site, "stop"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = r.stdout.strip().splitlines()[-1]
+    rec = json.loads((site["shared"] / "ditforge" / "jobs" / f"{job_id}.json").read_text())
+    deadline = time.time() + 400
+    while not complete_steps(rec["run_uri"]):
+        assert time.time() < deadline, site["slurm"].run("squeue", check=False).stdout
+        time.sleep(0.5)
+    r = cli(site, "stop", job_id, timeout=300)
+    assert r.returncode == 0 and "STOPPED" in r.stdout and "slurm" in r.stdout, r.stdout + r.stderr
+    assert "(stopped by Ray)" not in r.stdout  # it left by itself: no scancel
+    left = complete_steps(rec["run_uri"])[-1]
+    assert EVERY <= left < STEPS, complete_steps(rec["run_uri"])
+    assert site["slurm"].run("squeue", "-h", "-j", rec["slurm_job_id"], check=False).stdout.strip() == ""
 
 
 def test_more_nodes_than_the_partition_fails_fast_in_one_line(site, tmp_path):

@@ -87,6 +87,8 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
             "DITFORGE_HOME": str(storage.home()),
             "OMP_NUM_THREADS": str(spec.resources.cpus_per_worker),
             "PYTHONUNBUFFERED": "1",
+            # Ray Train reads it in the driver and hands it to its controller
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(spec.resources.placement_timeout_s),
         }
         if isinstance(cluster, EmbeddedCluster) and not credentials.is_loopback(cluster.host):
             # Joined hosts are other machines: each keeps its own DITFORGE_HOME (from `cluster join`),

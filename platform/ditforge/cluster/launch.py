@@ -164,6 +164,10 @@ def stop(rec: dict, grace_s: float = 120.0) -> tuple[str, bool]:
     With `checkpoint.on_stop` the job is asked first (a STOP marker in its run folder, which rank 0
     checks on logging steps), so it saves a final checkpoint and exits on its own; after `grace_s`
     Ray's stop_job ends it regardless."""
+    if rec.get("slurm_job_id") and rec.get("job_dir"):  # a job in a Slurm allocation of its own
+        from . import slurm
+
+        return slurm.stop_job(rec, grace_s)
     client = client_for(rec)
     state = str(client.get_job_status(rec["job_id"]).value)
     if state in TERMINAL:

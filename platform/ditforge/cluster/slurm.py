@@ -22,6 +22,7 @@ import secrets
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import storage
@@ -449,3 +450,58 @@ def record_state(rec: dict) -> str:
             run, "PENDING" if st == "PENDING" else run
         )
     return f"{ray_state} · {slurm}"
+
+
+def _wait_ended(job_id: str, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while job_state(job_id)[0] not in ENDED:
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
+def stop_job(rec: dict, grace_s: float) -> tuple[str, bool]:
+    """`ditforge stop slurm-<id>`: a job in an allocation of its own. Not started yet: scancel. Running:
+    the STOP marker asks it to save a final checkpoint and end (this mode always has
+    `checkpoint.on_stop`), and the allocation ends with it; after `grace_s`, scancel. → (the
+    record's state line, whether scancel had to end it)."""
+    from ..runs import folder
+
+    job_id = rec["slurm_job_id"]
+    st, _ = job_state(job_id)
+    if st in ENDED:
+        return record_state(rec), False
+    if st != "PENDING":
+        folder.request_stop(rec["run_uri"])
+        if _wait_ended(job_id, grace_s):
+            return record_state(rec), False
+    _slurm("scancel", job_id)
+    _wait_ended(job_id, 60)
+    return record_state(rec), st != "PENDING"
+
+
+def follow_logs(rec: dict, write: Callable[[str], None], poll_s: float = 1.0) -> None:
+    """The allocation's Slurm log, then each attempt's Ray job log (a requeued allocation adds
+    one), written as they grow until the Slurm job has ended."""
+    from ..credentials import redact
+
+    d = Path(rec["job_dir"])
+    seen: dict[Path, int] = {}
+    while True:
+        ended = job_state(rec["slurm_job_id"])[0] in ENDED
+        for f in [d / f"slurm-{rec['slurm_job_id']}.out", *sorted(d.glob("ray-*.log"))]:
+            if not f.exists():
+                continue
+            if f not in seen:
+                write(f"==> {f} <==\n")
+                seen[f] = 0
+            with open(f, "rb") as fh:
+                fh.seek(seen[f])
+                new = fh.read()
+            seen[f] += len(new)
+            if new:
+                write(redact(new.decode(errors="replace")))
+        if ended:  # one last read above, after the end: nothing written later is missed
+            return
+        time.sleep(poll_s)

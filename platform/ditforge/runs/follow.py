@@ -128,6 +128,11 @@ def write_logs(rec: dict, write: Callable[[str], None], follow: bool = False) ->
     from ..credentials import redact
 
     if rec.get("job_dir"):
+        if follow:
+            from ..cluster import slurm
+
+            slurm.follow_logs(rec, write)
+            return
         d = Path(rec["job_dir"])
         for f in [d / f"slurm-{rec['slurm_job_id']}.out", *sorted(d.glob("ray-*.log"))]:
             if f.exists():

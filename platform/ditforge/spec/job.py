@@ -283,6 +283,12 @@ class ResourcesSpec(Strict):
     # it smaller from the newest complete checkpoint, regained capacity grows it back.
     min_workers: int | None = Field(None, description="elastic: the fewest workers the job may run with")
     resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often Ray Train looks for room to grow")
+    # Ray Train's worker-group start timeout: right after a host dies Ray may still count its CPUs,
+    # and Ray Train waits this long for a group it cannot place before it tries again (an elastic
+    # job then smaller). Ray's default is 60 s.
+    placement_timeout_s: float = Field(
+        60.0, ge=5, le=3600, description="how long Ray Train waits to place the workers before trying again"
+    )
     # per_worker: each worker keeps data.batch_size, so the global batch follows the world size and
     # the LR follows `lr_scaling` (of train.lr at `workers` workers). global: the global batch stays
     # (data.global_batch, default batch_size x workers) and gradient accumulation makes up for
