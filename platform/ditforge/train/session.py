@@ -150,6 +150,7 @@ def worker_session(config: dict[str, Any]) -> Iterator[Session]:
         spec.checkpoint.upload_timeout_s,
         on_done=lambda s: _log_upload(tracker, s),
         final_timeout_s=spec.checkpoint.final_timeout_s,
+        adapters_only=spec.train.lora is not None,
     )
     run_folder.record_process(run_uri, f"rank_{rank}")
     try:

@@ -27,6 +27,7 @@ from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
+from ..models import lora
 from ..models import tasks
 from ..models.convert import load_into
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
@@ -85,6 +86,9 @@ def _train(run: Session) -> None:
     model = DiT(dit_cfg)
     if spec.model.init_from:  # pretrained weights (models/convert.py), the same on every rank
         load_into(model, spec.model.init_from)
+    # train.lora: the imported weights freeze and peft's adapters train (models/lora.py); checkpoints
+    # then hold the adapters alone, and export merges them into the base again
+    lora_layers = lora.apply(model, spec.train.lora) if spec.train.lora else None
     if precision(spec) == "fp8":  # before the batch probe: float8 linears change the memory per sample
         convert_fp8(model, device)
     objective = build_objective(spec.objective)
@@ -132,6 +136,8 @@ def _train(run: Session) -> None:
     tracker.params(
         {
             "model.params": param_count(model),
+            "model.trainable_params": lora.trainable(model),
+            **({"lora.layers": len(lora_layers)} if lora_layers else {}),
             "model.latent_shape": list(latent_shape),
             **({} if spec.resources.elastic else {"world_size": world}),
             "attention.backend": dit_cfg.attention,
@@ -154,6 +160,12 @@ def _train(run: Session) -> None:
             "job": spec.name,
             # the tasks `ditforge sample --task` may ask for
             "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None,
+            # adapters: export merges them into the base it reads again from model.init_from
+            "lora": (
+                lora.config(spec.train.lora, lora_layers) | {"base": spec.model.init_from}
+                if spec.train.lora and lora_layers
+                else None
+            ),
         }
     ).encode()
 
