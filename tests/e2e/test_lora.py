@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from ditforge import storage
 from ditforge.models import lora
 from ditforge.runs.folder import MANIFEST, complete_steps, join_step
+from ditforge.spec.job import LORA_TARGETS
 
 from ..datasets import make_latents
 from ..loops import dit_spec, metric, records, run_loop
@@ -68,7 +69,9 @@ def setup(tmp_path_factory):
 def full_run(setup):
     uri, root, _ = setup
     run_uri, out = f"file://{root}/runs/a", root / "a"
-    res = run_loop("ditforge.train.worker.train_loop", lora_spec(uri, f"file://{root}/runs", root / "base"), run_uri, out)
+    res = run_loop(
+        "ditforge.train.worker.train_loop", lora_spec(uri, f"file://{root}/runs", root / "base"), run_uri, out
+    )
     assert res == {0: None, 1: None}, res
     return run_uri, out
 
@@ -77,7 +80,7 @@ def test_only_the_adapters_train_and_the_checkpoints_hold_them_alone(setup, full
     _, root, base_sd = setup
     run_uri, out = full_run
     params = {k: v for r in records(out, 0, "params") for k, v in r["params"].items()}
-    rank, targets = 4, len(lora.resolve_targets(_dit(), ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.0", "blocks.*.mlp.2"]))
+    targets = len(lora.resolve_targets(_dit(), list(LORA_TARGETS)))
     assert params["lora.layers"] == targets and 0 < params["model.trainable_params"] < params["model.params"] / 10
     loss = metric(out, "train/loss")
     assert sorted(loss) == [1, 2, 3, 4] and all(v == v for v in loss.values()), loss
@@ -92,7 +95,9 @@ def test_only_the_adapters_train_and_the_checkpoints_hold_them_alone(setup, full
     assert module and all(".lora_A." in k or ".lora_B." in k for k in module), sorted(module)[:5]
     assert set(load_file(str(folder / "ema.safetensors"))) == set(module)  # the EMA averages the adapters only
     full_bytes = sum(v.numel() * 4 for v in base_sd.values())
-    assert sum(m["bytes"] for m in manifest["files"].values()) < full_bytes, "a LoRA checkpoint is smaller than the base"
+    assert sum(m["bytes"] for m in manifest["files"].values()) < full_bytes, (
+        "a LoRA checkpoint is smaller than the base"
+    )
 
 
 def _dit():

@@ -94,7 +94,7 @@ def test_zero2_run_logs_to_one_mlflow_run_and_checkpoints_to_s3(zero2_run):
     assert last < 0.9 * first, loss
     arts = {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "samples")}
     assert "samples/step_00000020.png" in arts
-    for key in ("checkpoint/upload_s", "checkpoint/MBps", "checkpoint/stall_s"):
+    for key in ("train_checkpoint/upload_s", "train_checkpoint/MBps", "train_checkpoint/stall_s"):
         assert [m.step for m in client.get_metric_history(rec["mlflow_run_id"], key)] == [10, 20], key
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "spec")} >= {"spec/job.resolved.yaml"}

@@ -52,10 +52,12 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
         hit = [n for n in linears if fnmatch.fnmatchcase(n, t) or fnmatch.fnmatchcase(n, "*." + t)]
         if not hit:
             others = [n for n, m in model.named_modules() if n and (fnmatch.fnmatchcase(n, t) or n.endswith("." + t))]
-            why = f"selects {others[0]} ({type(dict(model.named_modules())[others[0]]).__name__}), not a linear layer" if others else "matches no layer of the model"
-            raise LoraError(
-                f"train.lora.targets: '{t}' {why} (linear layers: e.g. {', '.join(_examples(linears))})"
+            why = (
+                f"selects {others[0]} ({type(dict(model.named_modules())[others[0]]).__name__}), not a linear layer"
+                if others
+                else "matches no layer of the model"
             )
+            raise LoraError(f"train.lora.targets: '{t}' {why} (linear layers: e.g. {', '.join(_examples(linears))})")
         chosen.update(hit)
     return [n for n in linears if n in chosen]
 
@@ -73,8 +75,10 @@ def _examples(linears: list[str]) -> list[str]:
 def peft_config(rank: int, alpha: float, names: list[str]) -> Any:
     from peft import LoraConfig
 
-    # lora_alpha / r is peft's scale; no dropout (a resumed step must compute what the original did)
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none")
+    # lora_alpha / r is peft's scale (peft types alpha as an int; a float works and is what we may have);
+    # no dropout (a resumed step must compute what the original did)
+    kwargs: dict[str, Any] = {"r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha}
+    return LoraConfig(**kwargs, target_modules=names, lora_dropout=0.0, bias="none")
 
 
 def config(lora: LoraSpec, names: list[str]) -> dict[str, Any]:
@@ -127,9 +131,7 @@ def write_peft(folder: Path, adapters: dict[str, torch.Tensor], lora_cfg: dict[s
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {
-        PEFT_PREFIX + k.replace(f".{ADAPTER}.", "."): v.detach().float().contiguous() for k, v in adapters.items()
-    }
+    sd = {PEFT_PREFIX + k.replace(f".{ADAPTER}.", "."): v.detach().float().contiguous() for k, v in adapters.items()}
     save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     _write_config(folder, lora_cfg, layers(adapters))
 
@@ -140,7 +142,9 @@ def read_peft(folder: Path) -> dict[str, torch.Tensor]:
 
     sd = load_file(str(folder / "adapter_model.safetensors"))
     return {
-        k.removeprefix(PEFT_PREFIX).replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}."): v
+        k.removeprefix(PEFT_PREFIX)
+        .replace(".lora_A.", f".lora_A.{ADAPTER}.")
+        .replace(".lora_B.", f".lora_B.{ADAPTER}."): v
         for k, v in sd.items()
     }
 

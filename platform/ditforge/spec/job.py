@@ -494,7 +494,9 @@ def _lora_problems(spec: JobSpec) -> list[str]:
             "(a diffusers transformer folder or a facebookresearch/DiT .pt)"
         )
     if spec.deepspeed.zero_stage == 3:
-        out.append("train.lora: runs under deepspeed.zero_stage 0, 1 or 2 (the adapters are small; stage 3 gains nothing)")
+        out.append(
+            "train.lora: runs under deepspeed.zero_stage 0, 1 or 2 (the adapters are small; stage 3 gains nothing)"
+        )
     if spec.train.precision == "fp8":
         out.append("train.lora: not with train.precision: fp8 (use bf16 or fp32)")
     if spec.resources.elastic:

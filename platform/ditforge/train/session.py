@@ -114,14 +114,14 @@ def _log_upload(tracker: Tracker, stats: checkpoint.UploadStats) -> None:
     if stats.ok:
         tracker.log(
             {
-                "checkpoint/upload_s": stats.upload_s,
-                "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
-                "checkpoint/MB": stats.bytes / 1e6,
+                "train_checkpoint/upload_s": stats.upload_s,
+                "train_checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
+                "train_checkpoint/MB": stats.bytes / 1e6,
             },
             stats.step,
         )
     else:
-        tracker.log({"checkpoint/failed": 1.0}, stats.step)
+        tracker.log({"train_checkpoint/failed": 1.0}, stats.step)
 
 
 @contextlib.contextmanager

@@ -194,7 +194,7 @@ def _train(run: Session) -> None:
             rank_state={"data": batches.position.to_dict()},
             final=final,
         )
-        tracker.log({"checkpoint/stall_s": stall}, step)
+        tracker.log({"train_checkpoint/stall_s": stall}, step)
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
     # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
@@ -255,7 +255,7 @@ def _train(run: Session) -> None:
                 "train/skipped_nonfinite": guard.total,
                 "train/step_s": elapsed / steps_since,
                 "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
-                "train/mask_ratio": ratio,
+                "train/token_mask_ratio": ratio,
                 "train/tflops_per_s": flops_since * world / elapsed / 1e12,
             }
             bad = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
@@ -495,8 +495,8 @@ def _evaluate(
                 feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
                 metrics.update(quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames))
                 print(
-                    f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-                    f"FD {metrics['quality/fd']:.3f}",
+                    f"quality at step {step}: class accuracy {metrics['validation/class_accuracy']:.3f}, "
+                    f"FD {metrics['validation/fd']:.3f}",
                     flush=True,
                 )
         if run_tasks and rank == 0:
@@ -528,10 +528,10 @@ def _evaluate(
                 tracker.artifact(task_quality.task_gif(generated, truth, pmask, gif), "tasks")
             for task in examples:
                 print(
-                    f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
-                    f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})",
+                    f"task {task} at step {step}: PSNR {task_metrics[f'validation/tasks/{task}/psnr']:.2f} dB "
+                    f"(baseline {task_metrics[f'validation/tasks/{task}/baseline_psnr']:.2f})",
                     flush=True,
                 )
     if rank == 0 and metrics:
-        metrics["quality/seconds"] = time.perf_counter() - t0
+        metrics["validation/seconds"] = time.perf_counter() - t0
         tracker.log(metrics, step)
