@@ -105,6 +105,30 @@ def test_demo_command_runs_the_demo_spec_end_to_end(demo):
     assert run.info.status == "FINISHED" and "validation/class_accuracy" in run.data.metrics
 
 
+def test_the_demo_run_in_the_mlflow_ui(demo, tmp_path):
+    """The link the demo prints, opened in headless Chromium (tests/browser.py): the experiment opens
+    in MLflow's model-training view (not GenAI's traces and judges), with the run's parameters, the
+    loss, learning-rate and throughput charts first, and the sample grid. Screenshots:
+    test-artifacts/mlflow-ui/."""
+    from PIL import Image
+
+    from .. import browser
+
+    browser.skip_without_browser()
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    result = json.loads(demo.stdout.strip().splitlines()[-1])
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    link = result["mlflow_url"]
+    assert link.endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), link
+    grid = result["samples"].split("/artifacts/", 1)[1]
+    with Image.open(client.download_artifacts(run.info.run_id, grid, str(tmp_path))) as im:
+        size = im.size
+    shots = browser.run_page_checks(link, sorted(run.data.params), grid, size)
+    print("screenshots: " + ", ".join(map(str, shots)))
+
+
 def test_make_demo_runs_the_demo_command():
     import subprocess
 
