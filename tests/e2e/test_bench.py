@@ -101,6 +101,13 @@ def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     assert ab["bf16_no_overflow_check"]["status"] == ab["compile_full"]["status"] == "skipped: needs CUDA"
     assert ab["no_clip_upper_bound"]["status"] == "measured" and ab["no_clip_upper_bound"]["speedup"] > 0
     assert ab["clip_no_item"]["status"] == "covered by bf16_no_overflow_check"
+    # LoRA against full fine-tuning: the same step, far fewer trainable weights, less optimizer state
+    lora = [x for x in configs if "lora_rank" in x]
+    assert len(lora) == 1 and lora[0]["name"].startswith("lora-vs-full-cpu"), lora
+    full, adapted = lora[0]["full"], lora[0]["lora"]
+    assert 0 < adapted["trainable_params"] < full["trainable_params"] == full["params"]
+    assert adapted["step_s"] > 0 and full["step_s"] > 0
+    assert adapted["state_bytes"]["optimizer"] < full["state_bytes"]["optimizer"]
     fp8 = [x for x in configs if "tolerance" in x]
     assert len(fp8) == 1 and fp8[0]["status"].startswith("skipped: needs CUDA")
     # Attention: both shapes, every kernel either timed or saying why it cannot run on a CPU.
