@@ -50,7 +50,7 @@ def _make_bench_quick() -> list[str]:
 
 
 def test_make_bench_quick_runs_every_section(embedded, tmp_path):
-    """Every section (train, attention, data, checkpoint) runs and reports no error; the train rows carry
+    """Every section (train, attention, data, checkpoint, lora) runs and reports no error; the train rows carry
     every field. (Once, the data section's lazy import failed only outside --quick: see
     tests/unit/test_layering.py::test_every_relative_import_resolves.) The data section streams from
     the embedded S3 server too, so the services are up (alone, the S3 figure was an error row)."""
@@ -61,7 +61,7 @@ def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["errors"] == {} and result["quick"] is True, result["errors"]
-    assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint"}
+    assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint", "lora"}
     data = {f"{c['bench']}.{c['metric']}": c for c in result["configs"] if c["section"] == "data"}
     assert {
         "data.ingest.images_per_s_per_core",

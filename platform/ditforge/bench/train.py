@@ -718,18 +718,6 @@ def plan(quick: bool, focus: bool = False) -> list[dict]:
                         else []
                     ),
                     zero_variant=dict(t, size=size, ckpt=False, compile="off", rounds=2),
-                    lora=(
-                        dict(
-                            t,
-                            size=size,
-                            ckpt=False,
-                            compile="blocks",
-                            lora=LORA_RANK,
-                            name=f"lora-vs-full-gpu-dit-{size.lower()}2-256-r{LORA_RANK}",
-                        )
-                        if size == "XL" and not focus
-                        else None
-                    ),
                 )
             )
         configs.append(
@@ -771,7 +759,6 @@ def plan(quick: bool, focus: bool = False) -> list[dict]:
             zero_stages=[{"zero": z} for z in (0, 1, 2, 3)],
             zero_variant=dict(v, warmup=1, steps=1, rounds=1),
             fp8_curve=dict(size=size, ckpt=False, compile="off", zero=2, steps=FP8_STEPS, name="fp8-curve-cpu"),
-            lora=dict(v, lora=LORA_RANK, name=f"lora-vs-full-cpu-dit-{size.lower()}2-r{LORA_RANK}"),
         )
     )
     return configs

@@ -201,7 +201,6 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
             "scheduler": type(scheduler).__name__,
             "vae_exported": vae is not None,
             "weights": cfg["weights"],
-            "lora_adapter": adapter,
-        }
+        } | ({"lora_adapter": adapter} if cfg.get("lora") else {})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
