@@ -165,19 +165,19 @@ def test_the_spec_refuses_what_lora_cannot_do():
 
 
 def test_a_target_that_selects_nothing_is_one_line_before_anything_starts(tmp_path):
-    """`submit` runs models/convert.py's check_spec on a meta-device model: the base's shapes, then
-    every LoRA target."""
+    """`submit` checks the base's shapes (models/convert.py) and then every LoRA target on a
+    meta-device model (models/lora.py `check_spec`)."""
     from diffusers import DiTTransformer2DModel
 
-    from ditforge.models.convert import check_spec, diffusers_config, to_diffusers
+    from ditforge.models.convert import diffusers_config, to_diffusers
 
     tr = DiTTransformer2DModel(**diffusers_config(CFG, 8))
     tr.load_state_dict(to_diffusers(DiT(CFG).state_dict(), CFG))
     tr.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
     job = _job() | {"model": {"init_from": str(tmp_path / "base")}}
-    check_spec(JobSpec.model_validate(job), 4)  # the default targets fit
+    lora.check_spec(JobSpec.model_validate(job), 4)  # the default targets fit
     job["train"] = {"lora": {"rank": 4, "targets": ["blocks.*.attn.qvk"]}}
     with pytest.raises(lora.LoraError) as e:
-        check_spec(JobSpec.model_validate(job), 4)
+        lora.check_spec(JobSpec.model_validate(job), 4)
     assert str(e.value).startswith("train.lora.targets: 'blocks.*.attn.qvk' matches no layer of the model")
     assert "\n" not in str(e.value)

@@ -284,11 +284,3 @@ def check_spec(spec: JobSpec, in_channels: int) -> None:
     with torch.device("meta"):
         model = DiT(dit_config(spec.model, in_channels))
     check_shapes(model, read_pretrained(spec.model.init_from, spec.model.num_classes), spec.model.init_from)
-    if spec.train.lora is not None:  # every target selects a linear layer, and peft is there
-        from . import lora
-
-        lora.resolve_targets(model, spec.train.lora.targets)
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise lora.LoraError("train.lora needs peft: pip install 'ditforge[lora]'") from None

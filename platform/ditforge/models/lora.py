@@ -29,7 +29,7 @@ import torch.nn as nn
 from .convert import PretrainedError
 
 if TYPE_CHECKING:
-    from ..spec import LoraSpec
+    from ..spec import JobSpec, LoraSpec
 
 ADAPTER = "default"  # peft's adapter name inside the model
 A_SUFFIX, B_SUFFIX = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
@@ -60,6 +60,21 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
             raise LoraError(f"train.lora.targets: '{t}' {why} (linear layers: e.g. {', '.join(_examples(linears))})")
         chosen.update(hit)
     return [n for n in linears if n in chosen]
+
+
+def check_spec(spec: JobSpec, in_channels: int) -> None:
+    """Before anything starts (`submit`): every target selects a linear layer of the spec's model
+    (built on the meta device), and peft is installed."""
+    from .dit import DiT, dit_config
+
+    assert spec.train.lora is not None  # the caller checks there are adapters to train
+    with torch.device("meta"):
+        model = DiT(dit_config(spec.model, in_channels))
+    resolve_targets(model, spec.train.lora.targets)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise LoraError("train.lora needs peft: pip install 'ditforge[lora]'") from None
 
 
 def _examples(linears: list[str]) -> list[str]:
