@@ -1,4 +1,4 @@
-"""What a person sees of a run in the MLflow UI, in a real browser: headless Debian chromium driven
+"""What a person sees of a run in the MLflow UI, in a real browser (tests/e2e/test_jobs_e2e.py::test_the_demo_run_in_the_mlflow_ui): headless Debian chromium driven
 by Playwright (`.ci/run` installs both; `playwright install` is never used: it downloads a
 browser of its own). Screenshots go to `test-artifacts/mlflow-ui/` (or $DITFORGE_TEST_ARTIFACTS)."""
 

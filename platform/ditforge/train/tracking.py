@@ -244,7 +244,7 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 # MLflow 3.17's UI takes the view from its GenAI / Model training switch (kept in the browser,
 # GenAI by default) rather than from that tag, unless the address says which: every link ditforge
-# prints carries it (checked in Chromium: tests/e2e/test_mlflow_ui.py).
+# prints carries it (checked in Chromium: tests/e2e/test_jobs_e2e.py::test_the_demo_run_in_the_mlflow_ui).
 UI_VIEW = "workflowType=machine_learning"
 
 # Metric names. The run page's "Model metrics" tab groups charts by the part before the first "/",
