@@ -1,6 +1,8 @@
-"""What a person sees of a run in the MLflow UI, in a real browser (tests/e2e/test_jobs_e2e.py::test_the_demo_run_in_the_mlflow_ui): headless Debian chromium driven
-by Playwright (`.ci/run` installs both; `playwright install` is never used: it downloads a
-browser of its own). Screenshots go to `test-artifacts/mlflow-ui/` (or $DITFORGE_TEST_ARTIFACTS)."""
+"""What a person sees of a run in the MLflow UI, in a real browser: headless Debian chromium driven
+by Playwright (`.ci/run` installs chromium; the playwright package is in the `test` extra, and
+`playwright install`, which downloads a browser of its own, is never used). Screenshots go to
+`test-artifacts/mlflow-ui/` (or $DITFORGE_TEST_ARTIFACTS). The test that uses it:
+tests/e2e/test_jobs_e2e.py::test_the_demo_run_in_the_mlflow_ui."""
 
 from __future__ import annotations
 
