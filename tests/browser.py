@@ -89,6 +89,8 @@ def run_page_checks(link: str, params: list[str], grid: str, grid_px: tuple[int,
         shown = [p for p in params if p in body]
         assert len(shown) >= 3, (params[:10], body[:2000])
         shots.append(shot(pg, "1-run-overview"))
+        pg.get_by_text("Parameters (", exact=False).first.scroll_into_view_if_needed()
+        shots.append(shot(pg, "2-run-parameters"))
 
         pg.goto(f"{run}/model-metrics{view}", wait_until="load")
         pg.get_by_text("samples_per_s", exact=True).first.wait_for()
@@ -104,7 +106,7 @@ def run_page_checks(link: str, params: list[str], grid: str, grid_px: tuple[int,
         assert sections[0] == "train\n" and [text.index(s) for s in sections] == sorted(
             text.index(s) for s in sections
         ), sections
-        shots.append(shot(pg, "2-model-metrics"))
+        shots.append(shot(pg, "3-model-metrics"))
 
         pg.goto(f"{run}/artifacts/{grid}{view}", wait_until="load")
         pg.get_by_text(grid.rsplit("/", 1)[-1]).first.wait_for()
@@ -112,5 +114,5 @@ def run_page_checks(link: str, params: list[str], grid: str, grid_px: tuple[int,
             "([w, h]) => Array.from(document.images).some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth === w && i.naturalHeight === h)",
             arg=list(grid_px),
         )
-        shots.append(shot(pg, "3-sample-grid"))
+        shots.append(shot(pg, "4-sample-grid"))
     return shots
