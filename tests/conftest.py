@@ -99,7 +99,6 @@ LONGEST_FIRST = [
     "e2e/test_nonfinite.py",  # 54 s
     "e2e/test_reshard.py",  # 49 s
     "e2e/test_ema.py",  # 42 s
-    "e2e/test_lora.py",  # two runs of the loop and an export, like test_run_end.py's (not yet timed in make test)
     "e2e/test_run_end.py",  # 35 s
     "unit/test_batch.py",  # 32 s
 ]
