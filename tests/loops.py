@@ -136,6 +136,7 @@ PRELOAD = [
     "ditforge.train.worker",
     "ditforge.train.vae_trainer",
     "ditforge.train.checkpoint",
+    "peft",  # train.lora (tests/e2e/test_lora.py): ~4 s of imports per rank otherwise
 ]
 
 

@@ -88,7 +88,9 @@ def run(
         "seconds": round(time.time() - t0, 1),
     }
     task_metrics = {
-        k.removeprefix("tasks/"): round(v, 3) for k, v in run.data.metrics.items() if k.startswith("tasks/")
+        k.removeprefix("validation/tasks/"): round(v, 3)
+        for k, v in run.data.metrics.items()
+        if k.startswith("validation/tasks/")
     }
     if task_metrics:  # a video-task job: each task's PSNR next to its baseline (evaluate/task_quality.py)
         result["tasks"] = task_metrics

@@ -79,8 +79,8 @@ def test_every_task_beats_its_baseline(tmp_path):
                 )
             print(
                 f"\n[vdt] step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s "
-                + json.dumps({k.removeprefix("tasks/"): round(v, 3) for k, v in table.items()}),
+                + json.dumps({k.removeprefix("validation/tasks/"): round(v, 3) for k, v in table.items()}),
                 flush=True,
             )
     for task in task_quality.EVAL_TASKS:
-        assert table[f"tasks/{task}/psnr"] > table[f"tasks/{task}/baseline_psnr"], (task, table)
+        assert table[f"validation/tasks/{task}/psnr"] > table[f"validation/tasks/{task}/baseline_psnr"], (task, table)

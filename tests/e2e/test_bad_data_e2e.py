@@ -1,5 +1,5 @@
 """Bad data through the real stack: a 2-worker run over a latent set with a truncated shard and a
-NaN latent skips and counts them (`data/skipped` metrics in MLflow, summed over ranks) and
+NaN latent skips and counts them (`train_data/skipped` metrics in MLflow, summed over ranks) and
 finishes."""
 
 from __future__ import annotations
@@ -73,9 +73,13 @@ def test_run_skips_and_counts_bad_data(embedded, tmp_path):
     r, rec = _submit(data, tmp_path, "data.max_bad_fraction=0.6")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     client = MlflowClient(rec["tracking_uri"])
-    last = {k: v for k, v in client.get_run(rec["mlflow_run_id"]).data.metrics.items() if k.startswith("data/")}
-    assert last == {"data/skipped": 17.0, "data/skipped/truncated_shard": 16.0, "data/skipped/nonfinite_latent": 1.0}
-    assert [x.step for x in client.get_metric_history(rec["mlflow_run_id"], "data/skipped")] == [4, 8]
+    last = {k: v for k, v in client.get_run(rec["mlflow_run_id"]).data.metrics.items() if k.startswith("train_data/")}
+    assert last == {
+        "train_data/skipped": 17.0,
+        "train_data/skipped/truncated_shard": 16.0,
+        "train_data/skipped/nonfinite_latent": 1.0,
+    }
+    assert [x.step for x in client.get_metric_history(rec["mlflow_run_id"], "train_data/skipped")] == [4, 8]
     # Past the fraction the run stops with the loader's message (`data.max_bad_fraction=0.25` here:
     # "rank R met 16 bad samples of its 32 in epoch 0 (50.0%), more than data.max_bad_fraction
     # 0.25; latest: .../shard-000003.tar: truncated ..."); tested in test_loader.py, not here, to

@@ -50,7 +50,7 @@ def _make_bench_quick() -> list[str]:
 
 
 def test_make_bench_quick_runs_every_section(embedded, tmp_path):
-    """Every section (train, attention, data, checkpoint) runs and reports no error; the train rows carry
+    """Every section (train, attention, data, checkpoint, lora) runs and reports no error; the train rows carry
     every field. (Once, the data section's lazy import failed only outside --quick: see
     tests/unit/test_layering.py::test_every_relative_import_resolves.) The data section streams from
     the embedded S3 server too, so the services are up (alone, the S3 figure was an error row)."""
@@ -61,7 +61,7 @@ def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["errors"] == {} and result["quick"] is True, result["errors"]
-    assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint"}
+    assert {c["section"] for c in result["configs"]} == {"train", "attention", "data", "checkpoint", "lora"}
     data = {f"{c['bench']}.{c['metric']}": c for c in result["configs"] if c["section"] == "data"}
     assert {
         "data.ingest.images_per_s_per_core",
@@ -101,6 +101,13 @@ def test_make_bench_quick_runs_every_section(embedded, tmp_path):
     assert ab["bf16_no_overflow_check"]["status"] == ab["compile_full"]["status"] == "skipped: needs CUDA"
     assert ab["no_clip_upper_bound"]["status"] == "measured" and ab["no_clip_upper_bound"]["speedup"] > 0
     assert ab["clip_no_item"]["status"] == "covered by bf16_no_overflow_check"
+    # LoRA against full fine-tuning: the same step, far fewer trainable weights, less optimizer state
+    lora = [x for x in configs if "lora_rank" in x]
+    assert len(lora) == 1 and lora[0]["name"].startswith("lora-vs-full-cpu"), lora
+    full, adapted = lora[0]["full"], lora[0]["lora"]
+    assert 0 < adapted["trainable_params"] < full["trainable_params"] == full["params"]
+    assert adapted["step_s"] > 0 and full["step_s"] > 0
+    assert adapted["state_bytes"]["optimizer"] < full["state_bytes"]["optimizer"]
     fp8 = [x for x in configs if "tolerance" in x]
     assert len(fp8) == 1 and fp8[0]["status"].startswith("skipped: needs CUDA")
     # Attention: both shapes, every kernel either timed or saying why it cannot run on a CPU.

@@ -116,7 +116,7 @@ def test_run_survives_s3_and_mlflow_outages(embedded, tmp_path):
     client = MlflowClient(rec["tracking_uri"])
     loss_steps = sorted(m.step for m in client.get_metric_history(rec["mlflow_run_id"], "train/loss"))
     assert loss_steps == list(range(1, steps + 1))  # buffered through the MLflow outage: no gap
-    failed = [m.step for m in client.get_metric_history(rec["mlflow_run_id"], "checkpoint/failed")]
+    failed = [m.step for m in client.get_metric_history(rec["mlflow_run_id"], "train_checkpoint/failed")]
     assert failed, "no checkpoint was attempted while S3 was down"
     done = complete_steps(storage.join(runs, rec["run_name"]))
     assert steps in done and not set(failed) & set(done)

@@ -102,7 +102,31 @@ def test_demo_command_runs_the_demo_spec_end_to_end(demo):
     result = json.loads(demo.stdout.strip().splitlines()[-1])
     assert result["steps"] == 4 and result["model"].startswith("models:/demo-image/")
     run = MlflowClient(result["tracking_uri"]).get_run(result["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and "quality/class_accuracy" in run.data.metrics
+    assert run.info.status == "FINISHED" and "validation/class_accuracy" in run.data.metrics
+
+
+def test_the_demo_run_in_the_mlflow_ui(demo, tmp_path):
+    """The link the demo prints, opened in headless Chromium (tests/browser.py): the experiment opens
+    in MLflow's model-training view (not GenAI's traces and judges), with the run's parameters, the
+    loss, learning-rate and throughput charts first, and the sample grid. Screenshots:
+    test-artifacts/mlflow-ui/."""
+    from PIL import Image
+
+    from .. import browser
+
+    browser.skip_without_browser()
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    result = json.loads(demo.stdout.strip().splitlines()[-1])
+    client = MlflowClient(result["tracking_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    link = result["mlflow_url"]
+    assert link.endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning"), link
+    grid = result["samples"].split("/artifacts/", 1)[1]
+    with Image.open(client.download_artifacts(run.info.run_id, grid, str(tmp_path))) as im:
+        size = im.size
+    shots = browser.run_page_checks(link, sorted(run.data.params), grid, size)
+    print("screenshots: " + ", ".join(map(str, shots)))
 
 
 def test_make_demo_runs_the_demo_command():
@@ -123,7 +147,7 @@ def test_image_dit_s_shapes(shapes):
         "eval.per_class=2",
     )
     _sampled_and_registered(done)
-    assert "quality/class_accuracy" in done["run"].data.metrics  # the generated-set evaluation ran
+    assert "validation/class_accuracy" in done["run"].data.metrics  # the generated-set evaluation ran
 
 
 def test_vae_shapes(shapes):
@@ -195,7 +219,7 @@ def test_video_dit_s_moving_shapes(root, data_ray):
     )
     _sampled_and_registered(done)
     run, client = done["run"], done["client"]
-    assert "quality/class_accuracy" in run.data.metrics
+    assert "validation/class_accuracy" in run.data.metrics
     assert json.loads(run.data.params["model.latent_shape"].replace("'", '"')) == [12, 8, 16, 16]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [2, 4]
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]

@@ -191,8 +191,8 @@ def test_bad_data_is_skipped_counted_and_keeps_ranks_in_step(dirty, capsys):
     counts = [ld.skipped_counts() for ld in loaders]
     total = [sum(c) for c in zip(*counts)]  # what the worker's all-reduce gives
     assert skipped_metrics(total) == {
-        "data/skipped": 23.0,
-        **{f"data/skipped/{r}": float(v) for r, v in EXPECTED.items()},
+        "train_data/skipped": 23.0,
+        **{f"train_data/skipped/{r}": float(v) for r, v in EXPECTED.items()},
     }
     out = capsys.readouterr().out
     assert "shard-000004.tar: truncated" in out and "shard-000005.tar: checksum does not match" in out

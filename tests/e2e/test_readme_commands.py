@@ -125,7 +125,8 @@ def test_make_targets_run_what_the_readme_says():
 
 def test_ui_and_services_commands(embedded, tmp_path):
     r = run_cli("ui", timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == embedded.mlflow, r.stdout + r.stderr
+    link = f"{embedded.mlflow}/#/experiments?workflowType=machine_learning"  # the model-training view
+    assert r.returncode == 0 and r.stdout.strip() == link, r.stdout + r.stderr
     r = run_cli("services", "up", timeout=300)  # reuses what runs
     assert r.returncode == 0 and embedded.s3 in r.stdout, r.stdout + r.stderr
     r = run_cli("services", "status", timeout=300)

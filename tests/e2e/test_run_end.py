@@ -99,7 +99,7 @@ def test_each_rank_resumes_its_own_skipped_counts(data, first_run):
     client_state in rank 0's file only, so a resume that read it gave rank 1 rank 0's count (0)."""
     _, run_uri, out = first_run
     uri, root = data
-    before = metric(out, "data/skipped")
+    before = metric(out, "train_data/skipped")
     assert before[2] == 1.0, before  # summed over ranks: rank 1's one NaN latent
     out_b = root / "b"
     spec = dit_spec(uri, f"file://{root}/runs", train={"steps": 4}, sample={"per_class": 1, "max_classes": 1})
@@ -107,7 +107,7 @@ def test_each_rank_resumes_its_own_skipped_counts(data, first_run):
         "ditforge.train.worker.train_loop", spec, f"file://{root}/runs/b", out_b, resume_from=join_step(run_uri, 2)
     )
     assert res == {0: None, 1: None}, res
-    after = metric(out_b, "data/skipped")
+    after = metric(out_b, "train_data/skipped")
     assert sorted(after) == [3, 4]
     assert after[3] == after[4] == 1.0, after  # the same one bad sample, counted once, on rank 1
 

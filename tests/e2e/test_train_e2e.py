@@ -94,7 +94,7 @@ def test_zero2_run_logs_to_one_mlflow_run_and_checkpoints_to_s3(zero2_run):
     assert last < 0.9 * first, loss
     arts = {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "samples")}
     assert "samples/step_00000020.png" in arts
-    for key in ("checkpoint/upload_s", "checkpoint/MBps", "checkpoint/stall_s"):
+    for key in ("train_checkpoint/upload_s", "train_checkpoint/MBps", "train_checkpoint/stall_s"):
         assert [m.step for m in client.get_metric_history(rec["mlflow_run_id"], key)] == [10, 20], key
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert {a.path for a in client.list_artifacts(rec["mlflow_run_id"], "spec")} >= {"spec/job.resolved.yaml"}
@@ -293,3 +293,39 @@ def test_register_redoes_a_failed_registration(zero2_run):
     assert after in r.stdout and run.info.status == "FINISHED" and "ditforge.error" not in run.data.tags
     mv = client.get_model_version(name, after.split("/")[2])
     assert mv.tags["checkpoint_uri"].endswith("step_00000020") and mv.run_id == run_id
+
+
+def test_lora_fine_tunes_an_exported_model_through_submit(latents, zero2_run, tmp_path):
+    """Bring your own model and take it with you: the ZeRO-2 run exported as a diffusers folder is
+    the frozen base of a LoRA job (`train.lora`, 2 workers, ZeRO-2); its checkpoints hold the
+    adapters alone, the driver registers the merged model, and `ditforge export` writes the merged
+    weights and the adapter in peft's layout (diffusers' names beside `--format diffusers`)."""
+    base = tmp_path / "base"
+    r = run_cli("export", zero2_run["run_uri"], "--format", "diffusers", "--out", f"file://{base}")
+    assert r.returncode == 0, r.stderr
+    rec = submit(
+        latents,
+        "train.steps=4",
+        "train.warmup=1",
+        "checkpoint.every_steps=4",
+        f"model.init_from={base}",
+        "train.lora.rank=4",
+        f"checkpoint.uri={latents}/runs-lora",
+        "sample.per_class=1",
+        "tracking.system_metrics=false",
+    )
+    client = MlflowClient(rec["tracking_uri"])
+    run = client.get_run(rec["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["ditforge.model"].startswith("models:/")
+    trainable, total = int(run.data.params["model.trainable_params"]), int(run.data.params["model.params"])
+    assert 0 < trainable < total / 10, (trainable, total)
+    assert sorted(losses(rec)) == [1, 2, 3, 4]
+    manifest = json.loads(storage.read_bytes(storage.join(rec["run_uri"], "step_00000004", MANIFEST)))
+    assert manifest["adapters_only"] is True
+    r = run_cli("export", rec["run_uri"], "--out", f"file://{tmp_path}/exp")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "exp" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "exp" / "model.json").read_text())["lora"]["base"] == str(base)
+    r = run_cli("export", rec["run_uri"], "--format", "diffusers", "--out", f"file://{tmp_path}/diff")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "diff" / "transformer_lora" / "adapter_config.json").exists(), r.stdout

@@ -71,7 +71,7 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_
     run = client.get_run(rec["mlflow_run_id"])
     for task in ("predict", "predict_backward", "interpolate", "image_to_video", "any_frames", "complete"):
         for m in ("psnr", "baseline_psnr"):
-            assert f"tasks/{task}/{m}" in run.data.metrics, (task, m, sorted(run.data.metrics))
+            assert f"validation/tasks/{task}/{m}" in run.data.metrics, (task, m, sorted(run.data.metrics))
     gifs = [a.path for a in client.list_artifacts(rec["mlflow_run_id"], "tasks")]
     assert len([g for g in gifs if g.endswith(".gif")]) == 6, gifs
 

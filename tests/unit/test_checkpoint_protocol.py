@@ -64,7 +64,7 @@ def test_a_save_whose_manifest_fails_is_reported_failed(tmp_path, monkeypatch):
     ck.save(FakeEngine(), 10, {"step": 10})
     stats = ck.wait()
     assert not stats.ok and not stats.complete and "500" in stats.error
-    assert [s.ok for s in seen] == [False]  # `checkpoint/failed` is what MLflow gets
+    assert [s.ok for s in seen] == [False]  # `train_checkpoint/failed` is what MLflow gets
     assert complete_steps(ck.run_uri) == []
 
 

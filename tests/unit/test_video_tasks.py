@@ -492,7 +492,9 @@ def test_score_tasks_reports_each_task_and_its_baseline(tmp_path):
     )
     assert set(examples) == set(tq.EVAL_TASKS)
     for task in tq.EVAL_TASKS:
-        assert all(torch.isfinite(torch.tensor(metrics[f"tasks/{task}/{m}"])) for m in ("psnr", "baseline_psnr"))
+        assert all(
+            torch.isfinite(torch.tensor(metrics[f"validation/tasks/{task}/{m}"])) for m in ("psnr", "baseline_psnr")
+        )
     gif = tq.task_gif(*examples["complete"], str(tmp_path / "c.gif"))
     assert Image.open(gif).n_frames == 4
     # small clips are enlarged to about 96 px, large ones written at their own size
@@ -500,4 +502,6 @@ def test_score_tasks_reports_each_task_and_its_baseline(tmp_path):
         clip = torch.zeros(1, 3, 2, size, size)
         big = tq.task_gif(clip, clip, torch.zeros(1, 1, 2, size, size, dtype=torch.bool), str(tmp_path / f"{size}.gif"))
         assert Image.open(big).size == (2 * (size * scale + 2) + 2, size * scale + 4)
-    assert metrics["tasks/predict/psnr"] < metrics["tasks/predict/baseline_psnr"]  # noise loses to copying
+    assert (
+        metrics["validation/tasks/predict/psnr"] < metrics["validation/tasks/predict/baseline_psnr"]
+    )  # noise loses to copying

@@ -113,6 +113,31 @@ def render(result: dict, source: str) -> str:
             f"{'the curves agree' if c['agree'] else 'the curves DO NOT agree'}.",
             "",
         ]
+    for c in [c for c in cfgs if "lora_rank" in c]:
+        lines += [f"## LoRA against full fine-tuning ({c['name']})", ""]
+        modes = [m for m in ("full", "lora") if "step_s" in c.get(m, {})]
+        if len(modes) < 2:
+            lines += [f"error: {c.get('full', {}).get('error') or c.get('lora', {}).get('error')}", ""]
+            continue
+        lines += _table(
+            ["", "full fine-tuning", f"LoRA rank {c['lora_rank']}"],
+            [
+                ["trainable parameters", c["full"]["trainable_params"], c["lora"]["trainable_params"]],
+                ["step s", c["full"]["step_s"], c["lora"]["step_s"]],
+                ["samples/s", c["full"]["samples_per_s"], c["lora"]["samples_per_s"]],
+                ["state per rank MB (weights, grads, optimizer)", c["full"]["state_mb"], c["lora"]["state_mb"]],
+                [
+                    "peak memory GB",
+                    *(round(c[m]["peak_mem_bytes"] / 1e9, 2) if c[m].get("peak_mem_bytes") else None for m in modes),
+                ],
+            ],
+        )
+        lines += [
+            f"{c['model']}, {c.get('workers')} workers x {c['batch_per_worker']}; the same `train_step` (DeepSpeed, EMA) "
+            f"with train.lora's default targets: {c['trainable_fraction']:.2%} of the weights train, step time x"
+            f"{c['step_time_ratio']}, state x{c['state_ratio']}.",
+            "",
+        ]
     att = [c for c in cfgs if c.get("section") == "attention"]
     if att:
         lines += ["## Attention kernels, forward + backward", ""]

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-SECTIONS = ["train", "attention", "data", "checkpoint"]  # each a module here with run(quick) -> list[dict]
+SECTIONS = ["train", "attention", "data", "checkpoint", "lora"]  # each a module here with run(quick) -> list[dict]
 
 
 def run_all(

@@ -235,6 +235,13 @@ class Loops:
         torch.manual_seed(0)
         with device:  # initialised where it trains: an XL model takes seconds to initialise on a CPU
             model = DiT(cfg)
+        if v.get("lora"):  # train.lora's adapters (the worker injects them after model.init_from)
+            from ..models import lora
+            from ..spec import LoraSpec
+
+            lora.apply(model, LoraSpec(rank=v["lora"]))
+        self.params = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         engine = build_engine(model, spec)
         ema = EMA(engine.module, spec.train.ema_decay)
         guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps)
@@ -417,6 +424,50 @@ def fp8_curve(v: dict, rank: int, world: int, device: torch.device) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ LoRA against full fine-tuning
+
+LORA_RANK = 16
+
+
+def lora_vs_full(v: dict, rank: int, world: int, device: torch.device) -> dict:
+    """The same step (`train_step`, DeepSpeed, EMA) with every weight training and with train.lora's
+    default adapters (rank `v['lora']`) on the frozen model: trainable parameters, step time and
+    memory. Memory: the state the engine holds per rank (weights, gradients, optimizer: `state_bytes`),
+    and on a GPU the step's peak allocation."""
+    out: dict[str, Any] = {"model": f"DiT-{v['size']}/2", "batch_per_worker": v["batch"], "lora_rank": v["lora"]}
+    for mode in ("full", "lora"):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            before = _allocated(device)
+            loops = Loops(dict(v, lora=v["lora"] if mode == "lora" else 0), rank, world, device)
+            for _ in range(v["warmup"]):
+                loops.ditforge()
+            step_s = min(_timed(loops.ditforge, v["steps"], device, world) for _ in range(v["rounds"]))
+            state = state_bytes(loops.engine)
+            out[mode] = {
+                "params": loops.params,
+                "trainable_params": loops.trainable,
+                "step_s": round(step_s, 5),
+                "samples_per_s": round(v["batch"] * world / step_s, 2),
+                "state_bytes": state,
+                "state_mb": round(sum(state.values()) / 1e6, 2),
+                "peak_mem_bytes": _peak(device, before) if device.type == "cuda" else None,
+            }
+            del loops
+        except Exception as e:
+            traceback.print_exc()
+            out[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    f, lo = out["full"], out["lora"]
+    if "step_s" in f and "step_s" in lo:
+        out["trainable_fraction"] = round(lo["trainable_params"] / f["trainable_params"], 5)
+        out["step_time_ratio"] = round(lo["step_s"] / f["step_s"], 3)
+        out["state_ratio"] = round(sum(lo["state_bytes"].values()) / sum(f["state_bytes"].values()), 3)
+    return out
+
+
 # ------------------------------------------------------------------------------ GPU extras
 
 
@@ -580,6 +631,8 @@ def _worker(rank: int, cfg: dict, port: int, queue: Any) -> None:
             put("ablation", ablation(dict(cfg["variants"][0], batch=batch), rank, world, device))
         if cfg.get("fp8_curve"):
             put("fp8", fp8_curve(dict(cfg["fp8_curve"], batch=batch), rank, world, device))
+        if cfg.get("lora"):
+            put("lora", lora_vs_full(dict(cfg["lora"], batch=batch), rank, world, device))
     finally:
         put("done", None)
         dist.destroy_process_group()
@@ -594,7 +647,7 @@ def run_config(cfg: dict, on_row: Callable[[dict], object] | None = None) -> dic
     procs = [ctx.Process(target=_worker, args=(r, cfg, port, queue)) for r in range(cfg["world"])]
     for p in procs:
         p.start()
-    result: dict = {"variants": [], "zero": {}, "peak": None, "ablation": None, "fp8": None}
+    result: dict = {"variants": [], "zero": {}, "peak": None, "ablation": None, "fp8": None, "lora": None}
     done = 0
     while done < len(procs):
         try:
@@ -613,7 +666,7 @@ def run_config(cfg: dict, on_row: Callable[[dict], object] | None = None) -> dic
             result["variants"].append(row)
         elif kind == "zero":
             result["zero"][f"zero{row['zero']}" + ("_overlap_comm" if row.get("overlap_comm") else "")] = row
-        elif kind in ("ablation", "fp8"):
+        elif kind in ("ablation", "fp8", "lora"):
             result[kind] = row
         if on_row:
             on_row(result)
@@ -768,6 +821,11 @@ def rows_of(cfg: dict, r: dict) -> list[dict]:
         rows[0]["ablation"] = r["ablation"]
     if r["fp8"]:
         rows.append({"name": r["fp8"]["name"], "device": device_name(), "torch": torch.__version__} | r["fp8"])
+    if r.get("lora"):
+        rows.append(
+            {"name": cfg["lora"]["name"], "device": device_name(), "torch": torch.__version__, "workers": world}
+            | r["lora"]
+        )
     return rows
 
 

@@ -55,6 +55,12 @@ def export_cmd(
             if cfg["vae_exported"]
             else f"no vae/: the {cfg['vae']['kind']} VAE has no AutoencoderKL form)"
         )
+    if cfg.get("lora"):  # merged weights, and the adapter alone beside them (models/lora.py)
+        where = "adapter/ (peft)"
+        if fmt == "diffusers":
+            adapter = cfg.get("lora_adapter") or ""
+            where = "transformer_lora/ (peft)" if adapter == "transformer_lora" else f"no adapter: {adapter}"
+        extra += f"; LoRA rank {cfg['lora']['rank']} merged, {where}"
     out.print(f"exported step {cfg['step']} of {cfg['checkpoint']} → {dest}{extra}", highlight=False)
 
 

@@ -15,11 +15,12 @@ app = typer.Typer(no_args_is_help=True, help="The embedded S3 server, MLflow ser
 
 @user_errors
 def ui() -> None:
-    """Print the MLflow UI address of the embedded tracking server (starting it if needed)."""
+    """Print the MLflow UI address of the embedded tracking server (starting it if needed), in its model-training view."""
     from .. import services
+    from ..train.tracking import ui_link
 
     ep = services.up(ray=False)
-    out.print(ep.mlflow, highlight=False)
+    out.print(ui_link(ep.mlflow), highlight=False)
 
 
 @app.command("up")

@@ -72,6 +72,10 @@ def submit(
         from ..models.info import latent_shape
 
         check_spec(spec, latent_shape(spec)[0])
+        if spec.train.lora is not None:  # each adapter target selects a linear layer of the model
+            from ..models import lora
+
+            lora.check_spec(spec, latent_shape(spec)[0])
     if spec.resources.use_gpu and isinstance(cluster, (EmbeddedCluster, LocalCluster)):
         # Their Ray nodes start with --num-gpus=0: say so before starting anything.
         raise SubmitError(

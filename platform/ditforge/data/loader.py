@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 Batch = tuple[torch.Tensor, torch.Tensor, list[str], list[str]]
 
 PREFETCH = 2  # shards read ahead of the one being consumed
-# Why a sample was skipped; `data/skipped/<reason>` metrics. The first four are whole shards.
+# Why a sample was skipped; `train_data/skipped/<reason>` metrics. The first four are whole shards.
 REASONS = (
     "missing_shard",
     "truncated_shard",
@@ -362,10 +362,10 @@ class LatentLoader:
 
 
 def skipped_metrics(counts: list[float]) -> dict[str, float]:
-    """`skipped_counts()` (summed over ranks) → `data/skipped` and `data/skipped/<reason>` (the
+    """`skipped_counts()` (summed over ranks) → `train_data/skipped` and `train_data/skipped/<reason>` (the
     reasons met so far only)."""
-    out = {"data/skipped": float(counts[0])}
-    out.update({f"data/skipped/{r}": float(v) for r, v in zip(REASONS, counts[1:]) if v})
+    out = {"train_data/skipped": float(counts[0])}
+    out.update({f"train_data/skipped/{r}": float(v) for r, v in zip(REASONS, counts[1:]) if v})
     return out
 
 

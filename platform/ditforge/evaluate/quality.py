@@ -4,9 +4,9 @@ For `shapes` (images; class = shape) and `moving-shapes` (videos; class = direct
 small CNN (2D, or 3D for clips) is trained on freshly generated samples, then scores the class-
 conditional samples of a run:
 
-- `quality/class_accuracy`: how often the classifier assigns a sample the class it was generated
+- `validation/class_accuracy`: how often the classifier assigns a sample the class it was generated
   for (chance = 1 / classes);
-- `quality/fd`: the Fréchet distance (FID's formula, Heusel et al. 2017) between the classifier's
+- `validation/fd`: the Fréchet distance (FID's formula, Heusel et al. 2017) between the classifier's
   penultimate features of generated and of real samples. Only comparable between runs scored
   with the same classifier and sample count.
 
@@ -201,8 +201,8 @@ def score_features(
     real, _ = real_pixels(name, range(len(feats)), resolution, frames, REFERENCE_SEED)
     real_feats = torch.cat([classifier.features(c) for c in real.split(128)])
     return {
-        "quality/class_accuracy": (preds == labels.cpu()).float().mean().item(),
-        "quality/fd": frechet_distance(feats, real_feats),
+        "validation/class_accuracy": (preds == labels.cpu()).float().mean().item(),
+        "validation/fd": frechet_distance(feats, real_feats),
     }
 
 

@@ -4,12 +4,12 @@ Held-out moving-shapes clips (evaluate/quality.py's reference seed, never a trai
 known truth: each task gets its conditions from a clip, the model fills in the rest, and the
 generated pixels are compared with the true ones:
 
-- `tasks/<task>/psnr`: PSNR in dB (peak 255) over the generated pixels only, mean over clips;
-- `tasks/<task>/baseline_psnr`: the same for a trivial answer that needs no model: each missing
+- `validation/tasks/<task>/psnr`: PSNR in dB (peak 255) over the generated pixels only, mean over clips;
+- `validation/tasks/<task>/baseline_psnr`: the same for a trivial answer that needs no model: each missing
   frame copies the nearest given frame, or blends the two given frames around it linearly
   (prediction: copy the last given frame; interpolation: linear blend; image-to-video: repeat the
   image); `complete` fills each frame's hole with the mean colour of its given pixels;
-- `tasks/<task>/direction_accuracy` (with the 3D classifier of evaluate/quality.py): how often the
+- `validation/tasks/<task>/direction_accuracy` (with the 3D classifier of evaluate/quality.py): how often the
   classifier reads the clip's true direction of motion from the generated frames alone (and
   `..._baseline` for the baseline's frames).
 
@@ -142,12 +142,12 @@ def score_tasks(
         pm = pixel_mask(given, tuple(truth.shape[2:]))
         gen = torch.where(pm, truth, gen)  # given pixels are the condition itself
         base = baseline(task, truth, pm)
-        metrics[f"tasks/{task}/psnr"] = psnr(gen, truth, ~pm).mean().item()
-        metrics[f"tasks/{task}/baseline_psnr"] = psnr(base, truth, ~pm).mean().item()
+        metrics[f"validation/tasks/{task}/psnr"] = psnr(gen, truth, ~pm).mean().item()
+        metrics[f"validation/tasks/{task}/baseline_psnr"] = psnr(base, truth, ~pm).mean().item()
         if classifier is not None:
             for name, px in (("direction_accuracy", gen), ("direction_accuracy_baseline", base)):
                 logits = classifier(generated_frames(px, pm))
-                metrics[f"tasks/{task}/{name}"] = (logits.argmax(1) == labels).float().mean().item()
+                metrics[f"validation/tasks/{task}/{name}"] = (logits.argmax(1) == labels).float().mean().item()
         examples[task] = (gen[:4], truth[:4], pm[:4])
     model.train(was_training)
     return metrics, examples

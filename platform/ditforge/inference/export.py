@@ -4,6 +4,9 @@
 shards into full fp32 weights with DeepSpeed's own `zero_to_fp32`, and writes:
   raw.safetensors   the trained weights       ema.safetensors   EMA weights (when the run kept them)
   model.json        what `load_model` needs to rebuild the DiT and decode its samples
+A LoRA run's checkpoint holds only its adapters (models/lora.py): the base weights are read again
+from the run's `model.init_from`, raw / EMA are the merged weights W + s·B A, and
+  adapter/           the adapter alone (peft's layout: adapter_model.safetensors + adapter_config.json)
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import storage
+from ..models import lora
 from ..models.dit import DiT, DiTConfig
 from ..runs.folder import resolve
 from ..train import checkpoint
 from ..train.ema import SHARD_LAYOUT, consolidate_shards
 
-FILES = ("model.json", "raw.safetensors", "ema.safetensors")
+FILES = ("model.json", "raw.safetensors", "ema.safetensors")  # what a model needs (a LoRA's adapter/ is extra)
 
 
 def consolidate(folder: Path, tag_root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -47,17 +51,44 @@ def export(src: str, out: str) -> dict:
         model_cfg["step"] = manifest["step"]
         outdir = tmp / "out"
         outdir.mkdir()
-        save_file(consolidate(folder, tmp, manifest["tag"]), str(outdir / "raw.safetensors"))
+        raw = consolidate(folder, tmp, manifest["tag"])
+        ema: dict[str, torch.Tensor] | None = None
         if (folder / "ema.safetensors").exists():
-            shutil.copy(folder / "ema.safetensors", outdir / "ema.safetensors")
+            ema = load_file(str(folder / "ema.safetensors"))
         elif (folder / SHARD_LAYOUT).exists():  # ZeRO-3: each rank saved its own EMA slices
-            save_file(consolidate_shards(folder), str(outdir / "ema.safetensors"))
+            ema = consolidate_shards(folder)
+        if model_cfg.get("lora"):
+            raw, ema = _merge_lora(model_cfg, raw, ema, outdir / lora.ADAPTER_DIR)
+        save_file(raw, str(outdir / "raw.safetensors"))
+        if ema is not None:
+            save_file(ema, str(outdir / "ema.safetensors"))
         (outdir / "model.json").write_text(json.dumps(model_cfg, indent=2))
-        for f in sorted(outdir.iterdir()):
-            storage.put_file(f, storage.join(out, f.name))
+        for f in sorted(p for p in outdir.rglob("*") if p.is_file()):
+            storage.put_file(f, storage.join(out, f.relative_to(outdir).as_posix()))
         return model_cfg
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merge_lora(
+    model_cfg: dict, raw: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, adapter_dir: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """A LoRA checkpoint's adapters (raw and EMA) merged into the base they were trained on, which
+    is read again from the run's model.init_from; the adapter that the default weights hold (EMA
+    when kept) goes to `adapter_dir` in peft's layout. Records which in model_cfg['lora']."""
+    from ..models.convert import read_pretrained
+
+    cfg = model_cfg["lora"]
+    try:
+        base = read_pretrained(cfg["base"], model_cfg["dit"]["num_classes"])
+    except Exception as e:  # PretrainedError's line names the path; say why it is needed
+        raise lora.LoraError(f"{model_cfg.get('checkpoint')}: a LoRA run exports onto its base weights: {e}") from None
+    adapters = lora.adapter_tensors(raw)
+    ema_adapters = lora.adapter_tensors(ema) if ema is not None else None
+    lora.write_peft(adapter_dir, ema_adapters if ema_adapters is not None else adapters, cfg)
+    cfg["adapter_weights"] = "raw" if ema_adapters is None else "ema"
+    merged_ema = lora.merge(base, ema_adapters, cfg["scale"]) if ema_adapters is not None else None
+    return lora.merge(base, adapters, cfg["scale"]), merged_ema
 
 
 def load_model(folder: str | Path, weights: str = "ema") -> tuple[DiT, dict]:
@@ -155,8 +186,21 @@ def write_diffusers(folder: Path, out: str, weights: str = "ema") -> dict:
         if vae is None:  # a component named null: from_pretrained loads without it (pass vae=... to decode)
             index["vae"] = [None, None]
         (local / "model_index.json").write_text(json.dumps(index, indent=2))
+        adapter = None
+        if cfg.get("lora") and (folder / lora.ADAPTER_DIR).exists():
+            # the adapter with diffusers' module names beside the merged transformer (models/lora.py)
+            mapped = lora.to_diffusers(lora.read_peft(folder / lora.ADAPTER_DIR))
+            if isinstance(mapped, str):
+                adapter = f"not written: {mapped}"
+            else:
+                lora.write_peft(local / lora.DIFFUSERS_ADAPTER_DIR, mapped, cfg["lora"])
+                adapter = lora.DIFFUSERS_ADAPTER_DIR
         for f in sorted(p for p in local.rglob("*") if p.is_file()):
             storage.put_file(f, storage.join(out, str(f.relative_to(local))))
-        return {"scheduler": type(scheduler).__name__, "vae_exported": vae is not None, "weights": cfg["weights"]}
+        return {
+            "scheduler": type(scheduler).__name__,
+            "vae_exported": vae is not None,
+            "weights": cfg["weights"],
+        } | ({"lora_adapter": adapter} if cfg.get("lora") else {})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

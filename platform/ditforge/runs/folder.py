@@ -190,6 +190,11 @@ def reshard_plan(step_uri: str, manifest: dict, world: int, zero_stage: int) -> 
         )
     if saved_world == world:
         return False
+    if manifest.get("adapters_only"):
+        raise ReshardError(
+            f"{step_uri}: LoRA adapters saved by {saved_world} workers resume with the same number: "
+            f"resources.workers={saved_world}"
+        )
     if saved_stage is None:
         raise ReshardError(
             f"{step_uri}: saved with {saved_world} workers, but its manifest.json has no zero_stage "

@@ -35,8 +35,9 @@ def _run(rec: dict) -> Run:
 def run_link(rec: dict) -> str:
     """The MLflow UI address of the job's run (the tracking URI alone when MLflow does not answer)."""
     try:
-        exp_id = _run(rec).info.experiment_id
-        return f"{rec['tracking_uri']}/#/experiments/{exp_id}/runs/{rec['mlflow_run_id']}"
+        from ..train.tracking import ui_link
+
+        return ui_link(rec["tracking_uri"], _run(rec).info.experiment_id, rec["mlflow_run_id"])
     except Exception:
         return rec["tracking_uri"]
 

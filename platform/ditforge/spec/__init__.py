@@ -45,6 +45,7 @@ from .job import (
     DeepSpeedSpec,
     EvalSpec,
     JobSpec,
+    LoraSpec,
     ModelSpec,
     ObjectiveSpec,
     ResourcesSpec,
@@ -87,6 +88,7 @@ __all__ = [
     "EvalSpec",
     "PRE_FP8_GPUS",
     "JobSpec",
+    "LoraSpec",
     "spec_warnings",
     # resume
     "RESUMABLE",

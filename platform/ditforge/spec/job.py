@@ -178,6 +178,27 @@ class VideoTasksSpec(Strict):
         return [t for t, w in self.weights().items() if w > 0]
 
 
+# LoRA's default targets: every transformer block's attention and MLP linears (models/lora.py).
+LORA_TARGETS = ["blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.0", "blocks.*.mlp.2"]
+
+
+class LoraSpec(Strict):
+    """Low-rank adapters (peft LoRA) on a frozen, imported DiT (models/lora.py): W x + (alpha / rank)·B A x,
+    with only A and B trained; checkpoints hold the adapters, export the merged weights and the adapter."""
+
+    rank: int = Field(8, gt=0, le=1024, description="r: the adapters' inner dimension")
+    alpha: float | None = Field(None, gt=0, description="scale = alpha / rank; default: rank (scale 1)")
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="linear layers to adapt: full names or suffixes, * for any block (blocks.*.attn.qkv)",
+    )
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
 class TrainSpec(Strict):
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -200,6 +221,7 @@ class TrainSpec(Strict):
     # the run with a checkpoint of the last good weights (train/nonfinite.py).
     max_nonfinite_steps: int = Field(10, ge=1, description="consecutive non-finite losses before the run stops")
     debug_nan_steps: list[int] = Field(default_factory=list, description="testing aid: the loss is NaN at these steps")
+    lora: LoraSpec | None = Field(None, description="train low-rank adapters on the frozen model.init_from weights")
 
     @field_validator("resume")
     @classmethod
@@ -496,6 +518,8 @@ class JobSpec(Strict):
                         f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
                         f"the clips have {gt}"
                     )
+        if self.train.lora is not None:
+            problems += _lora_problems(self)
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
             problems.append(f"train.warmup: {self.train.warmup} must be smaller than train.steps ({self.train.steps})")
         if problems:
@@ -515,6 +539,26 @@ class JobSpec(Strict):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _lora_problems(spec: JobSpec) -> list[str]:
+    out = []
+    if spec.task != "dit":
+        out.append("train.lora: adapters train a DiT (task: dit), not the VAE")
+    if not spec.model.init_from:
+        out.append(
+            "train.lora: needs model.init_from, the pretrained weights the adapters adapt "
+            "(a diffusers transformer folder or a facebookresearch/DiT .pt)"
+        )
+    if spec.deepspeed.zero_stage == 3:
+        out.append(
+            "train.lora: runs under deepspeed.zero_stage 0, 1 or 2 (the adapters are small; stage 3 gains nothing)"
+        )
+    if spec.train.precision == "fp8":
+        out.append("train.lora: not with train.precision: fp8 (use bf16 or fp32)")
+    if spec.resources.elastic:
+        out.append("train.lora: an elastic job (resources.min_workers) cannot resume adapters at another size")
+    return out
 
 
 def spec_warnings(spec: JobSpec) -> list[str]:

@@ -68,6 +68,9 @@ class Checkpointer:
     final_timeout_s: float = 900.0  # the last save of a run retries with backoff this long
     retry_backoff_s: float = 2.0  # its first wait, doubling up to a minute
     collective_timeout_s: float = PG_TIMEOUT_S  # what the other ranks wait in a collective at most
+    # train.lora: the model's frozen weights (the imported base) stay out of every save; the
+    # manifest says so, and a load then takes the saved tensors into the rebuilt model non-strictly
+    adapters_only: bool = False
     _thread: threading.Thread | None = field(default=None, repr=False)
     _stats: UploadStats | None = field(default=None, repr=False)
     _deadline: float = field(default=0.0, repr=False)
@@ -104,7 +107,8 @@ class Checkpointer:
         self._own_done, self._peers_done = threading.Event(), threading.Event()
         local_root = Path(tempfile.mkdtemp(prefix=f"ditforge-ckpt-r{self.rank}-"))
         self._zero_stage = engine.zero_optimization_stage()  # the files' layout: what a reshard needs
-        engine.save_checkpoint(str(local_root), tag=tag, client_state=client_state, save_latest=False)
+        frozen = {"exclude_frozen_parameters": True} if self.adapters_only else {}
+        engine.save_checkpoint(str(local_root), tag=tag, client_state=client_state, save_latest=False, **frozen)
         folder = local_root / tag
         for name, data in (files or {}).items():
             (folder / name).write_bytes(data)
@@ -258,6 +262,7 @@ class Checkpointer:
             "tag": step_tag(step),
             "world_size": self.world,
             "zero_stage": self._zero_stage,
+            "adapters_only": self.adapters_only,
             "created": time.time(),
             "files": {},
         }
@@ -412,9 +417,13 @@ def load(engine: Engine, step_uri: str, key: str) -> tuple[dict[str, Any], Path]
         ),
         flush=True,
     )
+    # adapters only (train.lora): the frozen base came from model.init_from and is not in the files
+    strict = {"load_module_strict": False} if manifest.get("adapters_only") else {}
     if needs:
         with reshard.universal_loading(engine):
-            path, client_state = engine.load_checkpoint(str(folder.parent / "_universal"), tag=manifest["tag"])
+            path, client_state = engine.load_checkpoint(
+                str(folder.parent / "_universal"), tag=manifest["tag"], **strict
+            )
         print(
             f"[rank {rank}] resharded {step_uri} from "
             f"{manifest['world_size']} to {world} workers (ZeRO-{manifest['zero_stage']}, universal checkpoint"
@@ -423,7 +432,7 @@ def load(engine: Engine, step_uri: str, key: str) -> tuple[dict[str, Any], Path]
             flush=True,
         )
     else:
-        path, client_state = engine.load_checkpoint(str(folder.parent), tag=manifest["tag"])
+        path, client_state = engine.load_checkpoint(str(folder.parent), tag=manifest["tag"], **strict)
     if path is None:
         raise RuntimeError(f"{step_uri}: DeepSpeed could not load this checkpoint")
     return client_state, folder

@@ -162,8 +162,13 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
     deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
     # fused (CPU kernels too): it honours `found_inf`, which skips a non-finite step without a
     # host sync (train/nonfinite.py).
+    # only what trains: under train.lora the frozen base has no gradients and no optimizer state
     opt = torch.optim.AdamW(
-        model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay, betas=(0.9, 0.999), fused=True
+        [p for p in model.parameters() if p.requires_grad],
+        lr=spec.train.lr,
+        weight_decay=spec.train.weight_decay,
+        betas=(0.9, 0.999),
+        fused=True,
     )
     warmup = spec.train.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)

@@ -116,14 +116,14 @@ def _log_upload(tracker: Tracker, stats: checkpoint.UploadStats) -> None:
     if stats.ok:
         tracker.log(
             {
-                "checkpoint/upload_s": stats.upload_s,
-                "checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
-                "checkpoint/MB": stats.bytes / 1e6,
+                "train_checkpoint/upload_s": stats.upload_s,
+                "train_checkpoint/MBps": stats.bytes / 1e6 / max(stats.upload_s, 1e-9),
+                "train_checkpoint/MB": stats.bytes / 1e6,
             },
             stats.step,
         )
     else:
-        tracker.log({"checkpoint/failed": 1.0}, stats.step)
+        tracker.log({"train_checkpoint/failed": 1.0}, stats.step)
 
 
 @contextlib.contextmanager
@@ -153,6 +153,7 @@ def worker_session(config: dict[str, Any]) -> Iterator[Session]:
         on_done=lambda s: _log_upload(tracker, s),
         final_timeout_s=spec.checkpoint.final_timeout_s,
         collective_timeout_s=spec.resources.collective_timeout_s,
+        adapters_only=spec.train.lora is not None,
     )
     run_folder.record_process(run_uri, f"rank_{rank}")
     try:

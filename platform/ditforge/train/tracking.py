@@ -242,6 +242,25 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # model-training experiment: runs, metric charts and artifacts. A kind set by the user is kept.
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+# MLflow 3.17's UI takes the view from its GenAI / Model training switch (kept in the browser,
+# GenAI by default) rather than from that tag, unless the address says which: every link ditforge
+# prints carries it (checked in Chromium: tests/e2e/test_jobs_e2e.py::test_the_demo_run_in_the_mlflow_ui).
+UI_VIEW = "workflowType=machine_learning"
+
+# Metric names. The run page's "Model metrics" tab groups charts by the part before the first "/",
+# sections in code-point order (digits, capitals, then lower case; names without "/" last) and
+# charts alphabetically within one. So `train/` comes first with loss, lr and samples_per_s as its
+# first three charts; the rest sort after it: `train_checkpoint/`, `train_data/`, `validation/`
+# (generated-set quality and video tasks). Runs logged before this naming keep the old names
+# (before 2026-12: checkpoint/ → train_checkpoint/, data/ → train_data/, quality/ → validation/,
+# tasks/ → validation/tasks/, train/mask_ratio → train/token_mask_ratio); train/loss, train/lr and
+# train/samples_per_s kept theirs.
+
+
+def ui_link(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI address of the experiment list, an experiment or a run, in the model-training view."""
+    path = "/#/experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}{path}?{UI_VIEW}"
 
 
 def create_run(

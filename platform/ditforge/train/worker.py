@@ -27,6 +27,7 @@ from ..data.loader import LatentLoader, Position, skipped_metrics
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
+from ..models import lora
 from ..models import tasks
 from ..models.convert import load_into
 from ..models.dit import DiT, dit_config, forward_flops, param_count, tokenize_bytes
@@ -85,6 +86,9 @@ def _train(run: Session) -> None:
     model = DiT(dit_cfg)
     if spec.model.init_from:  # pretrained weights (models/convert.py), the same on every rank
         load_into(model, spec.model.init_from)
+    # train.lora: the imported weights freeze and peft's adapters train (models/lora.py); checkpoints
+    # then hold the adapters alone, and export merges them into the base again
+    lora_layers = lora.apply(model, spec.train.lora) if spec.train.lora else None
     if precision(spec) == "fp8":  # before the batch probe: float8 linears change the memory per sample
         convert_fp8(model, device)
     objective = build_objective(spec.objective)
@@ -132,6 +136,8 @@ def _train(run: Session) -> None:
     tracker.params(
         {
             "model.params": param_count(model),
+            "model.trainable_params": lora.trainable(model),
+            **({"lora.layers": len(lora_layers)} if lora_layers else {}),
             "model.latent_shape": list(latent_shape),
             **({} if spec.resources.elastic else {"world_size": world}),
             "attention.backend": dit_cfg.attention,
@@ -154,6 +160,12 @@ def _train(run: Session) -> None:
             "job": spec.name,
             # the tasks `ditforge sample --task` may ask for
             "video_tasks": video_tasks.model_dump(mode="json") if video_tasks else None,
+            # adapters: export merges them into the base it reads again from model.init_from
+            "lora": (
+                lora.config(spec.train.lora, lora_layers) | {"base": spec.model.init_from}
+                if spec.train.lora and lora_layers
+                else None
+            ),
         }
     ).encode()
 
@@ -182,7 +194,7 @@ def _train(run: Session) -> None:
             rank_state={"data": batches.position.to_dict()},
             final=final,
         )
-        tracker.log({"checkpoint/stall_s": stall}, step)
+        tracker.log({"train_checkpoint/stall_s": stall}, step)
 
     # Where each rank runs: on a multi-node cluster this shows (and tests check) the placement.
     # (Also orders rank 0's discard_after in run.resume before any rank's first save.)
@@ -243,7 +255,7 @@ def _train(run: Session) -> None:
                 "train/skipped_nonfinite": guard.total,
                 "train/step_s": elapsed / steps_since,
                 "train/samples_per_s": steps_since * plan.micro * plan.accum * world / elapsed,
-                "train/mask_ratio": ratio,
+                "train/token_mask_ratio": ratio,
                 "train/tflops_per_s": flops_since * world / elapsed / 1e12,
             }
             bad = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
@@ -483,8 +495,8 @@ def _evaluate(
                 feats, preds = torch.cat([f for f, _ in parts]), torch.cat([p for _, p in parts])
                 metrics.update(quality.score_features(classifier.cpu(), feats, preds, y, name, res, frames))
                 print(
-                    f"quality at step {step}: class accuracy {metrics['quality/class_accuracy']:.3f}, "
-                    f"FD {metrics['quality/fd']:.3f}",
+                    f"quality at step {step}: class accuracy {metrics['validation/class_accuracy']:.3f}, "
+                    f"FD {metrics['validation/fd']:.3f}",
                     flush=True,
                 )
         if run_tasks and rank == 0:
@@ -516,10 +528,10 @@ def _evaluate(
                 tracker.artifact(task_quality.task_gif(generated, truth, pmask, gif), "tasks")
             for task in examples:
                 print(
-                    f"task {task} at step {step}: PSNR {task_metrics[f'tasks/{task}/psnr']:.2f} dB "
-                    f"(baseline {task_metrics[f'tasks/{task}/baseline_psnr']:.2f})",
+                    f"task {task} at step {step}: PSNR {task_metrics[f'validation/tasks/{task}/psnr']:.2f} dB "
+                    f"(baseline {task_metrics[f'validation/tasks/{task}/baseline_psnr']:.2f})",
                     flush=True,
                 )
     if rank == 0 and metrics:
-        metrics["quality/seconds"] = time.perf_counter() - t0
+        metrics["validation/seconds"] = time.perf_counter() - t0
         tracker.log(metrics, step)
