@@ -13,6 +13,7 @@ Prometheus on the node itself still scrapes them.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -20,6 +21,15 @@ METRICS_HOST_ENV = "DITFORGE_METRICS_HOST"
 
 
 def node_env(env: dict[str, str]) -> dict[str, str]:
-    """`env` for a `ray start`: token auth and the start-up hook that keeps metrics on loopback."""
-    path = [str(HERE), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(HERE)]]
-    return env | {"RAY_AUTH_MODE": "token", "PYTHONPATH": os.pathsep.join(path), METRICS_HOST_ENV: "127.0.0.1"}
+    """`env` for a `ray start`: token auth, the start-up hook that keeps metrics on loopback, and
+    this Python first on PATH (a Ray job's entrypoint, `python -m ditforge.runs.driver`, is run by
+    whatever `python` the node's PATH finds: on a Slurm node that was the system's, without mlflow)."""
+    py = [str(HERE), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(HERE)]]
+    bindir = str(Path(sys.executable).parent)
+    path = [bindir, *[p for p in env.get("PATH", "").split(os.pathsep) if p and p != bindir]]
+    return env | {
+        "RAY_AUTH_MODE": "token",
+        "PYTHONPATH": os.pathsep.join(py),
+        "PATH": os.pathsep.join(path),
+        METRICS_HOST_ENV: "127.0.0.1",
+    }
