@@ -17,13 +17,20 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ditforge demo
 
-# Two pytest-xdist workers share one set of services and take whole files (tests/conftest.py hands
-# out the longest first); then the tests marked `serial` (they stop or restart the services, build
-# network-namespace hosts, or hold a cluster or a command to a deadline) run alone.
+# Three lanes. The tests marked `hosts` (network-namespace hosts with services, Ray and a Slurm of
+# their own: nothing of the session's) run in the background from the start, their output in
+# .ditforge/hosts-lane.log, printed when they end. Meanwhile two pytest-xdist workers share one set
+# of services and take whole files (tests/conftest.py hands out the longest first); then the tests
+# marked `serial` (they stop or restart those services, or hold a cluster or a command to a
+# deadline) run alone. The hosts lane spends much of its time waiting (fail-over detection, joins,
+# Slurm's scheduling): beside the others it costs minutes, not the ~25 it takes alone.
 test: install
-	status=0; \
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=30 || status=$$?; \
-	$(BIN)/python -m pytest -q -rs -m serial --durations=15 || status=$$?; \
+	status=0; mkdir -p .ditforge; \
+	$(BIN)/python -m pytest -q -rs -m hosts -p no:cacheprovider --durations=15 >.ditforge/hosts-lane.log 2>&1 & hosts=$$!; \
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m "not serial and not hosts" --durations=30 || status=$$?; \
+	$(BIN)/python -m pytest -q -rs -m "serial and not hosts" --durations=15 || status=$$?; \
+	wait $$hosts || status=$$?; \
+	echo "==== the hosts lane (pytest -m hosts) ===="; cat .ditforge/hosts-lane.log; \
 	exit $$status
 
 # ruff lint (pyflakes + pycodestyle rules) and ruff format over the package and the tests, and mypy

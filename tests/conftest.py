@@ -87,20 +87,24 @@ SERVERS = ("embedded", "s3_prefix", "hosts", "data_ray")  # fixtures that start 
 
 # The longest e2e files, in the order `make test`'s two xdist workers (`--dist loadfile`: a file is
 # one unit, so its module fixtures run once) should start them, so that neither is left with a long
-# one at the end (durations of a `make test` run, 2026-12-04).
+# one at the end (durations of a `make test` run from a fresh clone, 2026-12-07).
 LONGEST_FIRST = [
-    "e2e/test_jobs_e2e.py",  # 264 s
-    "e2e/test_train_e2e.py",  # 185 s
-    "e2e/test_video_e2e.py",  # 105 s
-    "e2e/test_security_e2e.py",  # 80 s
-    "e2e/test_bad_data_e2e.py",  # 78 s
-    "e2e/test_bench.py",  # 74 s
-    "e2e/test_quality.py",  # 54 s
-    "e2e/test_nonfinite.py",  # 54 s
-    "e2e/test_reshard.py",  # 49 s
-    "e2e/test_ema.py",  # 42 s
-    "e2e/test_run_end.py",  # 35 s
-    "unit/test_batch.py",  # 32 s
+    "e2e/test_jobs_e2e.py",  # 501 s
+    "e2e/test_train_e2e.py",  # 464 s
+    "e2e/test_restart.py",  # 237 s
+    "e2e/test_video_e2e.py",  # 219 s
+    "e2e/test_bench.py",  # 179 s
+    "e2e/test_quality.py",  # 104 s
+    "e2e/test_nonfinite.py",  # 100 s
+    "e2e/test_reshard.py",  # 80 s
+    "e2e/test_security.py",  # 75 s
+    "e2e/test_security_e2e.py",  # 74 s
+    "e2e/test_data.py",  # 55 s
+    "e2e/test_vae_loop.py",  # 53 s
+    "e2e/test_bad_data_e2e.py",  # 51 s
+    "e2e/test_readme_commands.py",  # 37 s
+    "e2e/test_run_end.py",
+    "unit/test_batch.py",
 ]
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # network-namespace hosts
+pytestmark = [pytest.mark.slow, pytest.mark.hosts]  # network-namespace hosts
 
 SERVE = "import socket,sys; s=socket.socket(); s.bind(('0.0.0.0', 7999)); s.listen(); print('up', flush=True); c,_=s.accept(); c.send(b'hi'); c.close()"
 CONNECT = "import socket,sys; s=socket.create_connection((sys.argv[1], 7999), timeout=10); print(s.recv(2).decode())"

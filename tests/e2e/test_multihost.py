@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # network-namespace hosts, timed fail-overs
+pytestmark = [pytest.mark.slow, pytest.mark.hosts]  # network-namespace hosts, timed fail-overs
 
 CLI = [sys.executable, "-m", "ditforge.cli"]
 REPO = Path(__file__).resolve().parents[2]
@@ -30,19 +30,34 @@ WEED_INTERNAL = {7333, 8181, 8888, 9101, 9333, 9340, 18333, 18888, 19333, 19340,
 RAY_METRICS = {44217, 44227}  # the autoscaler's and dashboard's Prometheus exporters (Ray's defaults)
 
 SCAN = """
-import asyncio, sys
-async def probe(port, sem, out):
-    async with sem:
-        try:
-            r, w = await asyncio.wait_for(asyncio.open_connection(sys.argv[1], port), 2.0)
-            out.append(port); w.close()
-        except Exception:
-            pass
-async def main():
-    sem, out = asyncio.Semaphore(512), []
-    await asyncio.gather(*(probe(p, sem, out) for p in range(1, 65536)))
-    print(" ".join(map(str, sorted(out))))
-asyncio.run(main())
+import selectors, socket, sys
+# Non-blocking connects, 2048 ports at a time: a closed port answers RST at once, an open one
+# completes; 65535 ports in seconds (asyncio took 15-55 s on a busy 2-core machine).
+host, found = sys.argv[1], []
+for lo in range(1, 65536, 2048):
+    sel = selectors.DefaultSelector()
+    for port in range(lo, min(lo + 2048, 65536)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((host, port))
+        sel.register(s, selectors.EVENT_WRITE, port)
+    pending = len(sel.get_map())
+    while pending:
+        events = sel.select(timeout=2.0)
+        if not events:
+            break  # what is left neither completed nor was refused within 2 s (nothing here)
+        for key, _ in events:
+            sock = key.fileobj
+            # connected, and not to itself (a connect to one's own address can pick the same port)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and sock.getsockname() != sock.getpeername():
+                found.append(key.data)
+            sel.unregister(sock)
+            sock.close()
+            pending -= 1
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    sel.close()
+print(" ".join(map(str, sorted(found))))
 """
 
 # What an intruder tries on each open port it knows nothing about, all ports at once: an HTTP GET

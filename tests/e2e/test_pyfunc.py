@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,43 +51,63 @@ def _export(folder, latent_shape, frames: int = 1):
     return folder
 
 
+def _listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether `proc` or a process it started listens on `port` (not some other process)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        return any(c.laddr.port == port and c.status == "LISTEN" for p in tree for c in p.net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
 @pytest.fixture(scope="module")
 def remote_mlflow(tmp_path_factory):
-    """A plain `mlflow server` of its own (sqlite + proxied local artifacts), not ditforge's embedded one."""
+    """A plain `mlflow server` of its own (sqlite + proxied local artifacts), not ditforge's embedded one.
+    The port is free when chosen but may be taken before the server binds it (another test's Ray
+    picks ports from the same range): then this tries another, rather than talk to a stranger."""
     root = tmp_path_factory.mktemp("remote-mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--workers",
-            "1",
-            "--artifacts-destination",
-            f"file://{root}/artifacts",
-        ],
-        cwd=root,
-        stdout=open(root / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"mlflow server did not come up: {(root / 'server.log').read_text()[-2000:]}")
+    for attempt in range(3):
+        port = free_port()
+        log = root / f"server-{attempt}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{root}/mlflow.db",
+                "--workers",
+                "1",
+                "--artifacts-destination",
+                f"file://{root}/artifacts",
+            ],
+            cwd=root,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                if _listens(proc, port):
+                    break
+            except OSError:
+                pass
             time.sleep(1)
+        if proc.poll() is None and _listens(proc, port):
+            break
+        proc.kill()
+        proc.wait(30)
+    else:
+        raise RuntimeError(f"mlflow server did not come up: {log.read_text()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -120,8 +141,14 @@ print(json.dumps({"dtype": str(out.dtype), "shape": list(out.shape), "row_alone"
 def test_registered_pyfunc_predicts_images_in_a_fresh_process_from_a_remote_server(remote_mlflow, tmp_path):
     uri = _register(remote_mlflow, _export(tmp_path / "export", (12, 16, 16)), tmp_path / "pyfunc", "pyfunc-image")
     # a fresh interpreter that knows only the server and the model URI (nothing of this process)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     r = subprocess.run(
-        [sys.executable, "-c", PREDICT, remote_mlflow, uri], capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, "-c", PREDICT, remote_mlflow, uri],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])

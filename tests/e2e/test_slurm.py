@@ -40,17 +40,7 @@ from ditforge.runs.folder import complete_steps
 from . import slurm as test_slurm
 from ..conftest import REPO
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.serial,  # network-namespace hosts and a Slurm of their own
-    # Not yet seen passing: written on a machine at load average 200-400, where Ray's head did not
-    # register its own raylet within Ray's startup timeout inside the allocation. Run on purpose
-    # with DITFORGE_SLURM_E2E=1 until it has passed here (see README, "On a Slurm cluster").
-    pytest.mark.skipif(
-        os.environ.get("DITFORGE_SLURM_E2E") != "1",
-        reason="Slurm end-to-end tests not yet verified: set DITFORGE_SLURM_E2E=1 to run them",
-    ),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.hosts]  # network-namespace hosts and a Slurm of their own
 STEPS, EVERY = 60, 10
 MLFLOW_PORT = 5099
 

@@ -4,7 +4,10 @@ Either way a `inference/export.py` folder: model.json beside raw / EMA safetenso
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +30,31 @@ def from_mlflow(model: str) -> bool:
     return model.startswith(MLFLOW_PREFIXES)
 
 
+@contextmanager
+def _mlflow_server(uri: str) -> Iterator[None]:
+    """MLflow's tracking and registry URIs set to URI inside the block only. mlflow.set_*_uri also
+    write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which every later subprocess
+    would inherit (a fresh process then looked up another server's registry): put all of it back."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {k: os.environ.get(k) for k in names}
+    before = (tracking._tracking_uri, registry._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # models:/ resolves through the registry, not a local file
+    try:
+        yield
+    finally:
+        tracking._tracking_uri, registry._registry_uri = before
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = None) -> tuple[DiT, dict]:
     """MODEL → (DiT, model.json dict), with WEIGHTS ("ema" or "raw") loaded. An MLflow model is
     fetched from TRACKING_URI, which must then be given, without a password (it is printed in errors)."""
@@ -46,10 +74,9 @@ def fetch_model(model: str, weights: str = "ema", tracking_uri: str | None = Non
             no_password(tracking_uri)
         except ValueError as e:
             raise FetchError("tracking_uri", str(e)) from None
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)  # models:/ resolves through the registry, not a local file
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(local), tracking_uri=tracking_uri)
+            with _mlflow_server(tracking_uri):
+                mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(local), tracking_uri=tracking_uri)
         except Exception as e:
             raise FetchError(
                 "model", f"cannot fetch from MLflow at {tracking_uri} ({str(e).splitlines()[0]})"
