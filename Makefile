@@ -22,8 +22,8 @@ demo: install
 # .ditforge/hosts-lane.log, printed when they end. Meanwhile two pytest-xdist workers share one set
 # of services and take whole files (tests/conftest.py hands out the longest first); then the tests
 # marked `serial` (they stop or restart those services, or hold a cluster or a command to a
-# deadline) run alone. The hosts lane spends much of its time waiting (fail-over detection, joins,
-# Slurm's scheduling): beside the others it costs minutes, not the ~25 it takes alone.
+# deadline) run alone. The hosts lane spends part of its time waiting (fail-over detection, joins,
+# Slurm's scheduling), which the others fill (docs/development.md: the measured gain is modest).
 test: install
 	status=0; mkdir -p .ditforge; \
 	$(BIN)/python -m pytest -q -rs -m hosts -p no:cacheprovider --durations=15 >.ditforge/hosts-lane.log 2>&1 & hosts=$$!; \

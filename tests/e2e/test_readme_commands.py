@@ -116,11 +116,14 @@ def test_make_targets_run_what_the_readme_says():
     assert recipe("fault").endswith("pytest -q -rs --durations=0 -m fault")
     assert recipe("bench").endswith("ditforge bench --json bench.json")
     assert recipe("bench", "BENCH_ARGS=--quick").endswith("ditforge bench --json bench.json --quick")
-    # `make test`: two xdist workers for all but the serial tests, then those alone
+    # `make test`: the hosts lane in the background; two xdist workers for the rest but the serial
+    # tests, then those alone
     test = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
-    assert '-n 2 --dist loadfile --no-loadscope-reorder -m "not serial"' in test and " -m serial " in test, test
+    assert " -m hosts " in test and "& hosts=$!" in test and "wait $hosts" in test, test
+    assert '-n 2 --dist loadfile --no-loadscope-reorder -m "not serial and not hosts"' in test, test
+    assert ' -m "serial and not hosts" ' in test, test
     markers = (REPO / "pyproject.toml").read_text()
-    assert all(f'"{m}:' in markers for m in ("slow", "fault", "serial"))  # the markers the targets select
+    assert all(f'"{m}:' in markers for m in ("slow", "fault", "serial", "hosts"))  # the markers the targets select
 
 
 def test_ui_and_services_commands(embedded, tmp_path):
