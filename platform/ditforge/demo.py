@@ -66,7 +66,17 @@ def run(
             ingest_shapes(pixels, limit=images, resolution=32)
             say(f"data: {images} shapes images → {pixels}")
         encode_dataset(pixels, spec.data.train, spec.vae)  # each VAE actor builds its own from the spec
-    say(f"latents ({spec.vae.kind} VAE) → {spec.data.train}")
+        say(f"latents ({spec.vae.kind} VAE) → {spec.data.train}")
+        for src in spec.data.mix:  # joint training: the further sets, generated the same way
+            from .data.ingest import ingest
+
+            pixels = src.train.removesuffix("/").removesuffix("-latents") + "-pixels"
+            kind = "moving-shapes" if src.frames > 1 else "shapes"
+            res = src.resolution or spec.data.resolution
+            ingest(kind, pixels, limit=images, resolution=res, frames=src.frames, shard_size=64)
+            say(f"data: {images} {kind} {'clips' if src.frames > 1 else 'images'} ({res} px) → {pixels}")
+            encode_dataset(pixels, src.train, spec.vae)
+            say(f"latents ({spec.vae.kind} VAE) → {src.train}")
     rec = submit(spec, EmbeddedCluster(), source=str(job))
     say(f"job {rec['job_id']}  run {rec['run_name']}")
     state = follow(rec)

@@ -1,5 +1,6 @@
 """The VDT mask-modeling video job end to end: moving-shapes clips → (C, T, h, w) latents on S3 →
-the video DiT trained on the task mixture → per-task metrics and GIFs, `ditforge sample --task`
+the video DiT trained on the task mixture, with shapes images mixed in as one-frame clips
+(`data.mix`, joint image-video training) → per-task metrics and GIFs, `ditforge sample --task`
 from the registered model, and an exact resume. (The plain video job, with captions, is
 tests/e2e/test_jobs_e2e.py::test_video_dit_s_moving_shapes.)"""
 
@@ -24,10 +25,12 @@ TASKS_SAMPLED = ("predict", "predict_backward", "interpolate", "image_to_video",
 
 
 def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_ray, tmp_path, capsys):
-    """jobs/video-vdt-moving-shapes.yaml, shortened: every task in the mixture, per-task metrics and
-    GIFs in MLflow, the registered model samples each task through `ditforge sample --task`, and a
-    second run started from the middle checkpoint ends with bit-identical weights (the masks come
-    from the step's generator)."""
+    """jobs/video-vdt-moving-shapes.yaml, shortened, with an image set mixed in (`data.mix`, weight
+    0.5: with seed 0 steps 1 and 5 draw the images, 2-4 and 6 the clips): every task in the
+    mixture, per-task metrics and GIFs in MLflow, each set's steps and loss, the registered model
+    samples each task through `ditforge sample --task`, and a second run started from the middle
+    checkpoint ends with bit-identical weights (the masks come from the step's generator, the set
+    from the batch's number, each set's loader position from the checkpoint)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
@@ -40,8 +43,11 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_
     root = f"s3://ditforge/tests/vdt-{uuid.uuid4().hex[:8]}"
     ingest.ingest("moving-shapes", f"{root}/pixels", limit=32, frames=4, resolution=16, shard_size=8, progress=False)
     encode_dataset(f"{root}/pixels", f"{root}/latents", parse_vae("identity"), progress=False)
+    ingest.ingest("shapes", f"{root}/image-pixels", limit=32, resolution=16, shard_size=8, progress=False)
+    encode_dataset(f"{root}/image-pixels", f"{root}/image-latents", parse_vae("identity"), progress=False)
     sets = [
         f"data.train={root}/latents",
+        f"data.mix=[{{train: {root}/image-latents, weight: 0.5, batch_size: 8, labels: drop}}]",
         "data.frames=4",
         "data.batch_size=4",
         "train.steps=6",
@@ -58,6 +64,11 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_
         "eval.task_clips=4",
     ]  # the evaluation as the spec has it
 
+    # shapes' class ids name shapes, moving-shapes' directions: refused before any Ray job unless dropped
+    keep = [x.replace("labels: drop", "labels: keep") for x in sets]
+    r = run_cli("submit", str(REPO / "jobs" / "video-vdt-moving-shapes.yaml"), *[a for x in keep for a in ("--set", x)])
+    assert r.returncode == 2 and "data.mix.0.labels:" in r.stderr and "labels: drop" in r.stderr, r.stderr
+
     def submit(*extra):
         args = ["submit", str(REPO / "jobs" / "video-vdt-moving-shapes.yaml"), "--wait"]
         for s in [*sets, *extra]:
@@ -72,6 +83,15 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_
     for task in ("predict", "predict_backward", "interpolate", "image_to_video", "any_frames", "complete"):
         for m in ("psnr", "baseline_psnr"):
             assert f"validation/tasks/{task}/{m}" in run.data.metrics, (task, m, sorted(run.data.metrics))
+    # each set's steps so far (images: steps 1 and 5) and its loss over the steps it trained
+    assert (
+        run.data.metrics["train_data/mix/image-latents/steps"] == 2
+        and run.data.metrics["train_data/mix/latents/steps"] == 4
+    )
+    assert {m.step for m in client.get_metric_history(rec["mlflow_run_id"], "train_data/mix/image-latents/loss")} == {
+        3,
+        6,
+    }
     gifs = [a.path for a in client.list_artifacts(rec["mlflow_run_id"], "tasks")]
     assert len([g for g in gifs if g.endswith(".gif")]) == 6, gifs
 
@@ -109,6 +129,7 @@ def test_masked_video_job_resumes_exactly_and_samples_every_task(embedded, data_
         f"train.resume={join_step(rec['run_uri'], 3)}",
         "tracking.register_model=false",
     )
+    assert client.get_run(again["mlflow_run_id"]).data.metrics["train_data/mix/image-latents/steps"] == 2  # recounted
     got, want = tmp_path / "got", tmp_path / "want"
     export(again["run_uri"], f"file://{got}")
     export(rec["run_uri"], f"file://{want}")

@@ -53,6 +53,24 @@ CASES = [
         ["j.yaml", "train.steps", "'many'"],
     ),
     ("type-list", {"j.yaml": job(data={"batch_size": [1, 2]})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
+    (
+        "mix-weight",
+        {"j.yaml": job(data={"mix": [{"train": "s3://ditforge/i", "weight": -1}]})},
+        ["validate", "{d}/j.yaml"],
+        ["j.yaml", "data.mix.0.weight", "greater than 0"],
+    ),
+    (
+        "mix-video-in-image-job",
+        {"j.yaml": job(data={"mix": [{"train": "s3://ditforge/v", "weight": 1, "frames": 8}]})},
+        ["validate", "{d}/j.yaml"],
+        ["j.yaml", "data.mix.0.frames", "image sets only"],
+    ),
+    (
+        "mix-set",
+        {"j.yaml": job()},
+        ["submit", "{d}/j.yaml", "--set", "data.mix=[{train: s3://ditforge/x, weight: 1}]"],
+        ["j.yaml", "data.mix.0.train", "already data.train"],
+    ),
     ("batch-auto-typo", {"j.yaml": job(data={"batch_size": "atuo"})}, ["validate", "{d}/j.yaml"], ["data.batch_size"]),
     (
         "global-batch",

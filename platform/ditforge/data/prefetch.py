@@ -17,13 +17,14 @@ import torch
 
 if TYPE_CHECKING:
     from .loader import Batch, Position
+    from .mix import MixPosition
 
 
 class BatchSource(Protocol):
-    """What the prefetcher reads: a `LatentLoader` (or a test's stand-in)."""
+    """What the prefetcher reads: a `LatentLoader`, a `MixedLoader` (or a test's stand-in)."""
 
     @property
-    def position(self) -> Position: ...
+    def position(self) -> Position | MixPosition: ...
 
     def __iter__(self) -> Iterator[Batch]: ...
 
@@ -37,7 +38,7 @@ class DevicePrefetcher:
         self._stream = torch.cuda.Stream(device) if self._cuda else None
         self._next = self._fetch() if self._cuda else None
 
-    def _fetch(self) -> tuple[Batch, Position]:
+    def _fetch(self) -> tuple[Batch, Position | MixPosition]:
         x, y, keys, captions = next(self._it)
         pos = copy.deepcopy(self.loader.position)
         with torch.cuda.stream(self._stream):

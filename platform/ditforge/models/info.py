@@ -20,8 +20,10 @@ if TYPE_CHECKING:
     from ..spec import JobSpec
 
 
-def latent_shape(spec: JobSpec) -> tuple[int, ...]:
-    v, res, frames = spec.vae, spec.data.resolution, spec.data.frames
+def latent_shape(spec: JobSpec, resolution: int | None = None, frames: int | None = None) -> tuple[int, ...]:
+    """The latents of `data.train` (or of a set of `resolution` x `frames`, e.g. a data.mix entry):
+    (C, h, w) for images, also through a temporal VAE (one latent frame), (C, t, h, w) for clips."""
+    v, res, frames = spec.vae, resolution or spec.data.resolution, frames or spec.data.frames
     C, f, ft = v.latent_channels, v.downsample, v.temporal_downsample
     if v.kind == "identity":
         C, ft = 3 * f * f, 1

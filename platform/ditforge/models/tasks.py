@@ -14,6 +14,10 @@ Tasks (k = given latent frames, drawn from the spec's range for each sample):
   image_to_video     the first frame given
   any_frames         a random subset of frames given (at least one given, one generated)
   complete           everything given except one or two random spatio-temporal boxes (inpainting)
+
+Images trained beside the videos (`data.mix`) are one-frame clips (gt = 1): no frame can be given
+and another generated, so they draw only from the one-frame tasks (`generate`, `complete`: a box
+to fill in the image), with the mixture's weights of those two (`generate` alone if both are 0).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 TASKS = ("generate", "predict", "predict_backward", "interpolate", "image_to_video", "any_frames", "complete")
 # Tasks whose conditions are whole frames (the sampler CLI takes a clip or image for them).
 FRAME_TASKS = ("predict", "predict_backward", "interpolate", "image_to_video", "any_frames")
+# What a one-frame clip (an image in joint image-video training) can be trained on.
+ONE_FRAME_TASKS = ("generate", "complete")
 
 
 def frame_mask(task: str, gt: int, k: int = 1) -> torch.Tensor:
@@ -94,7 +100,12 @@ def draw(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's masks: each sample draws its task from `weights` (probabilities over TASKS),
-    then its mask. → (given (B, gt, gh, gw) bool on `device`, task index into TASKS (B,))."""
+    then its mask. → (given (B, gt, gh, gw) bool on `device`, task index into TASKS (B,)).
+    One-frame clips (gt = 1) draw from ONE_FRAME_TASKS only (see the module docstring)."""
+    if grid[0] == 1:
+        weights = {t: weights.get(t, 0) for t in ONE_FRAME_TASKS}
+        if not any(w > 0 for w in weights.values()):
+            weights = {"generate": 1.0}
     names = [t for t in TASKS if weights.get(t, 0) > 0]
     p = torch.tensor([weights[t] for t in names], dtype=torch.float64)
     picks = torch.multinomial(p.to(gen.device), batch, replacement=True, generator=gen).cpu().tolist()
@@ -103,6 +114,10 @@ def draw(
 
 
 def token_grid(latent_shape: tuple[int, ...], patch: int, patch_t: int) -> tuple[int, int, int]:
-    """(C, T, h, w) latents → the (gt, gh, gw) token grid the DiT cuts them into."""
+    """(C, T, h, w) latents → the (gt, gh, gw) token grid the DiT cuts them into; an image's
+    (C, h, w) is a one-frame clip, (1, gh, gw) (the DiT takes it with a temporal patch of 1)."""
+    if len(latent_shape) == 3:
+        C, h, w = latent_shape
+        return 1, h // patch, w // patch
     C, T, h, w = latent_shape
     return T // patch_t, h // patch, w // patch

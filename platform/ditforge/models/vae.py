@@ -235,9 +235,11 @@ class OwnVAE:
 
     def latent_shape(self, channels: int, h: int, w: int, frames: int = 1) -> tuple[int, ...]:
         C = self.net.config["latent_channels"]
+        if frames == 1:  # an image, also through a video autoencoder (one latent frame: see encode)
+            return (C, h // self.f, w // self.f)
         if self.net.config["video"]:
             return (C, frames // self.temporal_downsample, h // self.f, w // self.f)
-        return (C, h // self.f, w // self.f) if frames == 1 else (C, frames, h // self.f, w // self.f)
+        return (C, frames, h // self.f, w // self.f)
 
     def _net_input(self, pixels: torch.Tensor) -> torch.Tensor | None:
         # An image autoencoder encodes videos frame by frame; a video one needs (B, 3, T, H, W).
@@ -245,6 +247,11 @@ class OwnVAE:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.net.config["video"] and pixels.dim() == 4:
+            # An image through the causal video autoencoder (joint image-video training, data.mix):
+            # a still clip of `temporal_downsample` frames, which is one latent frame → (B, C, h, w).
+            still = pixels.unsqueeze(2).expand(-1, -1, self.temporal_downsample, -1, -1)
+            return (self.net.encode(still)[0].squeeze(2) - self.shift) * self.scale
         x = self._net_input(pixels)
         z = self.net.encode(x)[0] if x is not None else _per_frame(lambda p: self.net.encode(p)[0], pixels)
         return (z - self.shift) * self.scale
@@ -252,6 +259,8 @@ class OwnVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents / self.scale + self.shift
+        if self.net.config["video"] and z.dim() == 4:  # one latent frame → its still clip's last frame
+            return self.net.decode(z.unsqueeze(2))[:, :, -1].clamp(-1, 1)
         if self.net.config["video"] or z.dim() == 4:
             return self.net.decode(z).clamp(-1, 1)
         return _per_frame(self.net.decode, z).clamp(-1, 1)

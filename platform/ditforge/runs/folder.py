@@ -113,6 +113,8 @@ def resolve_paths(spec: JobSpec) -> JobSpec:
     """Relative `file://` URIs are relative to where the user ran the CLI, not to the worker's cwd."""
     spec = spec.model_copy(deep=True)
     spec.data.train = storage.absolute(spec.data.train)
+    for m in spec.data.mix:
+        m.train = storage.absolute(m.train)
     spec.checkpoint.uri = storage.absolute(spec.checkpoint.uri)
     if spec.vae.kind == "own" and spec.vae.path:
         spec.vae.path = storage.absolute(spec.vae.path)

@@ -27,6 +27,23 @@ class AutoBatchSpec(Strict):
     multiple: int = Field(8, gt=0, description="the probed micro-batch is a multiple of this")
 
 
+class MixSourceSpec(Strict):
+    """A further latent data set trained in the same job (joint image-video training): each step
+    draws one set, `data.train` or one of these, with probability proportional to its weight
+    (data/mix.py). An image set (frames: 1) trains a video model on one-frame clips."""
+
+    train: str = Field(description="URI of this set's latent shards (a folder holding manifest.json)")
+    weight: float = Field(gt=0, description="share of the steps, relative to data.weight and the other sets")
+    frames: int = Field(1, gt=0, description="1 = images (one-frame clips); > 1 = video clips of this many frames")
+    resolution: int | None = Field(None, gt=0, description="pixel height = width (default: data.resolution)")
+    batch_size: int | None = Field(None, gt=0, description="micro-batch per worker (default: data.batch_size)")
+    # The class ids of another data set mean other things (shapes: the shape; moving-shapes: the
+    # direction): `drop` trains this set with the null class and no caption (unconditionally).
+    labels: Literal["keep", "drop"] = Field("keep", description="keep: its classes / captions condition; drop: null")
+
+    _uri = field_validator("train")(check_uri)
+
+
 class DataSpec(Strict):
     train: str = Field(description="URI of the latent shards (a folder holding manifest.json)")
     # auto: probed at start-up on each worker's GPU (train/batch.py); on CPU it is auto_batch.fallback.
@@ -44,8 +61,30 @@ class DataSpec(Strict):
         0.01, ge=0, le=1, description="bad samples a rank may skip per epoch, as a fraction"
     )
     storage_timeout_s: float = Field(300, gt=0, description="how long the loader retries a store that does not answer")
+    # Joint training on several data sets (e.g. images beside the videos): `data.train` is the
+    # primary set (the model's sample shape, classes and evaluation come from it) with `weight`;
+    # each step draws one set by weight, the same on every rank (data/mix.py).
+    weight: float = Field(1.0, gt=0, description="with data.mix: data.train's share of the steps")
+    mix: list[MixSourceSpec] = Field(default_factory=list, description="further data sets trained in the same job")
 
     _uri = field_validator("train")(check_uri)
+
+    def sources(self) -> list[MixSourceSpec]:
+        """Every data set of the job, `data.train` first, each with its own settings filled in."""
+        first = MixSourceSpec(
+            train=self.train,
+            weight=self.weight,
+            frames=self.frames,
+            resolution=self.resolution,
+            batch_size=self.fixed_batch(),
+        )
+        rest = [
+            s.model_copy(
+                update={"resolution": s.resolution or self.resolution, "batch_size": s.batch_size or self.fixed_batch()}
+            )
+            for s in self.mix
+        ]
+        return [first, *rest]
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -505,19 +544,33 @@ class JobSpec(Strict):
         if self.resources.elastic and self.task == "vae":
             problems.append("resources.min_workers: task 'vae' cannot resume at another world size; drop min_workers")
         if self.train.video_tasks is not None:
-            gt = self.data.frames // self.vae.temporal_downsample // self.model.patch_t  # latent token frames
-            if gt < 2:
-                problems.append(
-                    f"train.video_tasks: needs clips of at least 2 latent token frames (data.frames "
-                    f"{self.data.frames} gives {gt})"
-                )
-            k_max = self.train.video_tasks.k[1]
-            for task, need in (("predict", k_max + 1), ("predict_backward", k_max + 1), ("interpolate", 2 * k_max + 1)):
-                if getattr(self.train.video_tasks, task) > 0 and need > gt:
+            # Every video set of the job (data.train, and video sets in data.mix) takes the task masks;
+            # image sets (one-frame clips) take the one-frame tasks only (models/tasks.py).
+            videos = [("data.frames", self.data.frames)] + [
+                (f"data.mix.{i}.frames", s.frames) for i, s in enumerate(self.data.mix) if s.frames > 1
+            ]
+            for field, frames in videos:
+                gt = frames // self.vae.temporal_downsample // self.model.patch_t  # latent token frames
+                if gt < 2:
                     problems.append(
-                        f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
-                        f"the clips have {gt}"
+                        f"train.video_tasks: needs clips of at least 2 latent token frames ({field} {frames} gives {gt})"
                     )
+                    continue
+                k_max = self.train.video_tasks.k[1]
+                for task, need in (
+                    ("predict", k_max + 1),
+                    ("predict_backward", k_max + 1),
+                    ("interpolate", 2 * k_max + 1),
+                ):
+                    if getattr(self.train.video_tasks, task) > 0 and need > gt:
+                        clips = (
+                            "the clips" if field == "data.frames" else f"the clips of {field.removesuffix('.frames')}"
+                        )
+                        problems.append(
+                            f"train.video_tasks.k: {task} with k up to {k_max} needs {need} latent frames; "
+                            f"{clips} have {gt}"
+                        )
+        problems += self._mix_problems()
         if self.train.lora is not None:
             problems += _lora_problems(self)
         if self.train.warmup >= self.train.steps and self.train.warmup > 0:
@@ -525,6 +578,44 @@ class JobSpec(Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _mix_problems(self) -> list[str]:
+        """`data.mix` against the rest of the spec: one line per problem."""
+        d = self.data
+        if not d.mix:
+            return []
+        out = []
+        if self.task == "vae":
+            out.append("data.mix: task 'vae' trains the autoencoder on data.train alone; drop data.mix")
+        if d.batch_size == "auto":
+            out.append(
+                "data.batch_size: auto probes one data set; with data.mix give each set's micro-batch as a number"
+            )
+        if d.global_batch is not None:
+            out.append(
+                "data.global_batch: not with data.mix (each set's batch_size is its micro-batch, one per step); "
+                "leave it unset"
+            )
+        elif self.resources.batch_policy == "global":
+            out.append("resources.batch_policy: global accumulates gradients, which data.mix does not; use per_worker")
+        seen = {d.train.rstrip("/"): "data.train"}
+        for i, s in enumerate(d.mix):
+            at = f"data.mix.{i}"
+            uri = s.train.rstrip("/")
+            if uri in seen:
+                out.append(f"{at}.train: {s.train} is already {seen[uri]}; list each data set once")
+            seen.setdefault(uri, f"{at}.train")
+            if s.frames > 1 and d.frames == 1:
+                out.append(
+                    f"{at}.frames: {s.frames}: an image job (data.frames 1) mixes in image sets only; "
+                    "make the video set data.train and the images a data.mix entry"
+                )
+            elif s.frames > 1 and s.frames % self.vae.temporal_downsample:
+                out.append(
+                    f"{at}.frames: {s.frames} is not a multiple of vae.temporal_downsample "
+                    f"({self.vae.temporal_downsample}); images use frames: 1"
+                )
+        return out
 
     def global_batch(self) -> int | None:
         """Samples per optimizer step over all workers, when fixed: `data.global_batch`, or with

@@ -67,6 +67,7 @@ def check_roots(spec: "JobSpec", name: str) -> None:
         for part in field.split("."):
             node = getattr(node, part)
         fields.append((field, node))
+    fields += [(f"data.mix.{i}.train", m.train) for i, m in enumerate(spec.data.mix)]  # the further data sets
     for field, node in fields + deepspeed_paths(spec.deepspeed.model_extra or {}):
         if not isinstance(node, str):
             if node is not None:

@@ -23,7 +23,8 @@ import torch.distributed as dist
 import yaml
 
 from ..credentials import redact_obj
-from ..data.loader import LatentLoader, Position, skipped_metrics
+from ..data.loader import LatentLoader, skipped_metrics
+from ..data.mix import MixedLoader, MixPosition, position_from_dict
 from ..data.prefetch import DevicePrefetcher
 from ..data.shards import DataError
 from ..models import attention
@@ -60,15 +61,28 @@ def _train(run: Session) -> None:
     spec, rank, world, device, tracker = run.spec, run.rank, run.world, run.device, run.tracker
 
     # --- build: data, model, engine, objective ------------------------------------------------
-    def make_loader(batch_size: int) -> LatentLoader:
-        return LatentLoader(
-            spec.data.train,
-            batch_size,
-            rank,
-            world,
+    def make_loader(batch_size: int) -> LatentLoader | MixedLoader:
+        def one(uri: str, bs: int) -> LatentLoader:
+            return LatentLoader(
+                uri,
+                bs,
+                rank,
+                world,
+                spec.train.seed,
+                max_bad_fraction=spec.data.max_bad_fraction,
+                storage_timeout_s=spec.data.storage_timeout_s,
+            )
+
+        if not spec.data.mix:
+            return one(spec.data.train, batch_size)
+        # Joint training (data/mix.py): each step draws one data set by weight, the same on every rank.
+        sources = spec.data.sources()
+        return MixedLoader(
+            [one(sources[0].train, batch_size)] + [one(s.train, s.batch_size or batch_size) for s in sources[1:]],
+            [s.weight for s in sources],
             spec.train.seed,
-            max_bad_fraction=spec.data.max_bad_fraction,
-            storage_timeout_s=spec.data.storage_timeout_s,
+            drop_labels=[s.labels == "drop" for s in sources],
+            null_class=spec.model.num_classes,
         )
 
     loader = make_loader(spec.data.fixed_batch())
@@ -110,14 +124,23 @@ def _train(run: Session) -> None:
     engine = build_engine(model, spec, plan.micro, plan.accum)
     ema = EMA(engine.module, spec.train.ema_decay, engine.optimizer) if spec.train.ema_decay > 0 else None
     guard = NonFiniteGuard(engine.client_optimizer, device, spec.train.max_nonfinite_steps, spec.train.debug_nan_steps)
-    # Forward FLOPs per sample, counted once per mask ratio: FLOP/s shows what masking saves.
-    fwd_flops = {r: forward_flops(dit_cfg, latent_shape, r) for r in {0.0, spec.train.mask_ratio}}
+    # Forward FLOPs per sample, counted once per mask ratio and sample shape (data.mix: images
+    # beside videos): FLOP/s shows what masking saves.
+    flops_cache: dict[tuple[tuple[int, ...], float], int] = {}
+
+    def fwd_flops(shape: tuple[int, ...], r: float) -> int:
+        if (shape, r) not in flops_cache:
+            flops_cache[shape, r] = forward_flops(dit_cfg, shape, r)
+        return flops_cache[shape, r]
 
     # --- resume: this run's own newest checkpoint (a restart), else where the submitter said ----
     start, state, folder = run.resume(engine)
     world_sizes = [[0, world]]  # [step, world size] at the start and at every change (elastic, resume)
     if state:
-        loader.position = Position(**state["data"])  # this rank's own position (train/session.py)
+        pos = position_from_dict(state["data"])  # this rank's own position (train/session.py)
+        if isinstance(pos, MixPosition) and not isinstance(loader, MixedLoader):
+            pos = pos.sources[0]  # a checkpoint of a data.mix job started without data.mix: data.train's
+        loader.position = pos
         assert folder is not None  # a resumed state comes with its downloaded folder
         if ema:  # full weights or per-rank ZeRO-3 slices, at this world size or another
             ema.load_shards(engine.module, folder, state.get("ema_updates", state["step"]))
@@ -142,7 +165,7 @@ def _train(run: Session) -> None:
             **({} if spec.resources.elastic else {"world_size": world}),
             "attention.backend": dit_cfg.attention,
             "model.tokens": _tokens(dit_cfg, latent_shape),
-            "model.gflops_per_sample": round(fwd_flops[0.0] / 1e9, 4),
+            "model.gflops_per_sample": round(fwd_flops(latent_shape, 0.0) / 1e9, 4),
             "precision": precision(spec),
             "ema.source": ema.source if ema else "off",
         }
@@ -211,6 +234,11 @@ def _train(run: Session) -> None:
     engine.train()
     t_last, steps_since = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)
+    mix = loader if isinstance(loader, MixedLoader) else None
+    # data.mix: per data set, the loss sum and good (finite) steps since the last log, and the steps
+    # drawn so far (a resumed run recounts the draws before its position: a pure function of each number)
+    mix_loss, mix_steps = (torch.zeros(len(mix.loaders) if mix else 0, device=device) for _ in range(2))
+    mix_drawn = mix.draws_per_source() if mix else []
     flops_since = 0.0
     stopping = False
 
@@ -222,7 +250,9 @@ def _train(run: Session) -> None:
         cond = _conditioning(spec, y, rest[0] if rest else None, text_encoder, device)
         gen = step_generator(spec.train.seed, step, rank + k * world, device)
         given = None
-        if video_tasks is not None and x.dim() == 5:  # from the step's generator: a resume draws the same masks
+        if video_tasks is not None:  # from the step's generator: a resume draws the same masks
+            # Images (data.mix) are one-frame clips: (B, C, h, w) goes through the DiT's one-frame
+            # path (a temporal patch of 1) and draws from the one-frame tasks (models/tasks.py).
             given, _ = tasks.draw(
                 video_tasks.weights(),
                 video_tasks.k,
@@ -240,7 +270,12 @@ def _train(run: Session) -> None:
         loss, good = train_step(engine, objective, x, cond, gen, ratio, ema, guard, step, given=given, more=more)
         loss_sum += torch.where(good > 0, loss, 0.0)  # no host sync here: .item() only on logging steps
         steps_since += 1
-        flops_since += 3 * fwd_flops[ratio] * x.shape[0] * plan.accum  # forward + backward ≈ 3 forwards
+        flops_since += 3 * fwd_flops(tuple(x.shape[1:]), ratio) * x.shape[0] * plan.accum  # fwd + bwd ≈ 3 fwd
+        if mix is not None:  # which data set this step trained on (the same on every rank)
+            src = mix.source_of(cast(MixPosition, batches.position).draws - 1)
+            mix_loss[src] += torch.where(good > 0, loss, 0.0)
+            mix_steps[src] += good
+            mix_drawn[src] += 1
 
         if step % spec.tracking.log_every == 0 or step == spec.train.steps:
             dist.all_reduce(loss_sum)  # mean over ranks and the good steps since the last log
@@ -261,6 +296,14 @@ def _train(run: Session) -> None:
             bad = torch.tensor(loader.skipped_counts(), dtype=torch.float64, device=device)
             dist.all_reduce(bad)  # bad samples skipped so far, summed over ranks
             metrics.update(skipped_metrics(bad.tolist()))
+            if mix is not None:  # per data set: its steps so far, its mean loss since the last log
+                dist.all_reduce(mix_loss)
+                for name, lsum, n, drawn in zip(mix.names, mix_loss.tolist(), mix_steps.tolist(), mix_drawn):
+                    metrics[f"train_data/mix/{name}/steps"] = drawn
+                    if n:
+                        metrics[f"train_data/mix/{name}/loss"] = lsum / (world * n)
+                mix_loss.zero_()
+                mix_steps.zero_()
             tracker.log({k: v for k, v in metrics.items() if v == v}, step)  # no loss when all were skipped
             if rank == 0:
                 print(
@@ -301,7 +344,7 @@ def _probe_batch(
     spec: JobSpec,
     model: torch.nn.Module,
     objective: Objective,
-    loader: LatentLoader,
+    loader: LatentLoader | MixedLoader,
     text_encoder: TextEncoder | None,
     device: torch.device,
     dtype: torch.dtype,
@@ -337,7 +380,7 @@ def _probe_batch(
     return dict(zip(names, t.tolist()))
 
 
-def _bucket_shapes(loader: LatentLoader) -> dict[str, tuple[int, ...]]:
+def _bucket_shapes(loader: LatentLoader | MixedLoader) -> dict[str, tuple[int, ...]]:
     """Bucket name → latent shape (C, ...), from the latent manifest."""
     buckets = loader.manifest.get("buckets") or {}
     shapes = {name: tuple(b["shape"]) for name, b in buckets.items() if b.get("shape")}
@@ -442,7 +485,7 @@ def _evaluate(
     ema: EMA | None,
     objective: Objective,
     spec: JobSpec,
-    loader: LatentLoader,
+    loader: LatentLoader | MixedLoader,
     latent_shape: tuple[int, ...],
     device: torch.device,
     tracker: Tracker,
