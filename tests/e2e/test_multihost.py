@@ -594,6 +594,10 @@ def test_an_elastic_job_shrinks_when_a_host_dies_and_grows_back_when_one_joins(h
         "resources.min_workers=1",
         "resources.resize_interval_s=5",
         "resources.placement_timeout_s=10",  # the dead host's CPUs may still count for a few seconds
+        # The global batch of the uninterrupted run (64 x 2) at every size: at 1 worker two
+        # accumulated micro-batches per step, so the 1-worker phase lasts long enough for a join on a
+        # busy machine (`ray start` alone took over 25 s at load 20), and the losses compare like for like.
+        "resources.batch_policy=global",
         "train.max_failures=4",
         "tracking.register_model=false",
         wait=False,

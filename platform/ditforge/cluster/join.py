@@ -79,7 +79,7 @@ def join(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     resources: dict | None = None,
-    timeout: float = 25.0,
+    timeout: float = 120.0,
 ) -> dict:
     host, port = parse_head(head)
     now = joined()
@@ -91,6 +91,9 @@ def join(
             f"{host}:{port}: no Ray token on this machine: copy the head's into RAY_AUTH_TOKEN, "
             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ray get-auth-token`)"
         )
+    # A wrong head or token fails here, within seconds. Starting the node itself may take long on a
+    # busy machine: `ray start` took over 25 s (the earlier bound) at load 20 on 2 cores, beside
+    # other jobs; a node that dies on the way fails as soon as it does.
     why = check_head(host, port, token, timeout=min(5.0, timeout))
     if why:
         raise JoinError(why)
