@@ -176,6 +176,24 @@ def job_sets(site, name: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def submit_in_own_allocation(site, name: str, *extra: str) -> tuple[str, dict]:
+    """`submit --set cluster.mode=job` on the login node: (the printed job id, its job record)."""
+    sets = [*job_sets(site, name), *(a for x in extra for a in ("--set", x))]
+    r = cli(
+        site,
+        "submit",
+        str(REPO / "jobs" / "demo-image.yaml"),
+        "--cluster",
+        str(site["yaml"]),
+        "--set",
+        "cluster.mode=job",
+        *sets,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = r.stdout.strip().splitlines()[-1]
+    return job_id, json.loads((site["shared"] / "ditforge" / "jobs" / f"{job_id}.json").read_text())
+
+
 def final_weights(run_uri: str, out):
     from .test_restart import final_weights as export_weights
 
@@ -244,20 +262,8 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
     from .test_restart import assert_bit_identical
 
     assert "weights" in standing, "the standing run (the uninterrupted reference) did not finish"
-    r = cli(
-        site,
-        "submit",
-        str(REPO / "jobs" / "demo-image.yaml"),
-        "--cluster",
-        str(site["yaml"]),
-        "--set",
-        "cluster.mode=job",
-        *job_sets(site, "preempt"),
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    job_id = r.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"slurm-\d+", job_id), r.stdout
-    rec = json.loads((site["shared"] / "ditforge" / "jobs" / f"{job_id}.json").read_text())
+    job_id, rec = submit_in_own_allocation(site, "preempt")
+    assert re.fullmatch(r"slurm-\d+", job_id), job_id
     slurm_id, s = rec["slurm_job_id"], site["slurm"]
     # `logs --follow` from the start: it writes each attempt's log as it grows, until the allocation ends
     follow = site["hosts"].popen(
@@ -299,21 +305,8 @@ def test_preempted_job_allocation_requeues_and_resumes_bit_identical(site, stand
 def test_stop_a_job_in_its_own_allocation_saves_and_ends_it(site):
     """`ditforge stop slurm-<id>`: the job saves a final checkpoint and leaves; the allocation ends
     with it (no scancel needed), and `status` says so."""
-    r = cli(
-        site,
-        "submit",
-        str(REPO / "jobs" / "demo-image.yaml"),
-        "--cluster",
-        str(site["yaml"]),
-        "--set",
-        "cluster.mode=job",
-        *job_sets(site, "stop"),
-        "--set",
-        "train.steps=100000",  # never ends by itself: on a busy machine 60 steps were done before the stop landed
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    job_id = r.stdout.strip().splitlines()[-1]
-    rec = json.loads((site["shared"] / "ditforge" / "jobs" / f"{job_id}.json").read_text())
+    # never ends by itself: on a busy machine 60 steps were done before the stop landed
+    job_id, rec = submit_in_own_allocation(site, "stop", "train.steps=100000")
     deadline = time.time() + 400
     while not complete_steps(rec["run_uri"]):
         assert time.time() < deadline, site["slurm"].run("squeue", check=False).stdout
