@@ -64,7 +64,9 @@ def _worker(rank: int, world: int, port: int, out: str):
     import torch.distributed as dist
 
     from ditforge.models.dit import DiT, DiTConfig
+    from ditforge.train.engine import no_shm_all_reduce
 
+    no_shm_all_reduce()
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     # "3p": ZeRO-3 with its default persistence threshold, under which these small weights stay
@@ -161,7 +163,9 @@ def _fragments_worker(rank: int, world: int, port: int, out: str):
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ditforge.models.dit import DiT, DiTConfig
+    from ditforge.train.engine import no_shm_all_reduce
 
+    no_shm_all_reduce()
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for stage in (1, 2):

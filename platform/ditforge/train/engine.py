@@ -146,6 +146,18 @@ def _swap_fp8(model: torch.nn.Module) -> int:
     return n
 
 
+def no_shm_all_reduce() -> None:
+    """Call before `deepspeed.init_distributed` on CPU. DeepSpeed's CPU backend JIT-compiles a
+    shared-memory all-reduce (deepspeed_shm_comm) when it sets up communication: ~65 CPU-seconds,
+    and again whenever a process finds another `ninja` on PATH than the one that built the cached
+    copy (the venv's 1.13 in Ray workers, the system's 1.11 in a shell: each switch rebuilt it).
+    Only DeepSpeed's inference all-reduce uses it, never training; marked unavailable, gloo's
+    all-reduce serves."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None = None, accum: int = 1) -> Engine:
     import deepspeed
 
@@ -158,6 +170,7 @@ def build_engine(model: torch.nn.Module, spec: JobSpec, micro_batch: int | None 
 
     if not spec.resources.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        no_shm_all_reduce()
     # Ray Train has already formed the process group (gloo on CPU); DeepSpeed adopts it.
     deepspeed.init_distributed(dist_backend="nccl" if spec.resources.use_gpu else "gloo")
     # fused (CPU kernels too): it honours `found_inf`, which skips a non-finite step without a
