@@ -114,11 +114,12 @@ def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, 
     skips the incomplete folder, and steps 11..20 match the uninterrupted run exactly (optimizer,
     LR schedule, data position and randomness all restored)."""
     runs = f"checkpoint.uri={latents}/runs-auto"  # only this test's runs are candidates for `auto`
-    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs)
+    lean = ("tracking.register_model=false", "tracking.system_metrics=false", "sample.per_class=1")
+    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs, *lean)
     assert complete_steps(short["run_uri"]) == [10]
     storage.write_bytes(storage.join(short["run_uri"], "step_00000015", "mp_rank_00_model_states.pt"), b"partial")
     resumed = submit(
-        latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs
+        latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs, *lean
     )
     assert resumed["run_name"] == short["run_name"]
     client = MlflowClient(resumed["tracking_uri"])
@@ -202,6 +203,9 @@ def test_zero3_two_workers(latents, tmp_path):
         "data.batch_size=auto",
         "data.auto_batch.fallback=16",
         "data.global_batch=64",
+        "tracking.register_model=false",
+        "tracking.system_metrics=false",
+        "sample.per_class=1",
     )
     tags = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags
     assert (tags["ditforge.batch.micro"], tags["ditforge.batch.accum"], tags["ditforge.batch.source"]) == (

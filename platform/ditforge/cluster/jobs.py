@@ -89,6 +89,10 @@ def submit_to_ray(job: dict, spec: JobSpec, target: Target, cluster: ClusterSpec
             "PYTHONUNBUFFERED": "1",
             # Ray Train reads it in the driver and hands it to its controller
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(spec.resources.placement_timeout_s),
+            # Ray Train's preemption watcher (one more actor per job, polling Ray's node-drain state)
+            # only logs drains: a Slurm signal reaches the job through ditforge's own stop path, and
+            # a host that dies is a worker failure either way (restart from the newest checkpoint).
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
         }
         if isinstance(cluster, EmbeddedCluster) and not credentials.is_loopback(cluster.host):
             # Joined hosts are other machines: each keeps its own DITFORGE_HOME (from `cluster join`),

@@ -32,4 +32,8 @@ def node_env(env: dict[str, str]) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(py),
         "PATH": os.pathsep.join(path),
         METRICS_HOST_ENV: "127.0.0.1",
+        # Ray starts as many idle Python workers as the node has CPUs for each job's first driver;
+        # a ditforge job's actors (Ray Train's, ours) take workers of their own, so those idled
+        # until the job ended: ~1 CPU-second each, per job and node, wasted.
+        "RAY_prestart_worker_first_driver": "0",
     }

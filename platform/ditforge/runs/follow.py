@@ -98,17 +98,24 @@ def status(rec: dict) -> dict:
     }
 
 
-def follow(rec: dict, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> str:
-    """Poll the Ray job until it ends and return its state (SUCCEEDED, FAILED or STOPPED). Each poll
-    that finds a `train/step` metric on the run calls on_progress with the run's metrics."""
+def follow(
+    rec: dict, on_progress: Callable[[dict], None] | None = None, poll_s: float = 1.0, metrics_s: float = 3.0
+) -> str:
+    """Poll the Ray job every POLL_S until it ends and return its state (SUCCEEDED, FAILED or
+    STOPPED). Every METRICS_S, and once at the end, a run with a `train/step` metric calls
+    on_progress with the run's metrics. (MLflow's get_run is the costly part of a poll: every
+    param and metric of the run, parsed on both sides; a waiting `submit` did it every second.)"""
     from ..cluster.jobs import client_for
 
     client = client_for(rec)
+    last = 0.0
     while True:
         state = str(client.get_job_status(rec["job_id"]).value)
-        m = metrics(rec)
-        if "train/step" in m and on_progress is not None:
-            on_progress(m)
+        if on_progress is not None and (state in TERMINAL or time.monotonic() - last >= metrics_s):
+            last = time.monotonic()
+            m = metrics(rec)
+            if "train/step" in m:
+                on_progress(m)
         if state in TERMINAL:
             return state
         time.sleep(poll_s)
