@@ -412,7 +412,7 @@ def start_mlflow(port: int, host: str = "127.0.0.1", auth: dict | None = None) -
         "AWS_SECRET_ACCESS_KEY": creds["secret_access_key"],
         "MLFLOW_S3_ENDPOINT_URL": creds["endpoint_url"],
         # MLflow's job runner (GenAI scorers, trace roll-ups: nothing ditforge uses) is six huey
-        # consumer processes, ~230 MB each, polling their queue: ~8% of a core per idle server here.
+        # consumer processes, ~230 MB each, polling their queue: 1-8 % of a core per server here.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     argv = [
