@@ -29,6 +29,11 @@ def latents(embedded, data_ray):
     return root
 
 
+# For runs whose checkpoints and losses are the subject: no model registered, no system metrics, the
+# smallest sample grid.
+LEAN = ("tracking.register_model=false", "tracking.system_metrics=false", "sample.per_class=1")
+
+
 def submit(latents: str, *sets: str, resume: str | None = None) -> dict:
     """Submit with --wait; return the job record written by submit."""
     args = [
@@ -114,12 +119,11 @@ def test_auto_resume_skips_incomplete_checkpoint_and_continues_exactly(latents, 
     skips the incomplete folder, and steps 11..20 match the uninterrupted run exactly (optimizer,
     LR schedule, data position and randomness all restored)."""
     runs = f"checkpoint.uri={latents}/runs-auto"  # only this test's runs are candidates for `auto`
-    lean = ("tracking.register_model=false", "tracking.system_metrics=false", "sample.per_class=1")
-    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs, *lean)
+    short = submit(latents, "train.steps=10", "train.warmup=2", "checkpoint.every_steps=10", runs, *LEAN)
     assert complete_steps(short["run_uri"]) == [10]
     storage.write_bytes(storage.join(short["run_uri"], "step_00000015", "mp_rank_00_model_states.pt"), b"partial")
     resumed = submit(
-        latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs, *lean
+        latents, "train.steps=20", "train.warmup=2", "checkpoint.every_steps=10", "train.resume=auto", runs, *LEAN
     )
     assert resumed["run_name"] == short["run_name"]
     client = MlflowClient(resumed["tracking_uri"])
@@ -156,9 +160,7 @@ def test_resume_at_another_world_size_through_submit(latents, zero2_run):
         f"train.resume={step10}",
         "resources.workers=1",
         f"checkpoint.uri={latents}/runs-resized",
-        "tracking.register_model=false",
-        "sample.per_class=1",
-        "tracking.system_metrics=false",
+        *LEAN,
     )
     run = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"])
     assert run.data.tags["ditforge.resumed_from"] == step10
@@ -203,9 +205,7 @@ def test_zero3_two_workers(latents, tmp_path):
         "data.batch_size=auto",
         "data.auto_batch.fallback=16",
         "data.global_batch=64",
-        "tracking.register_model=false",
-        "tracking.system_metrics=false",
-        "sample.per_class=1",
+        *LEAN,
     )
     tags = MlflowClient(rec["tracking_uri"]).get_run(rec["mlflow_run_id"]).data.tags
     assert (tags["ditforge.batch.micro"], tags["ditforge.batch.accum"], tags["ditforge.batch.source"]) == (

@@ -108,7 +108,7 @@ def follow(
     from ..cluster.jobs import client_for
 
     client = client_for(rec)
-    last = 0.0
+    last = float("-inf")  # the first poll reads them
     while True:
         state = str(client.get_job_status(rec["job_id"]).value)
         if on_progress is not None and (state in TERMINAL or time.monotonic() - last >= metrics_s):
